@@ -1,0 +1,385 @@
+//! Configuration: the one entry point. Every flag is also an `USHER_*` environment
+//! variable; [`ServeArgs::into_config`] checks them once into a typed [`Config`] that is
+//! passed down. Nothing else reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::entitlement::MAX_SEAT_LIMIT;
+use crate::store::redis::{RedisOptions, RedisTarget};
+use crate::store::{HeartbeatEvents, OverLimitPolicy, StoreSettings};
+
+/// usher: the playback control plane. Sessions, concurrency seats and heartbeats.
+#[derive(Debug, Parser)]
+#[command(name = "usher", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 20s, 5m, 24h)"))
+}
+
+/// `usher serve` flags.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "USHER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// `memory` (embedded, nothing to install), `redis://host:port`, or
+    /// `redis-cluster://host1:port1,host2:port2`.
+    #[arg(long, env = "USHER_STORE", default_value = "memory")]
+    pub store: String,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "USHER_REDIS_KEY_PREFIX", default_value = "usher")]
+    pub redis_key_prefix: String,
+
+    /// A store call with no answer within this fails with UNAVAILABLE.
+    #[arg(long, env = "USHER_STORE_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub store_timeout: Duration,
+
+    /// Partitions (hash tags) users are spread over. Changing it needs a migration.
+    #[arg(long, env = "USHER_PARTITIONS", default_value_t = 64)]
+    pub partitions: u32,
+
+    /// Seats of users with no plan in the entitlement file.
+    #[arg(long, env = "USHER_DEFAULT_SEAT_LIMIT")]
+    pub default_seat_limit: Option<u32>,
+
+    /// TOML entitlement policy: plans, users, content and region rules.
+    #[arg(long, env = "USHER_ENTITLEMENTS")]
+    pub entitlements: Option<PathBuf>,
+
+    /// What a create over the limit does.
+    #[arg(
+        long,
+        env = "USHER_OVER_LIMIT_POLICY",
+        value_enum,
+        default_value = "reject-new"
+    )]
+    pub over_limit_policy: OverLimitPolicy,
+
+    /// How often devices are told to heartbeat.
+    #[arg(long, env = "USHER_HEARTBEAT_INTERVAL", default_value = "20s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A session that has not heartbeated for this long expires.
+    #[arg(long, env = "USHER_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// A paused session expires this long after its pause began.
+    #[arg(long, env = "USHER_MAX_PAUSE", default_value = "30m", value_parser = duration)]
+    pub max_pause: Duration,
+
+    /// Which heartbeats append a playback.heartbeat event.
+    #[arg(
+        long,
+        env = "USHER_HEARTBEAT_EVENTS",
+        value_enum,
+        default_value = "sampled"
+    )]
+    pub heartbeat_events: HeartbeatEvents,
+
+    /// With sampled heartbeat events: at most one per session per this interval.
+    #[arg(long, env = "USHER_HEARTBEAT_EVENT_INTERVAL", default_value = "5m", value_parser = duration)]
+    pub heartbeat_event_interval: Duration,
+
+    /// How long ended sessions stay readable.
+    #[arg(long, env = "USHER_ENDED_RETENTION", default_value = "24h", value_parser = duration)]
+    pub ended_retention: Duration,
+
+    /// How long a CreateSession request_id is remembered.
+    #[arg(long, env = "USHER_REQUEST_ID_TTL", default_value = "24h", value_parser = duration)]
+    pub request_id_ttl: Duration,
+
+    /// Approximate cap of each partition's event stream.
+    #[arg(long, env = "USHER_EVENT_STREAM_MAXLEN", default_value_t = 100_000)]
+    pub event_stream_maxlen: u64,
+
+    /// How often expired sessions are swept.
+    #[arg(long, env = "USHER_SWEEP_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub sweep_interval: Duration,
+
+    /// Upper bound of any request (a client's shorter grpc-timeout wins).
+    #[arg(long, env = "USHER_REQUEST_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub request_timeout: Duration,
+
+    /// Largest request or response message, in bytes.
+    #[arg(long, env = "USHER_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// HTTP/2 concurrent streams per connection.
+    #[arg(long, env = "USHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2 keepalive ping interval.
+    #[arg(long, env = "USHER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+
+    /// HTTP/2 keepalive ping timeout.
+    #[arg(long, env = "USHER_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, report NOT_SERVING for this long before closing the listener,
+    /// so load balancers stop sending traffic first.
+    #[arg(long, env = "USHER_DRAIN_DELAY", default_value = "2s", value_parser = duration)]
+    pub drain_delay: Duration,
+
+    /// After the drain delay, wait at most this long for calls in flight.
+    #[arg(long, env = "USHER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "USHER_LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "USHER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Where state is kept.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Memory,
+    Redis(RedisOptions),
+}
+
+/// Everything `usher serve` needs, checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    pub store_settings: StoreSettings,
+    pub default_seat_limit: Option<u32>,
+    pub entitlements: Option<PathBuf>,
+    pub over_limit_policy: OverLimitPolicy,
+    pub heartbeat_interval: Duration,
+    pub sweep_interval: Duration,
+    pub limits: ServerLimits,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+/// Transport limits of the gRPC listener.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    pub request_timeout: Duration,
+    pub max_message_size: usize,
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub drain_delay: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_host_port(value: &str) -> Result<(String, u16), String> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{value:?} is not host:port"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{value:?} has no valid port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{value:?} has no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// `memory`, `redis://…`, `rediss://…` or `redis-cluster://h1:p1,h2:p2`.
+pub fn parse_store(
+    value: &str,
+    key_prefix: &str,
+    timeout: Duration,
+) -> Result<StoreConfig, String> {
+    let options = |target| {
+        StoreConfig::Redis(RedisOptions {
+            target,
+            key_prefix: key_prefix.to_owned(),
+            timeout,
+        })
+    };
+    if value == "memory" {
+        return Ok(StoreConfig::Memory);
+    }
+    if let Some(nodes) = value.strip_prefix("redis-cluster://") {
+        let nodes = nodes
+            .split(',')
+            .map(parse_host_port)
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(options(RedisTarget::Cluster { nodes }));
+    }
+    if value.starts_with("redis://") || value.starts_with("rediss://") {
+        return Ok(options(RedisTarget::Single {
+            url: value.to_owned(),
+        }));
+    }
+    Err(format!(
+        "{value:?}: expected memory, redis://host:port or redis-cluster://host:port,host:port"
+    ))
+}
+
+impl ServeArgs {
+    /// Checks the flags together and builds the typed config. Errors name the flag.
+    pub fn into_config(self) -> Result<Config, String> {
+        let positive = [
+            ("--heartbeat-interval", self.heartbeat_interval),
+            ("--heartbeat-timeout", self.heartbeat_timeout),
+            ("--max-pause", self.max_pause),
+            ("--store-timeout", self.store_timeout),
+            ("--sweep-interval", self.sweep_interval),
+            ("--request-timeout", self.request_timeout),
+            ("--ended-retention", self.ended_retention),
+            ("--request-id-ttl", self.request_id_ttl),
+        ];
+        for (flag, value) in positive {
+            if value.is_zero() {
+                return Err(format!("{flag} must be more than 0"));
+            }
+        }
+        if self.heartbeat_interval >= self.heartbeat_timeout {
+            return Err("--heartbeat-interval must be shorter than --heartbeat-timeout".into());
+        }
+        if self.store_timeout >= self.request_timeout {
+            return Err("--store-timeout must be shorter than --request-timeout".into());
+        }
+        if !(1..=16384).contains(&self.partitions) {
+            return Err("--partitions must be between 1 and 16384".into());
+        }
+        if let Some(limit) = self.default_seat_limit
+            && limit > MAX_SEAT_LIMIT
+        {
+            return Err(format!(
+                "--default-seat-limit must be at most {MAX_SEAT_LIMIT}"
+            ));
+        }
+        if self.event_stream_maxlen == 0 {
+            return Err("--event-stream-maxlen must be more than 0".into());
+        }
+        if self.redis_key_prefix.is_empty()
+            || !self
+                .redis_key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err("--redis-key-prefix must be letters, digits, _ - or .".into());
+        }
+        let store = parse_store(&self.store, &self.redis_key_prefix, self.store_timeout)
+            .map_err(|e| format!("--store {e}"))?;
+        Ok(Config {
+            listen: self.listen,
+            store,
+            store_settings: StoreSettings {
+                partitions: self.partitions,
+                heartbeat_timeout: self.heartbeat_timeout,
+                max_pause: self.max_pause,
+                ended_retention: self.ended_retention,
+                request_id_ttl: self.request_id_ttl,
+                heartbeat_events: self.heartbeat_events,
+                heartbeat_event_interval: self.heartbeat_event_interval,
+                event_stream_maxlen: self.event_stream_maxlen,
+                ..StoreSettings::default()
+            },
+            default_seat_limit: self.default_seat_limit,
+            entitlements: self.entitlements,
+            over_limit_policy: self.over_limit_policy,
+            heartbeat_interval: self.heartbeat_interval,
+            sweep_interval: self.sweep_interval,
+            limits: ServerLimits {
+                request_timeout: self.request_timeout,
+                max_message_size: self.max_message_size,
+                max_concurrent_streams: self.max_concurrent_streams,
+                keepalive_interval: self.keepalive_interval,
+                keepalive_timeout: self.keepalive_timeout,
+                drain_delay: self.drain_delay,
+                shutdown_timeout: self.shutdown_timeout,
+            },
+            log_format: self.log_format,
+            log: self.log,
+        })
+    }
+}
+
+impl Config {
+    /// The defaults of `usher serve` with no flags, for embedding and tests.
+    pub fn defaults() -> Config {
+        let Command::Serve(args) = Cli::parse_from(["usher", "serve"]).command;
+        args.into_config()
+            .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["usher", "serve"];
+        argv.extend(args);
+        let Command::Serve(args) = Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command;
+        args.into_config()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_store_on_loopback() {
+        let config = Config::defaults();
+        assert!(matches!(config.store, StoreConfig::Memory));
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            config.store_settings.heartbeat_timeout,
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn store_urls_parse() {
+        let cluster = serve(&["--store", "redis-cluster://127.0.0.1:7000,[::1]:7001"]).unwrap();
+        let StoreConfig::Redis(options) = cluster.store else {
+            panic!("not redis")
+        };
+        assert_eq!(
+            options.target,
+            RedisTarget::Cluster {
+                nodes: vec![("127.0.0.1".into(), 7000), ("::1".into(), 7001)]
+            }
+        );
+        assert!(
+            serve(&["--store", "postgres://x"])
+                .unwrap_err()
+                .contains("--store")
+        );
+    }
+
+    #[test]
+    fn inconsistent_flags_name_the_flag() {
+        let error = serve(&["--heartbeat-interval", "90s"]).unwrap_err();
+        assert!(error.contains("--heartbeat-interval"), "{error}");
+        assert!(
+            serve(&["--partitions", "0"])
+                .unwrap_err()
+                .contains("--partitions")
+        );
+        assert!(serve(&["--heartbeat-timeout", "soon"]).is_err());
+    }
+}

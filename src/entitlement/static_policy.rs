@@ -1,0 +1,283 @@
+//! The embedded entitlement policy: a default seat limit, plans with their limits, users
+//! mapped to plans, content allow and deny lists, and region restrictions, from flags or a
+//! TOML file (see `docs/entitlements.example.toml`).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::{Entitlement, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT};
+use crate::error::{Denial, Error};
+
+/// The TOML file, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Seats of users with no plan; the `--default-seat-limit` flag wins when set.
+    pub default_seat_limit: Option<u32>,
+    #[serde(default)]
+    pub plans: HashMap<String, Plan>,
+    /// User id -> plan name.
+    #[serde(default)]
+    pub users: HashMap<String, String>,
+    #[serde(default)]
+    pub content: ContentRules,
+    #[serde(default)]
+    pub regions: RegionRules,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// 0 denies playback (a suspended account).
+    pub seat_limit: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContentRules {
+    /// When not empty, only these titles play.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// These titles never play.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Title -> the only regions it plays in.
+    #[serde(default)]
+    pub regions: HashMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRules {
+    /// When not empty, only these regions play.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// These regions never play.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// The policy, checked and ready to answer.
+#[derive(Clone, Debug)]
+pub struct StaticPolicy {
+    default_seat_limit: u32,
+    user_limits: HashMap<String, u32>,
+    content_allow: HashSet<String>,
+    content_deny: HashSet<String>,
+    content_regions: HashMap<String, HashSet<String>>,
+    region_allow: HashSet<String>,
+    region_deny: HashSet<String>,
+}
+
+fn check_limit(what: &str, limit: u32) -> Result<u32, String> {
+    if limit > MAX_SEAT_LIMIT {
+        return Err(format!(
+            "{what}: seat limit {limit} is over {MAX_SEAT_LIMIT}"
+        ));
+    }
+    Ok(limit)
+}
+
+fn check_region(what: &str, region: &str) -> Result<String, String> {
+    if region.len() == 2 && region.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(region.to_owned())
+    } else {
+        Err(format!(
+            "{what}: {region:?} is not an upper-case ISO 3166-1 alpha-2 code"
+        ))
+    }
+}
+
+impl StaticPolicy {
+    /// Everyone may play everything with `default_seat_limit` seats.
+    pub fn open(default_seat_limit: u32) -> Result<Self, String> {
+        Self::from_file(PolicyFile::default(), Some(default_seat_limit))
+    }
+
+    /// Reads and checks a TOML policy file. `default_seat_limit` overrides the file's.
+    pub fn load(path: &Path, default_seat_limit: Option<u32>) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: PolicyFile =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_file(file, default_seat_limit)
+    }
+
+    /// Checks a parsed policy: every user's plan exists, limits are in range, regions are
+    /// ISO codes.
+    pub fn from_file(file: PolicyFile, default_seat_limit: Option<u32>) -> Result<Self, String> {
+        let default_seat_limit = check_limit(
+            "default_seat_limit",
+            default_seat_limit.or(file.default_seat_limit).unwrap_or(2),
+        )?;
+        for (name, plan) in &file.plans {
+            check_limit(&format!("plans.{name}"), plan.seat_limit)?;
+        }
+        let user_limits = file
+            .users
+            .iter()
+            .map(|(user, plan)| {
+                file.plans
+                    .get(plan)
+                    .map(|p| (user.clone(), p.seat_limit))
+                    .ok_or_else(|| format!("users.{user}: no plan named {plan:?}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let regions = |what: &str, list: &[String]| {
+            list.iter()
+                .map(|r| check_region(what, r))
+                .collect::<Result<HashSet<_>, _>>()
+        };
+        let content_regions = file
+            .content
+            .regions
+            .iter()
+            .map(|(title, list)| {
+                Ok((
+                    title.clone(),
+                    regions(&format!("content.regions.{title}"), list)?,
+                ))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            default_seat_limit,
+            user_limits,
+            content_allow: file.content.allow.into_iter().collect(),
+            content_deny: file.content.deny.into_iter().collect(),
+            content_regions,
+            region_allow: regions("regions.allow", &file.regions.allow)?,
+            region_deny: regions("regions.deny", &file.regions.deny)?,
+        })
+    }
+
+    fn decide(&self, query: EntitlementQuery<'_>) -> Entitlement {
+        let seat_limit = self
+            .user_limits
+            .get(query.user.as_str())
+            .copied()
+            .unwrap_or(self.default_seat_limit);
+        if seat_limit == 0 {
+            return Entitlement::Denied(Denial::Entitlement);
+        }
+        if let Some(content) = query.content {
+            let content = content.as_str();
+            let listed = self.content_allow.is_empty() || self.content_allow.contains(content);
+            if !listed || self.content_deny.contains(content) {
+                return Entitlement::Denied(Denial::Content);
+            }
+        }
+        if let Some(region) = query.region {
+            let region_ok = (self.region_allow.is_empty() || self.region_allow.contains(region))
+                && !self.region_deny.contains(region);
+            let title_ok = query
+                .content
+                .and_then(|c| self.content_regions.get(c.as_str()))
+                .is_none_or(|allowed| allowed.contains(region));
+            if !region_ok || !title_ok {
+                return Entitlement::Denied(Denial::Geo);
+            }
+        }
+        Entitlement::Allowed { seat_limit }
+    }
+}
+
+#[async_trait]
+impl EntitlementProvider for StaticPolicy {
+    async fn check(&self, query: EntitlementQuery<'_>) -> Result<Entitlement, Error> {
+        Ok(self.decide(query))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ContentId, UserId};
+
+    const POLICY: &str = r#"
+        default_seat_limit = 2
+        [plans.premium]
+        seat_limit = 4
+        [plans.suspended]
+        seat_limit = 0
+        [users]
+        alice = "premium"
+        mallory = "suspended"
+        [content]
+        deny = ["withdrawn"]
+        regions = { "us-only" = ["US"] }
+        [regions]
+        deny = ["KP"]
+    "#;
+
+    fn policy() -> StaticPolicy {
+        StaticPolicy::from_file(toml::from_str(POLICY).unwrap(), None).unwrap()
+    }
+
+    fn ask(user: &str, content: &str, region: Option<&str>) -> Entitlement {
+        let user = UserId::parse("u", user).unwrap();
+        let content = ContentId::parse("c", content).unwrap();
+        policy().decide(EntitlementQuery {
+            user: &user,
+            profile: None,
+            content: Some(&content),
+            region,
+        })
+    }
+
+    #[test]
+    fn plans_set_the_seat_limit() {
+        assert_eq!(
+            ask("alice", "t", None),
+            Entitlement::Allowed { seat_limit: 4 }
+        );
+        assert_eq!(
+            ask("bob", "t", None),
+            Entitlement::Allowed { seat_limit: 2 }
+        );
+        assert_eq!(
+            ask("mallory", "t", None),
+            Entitlement::Denied(Denial::Entitlement)
+        );
+    }
+
+    #[test]
+    fn content_and_regions_are_enforced() {
+        assert_eq!(
+            ask("bob", "withdrawn", None),
+            Entitlement::Denied(Denial::Content)
+        );
+        assert_eq!(
+            ask("bob", "t", Some("KP")),
+            Entitlement::Denied(Denial::Geo)
+        );
+        assert_eq!(
+            ask("bob", "us-only", Some("DE")),
+            Entitlement::Denied(Denial::Geo)
+        );
+        assert_eq!(
+            ask("bob", "us-only", Some("US")),
+            Entitlement::Allowed { seat_limit: 2 }
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_place() {
+        let unknown_plan: PolicyFile = toml::from_str("[users]\nx = \"gold\"").unwrap();
+        assert!(
+            StaticPolicy::from_file(unknown_plan, None)
+                .unwrap_err()
+                .contains("users.x")
+        );
+        let bad_region: PolicyFile = toml::from_str("[regions]\ndeny = [\"usa\"]").unwrap();
+        assert!(
+            StaticPolicy::from_file(bad_region, None)
+                .unwrap_err()
+                .contains("regions.deny")
+        );
+        assert!(StaticPolicy::open(MAX_SEAT_LIMIT + 1).is_err());
+        assert!(toml::from_str::<PolicyFile>("surprise = 1").is_err());
+    }
+}

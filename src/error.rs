@@ -1,0 +1,286 @@
+//! usher's one error type and its one mapping to gRPC: a status code, a stable
+//! `ErrorInfo` reason, and typed details. The HTTP status of the REST shim is derived
+//! from the gRPC code here too ([`http_status`]), so the two can never drift.
+//!
+//! Internal causes (store replies, connection errors) are logged where they are mapped
+//! and never reach a client.
+
+use prost::Message;
+use tonic::{Code, Status};
+use tonic_types::pb;
+
+use crate::proto;
+use crate::session::Session;
+
+/// The `ErrorInfo.domain` of every error usher returns.
+pub const ERROR_DOMAIN: &str = "usher";
+
+/// One bad field of a request: the protobuf field path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Why the entitlement refused playback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// The user's plan does not allow playback (no plan, suspended, zero seats).
+    Entitlement,
+    /// The title is not available to this user.
+    Content,
+    /// The viewer's region is not allowed.
+    Geo,
+}
+
+impl Denial {
+    /// The stable `ErrorInfo` reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denial::Entitlement => "ENTITLEMENT_DENIED",
+            Denial::Content => "CONTENT_UNAVAILABLE",
+            Denial::Geo => "GEO_BLOCKED",
+        }
+    }
+}
+
+/// Everything that can go wrong in a call, typed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{resource} not found")]
+    NotFound { resource: String },
+    #[error("concurrency limit of {limit} reached")]
+    ConcurrencyLimitReached { limit: u32, holders: Vec<Session> },
+    #[error("playback not allowed")]
+    Denied(Denial),
+    #[error("session has ended")]
+    SessionEnded { session: Box<Session> },
+    #[error("stale seat generation")]
+    StaleGeneration,
+    #[error("request_id was already used for a different request")]
+    RequestIdReused,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("entitlement provider unavailable: {0}")]
+    EntitlementUnavailable(String),
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    #[error("cancelled by the client")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// One bad field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The gRPC code, and the stable `ErrorInfo` reason.
+    pub fn code_and_reason(&self) -> (Code, &'static str) {
+        match self {
+            Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
+            Error::ConcurrencyLimitReached { .. } => {
+                (Code::ResourceExhausted, "CONCURRENCY_LIMIT_REACHED")
+            }
+            Error::Denied(denial) => (Code::PermissionDenied, denial.reason()),
+            Error::SessionEnded { .. } => (Code::FailedPrecondition, "SESSION_ENDED"),
+            Error::StaleGeneration => (Code::FailedPrecondition, "STALE_GENERATION"),
+            Error::RequestIdReused => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
+            Error::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+            Error::EntitlementUnavailable(_) => (Code::Unavailable, "ENTITLEMENT_UNAVAILABLE"),
+            Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+            Error::Cancelled => (Code::Cancelled, "CANCELLED"),
+            Error::Internal(_) => (Code::Internal, "INTERNAL"),
+        }
+    }
+
+    /// What the client is told. Internal causes stay out of it.
+    fn client_message(&self) -> String {
+        match self {
+            Error::InvalidArgument(violations) => {
+                let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+                format!("invalid request: {}", fields.join(", "))
+            }
+            Error::Unavailable(_) => "store unavailable, retry with backoff".to_owned(),
+            Error::EntitlementUnavailable(_) => {
+                "entitlement provider unavailable, retry with backoff".to_owned()
+            }
+            Error::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+fn any<M: Message>(type_name: &str, message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let (code, reason) = error.code_and_reason();
+        match &error {
+            Error::Unavailable(cause) | Error::EntitlementUnavailable(cause) => {
+                tracing::warn!(reason, cause = %cause, "dependency unavailable");
+            }
+            Error::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
+            _ => {}
+        }
+        let mut metadata = std::collections::HashMap::new();
+        let mut details = Vec::new();
+        match &error {
+            Error::InvalidArgument(violations) => {
+                let bad_request = pb::BadRequest {
+                    field_violations: violations
+                        .iter()
+                        .map(|v| pb::bad_request::FieldViolation {
+                            field: v.field.clone(),
+                            description: v.description.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                details.push(any("google.rpc.BadRequest", &bad_request));
+            }
+            Error::ConcurrencyLimitReached { limit, holders } => {
+                metadata.insert("limit".to_owned(), limit.to_string());
+                let detail = proto::ConcurrencyLimitDetail {
+                    limit: i32::try_from(*limit).unwrap_or(i32::MAX),
+                    holders: holders.iter().map(Session::to_seat_holder).collect(),
+                };
+                details.push(any("usher.v1.ConcurrencyLimitDetail", &detail));
+            }
+            Error::SessionEnded { session } => {
+                metadata.insert("state".to_owned(), session.state.as_str_name().to_owned());
+            }
+            Error::NotFound { resource } => {
+                metadata.insert("resource".to_owned(), resource.clone());
+            }
+            Error::Denied(_)
+            | Error::StaleGeneration
+            | Error::RequestIdReused
+            | Error::Unavailable(_)
+            | Error::EntitlementUnavailable(_)
+            | Error::DeadlineExceeded
+            | Error::Cancelled
+            | Error::Internal(_) => {}
+        }
+        let error_info = pb::ErrorInfo {
+            reason: reason.to_owned(),
+            domain: ERROR_DOMAIN.to_owned(),
+            metadata,
+        };
+        details.insert(0, any("google.rpc.ErrorInfo", &error_info));
+        let message = error.client_message();
+        let status = pb::Status {
+            code: code as i32,
+            message: message.clone(),
+            details,
+        };
+        Status::with_details(code, message, status.encode_to_vec().into())
+    }
+}
+
+/// The HTTP status for a gRPC code, as grpc-gateway maps them.
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::Cancelled => 499,
+        Code::Unknown => 500,
+        Code::InvalidArgument => 400,
+        Code::DeadlineExceeded => 504,
+        Code::NotFound => 404,
+        Code::AlreadyExists => 409,
+        Code::PermissionDenied => 403,
+        Code::ResourceExhausted => 429,
+        Code::FailedPrecondition => 400,
+        Code::Aborted => 409,
+        Code::OutOfRange => 400,
+        Code::Unimplemented => 501,
+        Code::Internal => 500,
+        Code::Unavailable => 503,
+        Code::DataLoss => 500,
+        Code::Unauthenticated => 401,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_every_field() {
+        let status = Status::from(Error::InvalidArgument(vec![
+            FieldViolation::new("parent", "required"),
+            FieldViolation::new("device.id", "required"),
+        ]));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let decoded = pb::Status::decode(status.details()).unwrap();
+        assert_eq!(
+            decoded.details[0].type_url,
+            "type.googleapis.com/google.rpc.ErrorInfo"
+        );
+        let bad = pb::BadRequest::decode(decoded.details[1].value.as_slice()).unwrap();
+        let fields: Vec<_> = bad
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["parent", "device.id"]);
+    }
+
+    #[test]
+    fn internal_causes_stay_out_of_the_message() {
+        let status = Status::from(Error::Unavailable("connection refused 10.0.0.7".into()));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("10.0.0.7"));
+    }
+
+    #[test]
+    fn http_status_follows_grpc_gateway() {
+        assert_eq!(http_status(Code::ResourceExhausted), 429);
+        assert_eq!(http_status(Code::FailedPrecondition), 400);
+        assert_eq!(http_status(Code::Unavailable), 503);
+    }
+}
+
+/// Collects every bad field of a request, so one answer names them all.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps the value, or records why it is bad.
+    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
+        result.map_err(|violation| self.0.push(violation)).ok()
+    }
+
+    /// Records a bad field.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    /// `InvalidArgument` naming every bad field, if there was one.
+    pub fn finish(self) -> Result<(), Error> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(self.0))
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Identifiers and resource names. A request's strings become these types at the edge
+//! (parse, don't validate), so the rest of usher never sees an unchecked id.
+//!
+//! Ids are 1 to 128 characters of the RFC 3986 unreserved set `[A-Za-z0-9._~-]`: safe in
+//! URL paths, and free of `:` and `/`, which delimit Redis keys and sweep entries.
+
+use std::fmt;
+
+use crate::error::FieldViolation;
+
+/// The longest id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+fn is_unreserved(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-')
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), FieldViolation> {
+    if value.is_empty() {
+        return Err(FieldViolation::new(field, "required"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {MAX_ID_LEN} characters"),
+        ));
+    }
+    if !value.chars().all(is_unreserved) {
+        return Err(FieldViolation::new(
+            field,
+            "only letters, digits and . _ ~ - are allowed",
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses `value`, naming `field` in the error.
+            pub fn parse(field: &str, value: &str) -> Result<Self, FieldViolation> {
+                check_id(field, value)?;
+                Ok(Self(value.to_owned()))
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user (an account): the unit that owns concurrency seats.
+    UserId
+);
+id_type!(
+    /// A playback session of a user.
+    SessionId
+);
+id_type!(
+    /// A device, chosen by the client and stable across its sessions.
+    DeviceId
+);
+id_type!(
+    /// A viewer profile within an account.
+    ProfileId
+);
+id_type!(
+    /// A title.
+    ContentId
+);
+id_type!(
+    /// A caller's idempotency key for `CreateSession`.
+    RequestId
+);
+
+impl SessionId {
+    /// A new, time-ordered session id (UUIDv7).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+}
+
+/// `users/{user}`.
+pub fn parse_user_name(field: &str, value: &str) -> Result<UserId, FieldViolation> {
+    let malformed = || FieldViolation::new(field, "must be users/{user}");
+    let user = value.strip_prefix("users/").ok_or_else(malformed)?;
+    if user.contains('/') {
+        return Err(malformed());
+    }
+    UserId::parse(field, user)
+}
+
+/// `users/{user}/concurrency`.
+pub fn parse_concurrency_name(field: &str, value: &str) -> Result<UserId, FieldViolation> {
+    let malformed = || FieldViolation::new(field, "must be users/{user}/concurrency");
+    let user = value
+        .strip_prefix("users/")
+        .and_then(|rest| rest.strip_suffix("/concurrency"))
+        .ok_or_else(malformed)?;
+    if user.contains('/') {
+        return Err(malformed());
+    }
+    UserId::parse(field, user)
+}
+
+/// The name of the user's seats resource.
+pub fn concurrency_name(user: &UserId) -> String {
+    format!("users/{user}/concurrency")
+}
+
+/// `users/{user}/sessions/{session}`: the user is part of the name so every call finds
+/// the user's partition without a lookup.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionName {
+    pub user: UserId,
+    pub session: SessionId,
+}
+
+impl SessionName {
+    /// Parses `users/{user}/sessions/{session}`, naming `field` in the error.
+    pub fn parse(field: &str, value: &str) -> Result<Self, FieldViolation> {
+        let malformed = || FieldViolation::new(field, "must be users/{user}/sessions/{session}");
+        let mut parts = value.split('/');
+        let (Some("users"), Some(user), Some("sessions"), Some(session), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(malformed());
+        };
+        Ok(Self {
+            user: UserId::parse(field, user)?,
+            session: SessionId::parse(field, session)?,
+        })
+    }
+}
+
+impl fmt::Display for SessionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "users/{}/sessions/{}", self.user, self.session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_round_trip() {
+        let name = SessionName::parse("name", "users/u-1/sessions/s.2").unwrap();
+        assert_eq!(name.user.as_str(), "u-1");
+        assert_eq!(name.session.as_str(), "s.2");
+        assert_eq!(name.to_string(), "users/u-1/sessions/s.2");
+    }
+
+    #[test]
+    fn malformed_names_name_the_field() {
+        for bad in [
+            "",
+            "users/u",
+            "users//sessions/s",
+            "users/u/sessions/",
+            "users/u/sessions/s/x",
+            "user/u/sessions/s",
+            "users/u:x/sessions/s",
+            "users/u/sessions/s s",
+        ] {
+            let violation = SessionName::parse("name", bad).unwrap_err();
+            assert_eq!(violation.field, "name", "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_reject_delimiters_and_oversize() {
+        assert!(UserId::parse("f", "a:b").is_err());
+        assert!(UserId::parse("f", "a/b").is_err());
+        assert!(UserId::parse("f", &"a".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(UserId::parse("f", &"a".repeat(MAX_ID_LEN)).is_ok());
+        assert_eq!(parse_user_name("p", "users/x").unwrap().as_str(), "x");
+        assert!(parse_user_name("p", "users/x/y").is_err());
+        assert_eq!(
+            parse_concurrency_name("n", "users/x/concurrency")
+                .unwrap()
+                .as_str(),
+            "x"
+        );
+        assert!(parse_concurrency_name("n", "users/x/y/concurrency").is_err());
+    }
+}

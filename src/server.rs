@@ -1,0 +1,302 @@
+//! Assembles and runs the gRPC server: the services, health (per service, NOT_SERVING
+//! while the store is unreachable and while draining), reflection v1 and v1alpha, the
+//! transport limits, the background sweeper, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::concurrency::ConcurrencyOps;
+use crate::concurrency::grpc::ConcurrencyGrpc;
+use crate::config::{Config, StoreConfig};
+use crate::entitlement::{EntitlementProvider, StaticPolicy};
+use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
+use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
+use crate::session::grpc::SessionGrpc;
+use crate::session::ops::{SessionPolicy, Sessions};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+use crate::store::{Store, StoreError};
+
+/// How many sessions one sweep of one partition expires at most.
+const SWEEP_BATCH: u32 = 500;
+/// How often the store is pinged for the health status.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("entitlements: {0}")]
+    Entitlements(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Builds the configured store.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match &config.store {
+        StoreConfig::Memory => Arc::new(MemoryStore::new(config.store_settings.clone())),
+        StoreConfig::Redis(options) => {
+            Arc::new(RedisStore::connect(options.clone(), config.store_settings.clone()).await?)
+        }
+    })
+}
+
+/// Builds the configured entitlement provider.
+pub fn open_entitlements(config: &Config) -> Result<Arc<dyn EntitlementProvider>, StartError> {
+    let policy = match &config.entitlements {
+        Some(path) => StaticPolicy::load(path, config.default_seat_limit),
+        None => StaticPolicy::open(config.default_seat_limit.unwrap_or(2)),
+    };
+    Ok(Arc::new(policy.map_err(StartError::Entitlements)?))
+}
+
+/// A server running in the background.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Drains and stops the server, and waits until it has.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <PlaybackSessionServiceServer<SessionGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <ConcurrencyServiceServer<ConcurrencyGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Pings the store and reports SERVING only while it answers.
+fn spawn_health_probe(
+    store: Arc<dyn Store>,
+    health: HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let status = match store.ping().await {
+                Ok(()) => ServingStatus::Serving,
+                Err(error) => {
+                    tracing::warn!(%error, "store ping failed");
+                    ServingStatus::NotServing
+                }
+            };
+            if last != Some(status) {
+                set_all(&health, status).await;
+                last = Some(status);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_PROBE_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    })
+}
+
+/// Expires overdue sessions of every partition, so their seats and events do not wait for
+/// the user's next create.
+fn spawn_sweeper(
+    store: Arc<dyn Store>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let partitions = store.settings().partitions;
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            for partition in 0..partitions {
+                match store.sweep(partition, SWEEP_BATCH).await {
+                    Ok(0) => {}
+                    Ok(expired) => tracing::info!(partition, expired, "expired sessions swept"),
+                    Err(error) => {
+                        tracing::warn!(partition, %error, "sweep failed");
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Starts serving on `listener` with `store`; returns once the server accepts calls.
+pub async fn start(
+    config: &Config,
+    store: Arc<dyn Store>,
+    entitlements: Arc<dyn EntitlementProvider>,
+    listener: TcpListener,
+) -> Result<RunningServer, StartError> {
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let limits = config.limits.clone();
+    let sessions = Arc::new(Sessions::new(
+        store.clone(),
+        entitlements.clone(),
+        SessionPolicy {
+            over_limit: config.over_limit_policy,
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.store_settings.heartbeat_timeout,
+        },
+    ));
+    let concurrency = Arc::new(ConcurrencyOps::new(
+        store.clone(),
+        entitlements,
+        config.over_limit_policy,
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Both reflection versions: grpcurl 1.8.6 speaks only v1alpha. The google.rpc
+    // descriptors let grpcurl render ErrorInfo and BadRequest details.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let size = limits.max_message_size;
+    let session_service = PlaybackSessionServiceServer::new(SessionGrpc::new(sessions))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
+    let concurrency_service = ConcurrencyServiceServer::new(ConcurrencyGrpc::new(concurrency))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
+
+    let (shutdown, stop) = watch::channel(false);
+    let probe = spawn_health_probe(store.clone(), health.clone(), stop.clone());
+    let sweeper = spawn_sweeper(store, config.sweep_interval, stop.clone());
+
+    let mut drained = stop.clone();
+    let drain_health = health.clone();
+    let drain = async move {
+        let _ = drained.wait_for(|stopping| *stopping).await;
+        probe.abort();
+        sweeper.abort();
+        set_all(&drain_health, ServingStatus::NotServing).await;
+        tracing::info!(delay = ?limits.drain_delay, "draining: reporting NOT_SERVING");
+        tokio::time::sleep(limits.drain_delay).await;
+        tracing::info!("closing the listener");
+    };
+
+    let router = Server::builder()
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(session_service)
+        .add_service(concurrency_service);
+    let incoming = TcpListenerStream::new(listener);
+    let shutdown_timeout = limits.shutdown_timeout;
+    let task = tokio::spawn(async move {
+        let serving = router.serve_with_incoming_shutdown(incoming, drain);
+        tokio::pin!(serving);
+        // Calls in flight get shutdown_timeout after the drain; then the server stops.
+        let mut stopping = stop;
+        tokio::select! {
+            result = &mut serving => return result,
+            _ = stopping.wait_for(|stopping| *stopping) => {}
+        }
+        match tokio::time::timeout(limits.drain_delay + shutdown_timeout, &mut serving).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("calls still in flight at the shutdown timeout: stopping anyway");
+                Ok(())
+            }
+        }
+    });
+    tracing::info!(%addr, "usher listening");
+    Ok(RunningServer {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs `usher serve` until `signal` resolves, then drains and stops.
+pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
+    let entitlements = open_entitlements(&config)?;
+    let store = open_store(&config).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let running = start(&config, store, entitlements, listener).await?;
+    signal.await;
+    tracing::info!("shutdown signal received");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,129 @@
+//! The gRPC adapter of `PlaybackSessionService`: decode, call [`Sessions`], encode.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::ops::{CreateSession, DeviceRequest, ListSessions, Sessions, TerminateSession};
+use crate::ids::SessionName;
+use crate::proto;
+use crate::proto::playback_session_service_server::PlaybackSessionService;
+
+/// Serves `usher.v1.PlaybackSessionService`.
+pub struct SessionGrpc {
+    sessions: Arc<Sessions>,
+}
+
+impl SessionGrpc {
+    pub fn new(sessions: Arc<Sessions>) -> Self {
+        Self { sessions }
+    }
+
+    async fn device_call(
+        &self,
+        request: Result<DeviceRequest, crate::error::Error>,
+    ) -> Result<proto::Session, Status> {
+        Ok(self.sessions.device_call(request?).await?.to_proto())
+    }
+}
+
+#[tonic::async_trait]
+impl PlaybackSessionService for SessionGrpc {
+    async fn create_session(
+        &self,
+        request: Request<proto::CreateSessionRequest>,
+    ) -> Result<Response<proto::CreateSessionResponse>, Status> {
+        let request = CreateSession::try_from(request.into_inner())?;
+        let created = self.sessions.create(request).await?;
+        Ok(Response::new(proto::CreateSessionResponse {
+            session: Some(created.session.to_proto()),
+            playback_token: String::new(),
+            heartbeat: Some(self.sessions.policy().heartbeat()),
+            replaced_sessions: created.replaced.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<proto::GetSessionRequest>,
+    ) -> Result<Response<proto::GetSessionResponse>, Status> {
+        let name = SessionName::parse("name", &request.into_inner().name)
+            .map_err(|v| crate::error::Error::InvalidArgument(vec![v]))?;
+        let session = self.sessions.get(&name).await?;
+        Ok(Response::new(proto::GetSessionResponse {
+            session: Some(session.to_proto()),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<proto::ListSessionsRequest>,
+    ) -> Result<Response<proto::ListSessionsResponse>, Status> {
+        let request = ListSessions::try_from(request.into_inner())?;
+        let page = self.sessions.list(request).await?;
+        Ok(Response::new(proto::ListSessionsResponse {
+            sessions: page.sessions.iter().map(|s| s.to_proto()).collect(),
+            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let session = self
+            .device_call(DeviceRequest::try_from(request.into_inner()))
+            .await?;
+        Ok(Response::new(proto::HeartbeatResponse {
+            session: Some(session),
+            heartbeat: Some(self.sessions.policy().heartbeat()),
+        }))
+    }
+
+    async fn pause_session(
+        &self,
+        request: Request<proto::PauseSessionRequest>,
+    ) -> Result<Response<proto::PauseSessionResponse>, Status> {
+        let session = self
+            .device_call(DeviceRequest::try_from(request.into_inner()))
+            .await?;
+        Ok(Response::new(proto::PauseSessionResponse {
+            session: Some(session),
+        }))
+    }
+
+    async fn resume_session(
+        &self,
+        request: Request<proto::ResumeSessionRequest>,
+    ) -> Result<Response<proto::ResumeSessionResponse>, Status> {
+        let session = self
+            .device_call(DeviceRequest::try_from(request.into_inner()))
+            .await?;
+        Ok(Response::new(proto::ResumeSessionResponse {
+            session: Some(session),
+        }))
+    }
+
+    async fn stop_session(
+        &self,
+        request: Request<proto::StopSessionRequest>,
+    ) -> Result<Response<proto::StopSessionResponse>, Status> {
+        let session = self
+            .device_call(DeviceRequest::try_from(request.into_inner()))
+            .await?;
+        Ok(Response::new(proto::StopSessionResponse {
+            session: Some(session),
+        }))
+    }
+
+    async fn terminate_session(
+        &self,
+        request: Request<proto::TerminateSessionRequest>,
+    ) -> Result<Response<proto::TerminateSessionResponse>, Status> {
+        let request = TerminateSession::try_from(request.into_inner())?;
+        let session = self.sessions.terminate(request).await?;
+        Ok(Response::new(proto::TerminateSessionResponse {
+            session: Some(session.to_proto()),
+        }))
+    }
+}

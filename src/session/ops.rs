@@ -1,0 +1,467 @@
+//! The session operations, shared by the gRPC adapter and (through it) the REST shim:
+//! requests are parsed into domain values here, entitlement is asked, and the store does
+//! the atomic work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ClientInfo, Device, DeviceType, PlaybackState, Session};
+use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
+use crate::error::{Error, FieldViolation, Violations};
+use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId};
+use crate::proto;
+use crate::store::{Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store};
+
+/// Longest free-text fields.
+const MAX_NAME_LEN: usize = 128;
+const MAX_USER_AGENT_LEN: usize = 512;
+const MAX_REASON_LEN: usize = 256;
+/// Longest position accepted: a week of playback.
+const MAX_POSITION: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 100;
+
+/// Free text: at most `max` characters, no control characters.
+pub(crate) fn text(field: &str, value: &str, max: usize) -> Result<String, FieldViolation> {
+    if value.chars().count() > max {
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// An ISO 3166-1 alpha-2 region, or empty.
+pub(crate) fn region(field: &str, value: &str) -> Result<String, FieldViolation> {
+    if value.is_empty() || (value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase())) {
+        Ok(value.to_owned())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            "must be an upper-case ISO 3166-1 alpha-2 code",
+        ))
+    }
+}
+
+/// A playback position: not negative, at most a week, in milliseconds.
+fn position(
+    field: &str,
+    value: Option<&prost_types::Duration>,
+) -> Result<Option<u64>, FieldViolation> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.seconds < 0 || value.nanos < 0 {
+        return Err(FieldViolation::new(field, "must not be negative"));
+    }
+    if value.nanos >= 1_000_000_000 {
+        return Err(FieldViolation::new(field, "nanos must be below 1e9"));
+    }
+    let d = Duration::new(value.seconds as u64, value.nanos as u32);
+    if d > MAX_POSITION {
+        return Err(FieldViolation::new(field, "must be at most 168h"));
+    }
+    Ok(Some(d.as_millis() as u64))
+}
+
+fn known_enum<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, FieldViolation> {
+    E::try_from(value).map_err(|_| FieldViolation::new(field, format!("unknown value {value}")))
+}
+
+fn optional_id<T>(
+    field: &str,
+    value: &str,
+    parse: fn(&str, &str) -> Result<T, FieldViolation>,
+) -> Result<Option<T>, FieldViolation> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse(field, value).map(Some)
+    }
+}
+
+/// A create request, parsed.
+#[derive(Clone, Debug)]
+pub struct CreateSession {
+    pub user: UserId,
+    pub profile: ProfileId,
+    pub content: ContentId,
+    pub device: Device,
+    pub client: ClientInfo,
+    pub request_id: Option<RequestId>,
+}
+
+impl TryFrom<proto::CreateSessionRequest> for CreateSession {
+    type Error = Error;
+
+    fn try_from(request: proto::CreateSessionRequest) -> Result<Self, Error> {
+        let mut v = Violations::default();
+        let user = v.check(crate::ids::parse_user_name("parent", &request.parent));
+        let profile = v.check(ProfileId::parse("profile_id", &request.profile_id));
+        let content = v.check(ContentId::parse("content_id", &request.content_id));
+        let request_id = v.check(optional_id(
+            "request_id",
+            &request.request_id,
+            RequestId::parse,
+        ));
+        let device = match request.device {
+            None => {
+                v.add("device", "required");
+                None
+            }
+            Some(device) => {
+                let id = v.check(DeviceId::parse("device.id", &device.id));
+                let kind = v.check(known_enum::<DeviceType>("device.type", device.r#type));
+                if kind == Some(DeviceType::Unspecified) {
+                    v.add("device.type", "required");
+                }
+                let name = v.check(text("device.name", &device.name, MAX_NAME_LEN));
+                match (id, kind, name) {
+                    (Some(id), Some(kind), Some(name)) => Some(Device { id, kind, name }),
+                    _ => None,
+                }
+            }
+        };
+        let client = request.client.unwrap_or_default();
+        let ip_ok =
+            client.ip_address.is_empty() || client.ip_address.parse::<std::net::IpAddr>().is_ok();
+        if !ip_ok {
+            v.add("client.ip_address", "must be an IPv4 or IPv6 address");
+        }
+        let user_agent = v.check(text(
+            "client.user_agent",
+            &client.user_agent,
+            MAX_USER_AGENT_LEN,
+        ));
+        let region = v.check(region("client.region", &client.region));
+        v.finish()?;
+        match (
+            user, profile, content, device, request_id, user_agent, region,
+        ) {
+            (
+                Some(user),
+                Some(profile),
+                Some(content),
+                Some(device),
+                Some(request_id),
+                Some(user_agent),
+                Some(region),
+            ) => Ok(Self {
+                user,
+                profile,
+                content,
+                device,
+                client: ClientInfo {
+                    ip_address: client.ip_address,
+                    user_agent,
+                    region,
+                },
+                request_id,
+            }),
+            _ => Err(Error::Internal("violations not recorded".into())),
+        }
+    }
+}
+
+/// A device call, parsed.
+#[derive(Clone, Debug)]
+pub struct DeviceRequest(pub DeviceCall);
+
+fn device_request(
+    name: &str,
+    position_value: Option<&prost_types::Duration>,
+    generation: u64,
+    action: DeviceAction,
+) -> Result<DeviceRequest, Error> {
+    let mut v = Violations::default();
+    let name = v.check(SessionName::parse("name", name));
+    let position_ms = v.check(position("position", position_value));
+    v.finish()?;
+    let (Some(name), Some(position_ms)) = (name, position_ms) else {
+        return Err(Error::Internal("violations not recorded".into()));
+    };
+    Ok(DeviceRequest(DeviceCall {
+        name,
+        generation: (generation != 0).then_some(generation),
+        position_ms,
+        action,
+    }))
+}
+
+impl TryFrom<proto::HeartbeatRequest> for DeviceRequest {
+    type Error = Error;
+
+    fn try_from(request: proto::HeartbeatRequest) -> Result<Self, Error> {
+        let playback_state = known_enum::<PlaybackState>("playback_state", request.playback_state)
+            .map_err(|violation| Error::InvalidArgument(vec![violation]))?;
+        device_request(
+            &request.name,
+            request.position.as_ref(),
+            request.generation,
+            DeviceAction::Heartbeat { playback_state },
+        )
+    }
+}
+
+impl TryFrom<proto::PauseSessionRequest> for DeviceRequest {
+    type Error = Error;
+
+    fn try_from(request: proto::PauseSessionRequest) -> Result<Self, Error> {
+        device_request(
+            &request.name,
+            request.position.as_ref(),
+            request.generation,
+            DeviceAction::Pause,
+        )
+    }
+}
+
+impl TryFrom<proto::ResumeSessionRequest> for DeviceRequest {
+    type Error = Error;
+
+    fn try_from(request: proto::ResumeSessionRequest) -> Result<Self, Error> {
+        device_request(
+            &request.name,
+            request.position.as_ref(),
+            request.generation,
+            DeviceAction::Resume,
+        )
+    }
+}
+
+impl TryFrom<proto::StopSessionRequest> for DeviceRequest {
+    type Error = Error;
+
+    fn try_from(request: proto::StopSessionRequest) -> Result<Self, Error> {
+        device_request(
+            &request.name,
+            request.position.as_ref(),
+            request.generation,
+            DeviceAction::Stop,
+        )
+    }
+}
+
+/// A terminate request, parsed.
+#[derive(Clone, Debug)]
+pub struct TerminateSession {
+    pub name: SessionName,
+    pub reason: String,
+}
+
+impl TryFrom<proto::TerminateSessionRequest> for TerminateSession {
+    type Error = Error;
+
+    fn try_from(request: proto::TerminateSessionRequest) -> Result<Self, Error> {
+        let mut v = Violations::default();
+        let name = v.check(SessionName::parse("name", &request.name));
+        if request.reason.trim().is_empty() {
+            v.add("reason", "required");
+        }
+        let reason = v.check(text("reason", &request.reason, MAX_REASON_LEN));
+        v.finish()?;
+        match (name, reason) {
+            (Some(name), Some(reason)) => Ok(Self { name, reason }),
+            _ => Err(Error::Internal("violations not recorded".into())),
+        }
+    }
+}
+
+/// A list request, parsed.
+#[derive(Clone, Debug)]
+pub struct ListSessions {
+    pub user: UserId,
+    pub page_size: usize,
+    /// List after this session.
+    pub after: Option<SessionId>,
+}
+
+impl TryFrom<proto::ListSessionsRequest> for ListSessions {
+    type Error = Error;
+
+    fn try_from(request: proto::ListSessionsRequest) -> Result<Self, Error> {
+        let mut v = Violations::default();
+        let user = v.check(crate::ids::parse_user_name("parent", &request.parent));
+        if request.page_size < 0 {
+            v.add("page_size", "must not be negative");
+        }
+        let after = v.check(optional_id(
+            "page_token",
+            &request.page_token,
+            SessionId::parse,
+        ));
+        v.finish()?;
+        let (Some(user), Some(after)) = (user, after) else {
+            return Err(Error::Internal("violations not recorded".into()));
+        };
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        Ok(Self {
+            user,
+            page_size,
+            after,
+        })
+    }
+}
+
+/// How sessions are paced and what happens over the limit.
+#[derive(Clone, Debug)]
+pub struct SessionPolicy {
+    pub over_limit: OverLimitPolicy,
+    /// What devices are told to keep to.
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+}
+
+impl SessionPolicy {
+    pub fn heartbeat(&self) -> proto::HeartbeatPolicy {
+        proto::HeartbeatPolicy {
+            interval: Some(super::duration(self.heartbeat_interval)),
+            timeout: Some(super::duration(self.heartbeat_timeout)),
+        }
+    }
+}
+
+/// The session operations.
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    entitlements: Arc<dyn EntitlementProvider>,
+    policy: SessionPolicy,
+}
+
+/// A page of sessions.
+pub struct SessionPage {
+    pub sessions: Vec<Session>,
+    pub next: Option<SessionId>,
+}
+
+impl Sessions {
+    pub fn new(
+        store: Arc<dyn Store>,
+        entitlements: Arc<dyn EntitlementProvider>,
+        policy: SessionPolicy,
+    ) -> Self {
+        Self {
+            store,
+            entitlements,
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &SessionPolicy {
+        &self.policy
+    }
+
+    pub async fn create(&self, request: CreateSession) -> Result<Created, Error> {
+        let region = (!request.client.region.is_empty()).then_some(request.client.region.as_str());
+        let entitlement = self
+            .entitlements
+            .check(EntitlementQuery {
+                user: &request.user,
+                profile: Some(&request.profile),
+                content: Some(&request.content),
+                region,
+            })
+            .await?;
+        let seat_limit = match entitlement {
+            Entitlement::Allowed { seat_limit } => seat_limit,
+            Entitlement::Denied(denial) => return Err(Error::Denied(denial)),
+        };
+        let name = SessionName {
+            user: request.user,
+            session: SessionId::generate(),
+        };
+        let resource = name.to_string();
+        let created = self
+            .store
+            .create_session(NewSession {
+                name,
+                profile: request.profile,
+                content: request.content,
+                device: request.device,
+                client: request.client,
+                request_id: request.request_id,
+                limit: seat_limit,
+                policy: self.policy.over_limit,
+            })
+            .await
+            .map_err(|e| e.into_error(|| resource))?;
+        if !created.replayed {
+            tracing::info!(
+                session = %created.session.name,
+                generation = created.session.generation,
+                replaced = created.replaced.len(),
+                "session started"
+            );
+        }
+        Ok(created)
+    }
+
+    pub async fn get(&self, name: &SessionName) -> Result<Session, Error> {
+        self.store
+            .get_session(name)
+            .await
+            .map_err(|e| e.into_error(|| name.to_string()))?
+            .ok_or_else(|| Error::NotFound {
+                resource: name.to_string(),
+            })
+    }
+
+    pub async fn list(&self, request: ListSessions) -> Result<SessionPage, Error> {
+        let seats = self
+            .store
+            .seats(&request.user)
+            .await
+            .map_err(|e| e.into_error(|| request.user.to_string()))?;
+        let start = match &request.after {
+            None => 0,
+            Some(after) => seats
+                .holders
+                .iter()
+                .position(|s| &s.name.session == after)
+                .map_or(seats.holders.len(), |i| i + 1),
+        };
+        let sessions: Vec<Session> = seats
+            .holders
+            .into_iter()
+            .skip(start)
+            .take(request.page_size + 1)
+            .collect();
+        let mut sessions = sessions;
+        let next = if sessions.len() > request.page_size {
+            sessions.truncate(request.page_size);
+            sessions.last().map(|s| s.name.session.clone())
+        } else {
+            None
+        };
+        Ok(SessionPage { sessions, next })
+    }
+
+    pub async fn device_call(&self, request: DeviceRequest) -> Result<Session, Error> {
+        let call = request.0;
+        let name = call.name.clone();
+        self.store
+            .device_call(call)
+            .await
+            .map_err(|e| e.into_error(|| name.to_string()))
+    }
+
+    pub async fn terminate(&self, request: TerminateSession) -> Result<Session, Error> {
+        let session = self
+            .store
+            .terminate(&request.name, &request.reason)
+            .await
+            .map_err(|e| e.into_error(|| request.name.to_string()))?;
+        tracing::info!(session = %request.name, reason = %request.reason, "session terminated");
+        Ok(session)
+    }
+}

@@ -1,0 +1,660 @@
+//! The in-memory store: the embedded default, so `usher serve` runs with nothing else
+//! installed. It is a real store, not a mock: it passes the same conformance suite as
+//! Redis, and any difference from the Redis store is a bug.
+//!
+//! All state sits behind one `std::sync::Mutex`, taken once per trait method: the same
+//! atomicity as one Lua script on a Redis shard. A std mutex (not a Tokio one) because
+//! no critical section awaits. Time comes from a [`Clock`] so tests can move it.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{
+    Created, DeviceAction, DeviceCall, Event, EventKind, HeartbeatEvents, NewSession,
+    OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
+};
+use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
+use crate::session::{PlaybackState, Session, SessionState, holds_seat};
+
+/// Where the memory store reads the time.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that moves only when told to, for deterministic expiry tests.
+#[derive(Debug)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> Self {
+        Self(AtomicU64::new(start_ms))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A session and what the store keeps beside it.
+struct Record {
+    session: Session,
+    /// What expiry at the current deadline would be called.
+    deadline_reason: &'static str,
+    last_heartbeat_event_ms: u64,
+}
+
+#[derive(Default)]
+struct UserSeats {
+    /// Seat-holding sessions and their deadlines.
+    seats: HashMap<SessionId, u64>,
+    devices: HashMap<DeviceId, SessionId>,
+    generation: u64,
+}
+
+struct RememberedRequest {
+    session: SessionName,
+    fingerprint: String,
+    replaced: Vec<SessionName>,
+    expires_ms: u64,
+}
+
+#[derive(Default)]
+struct Partition {
+    /// (deadline, session) of every seat holder, for the sweeper.
+    deadlines: BTreeSet<(u64, SessionName)>,
+    events: VecDeque<Event>,
+    last_event_ms: u64,
+    last_event_seq: u64,
+}
+
+struct State {
+    sessions: HashMap<SessionName, Record>,
+    users: HashMap<UserId, UserSeats>,
+    requests: HashMap<(UserId, RequestId), RememberedRequest>,
+    /// (expiry, key) of remembered requests in insertion order: one TTL for all, so
+    /// the front always expires first.
+    request_expiries: VecDeque<(u64, (UserId, RequestId))>,
+    partitions: Vec<Partition>,
+    /// (purge time, session) of ended sessions, for retention.
+    purges: BTreeSet<(u64, SessionName)>,
+}
+
+/// See the module docs.
+pub struct MemoryStore {
+    settings: StoreSettings,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings) -> Self {
+        Self::with_clock(settings, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(settings: StoreSettings, clock: Arc<dyn Clock>) -> Self {
+        let partitions = (0..settings.partitions)
+            .map(|_| Partition::default())
+            .collect();
+        Self {
+            settings,
+            clock,
+            state: Mutex::new(State {
+                sessions: HashMap::new(),
+                users: HashMap::new(),
+                requests: HashMap::new(),
+                request_expiries: VecDeque::new(),
+                partitions,
+                purges: BTreeSet::new(),
+            }),
+        }
+    }
+
+    /// Runs one logical operation under the lock, with the clock read once inside it.
+    fn with_state<T>(&self, operation: impl FnOnce(&mut Op<'_>) -> T) -> T {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = self.clock.now_ms();
+        let mut op = Op {
+            state: &mut state,
+            settings: &self.settings,
+            now,
+        };
+        op.purge_retained();
+        operation(&mut op)
+    }
+}
+
+/// One operation in progress: the locked state and the time it runs at.
+struct Op<'a> {
+    state: &'a mut State,
+    settings: &'a StoreSettings,
+    now: u64,
+}
+
+impl Op<'_> {
+    fn partition(&self, user: &UserId) -> usize {
+        partition_of(user, self.settings.partitions) as usize
+    }
+
+    fn purge_retained(&mut self) {
+        while let Some((at, name)) = self.state.purges.first().cloned() {
+            if at > self.now {
+                break;
+            }
+            self.state.purges.pop_first();
+            self.state.sessions.remove(&name);
+        }
+        while let Some((at, _)) = self.state.request_expiries.front() {
+            if *at > self.now {
+                break;
+            }
+            let Some((_, key)) = self.state.request_expiries.pop_front() else {
+                break;
+            };
+            if self
+                .state
+                .requests
+                .get(&key)
+                .is_some_and(|r| r.expires_ms <= self.now)
+            {
+                self.state.requests.remove(&key);
+            }
+        }
+    }
+
+    fn append(&mut self, kind: EventKind, session: &Session, reason: &str) {
+        let maxlen = self.settings.event_stream_maxlen as usize;
+        let now = self.now;
+        let partition = self.partition(&session.name.user);
+        let log = &mut self.state.partitions[partition];
+        if now > log.last_event_ms {
+            log.last_event_ms = now;
+            log.last_event_seq = 0;
+        } else {
+            log.last_event_seq += 1;
+        }
+        log.events.push_back(Event {
+            id: format!("{}-{}", log.last_event_ms, log.last_event_seq),
+            kind,
+            session: session.name.clone(),
+            generation: session.generation,
+            device: session.device.id.clone(),
+            content: session.content.clone(),
+            profile: session.profile.clone(),
+            position_ms: session.position_ms,
+            at_ms: now,
+            reason: reason.to_owned(),
+        });
+        while log.events.len() > maxlen {
+            log.events.pop_front();
+        }
+    }
+
+    /// Ends a seat-holding session: releases its seat and device, appends its event.
+    fn end_session(&mut self, name: &SessionName, state: SessionState, reason: &str) {
+        let now = self.now;
+        let retention = self.settings.ended_retention.as_millis() as u64;
+        let partition = self.partition(&name.user);
+        let Some(record) = self.state.sessions.get_mut(name) else {
+            return;
+        };
+        let old_deadline = record.session.deadline_ms;
+        record.session.state = state;
+        record.session.ended_ms = Some(now);
+        record.session.end_reason = reason.to_owned();
+        let session = record.session.clone();
+        if let Some(user) = self.state.users.get_mut(&name.user) {
+            user.seats.remove(&name.session);
+            if user.devices.get(&session.device.id) == Some(&name.session) {
+                user.devices.remove(&session.device.id);
+            }
+        }
+        self.state.partitions[partition]
+            .deadlines
+            .remove(&(old_deadline, name.clone()));
+        self.state.purges.insert((now + retention, name.clone()));
+        self.append(EventKind::for_end(state), &session, reason);
+    }
+
+    /// Moves a live session's deadline: heartbeat timeout from now, capped by the
+    /// maximum pause while paused.
+    fn extend_deadline(&mut self, name: &SessionName) {
+        let partition = self.partition(&name.user);
+        let timeout = self.settings.heartbeat_timeout.as_millis() as u64;
+        let max_pause = self.settings.max_pause.as_millis() as u64;
+        let now = self.now;
+        let Some(record) = self.state.sessions.get_mut(name) else {
+            return;
+        };
+        let old = record.session.deadline_ms;
+        let (deadline, reason) = deadline_after(&record.session, now, timeout, max_pause);
+        record.session.deadline_ms = deadline;
+        record.deadline_reason = reason;
+        let deadlines = &mut self.state.partitions[partition].deadlines;
+        deadlines.remove(&(old, name.clone()));
+        deadlines.insert((deadline, name.clone()));
+        if let Some(user) = self.state.users.get_mut(&name.user) {
+            user.seats.insert(name.session.clone(), deadline);
+        }
+    }
+
+    /// Expires the user's holders whose deadline has passed, at most `max`.
+    fn expire_overdue(&mut self, user: &UserId, max: u32) {
+        let Some(seats) = self.state.users.get(user) else {
+            return;
+        };
+        let mut overdue: Vec<(u64, SessionId)> = seats
+            .seats
+            .iter()
+            .filter(|(_, deadline)| **deadline <= self.now)
+            .map(|(id, deadline)| (*deadline, id.clone()))
+            .collect();
+        overdue.sort();
+        for (_, session) in overdue.into_iter().take(max as usize) {
+            self.expire(&SessionName {
+                user: user.clone(),
+                session,
+            });
+        }
+    }
+
+    fn expire(&mut self, name: &SessionName) {
+        let Some(record) = self.state.sessions.get(name) else {
+            if let Some(user) = self.state.users.get_mut(&name.user) {
+                user.seats.remove(&name.session);
+            }
+            return;
+        };
+        let reason = record.deadline_reason;
+        self.end_session(name, SessionState::Expired, reason);
+    }
+
+    /// Live holders of `user`, oldest started first.
+    fn live_holders(&self, user: &UserId) -> Vec<Session> {
+        let Some(seats) = self.state.users.get(user) else {
+            return Vec::new();
+        };
+        let mut holders: Vec<Session> = seats
+            .seats
+            .keys()
+            .filter_map(|id| {
+                let name = SessionName {
+                    user: user.clone(),
+                    session: id.clone(),
+                };
+                self.state.sessions.get(&name).map(|r| r.session.clone())
+            })
+            .filter(|s| s.is_live_at(self.now))
+            .collect();
+        sort_oldest_first(&mut holders);
+        holders
+    }
+
+    fn create(&mut self, new: NewSession) -> Result<Created, StoreError> {
+        let user = new.name.user.clone();
+        let remembered = new
+            .request_id
+            .as_ref()
+            .and_then(|request_id| self.state.requests.get(&(user.clone(), request_id.clone())));
+        if let Some(remembered) = remembered {
+            if remembered.fingerprint != new.fingerprint() {
+                return Err(StoreError::RequestIdReused);
+            }
+            if let Some(record) = self.state.sessions.get(&remembered.session) {
+                return Ok(Created {
+                    session: record.session.clone(),
+                    replaced: remembered.replaced.clone(),
+                    replayed: true,
+                });
+            }
+        }
+        self.expire_overdue(&user, self.settings.max_evictions_per_call);
+
+        let holders = self.live_holders(&user);
+        let own_device = holders
+            .iter()
+            .find(|s| s.device.id == new.device.id)
+            .map(|s| s.name.clone());
+        let mut others: Vec<Session> = holders
+            .into_iter()
+            .filter(|s| Some(&s.name) != own_device.as_ref())
+            .collect();
+        let mut replaced = Vec::new();
+        if others.len() as u64 >= u64::from(new.limit) {
+            if new.policy == OverLimitPolicy::RejectNew || new.limit == 0 {
+                let mut holders = others;
+                holders.extend(
+                    own_device
+                        .and_then(|n| self.state.sessions.get(&n))
+                        .map(|r| r.session.clone()),
+                );
+                sort_oldest_first(&mut holders);
+                return Err(StoreError::LimitReached {
+                    limit: new.limit,
+                    holders,
+                });
+            }
+            let excess = others.len() + 1 - new.limit as usize;
+            for oldest in others.drain(..excess) {
+                self.end_session(&oldest.name, SessionState::Evicted, "stop_oldest");
+                replaced.push(oldest.name);
+            }
+        }
+        if let Some(own) = own_device {
+            self.end_session(&own, SessionState::Evicted, "replaced_by_same_device");
+            replaced.push(own);
+        }
+
+        let seats = self.state.users.entry(user.clone()).or_default();
+        seats.generation += 1;
+        let generation = seats.generation;
+        let timeout = self.settings.heartbeat_timeout.as_millis() as u64;
+        let session = Session {
+            name: new.name.clone(),
+            profile: new.profile.clone(),
+            content: new.content.clone(),
+            device: new.device.clone(),
+            client: new.client.clone(),
+            state: SessionState::Active,
+            position_ms: 0,
+            playback_state: PlaybackState::Unspecified,
+            generation,
+            created_ms: self.now,
+            last_heartbeat_ms: self.now,
+            deadline_ms: self.now + timeout,
+            ended_ms: None,
+            end_reason: String::new(),
+            paused_ms: None,
+        };
+        seats
+            .seats
+            .insert(new.name.session.clone(), session.deadline_ms);
+        seats
+            .devices
+            .insert(new.device.id.clone(), new.name.session.clone());
+        let partition = self.partition(&user);
+        self.state.partitions[partition]
+            .deadlines
+            .insert((session.deadline_ms, new.name.clone()));
+        self.state.sessions.insert(
+            new.name.clone(),
+            Record {
+                session: session.clone(),
+                deadline_reason: "heartbeat_timeout",
+                last_heartbeat_event_ms: self.now,
+            },
+        );
+        self.append(EventKind::Started, &session, "");
+        if let Some(request_id) = new.request_id.clone() {
+            let expires_ms = self.now + self.settings.request_id_ttl.as_millis() as u64;
+            let key = (user, request_id);
+            self.state
+                .request_expiries
+                .push_back((expires_ms, key.clone()));
+            self.state.requests.insert(
+                key,
+                RememberedRequest {
+                    session: new.name.clone(),
+                    fingerprint: new.fingerprint(),
+                    replaced: replaced.clone(),
+                    expires_ms,
+                },
+            );
+        }
+        Ok(Created {
+            session,
+            replaced,
+            replayed: false,
+        })
+    }
+
+    /// The checks every device call and terminate share: the session exists, holds
+    /// its seat, is not past its deadline, and still owns its seat.
+    fn live_session(&mut self, name: &SessionName) -> Result<Session, StoreError> {
+        let Some(record) = self.state.sessions.get(name) else {
+            return Err(StoreError::NotFound);
+        };
+        let session = record.session.clone();
+        if !holds_seat(session.state) {
+            return Err(StoreError::SessionEnded(Box::new(session)));
+        }
+        if session.deadline_ms <= self.now {
+            self.expire(name);
+            return Err(self.ended(name));
+        }
+        let holds = self
+            .state
+            .users
+            .get(&name.user)
+            .is_some_and(|u| u.seats.contains_key(&name.session));
+        if !holds {
+            self.end_session(name, SessionState::Evicted, "seat_lost");
+            return Err(self.ended(name));
+        }
+        Ok(session)
+    }
+
+    fn ended(&self, name: &SessionName) -> StoreError {
+        match self.state.sessions.get(name) {
+            Some(record) => StoreError::SessionEnded(Box::new(record.session.clone())),
+            None => StoreError::NotFound,
+        }
+    }
+
+    fn device_call(&mut self, call: DeviceCall) -> Result<Session, StoreError> {
+        let name = &call.name;
+        let session = self.live_session(name)?;
+        if call.generation.is_some_and(|g| g != session.generation) {
+            return Err(StoreError::StaleGeneration);
+        }
+        let now = self.now;
+        let interval = self.settings.heartbeat_event_interval.as_millis() as u64;
+        let mode = self.settings.heartbeat_events;
+        let record = self
+            .state
+            .sessions
+            .get_mut(name)
+            .ok_or(StoreError::NotFound)?;
+        record.session.last_heartbeat_ms = now;
+        if let Some(position) = call.position_ms {
+            record.session.position_ms = position;
+        }
+        let event = match call.action {
+            DeviceAction::Heartbeat { playback_state } => {
+                if playback_state != PlaybackState::Unspecified {
+                    record.session.playback_state = playback_state;
+                }
+                let due = match mode {
+                    HeartbeatEvents::Off => false,
+                    HeartbeatEvents::All => true,
+                    HeartbeatEvents::Sampled => {
+                        now.saturating_sub(record.last_heartbeat_event_ms) >= interval
+                    }
+                };
+                if due {
+                    record.last_heartbeat_event_ms = now;
+                }
+                due.then_some(EventKind::Heartbeat)
+            }
+            DeviceAction::Pause if session.state == SessionState::Active => {
+                record.session.state = SessionState::Paused;
+                record.session.paused_ms = Some(now);
+                record.session.playback_state = PlaybackState::Paused;
+                Some(EventKind::Paused)
+            }
+            DeviceAction::Resume if session.state == SessionState::Paused => {
+                record.session.state = SessionState::Active;
+                record.session.paused_ms = None;
+                record.session.playback_state = PlaybackState::Playing;
+                Some(EventKind::Resumed)
+            }
+            DeviceAction::Pause | DeviceAction::Resume => None,
+            DeviceAction::Stop => {
+                self.end_session(name, SessionState::Stopped, "");
+                return Ok(self.state.sessions[name].session.clone());
+            }
+        };
+        self.extend_deadline(name);
+        let session = self.state.sessions[name].session.clone();
+        if let Some(kind) = event {
+            self.append(kind, &session, "");
+        }
+        Ok(session)
+    }
+
+    fn terminate(&mut self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
+        self.live_session(name)?;
+        self.end_session(name, SessionState::Terminated, reason);
+        Ok(self.state.sessions[name].session.clone())
+    }
+
+    fn sweep(&mut self, partition: u32, max: u32) -> u32 {
+        let now = self.now;
+        let overdue: Vec<(u64, SessionName)> = self.state.partitions[partition as usize]
+            .deadlines
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now)
+            .take(max as usize)
+            .cloned()
+            .collect();
+        let mut expired = 0;
+        for (deadline, name) in overdue {
+            let live = self
+                .state
+                .sessions
+                .get(&name)
+                .is_some_and(|r| holds_seat(r.session.state));
+            if live {
+                self.expire(&name);
+                expired += 1;
+            } else {
+                self.state.partitions[partition as usize]
+                    .deadlines
+                    .remove(&(deadline, name));
+            }
+        }
+        expired
+    }
+}
+
+/// The deadline of a live session heartbeating at `now`, and what missing it means.
+fn deadline_after(
+    session: &Session,
+    now: u64,
+    timeout_ms: u64,
+    max_pause_ms: u64,
+) -> (u64, &'static str) {
+    let heartbeat = now + timeout_ms;
+    match session.paused_ms {
+        Some(paused) if session.state == SessionState::Paused => {
+            let pause_end = paused + max_pause_ms;
+            if pause_end < heartbeat {
+                (pause_end, "max_pause_exceeded")
+            } else {
+                (heartbeat, "heartbeat_timeout")
+            }
+        }
+        _ => (heartbeat, "heartbeat_timeout"),
+    }
+}
+
+fn sort_oldest_first(sessions: &mut [Session]) {
+    sessions.sort_by(|a, b| {
+        (a.created_ms, a.name.session.as_str()).cmp(&(b.created_ms, b.name.session.as_str()))
+    });
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError> {
+        self.with_state(|op| op.create(new))
+    }
+
+    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
+        Ok(self.with_state(|op| op.state.sessions.get(name).map(|r| r.session.clone())))
+    }
+
+    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
+        Ok(self.with_state(|op| Seats {
+            now_ms: op.now,
+            holders: op.live_holders(user),
+        }))
+    }
+
+    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError> {
+        self.with_state(|op| op.device_call(call))
+    }
+
+    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
+        self.with_state(|op| op.terminate(name, reason))
+    }
+
+    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+        if partition >= self.settings.partitions {
+            return Ok(0);
+        }
+        Ok(self.with_state(|op| op.sweep(partition, max)))
+    }
+
+    async fn read_events(
+        &self,
+        partition: u32,
+        after: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let after = after.map(parse_event_id).transpose()?;
+        Ok(self.with_state(|op| {
+            let Some(log) = op.state.partitions.get(partition as usize) else {
+                return Vec::new();
+            };
+            log.events
+                .iter()
+                .filter(|e| after.is_none_or(|a| parse_event_id(&e.id).is_ok_and(|id| id > a)))
+                .take(count as usize)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+}
+
+fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("bad event id {id}"));
+    let (ms, seq) = id.split_once('-').ok_or_else(corrupt)?;
+    Ok((
+        ms.parse().map_err(|_| corrupt())?,
+        seq.parse().map_err(|_| corrupt())?,
+    ))
+}

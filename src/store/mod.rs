@@ -1,0 +1,335 @@
+//! The store: where sessions, seats and the event log live. One trait, two
+//! implementations that pass one conformance suite (`tests/it/conformance.rs`):
+//!
+//! - [`memory`]: the embedded default. One lock per logical operation, the same
+//!   granularity as one Lua script.
+//! - [`redis`]: the production store. Every state change is one Lua script, timed by
+//!   Redis' own clock, with every key of a user under the user's partition hash tag.
+//!
+//! The store implements the seat rules themselves (limit, same-device replacement,
+//! stop-oldest, expiry, fencing) because they must hold atomically; the typed request
+//! logic (validation, entitlement, mapping) sits once above it in `session::ops`.
+
+pub mod memory;
+pub mod redis;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
+use crate::session::{ClientInfo, Device, PlaybackState, Session, SessionState};
+
+/// What happens to a create over the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverLimitPolicy {
+    /// Refuse the new session with `CONCURRENCY_LIMIT_REACHED`.
+    RejectNew,
+    /// Evict the least recently started session to make room.
+    StopOldest,
+}
+
+/// Which heartbeats append a `playback.heartbeat` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeartbeatEvents {
+    Off,
+    /// At most one per session per `heartbeat_event_interval`.
+    Sampled,
+    All,
+}
+
+/// Store behaviour fixed at start (from the typed config).
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    /// Number of partitions (hash tags); changing it needs a migration.
+    pub partitions: u32,
+    /// A live session that has not proved it is alive for this long expires.
+    pub heartbeat_timeout: Duration,
+    /// A paused session expires this long after its pause began, heartbeats or not.
+    pub max_pause: Duration,
+    /// How long ended sessions stay readable with `GetSession`.
+    pub ended_retention: Duration,
+    /// How long a `request_id` is remembered.
+    pub request_id_ttl: Duration,
+    pub heartbeat_events: HeartbeatEvents,
+    pub heartbeat_event_interval: Duration,
+    /// Approximate cap of each partition's event stream.
+    pub event_stream_maxlen: u64,
+    /// At most this many expired holders are evicted by one create (the sweeper takes
+    /// the rest); keeps every script's work bounded.
+    pub max_evictions_per_call: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 64,
+            heartbeat_timeout: Duration::from_secs(60),
+            max_pause: Duration::from_secs(30 * 60),
+            ended_retention: Duration::from_secs(24 * 3600),
+            request_id_ttl: Duration::from_secs(24 * 3600),
+            heartbeat_events: HeartbeatEvents::Sampled,
+            heartbeat_event_interval: Duration::from_secs(300),
+            event_stream_maxlen: 100_000,
+            max_evictions_per_call: 64,
+        }
+    }
+}
+
+/// Maps a user to its partition: FNV-1a of the user id modulo the partition count.
+/// Stable across versions and machines; every key of a user carries it as hash tag.
+pub fn partition_of(user: &UserId, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in user.as_str().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(partitions)) as u32
+}
+
+/// A create, fully validated and entitled.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// The name of the session to create (its id is chosen by the caller, so a lost
+    /// reply can be retried with `request_id`).
+    pub name: SessionName,
+    pub profile: ProfileId,
+    pub content: ContentId,
+    pub device: Device,
+    pub client: ClientInfo,
+    pub request_id: Option<RequestId>,
+    /// The user's seat limit, from the entitlement.
+    pub limit: u32,
+    pub policy: OverLimitPolicy,
+}
+
+impl NewSession {
+    /// What a repeated `request_id` must match to be the same request.
+    pub fn fingerprint(&self) -> String {
+        format!("{}|{}|{}", self.profile, self.content, self.device.id)
+    }
+}
+
+/// A successful create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    pub session: Session,
+    /// Sessions ended to make room: the device's previous session, or the oldest.
+    pub replaced: Vec<SessionName>,
+    /// True when this is the remembered answer to a repeated `request_id`.
+    pub replayed: bool,
+}
+
+/// What a device does to its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceAction {
+    Heartbeat { playback_state: PlaybackState },
+    Pause,
+    Resume,
+    Stop,
+}
+
+/// A device call on its session.
+#[derive(Clone, Debug)]
+pub struct DeviceCall {
+    pub name: SessionName,
+    /// The generation the device holds; `None` skips the fencing check.
+    pub generation: Option<u64>,
+    pub position_ms: Option<u64>,
+    pub action: DeviceAction,
+}
+
+/// The seats of a user as one consistent read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seats {
+    /// The store's clock at the read.
+    pub now_ms: u64,
+    /// Live holders (seat-holding, deadline not passed), oldest started first.
+    pub holders: Vec<Session>,
+}
+
+/// The kinds of event in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Started,
+    Paused,
+    Resumed,
+    Heartbeat,
+    Stopped,
+    Terminated,
+    Expired,
+    Evicted,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::Started,
+        EventKind::Paused,
+        EventKind::Resumed,
+        EventKind::Heartbeat,
+        EventKind::Stopped,
+        EventKind::Terminated,
+        EventKind::Expired,
+        EventKind::Evicted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Started => "playback.started",
+            EventKind::Paused => "playback.paused",
+            EventKind::Resumed => "playback.resumed",
+            EventKind::Heartbeat => "playback.heartbeat",
+            EventKind::Stopped => "playback.stopped",
+            EventKind::Terminated => "playback.terminated",
+            EventKind::Expired => "playback.expired",
+            EventKind::Evicted => "playback.evicted",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == value)
+    }
+
+    /// The event that ending a session in `state` appends.
+    pub fn for_end(state: SessionState) -> Self {
+        match state {
+            SessionState::Stopped => EventKind::Stopped,
+            SessionState::Terminated => EventKind::Terminated,
+            SessionState::Evicted => EventKind::Evicted,
+            SessionState::Expired
+            | SessionState::Unspecified
+            | SessionState::Active
+            | SessionState::Paused => EventKind::Expired,
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of a partition's event log, written in the same atomic step as the change
+/// it reports. Consumers dedupe on (session, generation, kind).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Position in the partition's log (`<ms>-<seq>`, a Redis stream id).
+    pub id: String,
+    pub kind: EventKind,
+    pub session: SessionName,
+    pub generation: u64,
+    pub device: DeviceId,
+    pub content: ContentId,
+    pub profile: ProfileId,
+    pub position_ms: u64,
+    pub at_ms: u64,
+    /// For ended sessions: why (`heartbeat_timeout`, `max_pause_exceeded`,
+    /// `replaced_by_same_device`, `stop_oldest`, `seat_lost`, an operator's reason).
+    pub reason: String,
+}
+
+/// Failures of the store, typed. Rejections carry what the caller needs to explain them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session not found")]
+    NotFound,
+    #[error("session has ended")]
+    SessionEnded(Box<Session>),
+    #[error("stale generation")]
+    StaleGeneration,
+    #[error("concurrency limit reached")]
+    LimitReached { limit: u32, holders: Vec<Session> },
+    #[error("request_id reused for a different request")]
+    RequestIdReused,
+    #[error("store unreachable: {0}")]
+    Unavailable(String),
+    #[error("store answered something unexpected: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Maps to the service error, naming the resource for `NotFound`.
+    pub fn into_error(self, resource: impl FnOnce() -> String) -> Error {
+        match self {
+            StoreError::NotFound => Error::NotFound {
+                resource: resource(),
+            },
+            StoreError::SessionEnded(session) => Error::SessionEnded { session },
+            StoreError::StaleGeneration => Error::StaleGeneration,
+            StoreError::LimitReached { limit, holders } => {
+                Error::ConcurrencyLimitReached { limit, holders }
+            }
+            StoreError::RequestIdReused => Error::RequestIdReused,
+            StoreError::Unavailable(cause) => Error::Unavailable(cause),
+            StoreError::Corrupt(cause) => Error::Internal(cause),
+        }
+    }
+}
+
+/// The store. Every method is one atomic step: it sees and leaves a consistent state,
+/// and the events it appends are written together with the change they report.
+///
+/// Errors common to every method: `Unavailable` when the store cannot be reached within
+/// its timeout (nothing was changed, or the whole step was), `Corrupt` when it answers
+/// something that does not decode.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Atomically, in this order:
+    /// 1. a `request_id` seen within its TTL returns the first answer (`replayed`), or
+    ///    `RequestIdReused` if the request differs;
+    /// 2. holders past their deadline are expired (`playback.expired` each, at most
+    ///    `max_evictions_per_call`);
+    /// 3. over the limit, not counting the device's own session: `LimitReached` with the
+    ///    holders (nothing else changes) under `RejectNew`; under `StopOldest` the oldest
+    ///    started sessions are evicted (`playback.evicted`);
+    /// 4. the device's own live session is evicted (`playback.evicted`);
+    /// 5. the seat is granted with the user's next generation, and `playback.started`
+    ///    appended.
+    ///
+    /// The deadline is `heartbeat_timeout` from now. The record of an ended session
+    /// expires after `ended_retention`.
+    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError>;
+
+    /// A session, live or ended (until `ended_retention` passes). Reads only.
+    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError>;
+
+    /// The user's live holders and the store's clock, as one read. Holders past their
+    /// deadline are left out but not evicted: reading changes nothing.
+    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError>;
+
+    /// A device's heartbeat, pause, resume or stop, atomically. Every device call proves
+    /// liveness and moves the deadline to `heartbeat_timeout` from now (for a paused
+    /// session, no later than `max_pause` after the pause began).
+    ///
+    /// Errors: `NotFound` (no such session for this user); `StaleGeneration`;
+    /// `SessionEnded` when it has ended, including when its deadline has passed (it is
+    /// expired now, with its event) or its seat was lost (it is evicted now, reason
+    /// `seat_lost`). Pausing a paused session and resuming an active one change no
+    /// state and append no event.
+    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError>;
+
+    /// An operator ends a live session (`playback.terminated`). Errors: `NotFound`,
+    /// `SessionEnded`.
+    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError>;
+
+    /// Expires up to `max` sessions of `partition` whose deadline has passed. Returns how
+    /// many it expired.
+    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError>;
+
+    /// Up to `count` events of `partition` after `after` (from the start when `None`).
+    async fn read_events(
+        &self,
+        partition: u32,
+        after: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Round trip to the store, for health checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The settings the store was built with.
+    fn settings(&self) -> &StoreSettings;
+}

@@ -1,0 +1,505 @@
+//! The Redis store: the production store. Every state change is one Lua script
+//! (`scripts/`), loaded at start and called with EVALSHA that reloads on NOSCRIPT, so it
+//! survives `SCRIPT FLUSH`, restarts and failovers. Scripts read time from
+//! `redis.call('TIME')`, so usher instances with skewed clocks agree.
+//!
+//! Key layout ([`Keys`]): every key of a user carries the user's partition as hash tag,
+//! `{p}` = FNV-1a(user) mod partitions, so a script touches one slot and the same scripts
+//! run unchanged on Redis Cluster. Per partition there is one event stream and one sweep
+//! index, so events are written in the same atomic step as the change they report.
+//!
+//! ```text
+//! <base>:{p}:u:<user>:seats      ZSET   session id -> heartbeat deadline (ms)
+//! <base>:{p}:u:<user>:devices    HASH   device id -> session id
+//! <base>:{p}:u:<user>:gen        STRING fencing generation counter (30 days TTL)
+//! <base>:{p}:u:<user>:req:<id>   HASH   remembered answer to a request_id (TTL)
+//! <base>:{p}:s:<session>         HASH   session record (TTL: deadline + retention)
+//! <base>:{p}:deadlines           ZSET   <user>/<session> -> deadline, for the sweeper
+//! <base>:{p}:events              STREAM capped event log (MAXLEN ~)
+//! <base>:{p}:stop                sharded pub/sub channel: "<user>/<session>" ended
+//! ```
+//!
+//! Session record fields: `id u p c d dt dn ip ua rg` (ids, device and client), `st`
+//! state, `pos` position ms, `ps` playback state, `g` generation, `ct` created ms, `hb`
+//! last heartbeat ms, `he` last heartbeat event ms, `dl` deadline ms, `dr` what missing
+//! the deadline is called, `pt` pause start ms, `et` end ms, `er` end reason.
+
+mod reply;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+use self::reply::{decode_event, decode_session, int_at, session_at, text_at};
+use super::{
+    Created, DeviceAction, DeviceCall, Event, HeartbeatEvents, NewSession, OverLimitPolicy, Seats,
+    Store, StoreError, StoreSettings, partition_of,
+};
+use crate::ids::{RequestId, SessionId, SessionName, UserId};
+use crate::session::{PlaybackState, Session};
+
+/// Where the Redis store connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (or a primary behind a proxy): `redis://host:port`.
+    Single { url: String },
+    /// A Redis Cluster, found from any of its nodes.
+    Cluster { nodes: Vec<(String, u16)> },
+}
+
+/// How the Redis store behaves.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    pub target: RedisTarget,
+    /// Every key starts with this (default `usher`); lets deployments and tests share a
+    /// server without touching each other's keys.
+    pub key_prefix: String,
+    /// A call that has no answer within this is `Unavailable`; nothing waits longer.
+    pub timeout: Duration,
+}
+
+/// The keys of one partition, built in one place.
+struct Keys {
+    /// `<base>:{p}:`, the prefix the scripts build further keys from.
+    prefix: String,
+}
+
+impl Keys {
+    fn new(base: &str, partition: u32) -> Self {
+        Self {
+            prefix: format!("{base}:{{{partition}}}:"),
+        }
+    }
+
+    fn user(&self, user: &UserId, what: &str) -> String {
+        format!("{}u:{user}:{what}", self.prefix)
+    }
+
+    fn request(&self, user: &UserId, request: &RequestId) -> String {
+        format!("{}u:{user}:req:{request}", self.prefix)
+    }
+
+    fn session(&self, session: &SessionId) -> String {
+        format!("{}s:{session}", self.prefix)
+    }
+
+    fn deadlines(&self) -> String {
+        format!("{}deadlines", self.prefix)
+    }
+
+    fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::from_lua(concat!(
+            include_str!("scripts/prelude.lua"),
+            "\n",
+            include_str!(concat!("scripts/", $file))
+        ))
+    };
+}
+
+/// Every script, with the prelude prepended.
+struct Scripts {
+    create: Script,
+    heartbeat: Script,
+    pause: Script,
+    resume: Script,
+    stop: Script,
+    terminate: Script,
+    sweep: Script,
+    read_seats: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            create: script!("createSession-7.lua"),
+            heartbeat: script!("heartbeat-5.lua"),
+            pause: script!("pauseSession-5.lua"),
+            resume: script!("resumeSession-5.lua"),
+            stop: script!("stopSession-5.lua"),
+            terminate: script!("terminateSession-5.lua"),
+            sweep: script!("sweepExpired-2.lua"),
+            read_seats: script!("readSeats-1.lua"),
+        }
+    }
+
+    fn all(&self) -> [&Script; 8] {
+        [
+            &self.create,
+            &self.heartbeat,
+            &self.pause,
+            &self.resume,
+            &self.stop,
+            &self.terminate,
+            &self.sweep,
+            &self.read_seats,
+        ]
+    }
+}
+
+/// See the module docs.
+pub struct RedisStore {
+    client: Client,
+    settings: StoreSettings,
+    options: RedisOptions,
+    scripts: Scripts,
+}
+
+fn unavailable(error: &fred::error::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+/// Sorts a fred error into "the store is not there" and "the store said something wrong".
+fn classify(error: fred::error::Error) -> StoreError {
+    use fred::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Cluster
+        | ErrorKind::Routing
+        | ErrorKind::Backpressure
+        | ErrorKind::Sentinel
+        | ErrorKind::Auth => unavailable(&error),
+        ErrorKind::Config
+        | ErrorKind::InvalidCommand
+        | ErrorKind::InvalidArgument
+        | ErrorKind::Url
+        | ErrorKind::Protocol
+        | ErrorKind::Unknown
+        | ErrorKind::Parse
+        | ErrorKind::NotFound => {
+            // Redis answers LOADING, MASTERDOWN, CLUSTERDOWN, TRYAGAIN while it is coming
+            // back: those are outages, not bugs.
+            let details = error.details();
+            if [
+                "LOADING",
+                "MASTERDOWN",
+                "CLUSTERDOWN",
+                "TRYAGAIN",
+                "READONLY",
+            ]
+            .iter()
+            .any(|code| details.starts_with(code))
+            {
+                unavailable(&error)
+            } else {
+                StoreError::Corrupt(error.to_string())
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+impl RedisStore {
+    /// Connects, and loads every script. Fails with `Unavailable` if the store cannot be
+    /// reached within the timeout.
+    pub async fn connect(
+        options: RedisOptions,
+        settings: StoreSettings,
+    ) -> Result<Self, StoreError> {
+        let config = match &options.target {
+            RedisTarget::Single { url } => {
+                Config::from_url(url).map_err(|e| StoreError::Corrupt(e.to_string()))?
+            }
+            RedisTarget::Cluster { nodes } => Config {
+                server: ServerConfig::new_clustered(nodes.clone()),
+                ..Config::default()
+            },
+        };
+        let timeout = options.timeout;
+        let client = Builder::from_config(config)
+            .with_connection_config(|connection| {
+                connection.connection_timeout = timeout;
+                connection.internal_command_timeout = timeout;
+                // A script must not run twice because a connection dropped after sending
+                // it; the caller retries with its request_id instead.
+                connection.max_command_attempts = 1;
+            })
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 100))
+            .build()
+            .map_err(|e| unavailable(&e))?;
+        match tokio::time::timeout(timeout * 3, client.init()).await {
+            Ok(Ok(_connection_task)) => {}
+            Ok(Err(error)) => return Err(classify(error)),
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "no connection within the timeout".into(),
+                ));
+            }
+        }
+        let store = Self {
+            client,
+            settings,
+            options,
+            scripts: Scripts::new(),
+        };
+        for script in store.scripts.all() {
+            store.bounded(script.load(&store.client)).await?;
+        }
+        Ok(store)
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.options.timeout, call).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Unavailable("timed out".into())),
+        }
+    }
+
+    fn keys(&self, user: &UserId) -> Keys {
+        Keys::new(
+            &self.options.key_prefix,
+            partition_of(user, self.settings.partitions),
+        )
+    }
+
+    /// ARGV[1..3], shared by every script.
+    fn common_args(&self, keys: &Keys) -> Vec<String> {
+        vec![
+            keys.prefix.clone(),
+            self.settings.event_stream_maxlen.to_string(),
+            ms(self.settings.ended_retention),
+        ]
+    }
+
+    /// Runs a script and returns its reply array; a negative code becomes its error.
+    async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let reply: Value = self
+            .bounded(script.evalsha_with_reload(&self.client, keys, args))
+            .await?;
+        let Value::Array(reply) = reply else {
+            return Err(StoreError::Corrupt(format!("script replied {reply:?}")));
+        };
+        match int_at(&reply, 0)? {
+            code if code >= 0 => Ok(reply),
+            -1 => Err(StoreError::NotFound),
+            -2 => Err(StoreError::SessionEnded(Box::new(session_at(&reply, 1)?))),
+            -3 => Err(StoreError::LimitReached {
+                limit: u32::try_from(int_at(&reply, 1)?)
+                    .map_err(|_| StoreError::Corrupt("negative limit".into()))?,
+                holders: (2..reply.len())
+                    .map(|i| session_at(&reply, i))
+                    .collect::<Result<_, _>>()?,
+            }),
+            -4 => Err(StoreError::StaleGeneration),
+            -5 => Err(StoreError::RequestIdReused),
+            code => Err(StoreError::Corrupt(format!("unknown script code {code}"))),
+        }
+    }
+
+    fn session_keys(&self, name: &SessionName) -> (Keys, Vec<String>) {
+        let keys = self.keys(&name.user);
+        let list = vec![
+            keys.session(&name.session),
+            keys.user(&name.user, "seats"),
+            keys.user(&name.user, "devices"),
+            keys.deadlines(),
+            keys.events(),
+        ];
+        (keys, list)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError> {
+        let user = &new.name.user;
+        let keys = self.keys(user);
+        let request_key = match &new.request_id {
+            Some(request) => keys.request(user, request),
+            None => keys.user(user, "seats"),
+        };
+        let key_list = vec![
+            keys.user(user, "seats"),
+            keys.user(user, "devices"),
+            keys.user(user, "gen"),
+            keys.session(&new.name.session),
+            keys.deadlines(),
+            keys.events(),
+            request_key,
+        ];
+        let mut args = self.common_args(&keys);
+        args.extend([
+            user.to_string(),
+            new.name.session.to_string(),
+            new.limit.to_string(),
+            match new.policy {
+                OverLimitPolicy::RejectNew => "reject_new",
+                OverLimitPolicy::StopOldest => "stop_oldest",
+            }
+            .to_owned(),
+            ms(self.settings.heartbeat_timeout),
+            new.request_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            ms(self.settings.request_id_ttl),
+            new.fingerprint(),
+            new.profile.to_string(),
+            new.content.to_string(),
+            new.device.id.to_string(),
+            (new.device.kind as i32).to_string(),
+            new.device.name.clone(),
+            new.client.ip_address.clone(),
+            new.client.user_agent.clone(),
+            new.client.region.clone(),
+            self.settings.max_evictions_per_call.to_string(),
+        ]);
+        let reply = self.run(&self.scripts.create, key_list, args).await?;
+        let replaced = (2..reply.len())
+            .map(|i| {
+                let id = text_at(&reply, i)?;
+                SessionId::parse("replaced", &id)
+                    .map(|session| SessionName {
+                        user: user.clone(),
+                        session,
+                    })
+                    .map_err(|_| StoreError::Corrupt(format!("bad session id {id}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Created {
+            session: session_at(&reply, 1)?,
+            replaced,
+            replayed: int_at(&reply, 0)? == 1,
+        })
+    }
+
+    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
+        let keys = self.keys(&name.user);
+        let fields: Vec<(String, String)> = self
+            .bounded(self.client.hgetall(keys.session(&name.session)))
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let session = decode_session(fields)?;
+        // The key is derived from the session id alone: a name with another user must
+        // not find it.
+        Ok((session.name == *name).then_some(session))
+    }
+
+    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
+        let keys = self.keys(user);
+        let mut args = self.common_args(&keys);
+        args.push(user.to_string());
+        let reply = self
+            .run(
+                &self.scripts.read_seats,
+                vec![keys.user(user, "seats")],
+                args,
+            )
+            .await?;
+        Ok(Seats {
+            now_ms: u64::try_from(int_at(&reply, 0)?)
+                .map_err(|_| StoreError::Corrupt("negative time".into()))?,
+            holders: (1..reply.len())
+                .map(|i| session_at(&reply, i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError> {
+        let (keys, key_list) = self.session_keys(&call.name);
+        let (script, playback_state) = match call.action {
+            DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
+            DeviceAction::Pause => (&self.scripts.pause, PlaybackState::Unspecified),
+            DeviceAction::Resume => (&self.scripts.resume, PlaybackState::Unspecified),
+            DeviceAction::Stop => (&self.scripts.stop, PlaybackState::Unspecified),
+        };
+        let mut args = self.common_args(&keys);
+        args.extend([
+            call.name.user.to_string(),
+            call.name.session.to_string(),
+            call.generation.unwrap_or(0).to_string(),
+            call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
+            (playback_state as i32).to_string(),
+            ms(self.settings.heartbeat_timeout),
+            ms(self.settings.max_pause),
+            match self.settings.heartbeat_events {
+                HeartbeatEvents::Off => "off",
+                HeartbeatEvents::Sampled => "sampled",
+                HeartbeatEvents::All => "all",
+            }
+            .to_owned(),
+            ms(self.settings.heartbeat_event_interval),
+        ]);
+        let reply = self.run(script, key_list, args).await?;
+        session_at(&reply, 1)
+    }
+
+    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
+        let (keys, key_list) = self.session_keys(name);
+        let mut args = self.common_args(&keys);
+        args.extend([
+            name.user.to_string(),
+            name.session.to_string(),
+            reason.to_owned(),
+        ]);
+        let reply = self.run(&self.scripts.terminate, key_list, args).await?;
+        session_at(&reply, 1)
+    }
+
+    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+        let keys = Keys::new(&self.options.key_prefix, partition);
+        let mut args = self.common_args(&keys);
+        args.push(max.to_string());
+        let reply = self
+            .run(
+                &self.scripts.sweep,
+                vec![keys.deadlines(), keys.events()],
+                args,
+            )
+            .await?;
+        u32::try_from(int_at(&reply, 0)?).map_err(|_| StoreError::Corrupt("sweep count".into()))
+    }
+
+    async fn read_events(
+        &self,
+        partition: u32,
+        after: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let keys = Keys::new(&self.options.key_prefix, partition);
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let entries: Vec<(String, Vec<(String, String)>)> = self
+            .bounded(
+                self.client
+                    .xrange(keys.events(), start, "+", Some(u64::from(count))),
+            )
+            .await?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| decode_event(id, fields))
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(self.client.ping::<()>(None)).await
+    }
+
+    fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+}

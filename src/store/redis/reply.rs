@@ -1,0 +1,141 @@
+//! Decoding script replies and stream entries into typed values. Anything that does not
+//! decode is `StoreError::Corrupt`, never a panic.
+
+use std::collections::HashMap;
+
+use fred::types::Value;
+
+use crate::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
+use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, Session, SessionState};
+use crate::store::{Event, EventKind, StoreError};
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+pub(super) fn int_at(reply: &[Value], index: usize) -> Result<i64, StoreError> {
+    reply
+        .get(index)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| corrupt(format!("expected an integer at {index}")))
+}
+
+pub(super) fn text_at(reply: &[Value], index: usize) -> Result<String, StoreError> {
+    reply
+        .get(index)
+        .and_then(Value::as_string)
+        .ok_or_else(|| corrupt(format!("expected text at {index}")))
+}
+
+/// A session record given as a flat field/value array at `index`.
+pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, StoreError> {
+    let Some(Value::Array(flat)) = reply.get(index) else {
+        return Err(corrupt(format!("expected a record at {index}")));
+    };
+    let fields = flat
+        .chunks(2)
+        .map(|pair| match pair {
+            [field, value] => Ok((
+                field.as_string().ok_or_else(|| corrupt("record field"))?,
+                value.as_string().unwrap_or_default(),
+            )),
+            _ => Err(corrupt("odd record")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    decode_session(fields)
+}
+
+struct Fields(HashMap<String, String>);
+
+impl Fields {
+    fn text(&self, field: &str) -> Result<&str, StoreError> {
+        self.0
+            .get(field)
+            .map(String::as_str)
+            .ok_or_else(|| corrupt(format!("record without {field}")))
+    }
+
+    fn number(&self, field: &str) -> Result<u64, StoreError> {
+        self.text(field)?
+            .parse()
+            .map_err(|_| corrupt(format!("record field {field} is not a number")))
+    }
+
+    fn optional_number(&self, field: &str) -> Result<Option<u64>, StoreError> {
+        match self.0.get(field).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(_) => self.number(field).map(Some),
+        }
+    }
+
+    fn id<T>(
+        &self,
+        field: &str,
+        parse: fn(&str, &str) -> Result<T, crate::error::FieldViolation>,
+    ) -> Result<T, StoreError> {
+        parse(field, self.text(field)?).map_err(|_| corrupt(format!("record field {field}")))
+    }
+
+    fn owned(&self, field: &str) -> String {
+        self.0.get(field).cloned().unwrap_or_default()
+    }
+}
+
+fn enum_value<E: TryFrom<i32>>(value: u64, what: &str) -> Result<E, StoreError> {
+    i32::try_from(value)
+        .ok()
+        .and_then(|v| E::try_from(v).ok())
+        .ok_or_else(|| corrupt(format!("unknown {what} {value}")))
+}
+
+pub(super) fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> {
+    let f = Fields(fields.into_iter().collect());
+    Ok(Session {
+        name: SessionName {
+            user: f.id("u", UserId::parse)?,
+            session: f.id("id", SessionId::parse)?,
+        },
+        profile: f.id("p", ProfileId::parse)?,
+        content: f.id("c", ContentId::parse)?,
+        device: Device {
+            id: f.id("d", DeviceId::parse)?,
+            kind: enum_value::<DeviceType>(f.number("dt")?, "device type")?,
+            name: f.owned("dn"),
+        },
+        client: ClientInfo {
+            ip_address: f.owned("ip"),
+            user_agent: f.owned("ua"),
+            region: f.owned("rg"),
+        },
+        state: enum_value::<SessionState>(f.number("st")?, "state")?,
+        position_ms: f.number("pos")?,
+        playback_state: enum_value::<PlaybackState>(f.number("ps")?, "playback state")?,
+        generation: f.number("g")?,
+        created_ms: f.number("ct")?,
+        last_heartbeat_ms: f.number("hb")?,
+        deadline_ms: f.number("dl")?,
+        ended_ms: f.optional_number("et")?,
+        end_reason: f.owned("er"),
+        paused_ms: f.optional_number("pt")?,
+    })
+}
+
+pub(super) fn decode_event(id: String, fields: Vec<(String, String)>) -> Result<Event, StoreError> {
+    let f = Fields(fields.into_iter().collect());
+    Ok(Event {
+        kind: EventKind::parse(f.text("type")?)
+            .ok_or_else(|| corrupt(format!("unknown event type in {id}")))?,
+        session: SessionName {
+            user: f.id("user", UserId::parse)?,
+            session: f.id("session", SessionId::parse)?,
+        },
+        generation: f.number("gen")?,
+        device: f.id("device", DeviceId::parse)?,
+        content: f.id("content", ContentId::parse)?,
+        profile: f.id("profile", ProfileId::parse)?,
+        position_ms: f.number("pos_ms")?,
+        at_ms: f.number("at_ms")?,
+        reason: f.owned("reason"),
+        id,
+    })
+}

@@ -1,0 +1,113 @@
+-- createSession: admits a new playback session and grants it a seat, atomically.
+--
+-- KEYS[1]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
+-- KEYS[2]  <prefix>u:<user>:devices   HASH device id -> session id
+-- KEYS[3]  <prefix>u:<user>:gen       STRING the user's fencing generation counter
+-- KEYS[4]  <prefix>s:<session>        HASH the new session's record
+-- KEYS[5]  <prefix>deadlines          ZSET <user>/<session> -> deadline, for the sweeper
+-- KEYS[6]  <prefix>events             STREAM the partition's event log
+-- KEYS[7]  <prefix>u:<user>:req:<id>  HASH the remembered answer to a request_id
+--                                     (any key of the user when there is none)
+--
+-- ARGV[1..3] see the prelude
+-- ARGV[4]   user id
+-- ARGV[5]   new session id
+-- ARGV[6]   seat limit
+-- ARGV[7]   over-limit policy: 'reject_new' | 'stop_oldest'
+-- ARGV[8]   heartbeat timeout, ms
+-- ARGV[9]   request id; '' for none
+-- ARGV[10]  how long a request id is remembered, ms
+-- ARGV[11]  request fingerprint (profile|content|device)
+-- ARGV[12]  profile id
+-- ARGV[13]  content id
+-- ARGV[14]  device id
+-- ARGV[15]  device type (DeviceType number)
+-- ARGV[16]  device name
+-- ARGV[17]  client IP address
+-- ARGV[18]  client user agent
+-- ARGV[19]  client region
+-- ARGV[20]  at most this many overdue holders are expired here
+--
+-- Returns
+--   {0, record, replaced session id, ...}  created
+--   {1, record, replaced session id, ...}  the remembered answer to this request_id
+--   {-3, limit, holder record, ...}        limit reached (REJECT_NEW): nothing but
+--                                          overdue holders' expiry was written
+--   {-5}                                   request_id reused for a different request
+
+local user, sid, limit, policy = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local timeout_ms, request_id = tonumber(ARGV[8]), ARGV[9]
+local fingerprint, device = ARGV[11], ARGV[14]
+local now = now_ms()
+
+if request_id ~= '' then
+  local remembered = redis.call('HMGET', KEYS[7], 'sid', 'fp', 'rep')
+  if remembered[1] then
+    if remembered[2] ~= fingerprint then
+      return {-5}
+    end
+    local s = load(remembered[1])
+    if s then
+      local reply = {1, flat(s)}
+      for replaced in string.gmatch(remembered[3], '[^,]+') do
+        reply[#reply + 1] = replaced
+      end
+      return reply
+    end
+  end
+end
+
+expire_overdue(user, now, tonumber(ARGV[20]))
+
+local holders = live_holders(user, now)
+local own, others = nil, {}
+for _, s in ipairs(holders) do
+  if s.d == device then
+    own = s
+  else
+    others[#others + 1] = s
+  end
+end
+
+local replaced = {}
+if #others >= limit then
+  if policy ~= 'stop_oldest' or limit == 0 then
+    local reply = {-3, limit}
+    for _, s in ipairs(holders) do
+      reply[#reply + 1] = flat(s)
+    end
+    return reply
+  end
+  for i = 1, #others - limit + 1 do
+    end_session(others[i], EVICTED, 'stop_oldest', now)
+    replaced[#replaced + 1] = others[i].id
+  end
+end
+if own then
+  end_session(own, EVICTED, 'replaced_by_same_device', now)
+  replaced[#replaced + 1] = own.id
+end
+
+local generation = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], 30 * 24 * 3600 * 1000)
+local s = {
+  id = sid, u = user, p = ARGV[12], c = ARGV[13], d = device, dt = ARGV[15],
+  dn = ARGV[16], ip = ARGV[17], ua = ARGV[18], rg = ARGV[19],
+  st = tostring(ACTIVE), pos = '0', ps = '0', g = tostring(generation),
+  ct = int(now), hb = int(now), he = int(now), pt = '', et = '', er = '',
+}
+redis.call('HSET', KEYS[4], unpack(flat(s)))
+redis.call('HSET', KEYS[2], device, sid)
+set_deadline(s, now, timeout_ms, 0)
+append_event('playback.started', s, now, '')
+
+if request_id ~= '' then
+  redis.call('HSET', KEYS[7], 'sid', sid, 'fp', fingerprint, 'rep', table.concat(replaced, ','))
+  redis.call('PEXPIRE', KEYS[7], ARGV[10])
+end
+
+local reply = {0, flat(s)}
+for _, id in ipairs(replaced) do
+  reply[#reply + 1] = id
+end
+return reply

@@ -1,0 +1,13 @@
+-- pauseSession: pauses an ACTIVE session (a PAUSED one only proves liveness).
+--
+-- KEYS[1]  <prefix>s:<session>        HASH the session's record
+-- KEYS[2]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
+-- KEYS[3]  <prefix>u:<user>:devices   HASH device id -> session id
+-- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
+-- KEYS[5]  <prefix>events             STREAM the partition's event log
+--
+-- ARGV[1..3] see the prelude; ARGV[4..12] see device_call in the prelude.
+--
+-- Returns {0, record}, or {-1}, {-2, record}, {-4} (see the prelude).
+
+return device_call('pause')

@@ -1,0 +1,237 @@
+-- usher's Lua prelude, prepended to every script (see store/redis/scripts.rs).
+--
+-- Every script takes the same first three ARGV:
+--   ARGV[1]  key prefix with the user's partition hash tag, e.g. "usher:{17}:"
+--   ARGV[2]  approximate cap of the partition's event stream, in entries
+--   ARGV[3]  how long an ended session's record is kept, in ms
+-- Keys of other sessions of the same user (evicted or expired ones) are built from
+-- ARGV[1]; they carry the same hash tag as KEYS, so they live on the same shard.
+--
+-- Replies are arrays {code, ...}. Codes >= 0 are success; negative codes map to
+-- StoreError in store/redis/mod.rs:
+--   -1  not found
+--   -2  session ended: {-2, record}
+--   -3  limit reached: {-3, limit, record, record, ...}
+--   -4  stale generation
+--   -5  request_id reused for a different request
+-- A record is a flat HGETALL array of the session hash (fields in store/redis/mod.rs).
+--
+-- Time is redis.call('TIME') only, never the caller's clock.
+
+local PREFIX = ARGV[1]
+local STREAM_MAXLEN = ARGV[2]
+local RETENTION_MS = tonumber(ARGV[3])
+
+local ACTIVE, PAUSED, STOPPED, TERMINATED, EXPIRED, EVICTED = 1, 2, 3, 4, 5, 6
+local END_EVENT = {
+  [STOPPED] = 'playback.stopped',
+  [TERMINATED] = 'playback.terminated',
+  [EXPIRED] = 'playback.expired',
+  [EVICTED] = 'playback.evicted',
+}
+local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
+
+local DEADLINES = PREFIX .. 'deadlines'
+local EVENTS = PREFIX .. 'events'
+local STOP_CHANNEL = PREFIX .. 'stop'
+
+-- Integers as text without exponent, for scores, ranges and hash values.
+local function int(n)
+  return string.format('%d', n)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function session_key(sid)
+  return PREFIX .. 's:' .. sid
+end
+
+local function user_key(user, what)
+  return PREFIX .. 'u:' .. user .. ':' .. what
+end
+
+local function sweep_member(s)
+  return s.u .. '/' .. s.id
+end
+
+-- The session record as a table, or nil.
+local function load(sid)
+  local flat = redis.call('HGETALL', session_key(sid))
+  if #flat == 0 then
+    return nil
+  end
+  local s = {}
+  for i = 1, #flat, 2 do
+    s[flat[i]] = flat[i + 1]
+  end
+  return s
+end
+
+local function flat(s)
+  local out = {}
+  for k, v in pairs(s) do
+    out[#out + 1] = k
+    out[#out + 1] = tostring(v)
+  end
+  return out
+end
+
+local function holds_seat(s)
+  local st = tonumber(s.st)
+  return st == ACTIVE or st == PAUSED
+end
+
+local function append_event(kind, s, now, reason)
+  redis.call('XADD', EVENTS, 'MAXLEN', '~', STREAM_MAXLEN, '*',
+    'type', kind, 'user', s.u, 'session', s.id, 'gen', s.g, 'device', s.d,
+    'content', s.c, 'profile', s.p, 'pos_ms', s.pos, 'at_ms', int(now), 'reason', reason)
+end
+
+-- Ends a seat-holding session: releases its seat and device, keeps the record for the
+-- retention period, appends its event and tells its device's stream to stop.
+local function end_session(s, state, reason, now)
+  local key = session_key(s.id)
+  s.st, s.et, s.er = tostring(state), int(now), reason
+  redis.call('HSET', key, 'st', s.st, 'et', s.et, 'er', reason)
+  redis.call('PEXPIRE', key, RETENTION_MS)
+  redis.call('ZREM', user_key(s.u, 'seats'), s.id)
+  local devices = user_key(s.u, 'devices')
+  if redis.call('HGET', devices, s.d) == s.id then
+    redis.call('HDEL', devices, s.d)
+  end
+  redis.call('ZREM', DEADLINES, sweep_member(s))
+  append_event(END_EVENT[state], s, now, reason)
+  redis.call('SPUBLISH', STOP_CHANNEL, sweep_member(s))
+end
+
+-- Moves a live session's deadline to timeout from now, capped by the maximum pause
+-- while paused, and records what missing it would be called.
+local function set_deadline(s, now, timeout_ms, max_pause_ms)
+  local deadline, reason = now + timeout_ms, 'heartbeat_timeout'
+  if tonumber(s.st) == PAUSED and s.pt and s.pt ~= '' then
+    local pause_end = tonumber(s.pt) + max_pause_ms
+    if pause_end < deadline then
+      deadline, reason = pause_end, 'max_pause_exceeded'
+    end
+  end
+  s.dl, s.dr = int(deadline), reason
+  local key = session_key(s.id)
+  redis.call('HSET', key, 'dl', s.dl, 'dr', reason)
+  redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
+  redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
+  redis.call('ZADD', DEADLINES, s.dl, sweep_member(s))
+end
+
+-- Expires up to max holders of user whose deadline has passed.
+local function expire_overdue(user, now, max)
+  local seats = user_key(user, 'seats')
+  local overdue = redis.call('ZRANGEBYSCORE', seats, '-inf', int(now), 'LIMIT', 0, max)
+  for _, sid in ipairs(overdue) do
+    local s = load(sid)
+    if s and holds_seat(s) then
+      end_session(s, EXPIRED, s.dr, now)
+    else
+      redis.call('ZREM', seats, sid)
+    end
+  end
+end
+
+-- Live holders of user (seat held, deadline after now), oldest started first.
+local function live_holders(user, now)
+  local ids = redis.call('ZRANGEBYSCORE', user_key(user, 'seats'), '(' .. int(now), '+inf')
+  local holders = {}
+  for _, sid in ipairs(ids) do
+    local s = load(sid)
+    if s and holds_seat(s) then
+      holders[#holders + 1] = s
+    end
+  end
+  table.sort(holders, function(a, b)
+    local ca, cb = tonumber(a.ct), tonumber(b.ct)
+    if ca ~= cb then
+      return ca < cb
+    end
+    return a.id < b.id
+  end)
+  return holders
+end
+
+-- The session, if it is live; otherwise nil and the reply to return. A session past
+-- its deadline is expired now; one whose seat is gone (lost in a failover) is evicted.
+local function live_session(user, sid, now)
+  local s = load(sid)
+  if not s or s.u ~= user then
+    return nil, {-1}
+  end
+  if not holds_seat(s) then
+    return nil, {-2, flat(s)}
+  end
+  if tonumber(s.dl) <= now then
+    end_session(s, EXPIRED, s.dr, now)
+    return nil, {-2, flat(s)}
+  end
+  if not redis.call('ZSCORE', user_key(user, 'seats'), sid) then
+    end_session(s, EVICTED, 'seat_lost', now)
+    return nil, {-2, flat(s)}
+  end
+  return s
+end
+
+-- The body of every device call (heartbeat, pause, resume, stop). Device-call ARGV:
+--   ARGV[4]   user id
+--   ARGV[5]   session id
+--   ARGV[6]   generation the device holds; '0' skips the check
+--   ARGV[7]   position in ms; '' keeps the last one
+--   ARGV[8]   playback state (PlaybackState number); '0' keeps the last one
+--   ARGV[9]   heartbeat timeout, ms
+--   ARGV[10]  maximum pause, ms
+--   ARGV[11]  heartbeat events: 'off' | 'sampled' | 'all'
+--   ARGV[12]  sampled heartbeat event interval, ms
+local function device_call(action)
+  local user, sid, generation = ARGV[4], ARGV[5], ARGV[6]
+  local now = now_ms()
+  local s, refused = live_session(user, sid, now)
+  if not s then
+    return refused
+  end
+  if generation ~= '0' and generation ~= s.g then
+    return {-4}
+  end
+  local key = session_key(sid)
+  s.hb = int(now)
+  if ARGV[7] ~= '' then
+    s.pos = ARGV[7]
+  end
+  if action == 'stop' then
+    redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos)
+    end_session(s, STOPPED, '', now)
+    return {0, flat(s)}
+  end
+  local event
+  local state = tonumber(s.st)
+  if action == 'heartbeat' then
+    if ARGV[8] ~= '0' then
+      s.ps = ARGV[8]
+    end
+    local mode = ARGV[11]
+    if mode == 'all' or (mode == 'sampled' and now - tonumber(s.he) >= tonumber(ARGV[12])) then
+      s.he = int(now)
+      event = 'playback.heartbeat'
+    end
+  elseif action == 'pause' and state == ACTIVE then
+    s.st, s.pt, s.ps = tostring(PAUSED), int(now), tostring(PLAYBACK_PAUSED)
+    event = 'playback.paused'
+  elseif action == 'resume' and state == PAUSED then
+    s.st, s.pt, s.ps = tostring(ACTIVE), '', tostring(PLAYBACK_PLAYING)
+    event = 'playback.resumed'
+  end
+  redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt, 'he', s.he)
+  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if event then
+    append_event(event, s, now, '')
+  end
+  return {0, flat(s)}
+end

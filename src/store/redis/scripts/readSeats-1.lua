@@ -1,0 +1,16 @@
+-- readSeats: the user's live holders and the store's clock, as one consistent read.
+-- Writes nothing: holders past their deadline are left out, not expired.
+--
+-- KEYS[1]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
+--
+-- ARGV[1..3] see the prelude
+-- ARGV[4]   user id
+--
+-- Returns {now in ms, holder record, ...}, oldest started first.
+
+local now = now_ms()
+local reply = {now}
+for _, s in ipairs(live_holders(ARGV[4], now)) do
+  reply[#reply + 1] = flat(s)
+end
+return reply

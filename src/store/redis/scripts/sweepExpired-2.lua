@@ -1,0 +1,25 @@
+-- sweepExpired: expires the partition's sessions whose heartbeat deadline has passed,
+-- so their seats and expired events do not wait for the user's next create.
+--
+-- KEYS[1]  <prefix>deadlines          ZSET <user>/<session> -> deadline (ms)
+-- KEYS[2]  <prefix>events             STREAM the partition's event log
+--
+-- ARGV[1..3] see the prelude
+-- ARGV[4]   at most this many sessions are looked at (bounds the script's work)
+--
+-- Returns {number of sessions expired}.
+
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', int(now), 'LIMIT', 0, tonumber(ARGV[4]))
+local expired = 0
+for _, member in ipairs(due) do
+  local slash = string.find(member, '/', 1, true)
+  local s = slash and load(string.sub(member, slash + 1))
+  if s and holds_seat(s) and tonumber(s.dl) <= now then
+    end_session(s, EXPIRED, s.dr, now)
+    expired = expired + 1
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return {expired}
