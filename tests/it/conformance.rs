@@ -1,0 +1,712 @@
+//! One conformance suite for every store: each case below runs against the memory store,
+//! a single redis-server, and a 3-master Redis Cluster (see `stamp!` at the end). A store
+//! that fails a case is wrong, whichever it is.
+//!
+//! Opted out, by category and with the reason: the seat-lost repair needs a seat to vanish
+//! under a live session, which only a Redis failover does; it is in `redis_only.rs`.
+
+use std::time::Duration;
+
+use usher::ids::SessionName;
+use usher::session::{PlaybackState, SessionState};
+use usher::store::{
+    DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, StoreError, partition_of,
+};
+
+use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
+
+use OverLimitPolicy::{RejectNew, StopOldest};
+
+fn call(name: &SessionName, action: DeviceAction) -> DeviceCall {
+    DeviceCall {
+        name: name.clone(),
+        generation: None,
+        position_ms: None,
+        action,
+    }
+}
+
+fn heartbeat(name: &SessionName) -> DeviceCall {
+    call(
+        name,
+        DeviceAction::Heartbeat {
+            playback_state: PlaybackState::Playing,
+        },
+    )
+}
+
+async fn open(kind: Kind) -> Backend {
+    Backend::open(kind, test_settings()).await
+}
+
+/// Past the 1.5 s heartbeat timeout of `test_settings`.
+const PAST_TIMEOUT: Duration = Duration::from_millis(1700);
+
+pub async fn create_grants_a_seat_and_appends_started(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "tv", 2, RejectNew))
+        .await
+        .unwrap();
+    let s = &created.session;
+    assert_eq!(s.state, SessionState::Active);
+    assert!(s.generation >= 1);
+    assert!(created.replaced.is_empty() && !created.replayed);
+    assert_eq!(s.deadline_ms, s.created_ms + 1500);
+    assert_eq!(s.client.region, "US");
+    let seats = b.store.seats(&user).await.unwrap();
+    assert_eq!(seats.holders, vec![s.clone()]);
+    assert_eq!(
+        b.store.get_session(&s.name).await.unwrap().as_ref(),
+        Some(s)
+    );
+    assert_eq!(b.kinds_for(&s.name).await, [EventKind::Started]);
+}
+
+pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let first = b
+        .store
+        .create_session(new_session(&user, "a", 2, RejectNew))
+        .await
+        .unwrap();
+    let second = b
+        .store
+        .create_session(new_session(&user, "b", 2, RejectNew))
+        .await
+        .unwrap();
+    let events_before = b.events_of(&user).await.len();
+    let keys_before = b.keys();
+    let third = new_session(&user, "c", 2, RejectNew);
+    let third_name = third.name.clone();
+    match b.store.create_session(third).await {
+        Err(StoreError::LimitReached { limit, holders }) => {
+            assert_eq!(limit, 2);
+            let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
+            assert_eq!(
+                names,
+                [first.session.name, second.session.name],
+                "oldest first"
+            );
+        }
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    assert_eq!(b.events_of(&user).await.len(), events_before);
+    assert_eq!(b.keys(), keys_before);
+    assert_eq!(b.store.get_session(&third_name).await.unwrap(), None);
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 2);
+}
+
+pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let first = b
+        .store
+        .create_session(new_session(&user, "a", 2, StopOldest))
+        .await
+        .unwrap();
+    b.advance(Duration::from_millis(5)).await;
+    let second = b
+        .store
+        .create_session(new_session(&user, "b", 2, StopOldest))
+        .await
+        .unwrap();
+    b.advance(Duration::from_millis(5)).await;
+    let third = b
+        .store
+        .create_session(new_session(&user, "c", 2, StopOldest))
+        .await
+        .unwrap();
+    assert_eq!(third.replaced, std::slice::from_ref(&first.session.name));
+    let evicted = b
+        .store
+        .get_session(&first.session.name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(evicted.state, SessionState::Evicted);
+    assert_eq!(evicted.end_reason, "stop_oldest");
+    let holders: Vec<_> = b
+        .store
+        .seats(&user)
+        .await
+        .unwrap()
+        .holders
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(holders, [second.session.name, third.session.name.clone()]);
+    assert_eq!(
+        b.kinds_for(&first.session.name).await,
+        [EventKind::Started, EventKind::Evicted]
+    );
+}
+
+pub async fn the_same_device_replaces_its_own_session(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let first = b
+        .store
+        .create_session(new_session(&user, "tv", 1, RejectNew))
+        .await
+        .unwrap();
+    let again = b
+        .store
+        .create_session(new_session(&user, "tv", 1, RejectNew))
+        .await
+        .unwrap();
+    assert_eq!(again.replaced, std::slice::from_ref(&first.session.name));
+    assert!(again.session.generation > first.session.generation);
+    let old = b
+        .store
+        .get_session(&first.session.name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.state, SessionState::Evicted);
+    assert_eq!(old.end_reason, "replaced_by_same_device");
+    let holders = b.store.seats(&user).await.unwrap().holders;
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].name, again.session.name);
+    // The old session's device calls now say it has ended.
+    let refused = b.store.device_call(heartbeat(&first.session.name)).await;
+    assert!(
+        matches!(refused, Err(StoreError::SessionEnded(s)) if s.state == SessionState::Evicted)
+    );
+}
+
+pub async fn a_repeated_request_id_returns_the_first_answer(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let mut create = new_session(&user, "tv", 1, RejectNew);
+    create.request_id = Some(usher::ids::RequestId::parse("r", "req-1").unwrap());
+    let first = b.store.create_session(create.clone()).await.unwrap();
+    let mut retry = create.clone();
+    retry.name.session = usher::ids::SessionId::generate();
+    let second = b.store.create_session(retry).await.unwrap();
+    assert!(second.replayed);
+    assert_eq!(second.session.name, first.session.name);
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    assert_eq!(b.events_of(&user).await.len(), 1, "one started event only");
+    let mut different = create.clone();
+    different.name.session = usher::ids::SessionId::generate();
+    different.device.id = usher::ids::DeviceId::parse("d", "phone").unwrap();
+    assert!(matches!(
+        b.store.create_session(different).await,
+        Err(StoreError::RequestIdReused)
+    ));
+}
+
+pub async fn an_expired_holder_never_blocks_a_create(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let stale = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    b.advance(PAST_TIMEOUT).await;
+    let fresh = b
+        .store
+        .create_session(new_session(&user, "b", 1, RejectNew))
+        .await
+        .unwrap();
+    assert!(fresh.replaced.is_empty());
+    let expired = b
+        .store
+        .get_session(&stale.session.name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(expired.state, SessionState::Expired);
+    assert_eq!(expired.end_reason, "heartbeat_timeout");
+    let kinds: Vec<_> = b
+        .events_of(&user)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Started, EventKind::Expired, EventKind::Started]
+    );
+}
+
+pub async fn the_sweep_expires_overdue_sessions(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let partition = partition_of(&user, b.store.settings().partitions);
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 2, RejectNew))
+        .await
+        .unwrap();
+    // Sweep everything overdue in this partition (other tests' too), then check ours.
+    b.advance(PAST_TIMEOUT).await;
+    while b.store.sweep(partition, 1000).await.unwrap() > 0 {}
+    let swept = b
+        .store
+        .get_session(&created.session.name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(swept.state, SessionState::Expired);
+    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert_eq!(
+        b.kinds_for(&created.session.name).await,
+        [EventKind::Started, EventKind::Expired]
+    );
+    // A second sweep finds nothing more of ours and appends nothing.
+    b.store.sweep(partition, 1000).await.unwrap();
+    assert_eq!(b.kinds_for(&created.session.name).await.len(), 2);
+}
+
+pub async fn the_sweep_is_bounded(kind: Kind) {
+    let mut settings = test_settings();
+    settings.partitions = 1;
+    let b = Backend::open(kind, settings).await;
+    let users: Vec<_> = (0..3).map(|_| fresh_user()).collect();
+    for user in &users {
+        b.store
+            .create_session(new_session(user, "a", 1, RejectNew))
+            .await
+            .unwrap();
+    }
+    b.advance(PAST_TIMEOUT).await;
+    // The partition may hold other tests' sessions (shared Redis, new prefix per test: no).
+    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 2);
+    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 1);
+    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 0);
+}
+
+pub async fn heartbeats_keep_the_seat(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    for _ in 0..3 {
+        b.advance(Duration::from_millis(900)).await;
+        let mut beat = heartbeat(&name);
+        beat.position_ms = Some(42_000);
+        let session = b.store.device_call(beat).await.unwrap();
+        assert_eq!(session.state, SessionState::Active);
+        assert_eq!(session.position_ms, 42_000);
+        assert_eq!(session.playback_state, PlaybackState::Playing);
+        assert_eq!(session.deadline_ms, session.last_heartbeat_ms + 1500);
+    }
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    let kinds = b.kinds_for(&name).await;
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Started,
+            EventKind::Heartbeat,
+            EventKind::Heartbeat,
+            EventKind::Heartbeat
+        ]
+    );
+}
+
+pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    b.advance(PAST_TIMEOUT).await;
+    match b.store.device_call(heartbeat(&created.session.name)).await {
+        Err(StoreError::SessionEnded(s)) => assert_eq!(s.state, SessionState::Expired),
+        other => panic!("expected SessionEnded, got {other:?}"),
+    }
+    // Refused again, without a second event.
+    assert!(
+        b.store
+            .device_call(heartbeat(&created.session.name))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        b.kinds_for(&created.session.name).await,
+        [EventKind::Started, EventKind::Expired]
+    );
+    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+}
+
+pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    let paused = b
+        .store
+        .device_call(call(&name, DeviceAction::Pause))
+        .await
+        .unwrap();
+    assert_eq!(paused.state, SessionState::Paused);
+    assert!(paused.paused_ms.is_some());
+    // The maximum pause (0.8 s) caps the deadline even though heartbeats continue.
+    assert_eq!(paused.deadline_ms, paused.paused_ms.unwrap() + 800);
+    b.advance(Duration::from_millis(400)).await;
+    b.store.device_call(heartbeat(&name)).await.unwrap();
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    b.advance(Duration::from_millis(600)).await;
+    match b.store.device_call(heartbeat(&name)).await {
+        Err(StoreError::SessionEnded(s)) => {
+            assert_eq!(s.state, SessionState::Expired);
+            assert_eq!(s.end_reason, "max_pause_exceeded");
+        }
+        other => panic!("expected SessionEnded, got {other:?}"),
+    }
+}
+
+pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    b.store
+        .device_call(call(&name, DeviceAction::Pause))
+        .await
+        .unwrap();
+    // Pausing a paused session changes nothing and appends nothing.
+    let again = b
+        .store
+        .device_call(call(&name, DeviceAction::Pause))
+        .await
+        .unwrap();
+    assert_eq!(again.state, SessionState::Paused);
+    let resumed = b
+        .store
+        .device_call(call(&name, DeviceAction::Resume))
+        .await
+        .unwrap();
+    assert_eq!(resumed.state, SessionState::Active);
+    assert_eq!(resumed.paused_ms, None);
+    b.store
+        .device_call(call(&name, DeviceAction::Resume))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.kinds_for(&name).await,
+        [EventKind::Started, EventKind::Paused, EventKind::Resumed]
+    );
+}
+
+pub async fn stop_releases_the_seat_at_once(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    let mut stop = call(&name, DeviceAction::Stop);
+    stop.position_ms = Some(3_600_000);
+    let stopped = b.store.device_call(stop).await.unwrap();
+    assert_eq!(stopped.state, SessionState::Stopped);
+    assert_eq!(stopped.position_ms, 3_600_000);
+    assert!(stopped.ended_ms.is_some());
+    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    b.store
+        .create_session(new_session(&user, "b", 1, RejectNew))
+        .await
+        .unwrap();
+    let stop_event = b
+        .events_of(&user)
+        .await
+        .into_iter()
+        .find(|e| e.kind == EventKind::Stopped)
+        .unwrap();
+    assert_eq!(stop_event.position_ms, 3_600_000);
+    assert_eq!(stop_event.session, name);
+    assert!(matches!(
+        b.store.device_call(call(&name, DeviceAction::Stop)).await,
+        Err(StoreError::SessionEnded(_))
+    ));
+}
+
+pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    let ended = b.store.terminate(&name, "account_sharing").await.unwrap();
+    assert_eq!(ended.state, SessionState::Terminated);
+    assert_eq!(ended.end_reason, "account_sharing");
+    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(matches!(
+        b.store.terminate(&name, "again").await,
+        Err(StoreError::SessionEnded(_))
+    ));
+    assert!(matches!(
+        b.store.device_call(call(&name, DeviceAction::Resume)).await,
+        Err(StoreError::SessionEnded(_))
+    ));
+    let events = b.events_of(&user).await;
+    let terminated = events
+        .iter()
+        .find(|e| e.kind == EventKind::Terminated)
+        .unwrap();
+    assert_eq!(terminated.reason, "account_sharing");
+    assert_eq!(events.len(), 2);
+}
+
+pub async fn a_stale_generation_is_refused(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let mut stale = heartbeat(&created.session.name);
+    stale.generation = Some(created.session.generation + 1);
+    assert!(matches!(
+        b.store.device_call(stale).await,
+        Err(StoreError::StaleGeneration)
+    ));
+    let mut current = heartbeat(&created.session.name);
+    current.generation = Some(created.session.generation);
+    b.store.device_call(current).await.unwrap();
+}
+
+pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
+    let b = open(kind).await;
+    let owner = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&owner, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let foreign = SessionName {
+        user: fresh_user(),
+        session: created.session.name.session.clone(),
+    };
+    assert!(matches!(
+        b.store.device_call(heartbeat(&foreign)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        b.store.terminate(&foreign, "x").await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(b.store.get_session(&foreign).await.unwrap(), None);
+    let unknown = SessionName {
+        user: owner.clone(),
+        session: usher::ids::SessionId::generate(),
+    };
+    assert!(matches!(
+        b.store.device_call(heartbeat(&unknown)).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+pub async fn reading_seats_changes_nothing(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    b.store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    b.advance(PAST_TIMEOUT).await;
+    let seats = b.store.seats(&user).await.unwrap();
+    assert!(seats.holders.is_empty(), "an overdue holder is not live");
+    assert_eq!(
+        b.events_of(&user).await.len(),
+        1,
+        "no expired event from a read"
+    );
+}
+
+pub async fn sampled_heartbeat_events_are_rate_limited(kind: Kind) {
+    let mut settings = test_settings();
+    settings.heartbeat_events = HeartbeatEvents::Sampled;
+    settings.heartbeat_event_interval = Duration::from_millis(1000);
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    b.store.device_call(heartbeat(&name)).await.unwrap();
+    b.store.device_call(heartbeat(&name)).await.unwrap();
+    assert_eq!(b.kinds_for(&name).await, [EventKind::Started]);
+    b.advance(Duration::from_millis(1100)).await;
+    b.store.device_call(heartbeat(&name)).await.unwrap();
+    b.store.device_call(heartbeat(&name)).await.unwrap();
+    assert_eq!(
+        b.kinds_for(&name).await,
+        [EventKind::Started, EventKind::Heartbeat]
+    );
+}
+
+pub async fn events_carry_the_session_and_read_after_a_cursor(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    b.store
+        .device_call(call(&created.session.name, DeviceAction::Pause))
+        .await
+        .unwrap();
+    let events = b.events_of(&user).await;
+    let started = &events[0];
+    assert_eq!(started.kind, EventKind::Started);
+    assert_eq!(started.session, created.session.name);
+    assert_eq!(started.generation, created.session.generation);
+    assert_eq!(started.device.as_str(), "a");
+    assert_eq!(started.content.as_str(), "title-1");
+    assert_eq!(started.profile.as_str(), "profile-1");
+    assert_eq!(started.at_ms, created.session.created_ms);
+    let partition = partition_of(&user, b.store.settings().partitions);
+    let after = b
+        .store
+        .read_events(partition, Some(&started.id), 100)
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].kind, EventKind::Paused);
+}
+
+pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let a = b
+        .store
+        .create_session(new_session(&user, "a", 1, StopOldest))
+        .await
+        .unwrap();
+    let a = a.session.name;
+    b.store
+        .device_call(call(&a, DeviceAction::Pause))
+        .await
+        .unwrap();
+    b.store
+        .device_call(call(&a, DeviceAction::Resume))
+        .await
+        .unwrap();
+    b.store.device_call(heartbeat(&a)).await.unwrap();
+    let c = b
+        .store
+        .create_session(new_session(&user, "c", 1, StopOldest))
+        .await
+        .unwrap();
+    let c = c.session.name;
+    b.store
+        .device_call(call(&c, DeviceAction::Stop))
+        .await
+        .unwrap();
+    let kinds: Vec<_> = b
+        .events_of(&user)
+        .await
+        .into_iter()
+        .map(|e| (e.session, e.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (a.clone(), EventKind::Started),
+            (a.clone(), EventKind::Paused),
+            (a.clone(), EventKind::Resumed),
+            (a.clone(), EventKind::Heartbeat),
+            (a.clone(), EventKind::Evicted),
+            (c.clone(), EventKind::Started),
+            (c.clone(), EventKind::Stopped),
+        ]
+    );
+}
+
+pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let creates = (0..60).map(|i| {
+        let store = b.store.clone();
+        let create = new_session(&user, &format!("d{i}"), 3, RejectNew);
+        tokio::spawn(async move { store.create_session(create).await })
+    });
+    let results = futures::future::join_all(creates).await;
+    let admitted = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Err(StoreError::LimitReached { .. }))))
+        .count();
+    assert_eq!((admitted, refused), (3, 57));
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 3);
+}
+
+/// Stamps one `#[tokio::test]` per case for a backend.
+macro_rules! stamp {
+    ($kind:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                super::$case($kind).await;
+            }
+        )*
+    };
+}
+
+macro_rules! conformance_suite {
+    ($($module:ident => $kind:expr),* $(,)?) => {
+        $(
+            mod $module {
+                stamp!($kind;
+                    create_grants_a_seat_and_appends_started,
+                    the_limit_rejects_and_writes_nothing,
+                    stop_oldest_evicts_the_least_recently_started,
+                    the_same_device_replaces_its_own_session,
+                    a_repeated_request_id_returns_the_first_answer,
+                    an_expired_holder_never_blocks_a_create,
+                    the_sweep_expires_overdue_sessions,
+                    the_sweep_is_bounded,
+                    heartbeats_keep_the_seat,
+                    a_heartbeat_after_the_deadline_is_refused_and_expires,
+                    pause_keeps_the_seat_up_to_the_maximum_pause,
+                    pause_and_resume_append_one_event_each,
+                    stop_releases_the_seat_at_once,
+                    terminate_ends_a_session_with_the_reason,
+                    a_stale_generation_is_refused,
+                    unknown_and_foreign_sessions_are_not_found,
+                    reading_seats_changes_nothing,
+                    sampled_heartbeat_events_are_rate_limited,
+                    events_carry_the_session_and_read_after_a_cursor,
+                    every_state_change_appends_exactly_one_event,
+                    concurrent_creates_never_exceed_the_limit,
+                );
+            }
+        )*
+    };
+}
+
+conformance_suite! {
+    memory => crate::support::Kind::Memory,
+    redis => crate::support::Kind::Redis,
+    redis_cluster => crate::support::Kind::Cluster,
+}

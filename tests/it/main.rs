@@ -1,0 +1,9 @@
+//! usher's integration tests: one binary, every test against real servers on loopback.
+
+mod bad_input;
+mod conformance;
+mod e2e;
+mod grpcurl;
+mod race;
+mod redis_only;
+mod support;

@@ -1,0 +1,199 @@
+//! What only a real Redis can show: outages and recovery, an emptied script cache, a seat
+//! lost in a failover, and every key of a user in one Cluster slot.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use usher::session::SessionState;
+use usher::store::redis::{RedisStore, RedisTarget};
+use usher::store::{
+    DeviceAction, DeviceCall, EventKind, OverLimitPolicy, Store, StoreError, partition_of,
+};
+
+use crate::e2e::create_request;
+use crate::support::{
+    fresh_user, new_session, reason, redis, redis_options, serve, test_settings, unique_prefix,
+};
+
+async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
+    Arc::new(
+        RedisStore::connect(redis_options(target, prefix), test_settings())
+            .await
+            .expect("connect"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_fast_with_unavailable_and_usher_recovers() {
+    let mut server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "outage").await;
+    let mut usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
+    usher
+        .sessions
+        .create_session(create_request("ivy", "tv"))
+        .await
+        .unwrap();
+
+    server.kill();
+    let started = Instant::now();
+    let mut request = tonic::Request::new(create_request("ivy", "phone"));
+    request.set_timeout(Duration::from_secs(3));
+    let status = usher.sessions.create_session(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Redis comes back (empty, as after a restart without persistence).
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match usher
+            .sessions
+            .create_session(create_request("ivy", "phone"))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "usher did not recover");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    usher.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_survive_an_emptied_script_cache() {
+    let server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "flush").await;
+    let user = fresh_user();
+    let created = store
+        .create_session(new_session(&user, "tv", 1, OverLimitPolicy::RejectNew))
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["script", "flush"]), "OK");
+    let beat = DeviceCall {
+        name: created.session.name.clone(),
+        generation: Some(created.session.generation),
+        position_ms: Some(10),
+        action: DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    };
+    store.device_call(beat).await.unwrap();
+    assert_eq!(server.cli(&["script", "flush"]), "OK");
+    store.seats(&user).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
+    let server = redis::shared_redis();
+    let prefix = unique_prefix();
+    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let user = fresh_user();
+    let created = store
+        .create_session(new_session(&user, "tv", 1, OverLimitPolicy::RejectNew))
+        .await
+        .unwrap();
+    // A failover that kept the session record but lost the seat grant.
+    let partition = partition_of(&user, test_settings().partitions);
+    let seats = format!("{prefix}:{{{partition}}}:u:{user}:seats");
+    assert_eq!(
+        server.cli(&["zrem", &seats, created.session.name.session.as_str()]),
+        "1"
+    );
+    let beat = DeviceCall {
+        name: created.session.name.clone(),
+        generation: None,
+        position_ms: None,
+        action: DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    };
+    match store.device_call(beat).await {
+        Err(StoreError::SessionEnded(s)) => {
+            assert_eq!(s.state, SessionState::Evicted);
+            assert_eq!(s.end_reason, "seat_lost");
+        }
+        other => panic!("expected SessionEnded, got {other:?}"),
+    }
+    let kinds: Vec<_> = store
+        .read_events(partition, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.session.user == user)
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::Started, EventKind::Evicted]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_of_a_user_lives_in_one_cluster_slot() {
+    let cluster = redis::shared_cluster();
+    let prefix = unique_prefix();
+    let store = connect(
+        RedisTarget::Cluster {
+            nodes: cluster.node_list(),
+        },
+        &prefix,
+    )
+    .await;
+    let user = fresh_user();
+    let mut create = new_session(&user, "tv", 2, OverLimitPolicy::RejectNew);
+    create.request_id = Some(usher::ids::RequestId::parse("r", "r-1").unwrap());
+    store.create_session(create).await.unwrap();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let keys = redis::keys_with_prefix(&ports, &format!("{prefix}:"));
+    assert!(keys.len() >= 6, "{keys:?}");
+    let slots: std::collections::BTreeSet<String> = keys
+        .iter()
+        .map(|key| redis::redis_cli(ports[0], &["cluster", "keyslot", key]))
+        .collect();
+    assert_eq!(slots.len(), 1, "{keys:?} span {slots:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_while_redis_is_down() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let mut server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "health").await;
+    let usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
+    let health = HealthClient::new(usher.channel.clone());
+    let status_is = |wanted: ServingStatus| {
+        let mut health = health.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(8);
+            loop {
+                let status = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status;
+                if status == wanted as i32 {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "health never became {wanted:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    status_is(ServingStatus::Serving).await;
+    server.kill();
+    status_is(ServingStatus::NotServing).await;
+    server.restart();
+    status_is(ServingStatus::Serving).await;
+    usher.running.shutdown().await;
+}

@@ -1,0 +1,277 @@
+//! What the tests share: stores to run against, a real server on port 0 with its clients,
+//! and decoding of error details.
+
+pub mod redis;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use usher::config::Config;
+use usher::entitlement::{EntitlementProvider, StaticPolicy};
+use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
+use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
+use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
+use usher::server::RunningServer;
+use usher::session::{ClientInfo, Device, DeviceType};
+use usher::store::memory::{ManualClock, MemoryStore};
+use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
+use usher::store::{Event, EventKind, NewSession, OverLimitPolicy, Store, StoreSettings};
+
+/// The stores every conformance case runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Memory,
+    Redis,
+    Cluster,
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A store under test, with a way to move its time and to look at its keys.
+pub struct Backend {
+    pub kind: Kind,
+    pub store: Arc<dyn Store>,
+    clock: Option<Arc<ManualClock>>,
+    pub prefix: String,
+}
+
+/// Short timings so Redis tests can wait for real; the memory store's clock is moved.
+pub fn test_settings() -> StoreSettings {
+    StoreSettings {
+        partitions: 4,
+        heartbeat_timeout: Duration::from_millis(1500),
+        max_pause: Duration::from_millis(800),
+        heartbeat_events: usher::store::HeartbeatEvents::All,
+        ..StoreSettings::default()
+    }
+}
+
+pub fn redis_options(target: RedisTarget, prefix: &str) -> RedisOptions {
+    RedisOptions {
+        target,
+        key_prefix: prefix.to_owned(),
+        timeout: Duration::from_millis(500),
+    }
+}
+
+impl Backend {
+    pub async fn open(kind: Kind, settings: StoreSettings) -> Backend {
+        let prefix = unique_prefix();
+        let (store, clock): (Arc<dyn Store>, _) = match kind {
+            Kind::Memory => {
+                let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+                (
+                    Arc::new(MemoryStore::with_clock(settings, clock.clone())),
+                    Some(clock),
+                )
+            }
+            Kind::Redis => {
+                let target = RedisTarget::Single {
+                    url: redis::shared_redis().url(),
+                };
+                let store = RedisStore::connect(redis_options(target, &prefix), settings)
+                    .await
+                    .expect("connect to the test redis");
+                (Arc::new(store), None)
+            }
+            Kind::Cluster => {
+                let target = RedisTarget::Cluster {
+                    nodes: redis::shared_cluster().node_list(),
+                };
+                let store = RedisStore::connect(redis_options(target, &prefix), settings)
+                    .await
+                    .expect("connect to the test cluster");
+                (Arc::new(store), None)
+            }
+        };
+        Backend {
+            kind,
+            store,
+            clock,
+            prefix,
+        }
+    }
+
+    /// Moves time forward: the manual clock for memory, a real wait for Redis.
+    pub async fn advance(&self, by: Duration) {
+        match &self.clock {
+            Some(clock) => clock.advance(by),
+            None => tokio::time::sleep(by).await,
+        }
+    }
+
+    /// The Redis ports this backend's keys live on (none for memory).
+    pub fn ports(&self) -> Vec<u16> {
+        match self.kind {
+            Kind::Memory => Vec::new(),
+            Kind::Redis => vec![redis::shared_redis().port],
+            Kind::Cluster => redis::shared_cluster()
+                .nodes
+                .iter()
+                .map(|n| n.port)
+                .collect(),
+        }
+    }
+
+    /// Every Redis key this backend wrote.
+    pub fn keys(&self) -> Vec<String> {
+        redis::keys_with_prefix(&self.ports(), &format!("{}:", self.prefix))
+    }
+
+    /// Every event of the user's partition, oldest first.
+    pub async fn events_of(&self, user: &UserId) -> Vec<Event> {
+        let partition = usher::store::partition_of(user, self.store.settings().partitions);
+        self.store
+            .read_events(partition, None, 10_000)
+            .await
+            .expect("read events")
+    }
+
+    /// The kinds of the events about `session`, oldest first.
+    pub async fn kinds_for(&self, session: &SessionName) -> Vec<EventKind> {
+        self.events_of(&session.user)
+            .await
+            .into_iter()
+            .filter(|e| &e.session == session)
+            .map(|e| e.kind)
+            .collect()
+    }
+}
+
+pub fn user(id: &str) -> UserId {
+    UserId::parse("user", id).unwrap()
+}
+
+/// A user id no other test uses, so events and seats of one test are its own.
+pub fn fresh_user() -> UserId {
+    user(&format!("u{}", unique_prefix()))
+}
+
+/// A create for `user` on `device`, with limit and policy.
+pub fn new_session(user: &UserId, device: &str, limit: u32, policy: OverLimitPolicy) -> NewSession {
+    NewSession {
+        name: SessionName {
+            user: user.clone(),
+            session: SessionId::generate(),
+        },
+        profile: ProfileId::parse("p", "profile-1").unwrap(),
+        content: ContentId::parse("c", "title-1").unwrap(),
+        device: Device {
+            id: DeviceId::parse("d", device).unwrap(),
+            kind: DeviceType::Tv,
+            name: format!("{device} name"),
+        },
+        client: ClientInfo {
+            ip_address: "192.0.2.1".into(),
+            user_agent: "test-agent/1".into(),
+            region: "US".into(),
+        },
+        request_id: None,
+        limit,
+        policy,
+    }
+}
+
+/// A real usher server on port 0, and clients connected to it.
+pub struct TestServer {
+    pub running: RunningServer,
+    pub sessions: PlaybackSessionServiceClient<Channel>,
+    pub concurrency: ConcurrencyServiceClient<Channel>,
+    pub channel: Channel,
+}
+
+/// The config tests serve with: no drain delay, a given over-limit policy.
+pub fn test_config(policy: OverLimitPolicy) -> Config {
+    let mut config = Config::defaults();
+    config.over_limit_policy = policy;
+    config.limits.drain_delay = Duration::ZERO;
+    config.limits.shutdown_timeout = Duration::from_secs(2);
+    config.sweep_interval = Duration::from_millis(100);
+    config
+}
+
+pub async fn serve_with(
+    config: &Config,
+    store: Arc<dyn Store>,
+    entitlements: Arc<dyn EntitlementProvider>,
+) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = usher::server::start(config, store, entitlements, listener)
+        .await
+        .expect("server starts");
+    let channel = Channel::from_shared(format!("http://{}", running.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test server");
+    TestServer {
+        running,
+        sessions: PlaybackSessionServiceClient::new(channel.clone()),
+        concurrency: ConcurrencyServiceClient::new(channel.clone()),
+        channel,
+    }
+}
+
+/// A server over `store` where everyone has `seat_limit` seats.
+pub async fn serve(store: Arc<dyn Store>, seat_limit: u32, policy: OverLimitPolicy) -> TestServer {
+    serve_with(
+        &test_config(policy),
+        store,
+        Arc::new(StaticPolicy::open(seat_limit).unwrap()),
+    )
+    .await
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
+    decoded
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("google.rpc.ErrorInfo"))
+        .map(|d| {
+            tonic_types::pb::ErrorInfo::decode(d.value.as_slice())
+                .unwrap()
+                .reason
+        })
+        .unwrap_or_default()
+}
+
+/// The fields named by a status' `BadRequest`.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
+    decoded
+        .details
+        .iter()
+        .filter(|d| d.type_url.ends_with("google.rpc.BadRequest"))
+        .flat_map(|d| {
+            tonic_types::pb::BadRequest::decode(d.value.as_slice())
+                .unwrap()
+                .field_violations
+        })
+        .map(|v| v.field)
+        .collect()
+}
+
+/// The typed holder list of a CONCURRENCY_LIMIT_REACHED status.
+pub fn limit_detail(status: &tonic::Status) -> usher::proto::ConcurrencyLimitDetail {
+    let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
+    let any = decoded
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("usher.v1.ConcurrencyLimitDetail"))
+        .expect("a ConcurrencyLimitDetail");
+    usher::proto::ConcurrencyLimitDetail::decode(any.value.as_slice()).unwrap()
+}
