@@ -24,6 +24,24 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server.
     Serve(Box<ServeArgs>),
+    /// Ask a running server's grpc.health.v1 service; exit 0 only when SERVING.
+    Health(HealthArgs),
+}
+
+/// `usher health` flags.
+#[derive(Clone, Debug, Args)]
+pub struct HealthArgs {
+    /// The server to ask.
+    #[arg(long, env = "USHER_HEALTH_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+
+    /// The service to ask about; empty for the server as a whole.
+    #[arg(long, env = "USHER_HEALTH_SERVICE", default_value = "")]
+    pub service: String,
+
+    /// Give up after this long.
+    #[arg(long, env = "USHER_HEALTH_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -322,9 +340,12 @@ impl ServeArgs {
 impl Config {
     /// The defaults of `usher serve` with no flags, for embedding and tests.
     pub fn defaults() -> Config {
-        let Command::Serve(args) = Cli::parse_from(["usher", "serve"]).command;
-        args.into_config()
-            .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"))
+        match Cli::parse_from(["usher", "serve"]).command {
+            Command::Serve(args) => args
+                .into_config()
+                .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}")),
+            Command::Health(_) => unreachable!("parsed `usher serve`"),
+        }
     }
 }
 
@@ -335,10 +356,13 @@ mod tests {
     fn serve(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["usher", "serve"];
         argv.extend(args);
-        let Command::Serve(args) = Cli::try_parse_from(argv)
+        match Cli::try_parse_from(argv)
             .map_err(|e| e.to_string())?
-            .command;
-        args.into_config()
+            .command
+        {
+            Command::Serve(args) => args.into_config(),
+            Command::Health(_) => Err("parsed `usher health`".into()),
+        }
     }
 
     #[test]
@@ -381,5 +405,35 @@ mod tests {
                 .contains("--partitions")
         );
         assert!(serve(&["--heartbeat-timeout", "soon"]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod readme {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// The README's configuration table names every flag and its environment variable.
+    #[test]
+    fn every_flag_is_documented() {
+        let readme = include_str!("../README.md");
+        let command = Cli::command();
+        for sub in ["serve", "health"] {
+            let sub = command.find_subcommand(sub).expect("subcommand");
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if long == "help" {
+                    continue;
+                }
+                assert!(
+                    readme.contains(&format!("`--{long}`")),
+                    "README lacks --{long}"
+                );
+                let env = arg.get_env().expect("every flag has an env var");
+                let env = env.to_string_lossy();
+                assert!(readme.contains(&format!("`{env}`")), "README lacks {env}");
+            }
+        }
     }
 }

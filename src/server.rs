@@ -300,3 +300,25 @@ pub async fn shutdown_signal() {
         let _ = interrupt.await;
     }
 }
+
+/// Asks `args.addr` for its health; returns the status name (`SERVING`, `NOT_SERVING`…).
+pub async fn check_health(args: &crate::config::HealthArgs) -> Result<String, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(args.timeout)
+        .timeout(args.timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+    Ok(response.into_inner().status().as_str_name().to_owned())
+}

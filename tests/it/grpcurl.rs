@@ -108,6 +108,7 @@ fn an_engineer_explores_usher_with_grpcurl() {
         return;
     }
     let usher = Usher::start(&[]);
+    let usher_addr = usher.addr.clone();
     let services = usher.grpcurl(&[&usher.addr, "list"]);
     for service in [
         "usher.v1.PlaybackSessionService",
@@ -153,14 +154,68 @@ fn an_engineer_explores_usher_with_grpcurl() {
     assert_eq!(concurrency["concurrency"]["inUse"], 1);
     assert_eq!(concurrency["concurrency"]["limit"], 2);
 
+    let got = usher.call(
+        "usher.v1.PlaybackSessionService/GetSession",
+        &format!(r#"{{"name":"{name}"}}"#),
+    );
+    assert_eq!(got["session"]["name"], name.as_str());
+    let listed = usher.call(
+        "usher.v1.PlaybackSessionService/ListSessions",
+        r#"{"parent":"users/alice"}"#,
+    );
+    assert_eq!(listed["sessions"][0]["name"], name.as_str());
+    let paused = usher.call(
+        "usher.v1.PlaybackSessionService/PauseSession",
+        &format!(r#"{{"name":"{name}"}}"#),
+    );
+    assert_eq!(paused["session"]["state"], "SESSION_STATE_PAUSED");
+    let resumed = usher.call(
+        "usher.v1.PlaybackSessionService/ResumeSession",
+        &format!(r#"{{"name":"{name}"}}"#),
+    );
+    assert_eq!(resumed["session"]["state"], "SESSION_STATE_ACTIVE");
+    let available = usher.call(
+        "usher.v1.ConcurrencyService/CheckAvailability",
+        r#"{"name":"users/alice/concurrency","device_id":"phone"}"#,
+    );
+    assert_eq!(available["admission"], "ADMISSION_FREE_SEAT");
+    let phone = usher.call(
+        "usher.v1.PlaybackSessionService/CreateSession",
+        &CREATE.replace("living-room-tv", "phone"),
+    );
+    let phone = phone["session"]["name"].as_str().unwrap().to_owned();
+    let terminated = usher.call(
+        "usher.v1.PlaybackSessionService/TerminateSession",
+        &format!(r#"{{"name":"{phone}","reason":"support"}}"#),
+    );
+    assert_eq!(terminated["session"]["state"], "SESSION_STATE_TERMINATED");
+    let health = usher.call("grpc.health.v1.Health/Check", "{}");
+    assert_eq!(health["status"], "SERVING");
+
     let stopped = usher.call(
         "usher.v1.PlaybackSessionService/StopSession",
         &format!(r#"{{"name":"{name}","position":"62s"}}"#),
     );
     assert_eq!(stopped["session"]["state"], "SESSION_STATE_STOPPED");
 
+    // `usher health`, as the Dockerfile's HEALTHCHECK runs it.
+    let health = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["health", "--addr", &usher.addr])
+        .output()
+        .unwrap();
+    assert!(health.status.success());
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+
     let status = usher.terminate();
     assert!(status.success(), "usher exited with {status} on SIGTERM");
+    let after = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["health", "--addr", &usher_addr, "--timeout", "1s"])
+        .output()
+        .unwrap();
+    assert!(
+        !after.status.success(),
+        "health must fail once usher is gone"
+    );
 }
 
 #[test]
