@@ -210,43 +210,30 @@ impl TryFrom<proto::HeartbeatRequest> for DeviceRequest {
     }
 }
 
-impl TryFrom<proto::PauseSessionRequest> for DeviceRequest {
-    type Error = Error;
+/// Pause, resume and stop carry the same fields: name, position, generation.
+macro_rules! device_request_from {
+    ($($request:ident => $action:ident),* $(,)?) => {
+        $(
+            impl TryFrom<proto::$request> for DeviceRequest {
+                type Error = Error;
 
-    fn try_from(request: proto::PauseSessionRequest) -> Result<Self, Error> {
-        device_request(
-            &request.name,
-            request.position.as_ref(),
-            request.generation,
-            DeviceAction::Pause,
-        )
-    }
+                fn try_from(request: proto::$request) -> Result<Self, Error> {
+                    device_request(
+                        &request.name,
+                        request.position.as_ref(),
+                        request.generation,
+                        DeviceAction::$action,
+                    )
+                }
+            }
+        )*
+    };
 }
 
-impl TryFrom<proto::ResumeSessionRequest> for DeviceRequest {
-    type Error = Error;
-
-    fn try_from(request: proto::ResumeSessionRequest) -> Result<Self, Error> {
-        device_request(
-            &request.name,
-            request.position.as_ref(),
-            request.generation,
-            DeviceAction::Resume,
-        )
-    }
-}
-
-impl TryFrom<proto::StopSessionRequest> for DeviceRequest {
-    type Error = Error;
-
-    fn try_from(request: proto::StopSessionRequest) -> Result<Self, Error> {
-        device_request(
-            &request.name,
-            request.position.as_ref(),
-            request.generation,
-            DeviceAction::Stop,
-        )
-    }
+device_request_from! {
+    PauseSessionRequest => Pause,
+    ResumeSessionRequest => Resume,
+    StopSessionRequest => Stop,
 }
 
 /// A terminate request, parsed.

@@ -69,6 +69,46 @@ async fn an_outage_fails_fast_with_unavailable_and_usher_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
+    let server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "hung").await;
+    let mut usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
+    usher
+        .sessions
+        .create_session(create_request("jan", "tv"))
+        .await
+        .unwrap();
+
+    server.freeze();
+    let started = Instant::now();
+    let mut request = tonic::Request::new(create_request("jan", "phone"));
+    request.set_timeout(Duration::from_secs(3));
+    let status = usher.sessions.create_session(request).await.unwrap_err();
+    let waited = started.elapsed();
+    server.thaw();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // The test store's timeout is 500 ms; well inside the caller's 3 s deadline.
+    assert!(waited < Duration::from_millis(1500), "took {waited:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match usher
+            .sessions
+            .create_session(create_request("jan", "phone"))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "usher did not recover");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    usher.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_survive_an_emptied_script_cache() {
     let server = redis::RedisServer::start();
     let store = connect(RedisTarget::Single { url: server.url() }, "flush").await;

@@ -234,44 +234,37 @@ pub async fn serve(store: Arc<dyn Store>, seat_limit: u32, policy: OverLimitPoli
     .await
 }
 
-/// The `ErrorInfo.reason` of a status.
-pub fn reason(status: &tonic::Status) -> String {
+/// The detail of type `type_name` in a status, decoded; each one when there are several.
+fn details<M: Message + Default>(status: &tonic::Status, type_name: &str) -> Vec<M> {
     let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
     decoded
         .details
         .iter()
-        .find(|d| d.type_url.ends_with("google.rpc.ErrorInfo"))
-        .map(|d| {
-            tonic_types::pb::ErrorInfo::decode(d.value.as_slice())
-                .unwrap()
-                .reason
-        })
+        .filter(|d| d.type_url == format!("type.googleapis.com/{type_name}"))
+        .map(|d| M::decode(d.value.as_slice()).expect("a decodable detail"))
+        .collect()
+}
+
+/// The `ErrorInfo.reason` of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    details::<tonic_types::pb::ErrorInfo>(status, "google.rpc.ErrorInfo")
+        .pop()
+        .map(|info| info.reason)
         .unwrap_or_default()
 }
 
 /// The fields named by a status' `BadRequest`.
 pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
-    decoded
-        .details
-        .iter()
-        .filter(|d| d.type_url.ends_with("google.rpc.BadRequest"))
-        .flat_map(|d| {
-            tonic_types::pb::BadRequest::decode(d.value.as_slice())
-                .unwrap()
-                .field_violations
-        })
+    details::<tonic_types::pb::BadRequest>(status, "google.rpc.BadRequest")
+        .into_iter()
+        .flat_map(|bad| bad.field_violations)
         .map(|v| v.field)
         .collect()
 }
 
 /// The typed holder list of a CONCURRENCY_LIMIT_REACHED status.
 pub fn limit_detail(status: &tonic::Status) -> usher::proto::ConcurrencyLimitDetail {
-    let decoded = tonic_types::pb::Status::decode(status.details()).expect("google.rpc.Status");
-    let any = decoded
-        .details
-        .iter()
-        .find(|d| d.type_url.ends_with("usher.v1.ConcurrencyLimitDetail"))
-        .expect("a ConcurrencyLimitDetail");
-    usher::proto::ConcurrencyLimitDetail::decode(any.value.as_slice()).unwrap()
+    details(status, "usher.v1.ConcurrencyLimitDetail")
+        .pop()
+        .expect("a ConcurrencyLimitDetail")
 }
