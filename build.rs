@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "usher/v1/common.proto",
     "usher/v1/session.proto",
     "usher/v1/concurrency.proto",
+    "usher/v1/token.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::entitlement::MAX_SEAT_LIMIT;
 use crate::store::redis::{RedisOptions, RedisTarget};
 use crate::store::{HeartbeatEvents, OverLimitPolicy, StoreSettings};
+use crate::token::TokenSettings;
+use crate::token::keys::KeyAlgorithm;
 
 /// usher: the playback control plane. Sessions, concurrency seats and heartbeats.
 #[derive(Debug, Parser)]
@@ -26,6 +28,55 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Ask a running server's grpc.health.v1 service; exit 0 only when SERVING.
     Health(HealthArgs),
+    /// Manage token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new key set with one active key.
+    Generate(KeysGenerateArgs),
+    /// Add a new active key to a key set; the old one keeps verifying until its tokens
+    /// have expired, then a later rotation removes it.
+    Rotate(KeysRotateArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct KeysGenerateArgs {
+    /// Where to write the key set (JSON, mode 0600).
+    #[arg(long, env = "USHER_KEYS_OUT")]
+    pub out: PathBuf,
+    /// The signing algorithm.
+    #[arg(
+        long,
+        env = "USHER_KEYS_ALGORITHM",
+        value_enum,
+        default_value = "eddsa"
+    )]
+    pub algorithm: KeyAlgorithm,
+    /// Replace an existing file.
+    #[arg(long, env = "USHER_KEYS_FORCE")]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct KeysRotateArgs {
+    /// The key set to rotate, in place.
+    #[arg(long, env = "USHER_KEYS_FILE")]
+    pub file: PathBuf,
+    /// The algorithm of the new key.
+    #[arg(
+        long,
+        env = "USHER_KEYS_ALGORITHM",
+        value_enum,
+        default_value = "eddsa"
+    )]
+    pub algorithm: KeyAlgorithm,
+    /// Remove keys retired longer ago than this; keep it above the token TTL plus the
+    /// refresh grace.
+    #[arg(long, env = "USHER_KEYS_KEEP_RETIRED", default_value = "1h", value_parser = duration)]
+    pub keep_retired: Duration,
 }
 
 /// `usher health` flags.
@@ -165,6 +216,61 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
 
+    /// Token signing key set: a JSON file or a directory of them (`usher keys
+    /// generate`). Without it, an ephemeral key is made at start.
+    #[arg(long, env = "USHER_TOKEN_KEYS")]
+    pub token_keys: Option<PathBuf>,
+
+    /// `iss` of issued tokens, and the only one accepted.
+    #[arg(long, env = "USHER_TOKEN_ISSUER", default_value = "usher")]
+    pub token_issuer: String,
+
+    /// `aud` of issued tokens, and the only one accepted.
+    #[arg(long, env = "USHER_TOKEN_AUDIENCE", default_value = "usher-playback")]
+    pub token_audience: String,
+
+    /// Lifetime of a playback token.
+    #[arg(long, env = "USHER_TOKEN_TTL", default_value = "15m", value_parser = duration)]
+    pub token_ttl: Duration,
+
+    /// Tolerated clock difference for exp, nbf and iat (at most 30s).
+    #[arg(long, env = "USHER_TOKEN_LEEWAY", default_value = "10s", value_parser = duration)]
+    pub token_leeway: Duration,
+
+    /// How long after exp a token may still be refreshed.
+    #[arg(long, env = "USHER_TOKEN_REFRESH_GRACE", default_value = "5m", value_parser = duration)]
+    pub token_refresh_grace: Duration,
+
+    /// Verified tokens cached.
+    #[arg(long, env = "USHER_TOKEN_CACHE_SIZE", default_value_t = 100_000)]
+    pub token_cache_size: u64,
+
+    /// How often the key set is checked for changes (SIGHUP reloads at once).
+    #[arg(long, env = "USHER_TOKEN_KEYS_RELOAD_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub token_keys_reload_interval: Duration,
+
+    /// Service credentials (TOML): bearer keys and client certificate subjects, with roles.
+    #[arg(long, env = "USHER_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+
+    /// Development only: calls without credentials are allowed (internal calls as admin,
+    /// device calls without a token). Refuses to listen on a non-loopback address.
+    #[arg(long, env = "USHER_INSECURE_DEV")]
+    pub insecure_dev: bool,
+
+    /// TLS certificate chain (PEM) of the gRPC listener.
+    #[arg(long, env = "USHER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of the gRPC listener.
+    #[arg(long, env = "USHER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) whose client certificates are accepted (mutual TLS); their subjects are
+    /// matched in the credentials file.
+    #[arg(long, env = "USHER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "USHER_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -193,8 +299,20 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
     pub limits: ServerLimits,
+    pub tokens: TokenSettings,
+    pub credentials: Option<PathBuf>,
+    pub insecure_dev: bool,
+    pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
     pub log: String,
+}
+
+/// The listener's TLS material.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Transport limits of the gRPC listener.
@@ -268,6 +386,11 @@ impl ServeArgs {
             ("--request-timeout", self.request_timeout),
             ("--ended-retention", self.ended_retention),
             ("--request-id-ttl", self.request_id_ttl),
+            ("--token-ttl", self.token_ttl),
+            (
+                "--token-keys-reload-interval",
+                self.token_keys_reload_interval,
+            ),
         ];
         for (flag, value) in positive {
             if value.is_zero() {
@@ -301,8 +424,28 @@ impl ServeArgs {
         {
             return Err("--redis-key-prefix must be letters, digits, _ - or .".into());
         }
+        if self.token_leeway > Duration::from_secs(30) {
+            return Err("--token-leeway must be at most 30s".into());
+        }
+        if self.token_issuer.is_empty() || self.token_audience.is_empty() {
+            return Err("--token-issuer and --token-audience must not be empty".into());
+        }
+        if self.insecure_dev && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--insecure-dev refuses to listen on {}: use a loopback address",
+                self.listen
+            ));
+        }
         let store = parse_store(&self.store, &self.redis_key_prefix, self.store_timeout)
             .map_err(|e| format!("--store {e}"))?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => None,
+        };
         Ok(Config {
             listen: self.listen,
             store,
@@ -331,6 +474,19 @@ impl ServeArgs {
                 drain_delay: self.drain_delay,
                 shutdown_timeout: self.shutdown_timeout,
             },
+            tokens: TokenSettings {
+                issuer: self.token_issuer,
+                audience: self.token_audience,
+                ttl: self.token_ttl,
+                leeway: self.token_leeway,
+                refresh_grace: self.token_refresh_grace,
+                cache_capacity: self.token_cache_size,
+                keys: self.token_keys,
+                reload_interval: self.token_keys_reload_interval,
+            },
+            credentials: self.credentials,
+            insecure_dev: self.insecure_dev,
+            tls,
             log_format: self.log_format,
             log: self.log,
         })
@@ -344,7 +500,7 @@ impl Config {
             Command::Serve(args) => args
                 .into_config()
                 .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}")),
-            Command::Health(_) => unreachable!("parsed `usher serve`"),
+            Command::Health(_) | Command::Keys(_) => unreachable!("parsed `usher serve`"),
         }
     }
 }
@@ -361,7 +517,7 @@ mod tests {
             .command
         {
             Command::Serve(args) => args.into_config(),
-            Command::Health(_) => Err("parsed `usher health`".into()),
+            Command::Health(_) | Command::Keys(_) => Err("parsed another command".into()),
         }
     }
 
@@ -405,6 +561,22 @@ mod tests {
                 .contains("--partitions")
         );
         assert!(serve(&["--heartbeat-timeout", "soon"]).is_err());
+        assert!(
+            serve(&["--token-leeway", "45s"])
+                .unwrap_err()
+                .contains("--token-leeway")
+        );
+    }
+
+    #[test]
+    fn insecure_dev_refuses_a_public_address() {
+        assert!(serve(&["--insecure-dev"]).is_ok());
+        let error = serve(&["--insecure-dev", "--listen", "0.0.0.0:50051"]).unwrap_err();
+        assert!(error.contains("--insecure-dev"), "{error}");
+        assert!(
+            serve(&["--tls-cert", "c.pem"]).is_err(),
+            "a certificate needs its key"
+        );
     }
 }
 
@@ -419,8 +591,15 @@ mod readme {
     fn every_flag_is_documented() {
         let readme = include_str!("../README.md");
         let command = Cli::command();
-        for sub in ["serve", "health"] {
-            let sub = command.find_subcommand(sub).expect("subcommand");
+        let keys = command.find_subcommand("keys").expect("keys");
+        let subcommands = [
+            command.find_subcommand("serve"),
+            command.find_subcommand("health"),
+            keys.find_subcommand("generate"),
+            keys.find_subcommand("rotate"),
+        ];
+        for sub in subcommands {
+            let sub = sub.expect("subcommand");
             for arg in sub.get_arguments() {
                 let Some(long) = arg.get_long() else { continue };
                 if long == "help" {

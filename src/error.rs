@@ -65,7 +65,13 @@ pub enum Error {
     #[error("playback not allowed")]
     Denied(Denial),
     #[error("session has ended")]
-    SessionEnded { session: Box<Session> },
+    SessionEnded { session: Option<Box<Session>> },
+    #[error("{0}")]
+    Token(crate::token::TokenError),
+    #[error("missing or invalid credentials")]
+    Unauthenticated,
+    #[error("the caller may not call this method")]
+    PermissionDenied,
     #[error("stale seat generation")]
     StaleGeneration,
     #[error("request_id was already used for a different request")]
@@ -98,6 +104,9 @@ impl Error {
             }
             Error::Denied(denial) => (Code::PermissionDenied, denial.reason()),
             Error::SessionEnded { .. } => (Code::FailedPrecondition, "SESSION_ENDED"),
+            Error::Token(token) => (Code::Unauthenticated, token.reason()),
+            Error::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            Error::PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
             Error::StaleGeneration => (Code::FailedPrecondition, "STALE_GENERATION"),
             Error::RequestIdReused => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
             Error::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
@@ -120,6 +129,7 @@ impl Error {
                 "entitlement provider unavailable, retry with backoff".to_owned()
             }
             Error::Internal(_) => "internal error".to_owned(),
+            Error::Token(crate::token::TokenError::Invalid(_)) => "token invalid".to_owned(),
             other => other.to_string(),
         }
     }
@@ -166,13 +176,19 @@ impl From<Error> for Status {
                 };
                 details.push(any("usher.v1.ConcurrencyLimitDetail", &detail));
             }
-            Error::SessionEnded { session } => {
+            Error::SessionEnded {
+                session: Some(session),
+            } => {
                 metadata.insert("state".to_owned(), session.state.as_str_name().to_owned());
             }
+            Error::SessionEnded { session: None } => {}
             Error::NotFound { resource } => {
                 metadata.insert("resource".to_owned(), resource.clone());
             }
             Error::Denied(_)
+            | Error::Token(_)
+            | Error::Unauthenticated
+            | Error::PermissionDenied
             | Error::StaleGeneration
             | Error::RequestIdReused
             | Error::Unavailable(_)

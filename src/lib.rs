@@ -13,18 +13,23 @@
 //! - [`concurrency`]: the user's seats, read-only, and `ConcurrencyService`.
 //! - [`entitlement`]: may this user play this, and with how many seats (provider trait and
 //!   the embedded static policy).
+//! - [`token`]: playback tokens: key sets and rotation, issue and verify (with a cache of
+//!   verified tokens), and `TokenService`.
 //!
 //! Cross-cutting:
 //!
 //! - [`store`]: the `Store` trait and its two implementations, memory (the embedded
 //!   default) and Redis (Lua scripts, Cluster-ready keys). One conformance suite holds
 //!   both (`tests/it/conformance.rs`).
+//! - [`auth`]: who may call what: the tower layer that authenticates every call (service
+//!   keys, client certificates, playback tokens) and the roles.
 //! - [`error`]: the one error type and its one mapping to gRPC status and HTTP.
 //! - [`ids`]: identifiers and resource names, parsed at the edge.
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`).
 //! - [`server`]: assembles services, health, reflection, limits, the sweeper, shutdown.
 //! - [`proto`]: the generated `usher.v1` code and descriptor set.
 
+pub mod auth;
 pub mod concurrency;
 pub mod config;
 pub mod entitlement;
@@ -35,3 +40,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod token;

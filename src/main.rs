@@ -1,13 +1,56 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use usher::config::{Cli, Command, HealthArgs, ServeArgs};
+use usher::config::{Cli, Command, HealthArgs, KeysCommand, ServeArgs};
+use usher::token::keys::KeySet;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args).await,
         Command::Health(args) => health(args).await,
+        Command::Keys(command) => keys(command),
+    }
+}
+
+fn keys(command: KeysCommand) -> ExitCode {
+    let result = match command {
+        KeysCommand::Generate(args) => {
+            if args.out.exists() && !args.force {
+                Err(format!(
+                    "{} exists: pass --force to replace it",
+                    args.out.display()
+                ))
+            } else {
+                KeySet::generate(args.algorithm).and_then(|set| {
+                    set.write(&args.out)?;
+                    println!(
+                        "wrote {} (active key {})",
+                        args.out.display(),
+                        set.keys[0].kid
+                    );
+                    Ok(())
+                })
+            }
+        }
+        KeysCommand::Rotate(args) => KeySet::read(&args.file).and_then(|mut set| {
+            set.rotate(args.algorithm, args.keep_retired)?;
+            set.write(&args.file)?;
+            let active = set.keys.last().map(|k| k.kid.as_str()).unwrap_or_default();
+            println!(
+                "rotated {}: active key {active}, {} key(s) in the set; running servers reload it",
+                args.file.display(),
+                set.keys.len()
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("usher keys: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

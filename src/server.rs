@@ -16,17 +16,23 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::layer::AuthLayer;
+use crate::auth::{Authenticator, Credentials};
 use crate::concurrency::ConcurrencyOps;
 use crate::concurrency::grpc::ConcurrencyGrpc;
 use crate::config::{Config, StoreConfig};
 use crate::entitlement::{EntitlementProvider, StaticPolicy};
 use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
 use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
+use crate::proto::token_service_server::TokenServiceServer;
 use crate::session::grpc::SessionGrpc;
 use crate::session::ops::{SessionPolicy, Sessions};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
+use crate::token::Tokens;
+use crate::token::grpc::TokenGrpc;
+use crate::token::ops::TokenOps;
 
 /// How many sessions one sweep of one partition expires at most.
 const SWEEP_BATCH: u32 = 500;
@@ -40,6 +46,12 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("entitlements: {0}")]
     Entitlements(String),
+    #[error("token keys: {0}")]
+    Tokens(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -70,6 +82,66 @@ pub fn open_entitlements(config: &Config) -> Result<Arc<dyn EntitlementProvider>
     Ok(Arc::new(policy.map_err(StartError::Entitlements)?))
 }
 
+/// What the services run on, built from the config (tests build their own).
+pub struct Components {
+    pub store: Arc<dyn Store>,
+    pub entitlements: Arc<dyn EntitlementProvider>,
+    pub tokens: Arc<Tokens>,
+    pub credentials: Credentials,
+}
+
+/// Opens everything the config names: entitlements, token keys, credentials, the store.
+pub async fn open_components(config: &Config) -> Result<Components, StartError> {
+    let entitlements = open_entitlements(config)?;
+    let tokens = Arc::new(Tokens::load(config.tokens.clone()).map_err(StartError::Tokens)?);
+    let credentials = match &config.credentials {
+        Some(path) => Credentials::load(path).map_err(StartError::Credentials)?,
+        None => Credentials::default(),
+    };
+    let store = open_store(config).await?;
+    Ok(Components {
+        store,
+        entitlements,
+        tokens,
+        credentials,
+    })
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
+    std::fs::read(path).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", path.display())))
+}
+
+fn tls_config(
+    files: &crate::config::TlsFiles,
+) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        // Optional: callers without a certificate may still use a bearer key.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(tls)
+}
+
+/// Says loudly what the authentication settings allow.
+fn announce_auth(config: &Config, credentials: &Credentials) {
+    if config.insecure_dev {
+        tracing::warn!(
+            listen = %config.listen,
+            "INSECURE DEVELOPMENT MODE: calls without credentials are allowed, internal calls \
+             act as admin and device calls need no playback token; never use this in production"
+        );
+    } else if credentials.is_empty() {
+        tracing::warn!(
+            "no service credentials configured (--credentials): every internal call will be \
+             refused with UNAUTHENTICATED; device calls still work with their playback token"
+        );
+    }
+}
+
 /// A server running in the background.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -96,6 +168,12 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(
             <ConcurrencyServiceServer<ConcurrencyGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <TokenServiceServer<TokenGrpc> as NamedService>::NAME,
             status,
         )
         .await;
@@ -159,13 +237,19 @@ fn spawn_sweeper(
     })
 }
 
-/// Starts serving on `listener` with `store`; returns once the server accepts calls.
+/// Starts serving on `listener`; returns once the server accepts calls.
 pub async fn start(
     config: &Config,
-    store: Arc<dyn Store>,
-    entitlements: Arc<dyn EntitlementProvider>,
+    components: Components,
     listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
+    let Components {
+        store,
+        entitlements,
+        tokens,
+        credentials,
+    } = components;
+    announce_auth(config, &credentials);
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.listen,
         source,
@@ -174,6 +258,7 @@ pub async fn start(
     let sessions = Arc::new(Sessions::new(
         store.clone(),
         entitlements.clone(),
+        tokens.clone(),
         SessionPolicy {
             over_limit: config.over_limit_policy,
             heartbeat_interval: config.heartbeat_interval,
@@ -184,6 +269,12 @@ pub async fn start(
         store.clone(),
         entitlements,
         config.over_limit_policy,
+    ));
+    let token_ops = Arc::new(TokenOps::new(tokens.clone(), store.clone()));
+    let authenticator = Arc::new(Authenticator::new(
+        credentials,
+        tokens.clone(),
+        config.insecure_dev,
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -205,10 +296,14 @@ pub async fn start(
     let concurrency_service = ConcurrencyServiceServer::new(ConcurrencyGrpc::new(concurrency))
         .max_decoding_message_size(size)
         .max_encoding_message_size(size);
+    let token_service = TokenServiceServer::new(TokenGrpc::new(token_ops))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
 
     let (shutdown, stop) = watch::channel(false);
     let probe = spawn_health_probe(store.clone(), health.clone(), stop.clone());
     let sweeper = spawn_sweeper(store, config.sweep_interval, stop.clone());
+    let reloader = tokens.spawn_reloader();
 
     let mut drained = stop.clone();
     let drain_health = health.clone();
@@ -216,22 +311,31 @@ pub async fn start(
         let _ = drained.wait_for(|stopping| *stopping).await;
         probe.abort();
         sweeper.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         set_all(&drain_health, ServingStatus::NotServing).await;
         tracing::info!(delay = ?limits.drain_delay, "draining: reporting NOT_SERVING");
         tokio::time::sleep(limits.drain_delay).await;
         tracing::info!("closing the listener");
     };
 
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(files) = &config.tls {
+        builder = builder.tls_config(tls_config(files)?)?;
+    }
+    let router = builder
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .layer(AuthLayer::new(authenticator))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(session_service)
-        .add_service(concurrency_service);
+        .add_service(concurrency_service)
+        .add_service(token_service);
     let incoming = TcpListenerStream::new(listener);
     let shutdown_timeout = limits.shutdown_timeout;
     let task = tokio::spawn(async move {
@@ -251,7 +355,7 @@ pub async fn start(
             }
         }
     });
-    tracing::info!(%addr, "usher listening");
+    tracing::info!(%addr, tls = config.tls.is_some(), "usher listening");
     Ok(RunningServer {
         addr,
         shutdown,
@@ -261,15 +365,14 @@ pub async fn start(
 
 /// Runs `usher serve` until `signal` resolves, then drains and stops.
 pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
-    let entitlements = open_entitlements(&config)?;
-    let store = open_store(&config).await?;
+    let components = open_components(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
         })?;
-    let running = start(&config, store, entitlements, listener).await?;
+    let running = start(&config, components, listener).await?;
     signal.await;
     tracing::info!("shutdown signal received");
     running.shutdown().await;

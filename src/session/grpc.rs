@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::ops::{CreateSession, DeviceRequest, ListSessions, Sessions, TerminateSession};
+use crate::auth::Caller;
 use crate::ids::SessionName;
 use crate::proto;
 use crate::proto::playback_session_service_server::PlaybackSessionService;
@@ -19,11 +20,15 @@ impl SessionGrpc {
         Self { sessions }
     }
 
-    async fn device_call(
-        &self,
-        request: Result<DeviceRequest, crate::error::Error>,
-    ) -> Result<proto::Session, Status> {
-        Ok(self.sessions.device_call(request?).await?.to_proto())
+    /// Decodes a device request and runs it as the caller the auth layer established.
+    async fn device_call<T>(&self, request: Request<T>) -> Result<proto::Session, Status>
+    where
+        DeviceRequest: TryFrom<T, Error = crate::error::Error>,
+    {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let request = DeviceRequest::try_from(request.into_inner())?;
+        let session = self.sessions.device_call(request, caller.as_ref()).await?;
+        Ok(session.to_proto())
     }
 }
 
@@ -34,12 +39,16 @@ impl PlaybackSessionService for SessionGrpc {
         request: Request<proto::CreateSessionRequest>,
     ) -> Result<Response<proto::CreateSessionResponse>, Status> {
         let request = CreateSession::try_from(request.into_inner())?;
-        let created = self.sessions.create(request).await?;
+        let started = self.sessions.create(request).await?;
+        let created = started.created;
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(created.session.to_proto()),
-            playback_token: String::new(),
+            playback_token: started.token.token,
             heartbeat: Some(self.sessions.policy().heartbeat()),
             replaced_sessions: created.replaced.iter().map(ToString::to_string).collect(),
+            playback_token_expire_time: Some(crate::session::timestamp_ms(
+                started.token.claims.exp * 1000,
+            )),
         }))
     }
 
@@ -71,9 +80,7 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
-        let session = self
-            .device_call(DeviceRequest::try_from(request.into_inner()))
-            .await?;
+        let session = self.device_call(request).await?;
         Ok(Response::new(proto::HeartbeatResponse {
             session: Some(session),
             heartbeat: Some(self.sessions.policy().heartbeat()),
@@ -84,9 +91,7 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::PauseSessionRequest>,
     ) -> Result<Response<proto::PauseSessionResponse>, Status> {
-        let session = self
-            .device_call(DeviceRequest::try_from(request.into_inner()))
-            .await?;
+        let session = self.device_call(request).await?;
         Ok(Response::new(proto::PauseSessionResponse {
             session: Some(session),
         }))
@@ -96,9 +101,7 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::ResumeSessionRequest>,
     ) -> Result<Response<proto::ResumeSessionResponse>, Status> {
-        let session = self
-            .device_call(DeviceRequest::try_from(request.into_inner()))
-            .await?;
+        let session = self.device_call(request).await?;
         Ok(Response::new(proto::ResumeSessionResponse {
             session: Some(session),
         }))
@@ -108,9 +111,7 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::StopSessionRequest>,
     ) -> Result<Response<proto::StopSessionResponse>, Status> {
-        let session = self
-            .device_call(DeviceRequest::try_from(request.into_inner()))
-            .await?;
+        let session = self.device_call(request).await?;
         Ok(Response::new(proto::StopSessionResponse {
             session: Some(session),
         }))

@@ -6,11 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ClientInfo, Device, DeviceType, PlaybackState, Session};
+use crate::auth::Caller;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Error, FieldViolation, Violations};
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId};
 use crate::proto;
-use crate::store::{Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store};
+use crate::store::{
+    Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
+};
+use crate::token::{IssuedToken, Tokens};
 
 /// Longest free-text fields.
 const MAX_NAME_LEN: usize = 128;
@@ -322,7 +326,14 @@ impl SessionPolicy {
 pub struct Sessions {
     store: Arc<dyn Store>,
     entitlements: Arc<dyn EntitlementProvider>,
+    tokens: Arc<Tokens>,
     policy: SessionPolicy,
+}
+
+/// A started (or replayed) session and the device's token for it.
+pub struct Started {
+    pub created: Created,
+    pub token: IssuedToken,
 }
 
 /// A page of sessions.
@@ -335,11 +346,13 @@ impl Sessions {
     pub fn new(
         store: Arc<dyn Store>,
         entitlements: Arc<dyn EntitlementProvider>,
+        tokens: Arc<Tokens>,
         policy: SessionPolicy,
     ) -> Self {
         Self {
             store,
             entitlements,
+            tokens,
             policy,
         }
     }
@@ -348,7 +361,7 @@ impl Sessions {
         &self.policy
     }
 
-    pub async fn create(&self, request: CreateSession) -> Result<Created, Error> {
+    pub async fn create(&self, request: CreateSession) -> Result<Started, Error> {
         let region = (!request.client.region.is_empty()).then_some(request.client.region.as_str());
         let entitlement = self
             .entitlements
@@ -390,7 +403,8 @@ impl Sessions {
                 "session started"
             );
         }
-        Ok(created)
+        let token = self.tokens.issue(&created.session)?;
+        Ok(Started { created, token })
     }
 
     pub async fn get(&self, name: &SessionName) -> Result<Session, Error> {
@@ -433,13 +447,23 @@ impl Sessions {
         Ok(SessionPage { sessions, next })
     }
 
-    pub async fn device_call(&self, request: DeviceRequest) -> Result<Session, Error> {
-        let call = request.0;
+    /// A device call, bound to the caller's playback token (see `auth::bind_device`).
+    pub async fn device_call(
+        &self,
+        request: DeviceRequest,
+        caller: Option<&Caller>,
+    ) -> Result<Session, Error> {
+        let mut call = request.0;
+        let bound = crate::auth::bind_device(caller, &mut call)?;
         let name = call.name.clone();
-        self.store
-            .device_call(call)
-            .await
-            .map_err(|e| e.into_error(|| name.to_string()))
+        self.store.device_call(call).await.map_err(|e| match e {
+            // A token of another generation is refused like a session that does not
+            // exist, so the generation cannot be probed.
+            StoreError::StaleGeneration if bound => Error::NotFound {
+                resource: name.to_string(),
+            },
+            other => other.into_error(|| name.to_string()),
+        })
     }
 
     pub async fn terminate(&self, request: TerminateSession) -> Result<Session, Error> {

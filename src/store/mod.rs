@@ -257,7 +257,9 @@ impl StoreError {
             StoreError::NotFound => Error::NotFound {
                 resource: resource(),
             },
-            StoreError::SessionEnded(session) => Error::SessionEnded { session },
+            StoreError::SessionEnded(session) => Error::SessionEnded {
+                session: Some(session),
+            },
             StoreError::StaleGeneration => Error::StaleGeneration,
             StoreError::LimitReached { limit, holders } => {
                 Error::ConcurrencyLimitReached { limit, holders }

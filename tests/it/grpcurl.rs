@@ -37,7 +37,14 @@ impl Usher {
     fn start(extra: &[&str]) -> Usher {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_usher"))
-            .args(["serve", "--listen", &addr, "--drain-delay", "0s"])
+            .args([
+                "serve",
+                "--listen",
+                &addr,
+                "--drain-delay",
+                "0s",
+                "--insecure-dev",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -233,4 +240,79 @@ fn the_binary_runs_on_redis_cluster() {
     let created = usher.call("usher.v1.PlaybackSessionService/CreateSession", CREATE);
     assert_eq!(created["session"]["generation"], "1");
     assert!(usher.terminate().success());
+}
+
+/// SIGHUP reloads the key set at once, even with a reload interval of an hour.
+/// Multi-threaded: `terminate` blocks one thread while the other closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_keys_of_the_running_binary() {
+    use tonic::metadata::MetadataValue;
+    use usher::proto::token_service_client::TokenServiceClient;
+    use usher::token::keys::{KeyAlgorithm, KeySet};
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    KeySet::generate(KeyAlgorithm::Eddsa)
+        .unwrap()
+        .write(&keys)
+        .unwrap();
+    let credentials = dir.path().join("credentials.toml");
+    let edge_key = "edge-key-for-the-sighup-test-0123456789";
+    std::fs::write(
+        &credentials,
+        format!("[[service]]\nname = \"edge\"\nkey = \"{edge_key}\"\nroles = [\"edge\"]\n"),
+    )
+    .unwrap();
+    let usher = Usher::start(&[
+        "--token-keys",
+        keys.to_str().unwrap(),
+        "--token-keys-reload-interval",
+        "1h",
+        "--credentials",
+        credentials.to_str().unwrap(),
+    ]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", usher.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = TokenServiceClient::new(channel);
+    let mut key_count = async || {
+        let mut request = tonic::Request::new(usher::proto::GetJwksRequest {});
+        let bearer: MetadataValue<_> = format!("Bearer {edge_key}").parse().unwrap();
+        request.metadata_mut().insert("authorization", bearer);
+        client
+            .get_jwks(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .len()
+    };
+    assert_eq!(key_count().await, 1);
+
+    let mut set = KeySet::read(&keys).unwrap();
+    set.rotate(KeyAlgorithm::Eddsa, Duration::from_secs(3600))
+        .unwrap();
+    set.write(&keys).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(key_count().await, 1, "no reload before the signal");
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &usher.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let started = Instant::now();
+    while key_count().await != 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        usher.terminate().success(),
+        "usher survives SIGHUP and stops on SIGTERM"
+    );
 }

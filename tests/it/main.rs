@@ -6,4 +6,5 @@ mod e2e;
 mod grpcurl;
 mod race;
 mod redis_only;
+mod security;
 mod support;

@@ -10,16 +10,19 @@ use std::time::Duration;
 use prost::Message;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
+use usher::auth::Credentials;
 use usher::config::Config;
 use usher::entitlement::{EntitlementProvider, StaticPolicy};
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
 use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
 use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
-use usher::server::RunningServer;
+use usher::server::{Components, RunningServer};
 use usher::session::{ClientInfo, Device, DeviceType};
 use usher::store::memory::{ManualClock, MemoryStore};
 use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use usher::store::{Event, EventKind, NewSession, OverLimitPolicy, Store, StoreSettings};
+use usher::token::keys::KeyRing;
+use usher::token::{TokenSettings, Tokens};
 
 /// The stores every conformance case runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,9 +195,11 @@ pub struct TestServer {
     pub channel: Channel,
 }
 
-/// The config tests serve with: no drain delay, a given over-limit policy.
+/// The config tests serve with: no drain delay, a given over-limit policy, and
+/// `--insecure-dev` (the security tests turn it off).
 pub fn test_config(policy: OverLimitPolicy) -> Config {
     let mut config = Config::defaults();
+    config.insecure_dev = true;
     config.over_limit_policy = policy;
     config.limits.drain_delay = Duration::ZERO;
     config.limits.shutdown_timeout = Duration::from_secs(2);
@@ -202,13 +207,30 @@ pub fn test_config(policy: OverLimitPolicy) -> Config {
     config
 }
 
+/// Components with an ephemeral token key and no service credentials.
+pub fn components(store: Arc<dyn Store>, entitlements: Arc<dyn EntitlementProvider>) -> Components {
+    Components {
+        store,
+        entitlements,
+        tokens: Arc::new(Tokens::new(
+            TokenSettings::default(),
+            KeyRing::ephemeral().unwrap(),
+        )),
+        credentials: Credentials::default(),
+    }
+}
+
 pub async fn serve_with(
     config: &Config,
     store: Arc<dyn Store>,
     entitlements: Arc<dyn EntitlementProvider>,
 ) -> TestServer {
+    serve_components(config, components(store, entitlements)).await
+}
+
+pub async fn serve_components(config: &Config, components: Components) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = usher::server::start(config, store, entitlements, listener)
+    let running = usher::server::start(config, components, listener)
         .await
         .expect("server starts");
     let channel = Channel::from_shared(format!("http://{}", running.addr))

@@ -1,0 +1,220 @@
+//! Token validation cost, measured side by side in one run: `cargo bench --bench tokens`.
+//!
+//! 1. In process: one verification of a playback token per algorithm (EdDSA, HS256),
+//!    uncached (a signature check) and cached (a lookup plus the time checks).
+//! 2. Through the real server on loopback: ValidateToken calls per second from concurrent
+//!    clients, with the cache (one token checked again and again, as a CDN does for every
+//!    segment) and without it (cache disabled), and with `check_session`.
+//!
+//! It reports numbers and ratios; it never fails on a timing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use usher::config::Config;
+use usher::entitlement::StaticPolicy;
+use usher::proto;
+use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
+use usher::proto::token_service_client::TokenServiceClient;
+use usher::server::Components;
+use usher::store::StoreSettings;
+use usher::store::memory::MemoryStore;
+use usher::token::keys::{KeyAlgorithm, KeyRing, KeySet};
+use usher::token::{TokenSettings, Tokens};
+
+const IN_PROCESS: u32 = 20_000;
+const CLIENTS: usize = 32;
+const RUN: Duration = Duration::from_secs(3);
+
+fn tokens(algorithm: KeyAlgorithm, cache_capacity: u64) -> Tokens {
+    let ring = KeyRing::from_set(&KeySet::generate(algorithm).unwrap(), Duration::ZERO).unwrap();
+    Tokens::new(
+        TokenSettings {
+            cache_capacity,
+            ..TokenSettings::default()
+        },
+        ring,
+    )
+}
+
+fn sample_session() -> usher::session::Session {
+    use usher::ids::*;
+    use usher::session::*;
+    Session {
+        name: SessionName::parse("n", "users/bench/sessions/s-1").unwrap(),
+        profile: ProfileId::parse("p", "main").unwrap(),
+        content: ContentId::parse("c", "title").unwrap(),
+        device: Device {
+            id: DeviceId::parse("d", "tv").unwrap(),
+            kind: DeviceType::Tv,
+            name: "TV".into(),
+        },
+        client: ClientInfo::default(),
+        state: SessionState::Active,
+        position_ms: 0,
+        playback_state: PlaybackState::Playing,
+        generation: 1,
+        created_ms: 0,
+        last_heartbeat_ms: 0,
+        deadline_ms: 0,
+        ended_ms: None,
+        end_reason: String::new(),
+        paused_ms: None,
+    }
+}
+
+/// Nanoseconds per verification.
+fn per_verify(tokens: &Tokens, token: &str) -> f64 {
+    tokens.verify(token).expect("a valid token");
+    let started = Instant::now();
+    for _ in 0..IN_PROCESS {
+        std::hint::black_box(tokens.verify(std::hint::black_box(token)).unwrap());
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(IN_PROCESS)
+}
+
+fn in_process() {
+    println!("in process, {IN_PROCESS} verifications each (ns per verification)");
+    println!(
+        "{:<8} {:>12} {:>12} {:>10}",
+        "alg", "uncached", "cached", "ratio"
+    );
+    for algorithm in [KeyAlgorithm::Eddsa, KeyAlgorithm::Hs256] {
+        let uncached_tokens = tokens(algorithm, 0);
+        let token = uncached_tokens.issue(&sample_session()).unwrap().token;
+        let uncached = per_verify(&uncached_tokens, &token);
+        let cached_tokens = tokens(algorithm, 10_000);
+        let token = cached_tokens.issue(&sample_session()).unwrap().token;
+        let cached = per_verify(&cached_tokens, &token);
+        println!(
+            "{:<8} {:>12.0} {:>12.0} {:>9.1}x",
+            format!("{algorithm:?}"),
+            uncached,
+            cached,
+            uncached / cached
+        );
+    }
+}
+
+/// Calls per second of ValidateToken from CLIENTS concurrent clients for RUN.
+async fn throughput(
+    client: TokenServiceClient<tonic::transport::Channel>,
+    token: &str,
+    check_session: bool,
+) -> f64 {
+    let deadline = Instant::now() + RUN;
+    let workers = (0..CLIENTS).map(|_| {
+        let mut client = client.clone();
+        let request = proto::ValidateTokenRequest {
+            token: token.to_owned(),
+            check_session,
+        };
+        tokio::spawn(async move {
+            let mut calls = 0u64;
+            while Instant::now() < deadline {
+                let answer = client
+                    .validate_token(request.clone())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(answer.valid, "{}", answer.reason);
+                calls += 1;
+            }
+            calls
+        })
+    });
+    let started = Instant::now();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn server(
+    algorithm: KeyAlgorithm,
+    cache_capacity: u64,
+) -> (usher::server::RunningServer, String) {
+    let mut config = Config::defaults();
+    config.insecure_dev = true;
+    config.limits.drain_delay = Duration::ZERO;
+    let components = Components {
+        store: Arc::new(MemoryStore::new(StoreSettings::default())),
+        entitlements: Arc::new(StaticPolicy::open(2).unwrap()),
+        tokens: Arc::new(tokens(algorithm, cache_capacity)),
+        credentials: usher::auth::Credentials::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = usher::server::start(&config, components, listener)
+        .await
+        .unwrap();
+    let url = format!("http://{}", running.addr);
+    (running, url)
+}
+
+async fn through_the_server() {
+    println!();
+    println!(
+        "through the server on loopback: ValidateToken calls/s, {CLIENTS} concurrent clients, {}s each",
+        RUN.as_secs()
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>10} {:>16}",
+        "alg", "uncached", "cached", "ratio", "cached+session"
+    );
+    for algorithm in [KeyAlgorithm::Eddsa, KeyAlgorithm::Hs256] {
+        let mut results = Vec::new();
+        for (cache_capacity, check_session) in [(0, false), (10_000, false), (10_000, true)] {
+            let (running, url) = server(algorithm, cache_capacity).await;
+            let channel = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let created = PlaybackSessionServiceClient::new(channel.clone())
+                .create_session(proto::CreateSessionRequest {
+                    parent: "users/bench".into(),
+                    profile_id: "main".into(),
+                    content_id: "title".into(),
+                    device: Some(proto::Device {
+                        id: "tv".into(),
+                        r#type: proto::DeviceType::Tv as i32,
+                        name: "TV".into(),
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let rate = throughput(
+                TokenServiceClient::new(channel),
+                &created.playback_token,
+                check_session,
+            )
+            .await;
+            results.push(rate);
+            running.shutdown().await;
+        }
+        println!(
+            "{:<8} {:>12.0} {:>12.0} {:>9.2}x {:>16.0}",
+            format!("{algorithm:?}"),
+            results[0],
+            results[1],
+            results[1] / results[0],
+            results[2]
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo test --benches` asks for the list of tests: there are none.
+        return;
+    }
+    in_process();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(through_the_server());
+}

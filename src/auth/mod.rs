@@ -1,0 +1,486 @@
+//! Who may call what. Every call is classified by its method ([`access_of`]) and its
+//! caller authenticated once, in the tower layer ([`layer`]), before any service runs:
+//!
+//! - device calls (Heartbeat, Pause, Resume, Stop) carry the session's playback token as
+//!   `authorization: Bearer <token>`; the handler then binds the call to the token's
+//!   session and generation ([`bind_device`]);
+//! - internal calls carry a service key (`Bearer <key>`) or a client certificate, each
+//!   mapped to a named principal with roles, and each role allows a set of methods;
+//! - health and reflection are public.
+//!
+//! Rejections are `UNAUTHENTICATED` (no or bad credentials) or `PERMISSION_DENIED` (the
+//! role does not allow the method), with nothing that helps an attacker; the cause goes to
+//! the log under a request id that is also returned as `x-request-id`.
+
+pub mod layer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::store::DeviceCall;
+use crate::token::{PlaybackClaims, TokenError, Tokens};
+
+/// How a method is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Health and reflection: anyone.
+    Public,
+    /// A device call: the session's playback token.
+    Device,
+    /// RefreshToken: a service key with the method in a role, or the playback token being
+    /// refreshed (a device refreshing its own token).
+    Refresh,
+    /// Everything else: a service key or client certificate whose roles allow it.
+    Internal,
+}
+
+const DEVICE_METHODS: [&str; 4] = [
+    "usher.v1.PlaybackSessionService/Heartbeat",
+    "usher.v1.PlaybackSessionService/PauseSession",
+    "usher.v1.PlaybackSessionService/ResumeSession",
+    "usher.v1.PlaybackSessionService/StopSession",
+];
+
+/// The access rule of a gRPC path (`/package.Service/Method`). Unknown paths are
+/// internal: they need credentials before the router says UNIMPLEMENTED.
+pub fn access_of(path: &str) -> Access {
+    let method = path.trim_start_matches('/');
+    if method.starts_with("grpc.health.v1.Health/")
+        || method.starts_with("grpc.reflection.v1.ServerReflection/")
+        || method.starts_with("grpc.reflection.v1alpha.ServerReflection/")
+    {
+        Access::Public
+    } else if DEVICE_METHODS.contains(&method) {
+        Access::Device
+    } else if method == "usher.v1.TokenService/RefreshToken" {
+        Access::Refresh
+    } else {
+        Access::Internal
+    }
+}
+
+/// The built-in roles and the methods they allow. Patterns end in `/*` for a whole
+/// service. The credentials file may add roles.
+pub fn builtin_roles() -> HashMap<String, Vec<String>> {
+    let role = |methods: &[&str]| methods.iter().map(|m| (*m).to_owned()).collect();
+    HashMap::from([
+        (
+            "admin".to_owned(),
+            role(&[
+                "usher.v1.PlaybackSessionService/*",
+                "usher.v1.ConcurrencyService/*",
+                "usher.v1.TokenService/*",
+            ]),
+        ),
+        (
+            "playback-api".to_owned(),
+            role(&[
+                "usher.v1.PlaybackSessionService/CreateSession",
+                "usher.v1.PlaybackSessionService/GetSession",
+                "usher.v1.PlaybackSessionService/ListSessions",
+                "usher.v1.ConcurrencyService/*",
+                "usher.v1.TokenService/*",
+            ]),
+        ),
+        (
+            "support".to_owned(),
+            role(&[
+                "usher.v1.PlaybackSessionService/GetSession",
+                "usher.v1.PlaybackSessionService/ListSessions",
+                "usher.v1.PlaybackSessionService/TerminateSession",
+                "usher.v1.ConcurrencyService/*",
+            ]),
+        ),
+        (
+            "edge".to_owned(),
+            role(&[
+                "usher.v1.TokenService/ValidateToken",
+                "usher.v1.TokenService/GetJwks",
+            ]),
+        ),
+    ])
+}
+
+fn pattern_allows(pattern: &str, method: &str) -> bool {
+    match pattern.strip_suffix("/*") {
+        Some(service) => method
+            .strip_prefix(service)
+            .is_some_and(|rest| rest.starts_with('/')),
+        None => pattern == method,
+    }
+}
+
+/// A named caller with the methods its roles allow.
+#[derive(Debug)]
+pub struct Principal {
+    pub name: String,
+    methods: Vec<String>,
+}
+
+impl Principal {
+    pub fn may_call(&self, method: &str) -> bool {
+        self.methods.iter().any(|p| pattern_allows(p, method))
+    }
+}
+
+/// Who is calling, as the layer established it. Handlers read it from the request
+/// extensions.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// Health or reflection: no identity.
+    Public,
+    /// An internal service.
+    Service(Arc<Principal>),
+    /// A device, by its playback token.
+    Device {
+        claims: Arc<PlaybackClaims>,
+        token: Arc<str>,
+    },
+    /// `--insecure-dev` with no credentials at all.
+    Development,
+}
+
+/// The credentials file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsFile {
+    #[serde(default)]
+    pub service: Vec<ServiceKey>,
+    #[serde(default)]
+    pub client_certificate: Vec<ClientCertificate>,
+    #[serde(default)]
+    pub roles: HashMap<String, RoleDefinition>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceKey {
+    pub name: String,
+    /// The bearer key itself (at least 32 characters)…
+    pub key: Option<String>,
+    /// …or its SHA-256, hex, so the file holds no secret.
+    pub key_sha256: Option<String>,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificate {
+    /// The certificate's subject common name or a DNS subject alternative name.
+    pub subject: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleDefinition {
+    pub methods: Vec<String>,
+}
+
+const MIN_KEY_LEN: usize = 32;
+
+fn sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Service keys (by SHA-256) and certificate subjects, each mapped to its principal.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    keys: HashMap<[u8; 32], Arc<Principal>>,
+    subjects: HashMap<String, Arc<Principal>>,
+}
+
+impl Credentials {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: CredentialsFile =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_file(file).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_file(file: CredentialsFile) -> Result<Self, String> {
+        let mut roles = builtin_roles();
+        for (name, definition) in file.roles {
+            for method in &definition.methods {
+                if !method.starts_with("usher.v1.") || !method.contains('/') {
+                    return Err(format!(
+                        "roles.{name}: {method:?} is not a usher.v1 method (Service/Method or Service/*)"
+                    ));
+                }
+            }
+            roles.insert(name, definition.methods);
+        }
+        let principal = |name: &str, role_names: &[String]| -> Result<Arc<Principal>, String> {
+            if role_names.is_empty() {
+                return Err(format!("{name}: no roles"));
+            }
+            let mut methods = Vec::new();
+            for role in role_names {
+                let allowed = roles
+                    .get(role)
+                    .ok_or_else(|| format!("{name}: unknown role {role:?}"))?;
+                methods.extend(allowed.iter().cloned());
+            }
+            Ok(Arc::new(Principal {
+                name: name.to_owned(),
+                methods,
+            }))
+        };
+        let mut credentials = Credentials::default();
+        for service in file.service {
+            let digest = match (&service.key, &service.key_sha256) {
+                (Some(key), None) if key.len() >= MIN_KEY_LEN => sha256(key),
+                (Some(_), None) => {
+                    return Err(format!(
+                        "service {}: key shorter than {MIN_KEY_LEN} characters",
+                        service.name
+                    ));
+                }
+                (None, Some(hex)) => parse_hex_digest(hex).ok_or_else(|| {
+                    format!("service {}: key_sha256 is not 64 hex digits", service.name)
+                })?,
+                _ => return Err(format!("service {}: give key or key_sha256", service.name)),
+            };
+            let principal = principal(&service.name, &service.roles)?;
+            if credentials.keys.insert(digest, principal).is_some() {
+                return Err(format!("service {}: the same key twice", service.name));
+            }
+        }
+        for certificate in file.client_certificate {
+            let principal = principal(&certificate.subject, &certificate.roles)?;
+            credentials.subjects.insert(certificate.subject, principal);
+        }
+        Ok(credentials)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.subjects.is_empty()
+    }
+
+    fn by_key(&self, key: &str) -> Option<Arc<Principal>> {
+        self.keys.get(&sha256(key)).cloned()
+    }
+
+    fn by_subjects(&self, subjects: &[String]) -> Option<Arc<Principal>> {
+        subjects.iter().find_map(|s| self.subjects.get(s).cloned())
+    }
+}
+
+/// A refusal, with the cause for the log.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: Error,
+    pub cause: &'static str,
+}
+
+fn unauthenticated(cause: &'static str) -> Refusal {
+    Refusal {
+        error: Error::Unauthenticated,
+        cause,
+    }
+}
+
+/// Authenticates callers: see the module docs.
+pub struct Authenticator {
+    credentials: Credentials,
+    tokens: Arc<Tokens>,
+    insecure_dev: bool,
+}
+
+impl Authenticator {
+    pub fn new(credentials: Credentials, tokens: Arc<Tokens>, insecure_dev: bool) -> Self {
+        Self {
+            credentials,
+            tokens,
+            insecure_dev,
+        }
+    }
+
+    /// Establishes the caller of `path`. `bearer` is the `authorization: Bearer` value,
+    /// `subjects` the names of a verified client certificate.
+    pub fn authenticate(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        subjects: &[String],
+    ) -> Result<Caller, Refusal> {
+        let method = path.trim_start_matches('/');
+        match access_of(path) {
+            Access::Public => Ok(Caller::Public),
+            Access::Device => match bearer {
+                Some(token) => self.device(token, self.tokens.verify(token)),
+                None if self.insecure_dev => Ok(Caller::Development),
+                None => Err(unauthenticated("no playback token")),
+            },
+            Access::Refresh => match bearer {
+                Some(token) if looks_like_jwt(token) => {
+                    self.device(token, self.tokens.verify_for_refresh(token))
+                }
+                _ => self.internal(method, bearer, subjects),
+            },
+            Access::Internal => self.internal(method, bearer, subjects),
+        }
+    }
+
+    fn device(
+        &self,
+        token: &str,
+        verified: Result<Arc<PlaybackClaims>, TokenError>,
+    ) -> Result<Caller, Refusal> {
+        match verified {
+            Ok(claims) => Ok(Caller::Device {
+                claims,
+                token: Arc::from(token),
+            }),
+            Err(TokenError::Expired) => Err(unauthenticated("playback token expired")),
+            Err(TokenError::Invalid(cause)) => Err(unauthenticated(cause)),
+        }
+    }
+
+    fn internal(
+        &self,
+        method: &str,
+        bearer: Option<&str>,
+        subjects: &[String],
+    ) -> Result<Caller, Refusal> {
+        let principal = match bearer {
+            Some(token) if looks_like_jwt(token) => {
+                return Err(unauthenticated("a playback token on an internal method"));
+            }
+            Some(key) => self
+                .credentials
+                .by_key(key)
+                .ok_or_else(|| unauthenticated("unknown service key"))?,
+            None if !subjects.is_empty() => self
+                .credentials
+                .by_subjects(subjects)
+                .ok_or_else(|| unauthenticated("client certificate subject not configured"))?,
+            None if self.insecure_dev => return Ok(Caller::Development),
+            None => return Err(unauthenticated("no credentials")),
+        };
+        if !principal.may_call(method) {
+            tracing::debug!(principal = %principal.name, method, "role does not allow the method");
+            return Err(Refusal {
+                error: Error::PermissionDenied,
+                cause: "role does not allow the method",
+            });
+        }
+        Ok(Caller::Service(principal))
+    }
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// Binds a device call to the caller's playback token: the token must name this session,
+/// and the call runs with the token's generation. Any mismatch is NOT_FOUND, exactly like
+/// a session that does not exist, so ids cannot be probed. Returns whether a token bound
+/// the call.
+pub fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, Error> {
+    let not_found = || Error::NotFound {
+        resource: call.name.to_string(),
+    };
+    match caller {
+        Some(Caller::Device { claims, .. }) => {
+            if claims.sid != call.name.to_string() {
+                return Err(not_found());
+            }
+            if call.generation.is_some_and(|g| g != claims.r#gen) {
+                return Err(not_found());
+            }
+            call.generation = Some(claims.r#gen);
+            Ok(true)
+        }
+        Some(Caller::Development) => Ok(false),
+        Some(Caller::Public) | Some(Caller::Service(_)) | None => Err(Error::Unauthenticated),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_classified() {
+        assert_eq!(access_of("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(
+            access_of("/usher.v1.PlaybackSessionService/Heartbeat"),
+            Access::Device
+        );
+        assert_eq!(
+            access_of("/usher.v1.PlaybackSessionService/CreateSession"),
+            Access::Internal
+        );
+        assert_eq!(
+            access_of("/usher.v1.TokenService/RefreshToken"),
+            Access::Refresh
+        );
+        assert_eq!(access_of("/something.Else/Method"), Access::Internal);
+    }
+
+    #[test]
+    fn patterns_match_whole_services_or_exact_methods() {
+        assert!(pattern_allows(
+            "usher.v1.TokenService/*",
+            "usher.v1.TokenService/GetJwks"
+        ));
+        assert!(!pattern_allows(
+            "usher.v1.TokenService/*",
+            "usher.v1.TokenServiceX/GetJwks"
+        ));
+        assert!(pattern_allows("a.B/C", "a.B/C"));
+        assert!(!pattern_allows("a.B/C", "a.B/CD"));
+    }
+
+    #[test]
+    fn credentials_files_are_checked() {
+        let file = |text: &str| Credentials::from_file(toml::from_str(text).unwrap());
+        assert!(
+            file("[[service]]\nname='a'\nkey='short'\nroles=['admin']")
+                .unwrap_err()
+                .contains("shorter")
+        );
+        assert!(
+            file("[[service]]\nname='a'\nkey_sha256='abc'\nroles=['admin']")
+                .unwrap_err()
+                .contains("64 hex")
+        );
+        assert!(
+            file(&format!(
+                "[[service]]\nname='a'\nkey='{}'\nroles=['nope']",
+                "k".repeat(32)
+            ))
+            .unwrap_err()
+            .contains("unknown role")
+        );
+        let digest: String = sha256(&"s".repeat(40))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let ok = file(&format!(
+            "[[service]]\nname='edge'\nkey_sha256='{digest}'\nroles=['edge']\n[roles.reporting]\nmethods=['usher.v1.ConcurrencyService/*']"
+        ))
+        .unwrap();
+        let edge = ok.by_key(&"s".repeat(40)).unwrap();
+        assert!(edge.may_call("usher.v1.TokenService/ValidateToken"));
+        assert!(!edge.may_call("usher.v1.PlaybackSessionService/CreateSession"));
+    }
+}

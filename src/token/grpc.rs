@@ -1,0 +1,124 @@
+//! The gRPC adapter of `TokenService`: decode, call [`TokenOps`], encode.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::ops::{TokenOps, Validity};
+use super::{MAX_TOKEN_LEN, PlaybackClaims};
+use crate::auth::Caller;
+use crate::error::Error;
+use crate::proto;
+use crate::proto::token_service_server::TokenService;
+use crate::session::timestamp_ms;
+
+/// Serves `usher.v1.TokenService`.
+pub struct TokenGrpc {
+    ops: Arc<TokenOps>,
+}
+
+impl TokenGrpc {
+    pub fn new(ops: Arc<TokenOps>) -> Self {
+        Self { ops }
+    }
+}
+
+fn required_token(token: &str) -> Result<(), Error> {
+    if token.is_empty() {
+        return Err(Error::invalid("token", "required"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(Error::invalid(
+            "token",
+            format!("at most {MAX_TOKEN_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn claims_to_proto(claims: &PlaybackClaims) -> proto::TokenClaims {
+    proto::TokenClaims {
+        issuer: claims.iss.clone(),
+        audience: claims.aud.clone(),
+        subject: claims.sub.clone(),
+        session: claims.sid.clone(),
+        device_id: claims.did.clone(),
+        content_id: claims.cid.clone(),
+        profile_id: claims.pid.clone(),
+        generation: claims.r#gen,
+        issue_time: Some(timestamp_ms(claims.iat * 1000)),
+        not_before: Some(timestamp_ms(claims.nbf * 1000)),
+        expire_time: Some(timestamp_ms(claims.exp * 1000)),
+        token_id: claims.jti.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenGrpc {
+    async fn validate_token(
+        &self,
+        request: Request<proto::ValidateTokenRequest>,
+    ) -> Result<Response<proto::ValidateTokenResponse>, Status> {
+        let request = request.into_inner();
+        required_token(&request.token)?;
+        let response = match self
+            .ops
+            .validate(&request.token, request.check_session)
+            .await?
+        {
+            Validity::Valid(claims) => proto::ValidateTokenResponse {
+                valid: true,
+                claims: Some(claims_to_proto(&claims)),
+                reason: String::new(),
+            },
+            Validity::Refused(reason) => proto::ValidateTokenResponse {
+                valid: false,
+                claims: None,
+                reason: reason.to_owned(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<proto::RefreshTokenRequest>,
+    ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
+        // A device may refresh only the token it authenticated with.
+        let own_token = match request.extensions().get::<Caller>() {
+            Some(Caller::Device { token, .. }) => Some(token.clone()),
+            _ => None,
+        };
+        let request = request.into_inner();
+        required_token(&request.token)?;
+        if own_token.is_some_and(|own| *own != *request.token) {
+            return Err(Error::PermissionDenied.into());
+        }
+        let issued = self.ops.refresh(&request.token).await?;
+        Ok(Response::new(proto::RefreshTokenResponse {
+            playback_token: issued.token,
+            expire_time: Some(timestamp_ms(issued.claims.exp * 1000)),
+        }))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<proto::GetJwksRequest>,
+    ) -> Result<Response<proto::GetJwksResponse>, Status> {
+        let keys = self
+            .ops
+            .tokens()
+            .public_keys()
+            .into_iter()
+            .map(|key| proto::Jwk {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                x: key.x,
+                kid: key.kid,
+                alg: "EdDSA".into(),
+                r#use: "sig".into(),
+            })
+            .collect();
+        Ok(Response::new(proto::GetJwksResponse { keys }))
+    }
+}

@@ -1,0 +1,434 @@
+//! Signing keys: the key set file, its generation and rotation, and the [`KeyRing`] built
+//! from it.
+//!
+//! A key set is a JWK Set (RFC 7517) whose entries keep their private parts, plus two usher
+//! members: `usher_status` (`active`: the one key that signs; `retired`: verifies only) and
+//! `usher_retired_at` (Unix seconds). Ed25519 keys are OKP JWKs (RFC 8037: `x` public,
+//! `d` private seed); HS256 keys are `oct` JWKs (`k`). A retired key stays until every
+//! token it signed has expired (token TTL + refresh grace + leeway after retirement); the
+//! server stops trusting it then, and `usher keys rotate` removes it from the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use serde::{Deserialize, Serialize};
+
+/// What signs tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyAlgorithm {
+    /// Ed25519 (EdDSA): the default; verifiable offline from the public JWKS.
+    Eddsa,
+    /// HMAC-SHA256 with a shared secret: for deployments whose verifiers share it.
+    Hs256,
+}
+
+/// One key as stored in a key set file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredKey {
+    pub kty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crv: Option<String>,
+    pub alg: String,
+    pub kid: String,
+    #[serde(rename = "use", default = "signature_use")]
+    pub key_use: String,
+    /// Ed25519 public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<String>,
+    /// Ed25519 private seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d: Option<String>,
+    /// HMAC secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<String>,
+    pub usher_status: KeyStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usher_retired_at: Option<u64>,
+}
+
+fn signature_use() -> String {
+    "sig".to_owned()
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Retired,
+}
+
+/// A key set file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeySet {
+    pub keys: Vec<StoredKey>,
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(bytes)
+}
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A new key id: the algorithm, the date and 8 random hex digits.
+fn new_kid(algorithm: KeyAlgorithm) -> Result<String, String> {
+    let random: [u8; 4] = random_bytes()?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let tag = match algorithm {
+        KeyAlgorithm::Eddsa => "ed",
+        KeyAlgorithm::Hs256 => "hs",
+    };
+    Ok(format!("{tag}-{}-{hex}", now_seconds()))
+}
+
+impl StoredKey {
+    /// A new random key, active.
+    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, String> {
+        let kid = new_kid(algorithm)?;
+        Ok(match algorithm {
+            KeyAlgorithm::Eddsa => {
+                let seed: [u8; 32] = random_bytes()?;
+                let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+                StoredKey {
+                    kty: "OKP".into(),
+                    crv: Some("Ed25519".into()),
+                    alg: "EdDSA".into(),
+                    kid,
+                    key_use: signature_use(),
+                    x: Some(B64.encode(signing.verifying_key().to_bytes())),
+                    d: Some(B64.encode(seed)),
+                    k: None,
+                    usher_status: KeyStatus::Active,
+                    usher_retired_at: None,
+                }
+            }
+            KeyAlgorithm::Hs256 => {
+                let secret: [u8; 32] = random_bytes()?;
+                StoredKey {
+                    kty: "oct".into(),
+                    crv: None,
+                    alg: "HS256".into(),
+                    kid,
+                    key_use: signature_use(),
+                    x: None,
+                    d: None,
+                    k: Some(B64.encode(secret)),
+                    usher_status: KeyStatus::Active,
+                    usher_retired_at: None,
+                }
+            }
+        })
+    }
+}
+
+impl KeySet {
+    /// A key set with one new active key.
+    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, String> {
+        Ok(Self {
+            keys: vec![StoredKey::generate(algorithm)?],
+        })
+    }
+
+    /// Adds a new active key and retires the current one (it keeps verifying). Keys retired
+    /// longer than `keep_retired` ago are removed.
+    pub fn rotate(
+        &mut self,
+        algorithm: KeyAlgorithm,
+        keep_retired: Duration,
+    ) -> Result<(), String> {
+        let now = now_seconds();
+        for key in &mut self.keys {
+            if key.usher_status == KeyStatus::Active {
+                key.usher_status = KeyStatus::Retired;
+                key.usher_retired_at = Some(now);
+            }
+        }
+        self.keys.retain(|key| {
+            key.usher_retired_at
+                .is_none_or(|at| at + keep_retired.as_secs() >= now)
+        });
+        self.keys.push(StoredKey::generate(algorithm)?);
+        Ok(())
+    }
+
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Reads a key set file, or every `*.json` key set in a directory, merged.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        if !path.is_dir() {
+            return Self::read(path);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        files.sort();
+        let mut merged = KeySet::default();
+        for file in files {
+            merged.keys.extend(Self::read(&file)?.keys);
+        }
+        Ok(merged)
+    }
+
+    /// Writes the key set, readable by its owner only.
+    pub fn write(&self, path: &Path) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        let temporary = path.with_extension("json.tmp");
+        write_private(&temporary, &text)?;
+        std::fs::rename(&temporary, path)
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// A public key as published in the JWKS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicJwk {
+    pub kid: String,
+    pub x: String,
+}
+
+/// A key that verifies, with its algorithm pinned.
+pub struct VerifyingKey {
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+    pub public: Option<PublicJwk>,
+}
+
+/// The key that signs.
+pub struct SigningKey {
+    pub kid: String,
+    pub algorithm: Algorithm,
+    pub key: EncodingKey,
+}
+
+/// The keys in force: one signer, and every key still trusted to verify, by `kid`.
+pub struct KeyRing {
+    pub signer: SigningKey,
+    pub verifiers: HashMap<String, VerifyingKey>,
+}
+
+/// Shows key ids only: key material never reaches a log.
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut kids: Vec<&String> = self.verifiers.keys().collect();
+        kids.sort();
+        f.debug_struct("KeyRing")
+            .field("signer", &self.signer.kid)
+            .field("verifiers", &kids)
+            .finish()
+    }
+}
+
+fn decode_part(kid: &str, part: &str, value: Option<&String>) -> Result<Vec<u8>, String> {
+    let value = value.ok_or_else(|| format!("key {kid}: no `{part}`"))?;
+    B64.decode(value)
+        .map_err(|e| format!("key {kid}: `{part}` is not base64url: {e}"))
+}
+
+impl KeyRing {
+    /// Builds the ring from a key set. Exactly one key must be active. Retired keys older
+    /// than `trust_retired` are left out.
+    pub fn from_set(set: &KeySet, trust_retired: Duration) -> Result<Self, String> {
+        let now = now_seconds();
+        let mut signer = None;
+        let mut verifiers = HashMap::new();
+        for stored in &set.keys {
+            let kid = stored.kid.as_str();
+            if kid.is_empty() || kid.len() > 128 {
+                return Err(format!("key id {kid:?} must be 1 to 128 characters"));
+            }
+            if stored.key_use != "sig" {
+                return Err(format!("key {kid}: `use` must be sig"));
+            }
+            let (verifying, signing) = match (stored.kty.as_str(), stored.alg.as_str()) {
+                ("OKP", "EdDSA") if stored.crv.as_deref() == Some("Ed25519") => {
+                    let seed: [u8; 32] = decode_part(kid, "d", stored.d.as_ref())?
+                        .try_into()
+                        .map_err(|_| format!("key {kid}: `d` must be 32 bytes"))?;
+                    let signing_key = ed25519_dalek::SigningKey::from_bytes(&seed);
+                    let public = signing_key.verifying_key().to_bytes();
+                    let x = decode_part(kid, "x", stored.x.as_ref())?;
+                    if x != public {
+                        return Err(format!("key {kid}: `x` does not match `d`"));
+                    }
+                    let der = signing_key
+                        .to_pkcs8_der()
+                        .map_err(|e| format!("key {kid}: {e}"))?;
+                    (
+                        VerifyingKey {
+                            algorithm: Algorithm::EdDSA,
+                            key: DecodingKey::from_ed_der(&public),
+                            public: Some(PublicJwk {
+                                kid: kid.to_owned(),
+                                x: B64.encode(public),
+                            }),
+                        },
+                        EncodingKey::from_ed_der(der.as_bytes()),
+                    )
+                }
+                ("oct", "HS256") => {
+                    let secret = decode_part(kid, "k", stored.k.as_ref())?;
+                    if secret.len() < 32 {
+                        return Err(format!(
+                            "key {kid}: an HS256 secret needs at least 32 bytes"
+                        ));
+                    }
+                    (
+                        VerifyingKey {
+                            algorithm: Algorithm::HS256,
+                            key: DecodingKey::from_secret(&secret),
+                            public: None,
+                        },
+                        EncodingKey::from_secret(&secret),
+                    )
+                }
+                (kty, alg) => {
+                    return Err(format!(
+                        "key {kid}: unsupported kty {kty:?} with alg {alg:?} (EdDSA on Ed25519, or HS256)"
+                    ));
+                }
+            };
+            match stored.usher_status {
+                KeyStatus::Active => {
+                    if signer.is_some() {
+                        return Err("more than one active key".into());
+                    }
+                    signer = Some(SigningKey {
+                        kid: kid.to_owned(),
+                        algorithm: verifying.algorithm,
+                        key: signing,
+                    });
+                }
+                KeyStatus::Retired => {
+                    let retired_at = stored.usher_retired_at.unwrap_or(0);
+                    if retired_at + trust_retired.as_secs() < now {
+                        tracing::info!(
+                            kid,
+                            "retired key no longer trusted: every token it signed has expired"
+                        );
+                        continue;
+                    }
+                }
+            }
+            if verifiers.insert(kid.to_owned(), verifying).is_some() {
+                return Err(format!("key id {kid} appears twice"));
+            }
+        }
+        let signer = signer.ok_or("no active key: exactly one key must be active")?;
+        Ok(Self { signer, verifiers })
+    }
+
+    /// An in-memory Ed25519 ring, for a server started without keys.
+    pub fn ephemeral() -> Result<Self, String> {
+        Self::from_set(&KeySet::generate(KeyAlgorithm::Eddsa)?, Duration::ZERO)
+    }
+
+    /// The public keys, for the JWKS. HS256 secrets are never published.
+    pub fn public_keys(&self) -> Vec<PublicJwk> {
+        let mut keys: Vec<PublicJwk> = self
+            .verifiers
+            .values()
+            .filter_map(|v| v.public.clone())
+            .collect();
+        keys.sort_by(|a, b| a.kid.cmp(&b.kid));
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_set_has_one_active_key_that_round_trips() {
+        let set = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
+        let text = serde_json::to_string(&set).unwrap();
+        let parsed: KeySet = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, set);
+        let ring = KeyRing::from_set(&parsed, Duration::from_secs(60)).unwrap();
+        assert_eq!(ring.signer.kid, set.keys[0].kid);
+        assert_eq!(ring.public_keys().len(), 1);
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_verifying_and_prunes_expired_ones() {
+        let mut set = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
+        let first = set.keys[0].kid.clone();
+        set.rotate(KeyAlgorithm::Eddsa, Duration::from_secs(3600))
+            .unwrap();
+        let ring = KeyRing::from_set(&set, Duration::from_secs(3600)).unwrap();
+        assert_ne!(ring.signer.kid, first);
+        assert!(ring.verifiers.contains_key(&first));
+        // Retired long enough ago: no longer trusted, and pruned by the next rotation.
+        set.keys[0].usher_retired_at = Some(now_seconds() - 7200);
+        let ring = KeyRing::from_set(&set, Duration::from_secs(3600)).unwrap();
+        assert!(!ring.verifiers.contains_key(&first));
+        set.rotate(KeyAlgorithm::Hs256, Duration::from_secs(3600))
+            .unwrap();
+        assert!(set.keys.iter().all(|k| k.kid != first));
+        assert_eq!(set.keys.len(), 2);
+    }
+
+    #[test]
+    fn broken_sets_are_refused() {
+        let mut set = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
+        set.keys
+            .push(StoredKey::generate(KeyAlgorithm::Hs256).unwrap());
+        assert!(
+            KeyRing::from_set(&set, Duration::ZERO)
+                .unwrap_err()
+                .contains("more than one")
+        );
+        let mut tampered = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
+        let other = StoredKey::generate(KeyAlgorithm::Eddsa).unwrap();
+        tampered.keys[0].x = other.x;
+        assert!(
+            KeyRing::from_set(&tampered, Duration::ZERO)
+                .unwrap_err()
+                .contains("does not match")
+        );
+        let mut weak = KeySet::generate(KeyAlgorithm::Hs256).unwrap();
+        weak.keys[0].k = Some(B64.encode([1u8; 8]));
+        assert!(
+            KeyRing::from_set(&weak, Duration::ZERO)
+                .unwrap_err()
+                .contains("32 bytes")
+        );
+        assert!(KeyRing::from_set(&KeySet::default(), Duration::ZERO).is_err());
+    }
+}

@@ -1,0 +1,388 @@
+//! Playback tokens: short-lived JWTs bound to one live session, device and title.
+//!
+//! A token is signed by the key ring's active key (Ed25519 by default, HS256 for shared
+//! secret deployments). Verification pins the algorithm to the key named by `kid` (no
+//! `none`, no HS/EdDSA confusion), requires `typ: playback+jwt`, the configured `iss` and
+//! `aud`, and every time claim as a number, with a small leeway. Verified tokens are
+//! cached by their exact text, so a token checked again (a CDN checking every segment)
+//! costs a lookup instead of a signature check; the time claims are checked again on every
+//! use, and the cache is emptied whenever the keys change.
+
+pub mod grpc;
+pub mod keys;
+pub mod ops;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::{Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use self::keys::{KeyRing, KeySet, PublicJwk};
+use crate::error::Error;
+use crate::session::Session;
+
+/// The `typ` header of every playback token.
+pub const TOKEN_TYPE: &str = "playback+jwt";
+/// Longer tokens are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// The claims of a playback token. Every field is required; time claims are Unix seconds
+/// and must be JSON numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaybackClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The user.
+    pub sub: String,
+    /// The session's resource name, `users/{user}/sessions/{session}`.
+    pub sid: String,
+    /// The device.
+    pub did: String,
+    /// The title.
+    pub cid: String,
+    /// The profile.
+    pub pid: String,
+    /// The seat's fencing generation.
+    pub r#gen: u64,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+}
+
+/// Why a token was refused. The cause is for the log, never for the client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token expired")]
+    Expired,
+    #[error("token invalid: {0}")]
+    Invalid(&'static str),
+}
+
+impl TokenError {
+    /// The stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "TOKEN_EXPIRED",
+            TokenError::Invalid(_) => "TOKEN_INVALID",
+        }
+    }
+}
+
+impl From<TokenError> for Error {
+    fn from(error: TokenError) -> Self {
+        Error::Token(error)
+    }
+}
+
+/// Token behaviour fixed at start.
+#[derive(Clone, Debug)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    /// Lifetime of a token.
+    pub ttl: Duration,
+    /// Tolerated clock difference for `exp`, `nbf` and `iat` (at most 30 s).
+    pub leeway: Duration,
+    /// How long after `exp` a token may still be refreshed.
+    pub refresh_grace: Duration,
+    /// Verified tokens kept in the cache.
+    pub cache_capacity: u64,
+    /// Key set file or directory; `None` for an ephemeral key.
+    pub keys: Option<PathBuf>,
+    /// How often the key set file is checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl TokenSettings {
+    /// How long a retired key must keep verifying: until every token it signed is past
+    /// its refresh grace.
+    pub fn trust_retired(&self) -> Duration {
+        self.ttl + self.refresh_grace + self.leeway
+    }
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            issuer: "usher".into(),
+            audience: "usher-playback".into(),
+            ttl: Duration::from_secs(15 * 60),
+            leeway: Duration::from_secs(10),
+            refresh_grace: Duration::from_secs(5 * 60),
+            cache_capacity: 100_000,
+            keys: None,
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A freshly signed token.
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    pub token: String,
+    pub claims: PlaybackClaims,
+}
+
+/// Issues and verifies playback tokens with the keys in force.
+pub struct Tokens {
+    settings: TokenSettings,
+    ring: ArcSwap<KeyRing>,
+    cache: moka::sync::Cache<Arc<str>, Arc<PlaybackClaims>>,
+}
+
+impl Tokens {
+    pub fn new(settings: TokenSettings, ring: KeyRing) -> Self {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(settings.cache_capacity)
+            .time_to_live(settings.ttl + settings.refresh_grace + settings.leeway)
+            .build();
+        Self {
+            settings,
+            ring: ArcSwap::from_pointee(ring),
+            cache,
+        }
+    }
+
+    /// Loads the configured key set, or makes an ephemeral key (with a warning).
+    pub fn load(settings: TokenSettings) -> Result<Self, String> {
+        let ring = match &settings.keys {
+            Some(path) => KeyRing::from_set(&KeySet::load(path)?, settings.trust_retired())
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            None => {
+                tracing::warn!(
+                    "no token keys configured (--token-keys): using an ephemeral Ed25519 key; \
+                     tokens will not survive a restart and other instances cannot verify them"
+                );
+                KeyRing::ephemeral()?
+            }
+        };
+        tracing::info!(kid = %ring.signer.kid, verifying = ring.verifiers.len(), "token keys loaded");
+        Ok(Self::new(settings, ring))
+    }
+
+    /// Reads the key set again; on success the new keys are in force at once and cached
+    /// verifications are dropped. On failure the keys in force stay.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.settings.keys else {
+            return Ok(());
+        };
+        let ring = KeyRing::from_set(&KeySet::load(path)?, self.settings.trust_retired())?;
+        tracing::info!(kid = %ring.signer.kid, verifying = ring.verifiers.len(), "token keys reloaded");
+        self.replace_keys(ring);
+        Ok(())
+    }
+
+    pub fn replace_keys(&self, ring: KeyRing) {
+        self.ring.store(Arc::new(ring));
+        self.cache.invalidate_all();
+    }
+
+    pub fn settings(&self) -> &TokenSettings {
+        &self.settings
+    }
+
+    pub fn public_keys(&self) -> Vec<PublicJwk> {
+        self.ring.load().public_keys()
+    }
+
+    /// Signs a token for a live session.
+    pub fn issue(&self, session: &Session) -> Result<IssuedToken, Error> {
+        let now = now_seconds();
+        let claims = PlaybackClaims {
+            iss: self.settings.issuer.clone(),
+            aud: self.settings.audience.clone(),
+            sub: session.name.user.to_string(),
+            sid: session.name.to_string(),
+            did: session.device.id.to_string(),
+            cid: session.content.to_string(),
+            pid: session.profile.to_string(),
+            r#gen: session.generation,
+            iat: now,
+            nbf: now,
+            exp: now + self.settings.ttl.as_secs(),
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let ring = self.ring.load();
+        let mut header = Header::new(ring.signer.algorithm);
+        header.typ = Some(TOKEN_TYPE.to_owned());
+        header.kid = Some(ring.signer.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &ring.signer.key)
+            .map_err(|e| Error::Internal(format!("signing a token: {e}")))?;
+        Ok(IssuedToken { token, claims })
+    }
+
+    /// Verifies a token for use now: signature, header, issuer, audience, and the time
+    /// claims with the leeway.
+    pub fn verify(&self, token: &str) -> Result<Arc<PlaybackClaims>, TokenError> {
+        self.verify_with_grace(token, Duration::ZERO)
+    }
+
+    /// Like [`Tokens::verify`], but a token expired less than the refresh grace ago is
+    /// still accepted.
+    pub fn verify_for_refresh(&self, token: &str) -> Result<Arc<PlaybackClaims>, TokenError> {
+        self.verify_with_grace(token, self.settings.refresh_grace)
+    }
+
+    fn verify_with_grace(
+        &self,
+        token: &str,
+        grace: Duration,
+    ) -> Result<Arc<PlaybackClaims>, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Invalid("too long"));
+        }
+        let claims = match self.cache.get(token) {
+            Some(claims) => claims,
+            None => {
+                let claims = Arc::new(self.verify_signed(token)?);
+                self.cache.insert(Arc::from(token), claims.clone());
+                claims
+            }
+        };
+        self.check_times(&claims, grace)?;
+        Ok(claims)
+    }
+
+    fn check_times(&self, claims: &PlaybackClaims, grace: Duration) -> Result<(), TokenError> {
+        let now = now_seconds();
+        let leeway = self.settings.leeway.as_secs();
+        if claims.nbf > now + leeway {
+            return Err(TokenError::Invalid("not yet valid"));
+        }
+        if claims.iat > now + leeway {
+            return Err(TokenError::Invalid("issued in the future"));
+        }
+        if claims.exp <= claims.nbf {
+            return Err(TokenError::Invalid("expires before it is valid"));
+        }
+        if claims.exp + leeway + grace.as_secs() <= now {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+
+    /// The signature and every claim but the times, with the algorithm pinned per key.
+    fn verify_signed(&self, token: &str) -> Result<PlaybackClaims, TokenError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| TokenError::Invalid("malformed header"))?;
+        if header.typ.as_deref() != Some(TOKEN_TYPE) {
+            return Err(TokenError::Invalid("wrong typ"));
+        }
+        let kid = header.kid.ok_or(TokenError::Invalid("no kid"))?;
+        let ring = self.ring.load();
+        let key = ring
+            .verifiers
+            .get(&kid)
+            .ok_or(TokenError::Invalid("unknown kid"))?;
+        let mut validation = Validation::new(key.algorithm);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.leeway = 0;
+        validation.set_issuer(&[&self.settings.issuer]);
+        validation.set_audience(&[&self.settings.audience]);
+        validation.required_spec_claims = ["exp", "nbf", "iat", "iss", "aud", "sub"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<HashSet<_>>();
+        let data = jsonwebtoken::decode::<PlaybackClaims>(token, &key.key, &validation).map_err(
+            |error| {
+                use jsonwebtoken::errors::ErrorKind;
+                TokenError::Invalid(match error.kind() {
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        "algorithm not allowed for this key"
+                    }
+                    ErrorKind::InvalidIssuer => "wrong iss",
+                    ErrorKind::InvalidAudience => "wrong aud",
+                    ErrorKind::MissingRequiredClaim(_) => "missing claim",
+                    ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => "malformed claims",
+                    _ => "malformed token",
+                })
+            },
+        )?;
+        Ok(data.claims)
+    }
+
+    /// Watches the key set: reloads on SIGHUP and when the file (or directory) changes.
+    /// The SIGHUP handler is installed before this returns, so a HUP sent once the server
+    /// listens never finds the default action (which would end the process).
+    pub fn spawn_reloader(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let path = self.settings.keys.clone()?;
+        let tokens = Arc::clone(self);
+        #[cfg(unix)]
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler: keys reload on file changes only");
+                None
+            }
+        };
+        Some(tokio::spawn(async move {
+            let mut seen = fingerprint(&path);
+            let mut ticker = tokio::time::interval(tokens.settings.reload_interval);
+            loop {
+                #[cfg(unix)]
+                let signalled = async {
+                    match hangup.as_mut() {
+                        Some(signal) => {
+                            signal.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let signalled = std::future::pending::<()>();
+                let forced = tokio::select! {
+                    _ = ticker.tick() => false,
+                    () = signalled => true,
+                };
+                let now = fingerprint(&path);
+                if !forced && now == seen {
+                    continue;
+                }
+                if forced {
+                    tracing::info!("SIGHUP: reloading token keys");
+                }
+                seen = now;
+                if let Err(error) = tokens.reload() {
+                    tracing::error!(%error, "token keys not reloaded: the keys in force stay");
+                }
+            }
+        }))
+    }
+}
+
+/// What changes when a key set file or directory changes: each file's name, length and
+/// modification time.
+fn fingerprint(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let entries: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut prints: Vec<_> = entries
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        })
+        .collect();
+    prints.sort();
+    prints
+}

@@ -1,0 +1,79 @@
+//! The token operations behind `TokenService`: validate (optionally against the live
+//! session), refresh, and the public key set.
+
+use std::sync::Arc;
+
+use super::{IssuedToken, PlaybackClaims, TokenError, Tokens};
+use crate::error::Error;
+use crate::ids::SessionName;
+use crate::session::{Session, holds_seat};
+use crate::store::Store;
+
+/// The outcome of a validation: the claims, or why the token is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validity {
+    Valid(Arc<PlaybackClaims>),
+    Refused(&'static str),
+}
+
+pub struct TokenOps {
+    tokens: Arc<Tokens>,
+    store: Arc<dyn Store>,
+}
+
+impl TokenOps {
+    pub fn new(tokens: Arc<Tokens>, store: Arc<dyn Store>) -> Self {
+        Self { tokens, store }
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// The session the token names, if it is live and holds the token's generation.
+    async fn live_session(&self, claims: &PlaybackClaims) -> Result<Session, Error> {
+        let name = SessionName::parse("sid", &claims.sid)
+            .map_err(|_| Error::Token(TokenError::Invalid("malformed sid")))?;
+        if name.user.as_str() != claims.sub {
+            return Err(Error::Token(TokenError::Invalid("sid and sub disagree")));
+        }
+        let session = self
+            .store
+            .get_session(&name)
+            .await
+            .map_err(|e| e.into_error(|| name.to_string()))?;
+        match session {
+            Some(session) if holds_seat(session.state) && session.generation == claims.r#gen => {
+                Ok(session)
+            }
+            Some(session) => Err(Error::SessionEnded {
+                session: Some(Box::new(session)),
+            }),
+            None => Err(Error::SessionEnded { session: None }),
+        }
+    }
+
+    pub async fn validate(&self, token: &str, check_session: bool) -> Result<Validity, Error> {
+        let claims = match self.tokens.verify(token) {
+            Ok(claims) => claims,
+            Err(error) => return Ok(Validity::Refused(error.reason())),
+        };
+        if check_session {
+            match self.live_session(&claims).await {
+                Ok(_) => {}
+                Err(Error::SessionEnded { .. }) => return Ok(Validity::Refused("SESSION_ENDED")),
+                Err(Error::Token(error)) => return Ok(Validity::Refused(error.reason())),
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(Validity::Valid(claims))
+    }
+
+    /// A new token for the token's live session. Stateless, so concurrent refreshes of
+    /// one token each get a valid token and change nothing else.
+    pub async fn refresh(&self, token: &str) -> Result<IssuedToken, Error> {
+        let claims = self.tokens.verify_for_refresh(token)?;
+        let session = self.live_session(&claims).await?;
+        self.tokens.issue(&session)
+    }
+}
