@@ -325,6 +325,8 @@ pub async fn start(
         builder = builder.tls_config(tls_config(files)?)?;
     }
     let router = builder
+        // Every log line inside a call names the call.
+        .trace_fn(|request| tracing::info_span!("call", method = %request.uri().path()))
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))

@@ -34,17 +34,18 @@ struct Usher {
 }
 
 impl Usher {
+    /// `usher serve` in development mode (no credentials needed).
     fn start(extra: &[&str]) -> Usher {
+        let mut args = vec!["--insecure-dev"];
+        args.extend(extra);
+        Self::start_secured(&args)
+    }
+
+    /// `usher serve` with exactly `extra` as further flags.
+    fn start_secured(extra: &[&str]) -> Usher {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_usher"))
-            .args([
-                "serve",
-                "--listen",
-                &addr,
-                "--drain-delay",
-                "0s",
-                "--insecure-dev",
-            ])
+            .args(["serve", "--listen", &addr, "--drain-delay", "0s"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -61,12 +62,9 @@ impl Usher {
         Usher { child, addr }
     }
 
+    /// grpcurl's standard output; fails the test if grpcurl fails.
     fn grpcurl(&self, args: &[&str]) -> String {
-        let output = Command::new("grpcurl")
-            .arg("-plaintext")
-            .args(args)
-            .output()
-            .expect("grpcurl");
+        let output = self.try_grpcurl(args);
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(
             output.status.success(),
@@ -74,6 +72,14 @@ impl Usher {
             String::from_utf8_lossy(&output.stderr)
         );
         stdout
+    }
+
+    fn try_grpcurl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("grpcurl")
+            .arg("-plaintext")
+            .args(args)
+            .output()
+            .expect("grpcurl")
     }
 
     fn call(&self, method: &str, body: &str) -> Value {
@@ -315,4 +321,76 @@ async fn sighup_reloads_the_token_keys_of_the_running_binary() {
         usher.terminate().success(),
         "usher survives SIGHUP and stops on SIGTERM"
     );
+}
+
+/// The README's secured setup, as written: keys, a hashed service key, grpcurl with
+/// `-H "authorization: Bearer …"`, and the device's token on its heartbeat.
+#[test]
+fn grpcurl_with_credentials_as_the_readme_shows() {
+    if !grpcurl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    let generated = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["keys", "generate", "--out", keys.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let key = "a-long-random-key-of-at-least-32-characters";
+    let digest: String = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let credentials = dir.path().join("credentials.toml");
+    std::fs::write(
+        &credentials,
+        format!("[[service]]\nname = \"playback-api\"\nkey_sha256 = \"{digest}\"\nroles = [\"playback-api\"]\n"),
+    )
+    .unwrap();
+    let usher = Usher::start_secured(&[
+        "--token-keys",
+        keys.to_str().unwrap(),
+        "--credentials",
+        credentials.to_str().unwrap(),
+    ]);
+    // Reflection needs no credentials; calls do.
+    assert!(
+        usher
+            .grpcurl(&[&usher.addr, "list"])
+            .contains("usher.v1.TokenService")
+    );
+    let method = "usher.v1.PlaybackSessionService/CreateSession";
+    let refused = usher.try_grpcurl(&["-d", CREATE, &usher.addr, method]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    let bearer = format!("authorization: Bearer {key}");
+    let created: Value =
+        serde_json::from_str(&usher.grpcurl(&["-H", &bearer, "-d", CREATE, &usher.addr, method]))
+            .unwrap();
+    let name = created["session"]["name"].as_str().unwrap();
+    let token = created["playbackToken"].as_str().unwrap();
+    let heartbeat = format!(r#"{{"name":"{name}","position":"5s"}}"#);
+    let device = format!("authorization: Bearer {token}");
+    let beat: Value = serde_json::from_str(&usher.grpcurl(&[
+        "-H",
+        &device,
+        "-d",
+        &heartbeat,
+        &usher.addr,
+        "usher.v1.PlaybackSessionService/Heartbeat",
+    ]))
+    .unwrap();
+    assert_eq!(beat["session"]["position"], "5s");
+    // The service key is not a device's credential.
+    let wrong = usher.try_grpcurl(&[
+        "-H",
+        &bearer,
+        "-d",
+        &heartbeat,
+        &usher.addr,
+        "usher.v1.PlaybackSessionService/Heartbeat",
+    ]);
+    assert!(!wrong.status.success());
+    assert!(usher.terminate().success());
 }

@@ -103,10 +103,10 @@ impl RedisServer {
 
     /// Kills the server at once (SIGKILL: no shutdown, like a crash).
     pub fn kill(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.pid_file()) {
+        if let Some(pid) = self.pid() {
             let _ = std::fs::remove_file(self.pid_file());
             let _ = Command::new("kill")
-                .args(["-9", pid.trim()])
+                .args(["-9", &pid.to_string()])
                 .stderr(Stdio::null())
                 .status();
         }
@@ -129,9 +129,9 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = std::fs::read_to_string(self.pid_file()).expect("a running server");
+        let pid = self.pid().expect("a running server");
         let status = Command::new("kill")
-            .args([signal, pid.trim()])
+            .args([signal, &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -141,6 +141,13 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.launch();
+    }
+
+    /// The redis-server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     pub fn url(&self) -> String {

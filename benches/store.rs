@@ -1,0 +1,239 @@
+//! The store's numbers for DESIGN.md's scale sum: `cargo bench --bench store`.
+//!
+//! - R: heartbeat scripts per second on one Redis shard (a redis-server started here, on a
+//!   free loopback port), beside the memory store's rate in the same run; and the same
+//!   per second of redis-server CPU time, what one shard does with a core of its own;
+//! - creates (create-and-acquire scripts) per second, the same way;
+//! - B: Redis memory per active session (used_memory before and after 10,000 sessions,
+//!   with their keys, sweep entries and started events).
+//!
+//! usher, its clients and redis-server share this machine's cores, so R is a lower bound
+//! of what a shard does on its own core. It reports numbers; it never fails on a timing.
+
+#[path = "../tests/it/support/redis.rs"]
+#[expect(dead_code, reason = "shared with the tests; the bench uses part of it")]
+mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
+use usher::session::{ClientInfo, Device, DeviceType, PlaybackState};
+use usher::store::memory::MemoryStore;
+use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
+use usher::store::{
+    DeviceAction, DeviceCall, HeartbeatEvents, NewSession, OverLimitPolicy, Store, StoreSettings,
+};
+
+const IN_FLIGHT: usize = 64;
+const RUN: Duration = Duration::from_secs(3);
+const SESSIONS: usize = 10_000;
+
+fn settings() -> StoreSettings {
+    StoreSettings {
+        heartbeat_events: HeartbeatEvents::Sampled,
+        ..StoreSettings::default()
+    }
+}
+
+fn create(user: usize) -> NewSession {
+    NewSession {
+        name: SessionName {
+            user: UserId::parse("u", &format!("user-{user}")).unwrap(),
+            session: SessionId::generate(),
+        },
+        profile: ProfileId::parse("p", "main").unwrap(),
+        content: ContentId::parse("c", "title-000042").unwrap(),
+        device: Device {
+            id: DeviceId::parse("d", "living-room-tv").unwrap(),
+            kind: DeviceType::Tv,
+            name: "Living room TV".into(),
+        },
+        client: ClientInfo {
+            ip_address: "192.0.2.10".into(),
+            user_agent: "player/2.1 (smart-tv)".into(),
+            region: "US".into(),
+        },
+        request_id: None,
+        limit: 4,
+        policy: OverLimitPolicy::RejectNew,
+    }
+}
+
+/// Operations per second of `operation` run by IN_FLIGHT tasks for RUN.
+async fn rate<F, Fut>(operation: F) -> f64
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let deadline = Instant::now() + RUN;
+    let started = Instant::now();
+    let tasks = (0..IN_FLIGHT).map(|task| {
+        let operation = operation.clone();
+        tokio::spawn(async move {
+            let mut done = 0usize;
+            while Instant::now() < deadline {
+                operation(task * 1_000_000 + done).await;
+                done += 1;
+            }
+            done
+        })
+    });
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// (heartbeats/s, creates/s, heartbeats per CPU second of `pid`) of a store.
+async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> (f64, f64, f64) {
+    let mut names = Vec::new();
+    for user in 0..IN_FLIGHT * 4 {
+        names.push(
+            store
+                .create_session(create(user))
+                .await
+                .unwrap()
+                .session
+                .name,
+        );
+    }
+    let names = Arc::new(names);
+    let heartbeat_store = store.clone();
+    let cpu_before = pid.map(cpu_seconds);
+    let wall = Instant::now();
+    let heartbeats = rate(move |i| {
+        let store = heartbeat_store.clone();
+        let names = names.clone();
+        async move {
+            let call = DeviceCall {
+                name: names[i % names.len()].clone(),
+                generation: None,
+                position_ms: Some(i as u64),
+                action: DeviceAction::Heartbeat {
+                    playback_state: PlaybackState::Playing,
+                },
+            };
+            store.device_call(call).await.unwrap();
+        }
+    })
+    .await;
+    let per_cpu_second = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => {
+            let used = cpu_seconds(pid) - before;
+            heartbeats * wall.elapsed().as_secs_f64() / used.max(0.01)
+        }
+        _ => f64::NAN,
+    };
+    let creates = rate(move |i| {
+        let store = store.clone();
+        async move {
+            // A fresh user each time: every create takes a free seat.
+            store.create_session(create(10_000_000 + i)).await.unwrap();
+        }
+    })
+    .await;
+    (heartbeats, creates, per_cpu_second)
+}
+
+fn used_memory(server: &redis::RedisServer) -> u64 {
+    server
+        .cli(&["info", "memory"])
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory")
+}
+
+async fn redis_store(server: &redis::RedisServer, prefix: &str) -> Arc<dyn Store> {
+    let options = RedisOptions {
+        target: RedisTarget::Single { url: server.url() },
+        key_prefix: prefix.to_owned(),
+        timeout: Duration::from_secs(2),
+    };
+    Arc::new(RedisStore::connect(options, settings()).await.unwrap())
+}
+
+async fn run() {
+    let server = redis::RedisServer::start();
+    let memory: Arc<dyn Store> = Arc::new(MemoryStore::new(settings()));
+    let (memory_heartbeats, memory_creates, _) = rates(memory, None).await;
+    let (redis_heartbeats, redis_creates, per_redis_cpu_second) =
+        rates(redis_store(&server, "rate").await, server.pid()).await;
+    println!(
+        "store operations per second, {IN_FLIGHT} in flight, {}s each",
+        RUN.as_secs()
+    );
+    println!("{:<12} {:>12} {:>12} {:>8}", "", "memory", "redis", "ratio");
+    println!(
+        "{:<12} {:>12.0} {:>12.0} {:>7.1}x",
+        "heartbeat",
+        memory_heartbeats,
+        redis_heartbeats,
+        memory_heartbeats / redis_heartbeats
+    );
+    println!(
+        "{:<12} {:>12.0} {:>12.0} {:>7.1}x",
+        "create",
+        memory_creates,
+        redis_creates,
+        memory_creates / redis_creates
+    );
+    println!(
+        "heartbeat scripts per second of redis-server CPU (a shard with its own core): {per_redis_cpu_second:.0}"
+    );
+
+    // B: a fresh server, so nothing else is in its memory.
+    let fresh = redis::RedisServer::start();
+    let store = redis_store(&fresh, "usher").await;
+    let before = used_memory(&fresh);
+    for user in 0..SESSIONS {
+        store.create_session(create(user)).await.unwrap();
+    }
+    let after = used_memory(&fresh);
+    let per_session = (after - before) as f64 / SESSIONS as f64;
+    println!();
+    println!(
+        "redis memory per active session (keys, sweep entry, started event): {per_session:.0} bytes"
+    );
+    println!();
+    println!("DESIGN.md's sum with these numbers (30 million streams, one heartbeat per 30 s):");
+    println!(
+        "  1e6 heartbeat scripts/s / R = {:.0} shards at R = {redis_heartbeats:.0}/s (measured here), \
+         {:.0} shards at R = {per_redis_cpu_second:.0}/s (per redis CPU second)",
+        1e6 / redis_heartbeats,
+        1e6 / per_redis_cpu_second
+    );
+    println!(
+        "  3e7 sessions x B = {:.1} GB at B = {per_session:.0} bytes",
+        3e7 * per_session / 1e9
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
