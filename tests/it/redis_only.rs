@@ -13,7 +13,8 @@ use usher::store::{
 
 use crate::e2e::create_request;
 use crate::support::{
-    fresh_user, new_session, reason, redis, redis_options, serve, test_settings, unique_prefix,
+    TestServer, fresh_user, new_session, reason, redis, redis_options, serve, test_settings,
+    unique_prefix,
 };
 
 async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
@@ -22,6 +23,26 @@ async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
             .await
             .expect("connect"),
     )
+}
+
+/// Retries a create until the store answers again: UNAVAILABLE meanwhile, success within
+/// 10 s.
+async fn recovers(usher: &mut TestServer, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match usher
+            .sessions
+            .create_session(create_request(user, "phone"))
+            .await
+        {
+            Ok(_) => return,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "usher did not recover");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,21 +71,7 @@ async fn an_outage_fails_fast_with_unavailable_and_usher_recovers() {
 
     // Redis comes back (empty, as after a restart without persistence).
     server.restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match usher
-            .sessions
-            .create_session(create_request("ivy", "phone"))
-            .await
-        {
-            Ok(_) => break,
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                assert!(Instant::now() < deadline, "usher did not recover");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    recovers(&mut usher, "ivy").await;
     usher.running.shutdown().await;
 }
 
@@ -90,21 +97,7 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     // The test store's timeout is 500 ms; well inside the caller's 3 s deadline.
     assert!(waited < Duration::from_millis(1500), "took {waited:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match usher
-            .sessions
-            .create_session(create_request("jan", "phone"))
-            .await
-        {
-            Ok(_) => break,
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                assert!(Instant::now() < deadline, "usher did not recover");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    recovers(&mut usher, "jan").await;
     usher.running.shutdown().await;
 }
 
