@@ -25,6 +25,7 @@
 //!   keys, client certificates, playback tokens) and the roles.
 //! - [`error`]: the one error type and its one mapping to gRPC status and HTTP.
 //! - [`ids`]: identifiers and resource names, parsed at the edge.
+//! - [`deadline`]: the caller's deadline, carried to store calls.
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`).
 //! - [`server`]: assembles services, health, reflection, limits, the sweeper, shutdown.
 //! - [`proto`]: the generated `usher.v1` code and descriptor set.
@@ -32,6 +33,7 @@
 pub mod auth;
 pub mod concurrency;
 pub mod config;
+pub mod deadline;
 pub mod entitlement;
 pub mod error;
 pub mod ids;

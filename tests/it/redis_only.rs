@@ -97,6 +97,18 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     // The test store's timeout is 500 ms; well inside the caller's 3 s deadline.
     assert!(waited < Duration::from_millis(1500), "took {waited:?}");
 
+    // A caller with a deadline shorter than the store timeout still hears UNAVAILABLE,
+    // before its deadline, not CANCELLED or DEADLINE_EXCEEDED at it.
+    server.freeze();
+    let started = Instant::now();
+    let mut request = tonic::Request::new(create_request("jan", "phone"));
+    request.set_timeout(Duration::from_millis(300));
+    let status = usher.sessions.create_session(request).await.unwrap_err();
+    let waited = started.elapsed();
+    server.thaw();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(waited < Duration::from_millis(300), "took {waited:?}");
+
     recovers(&mut usher, "jan").await;
     usher.running.shutdown().await;
 }

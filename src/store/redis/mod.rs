@@ -257,7 +257,9 @@ impl RedisStore {
         &self,
         call: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.options.timeout, call).await {
+        // The store's timeout, or less when the caller's deadline is nearer.
+        let budget = crate::deadline::budget(self.options.timeout);
+        match tokio::time::timeout(budget, call).await {
             Ok(result) => result.map_err(classify),
             Err(_) => Err(StoreError::Unavailable("timed out".into())),
         }
