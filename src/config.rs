@@ -424,6 +424,10 @@ impl ServeArgs {
         {
             return Err("--redis-key-prefix must be letters, digits, _ - or .".into());
         }
+        // Token times are whole seconds (JWT NumericDate).
+        if self.token_ttl < Duration::from_secs(1) || self.token_ttl.subsec_nanos() != 0 {
+            return Err("--token-ttl must be whole seconds, at least 1s".into());
+        }
         if self.token_leeway > Duration::from_secs(30) {
             return Err("--token-leeway must be at most 30s".into());
         }

@@ -349,8 +349,15 @@ impl Authenticator {
                 claims,
                 token: Arc::from(token),
             }),
-            Err(TokenError::Expired) => Err(unauthenticated("playback token expired")),
-            Err(TokenError::Invalid(cause)) => Err(unauthenticated(cause)),
+            // UNAUTHENTICATED with TOKEN_EXPIRED or TOKEN_INVALID: a device learns to
+            // refresh, or to start over; the cause stays in the log.
+            Err(error) => Err(Refusal {
+                cause: match &error {
+                    TokenError::Expired => "playback token expired",
+                    TokenError::Invalid(cause) => cause,
+                },
+                error: Error::Token(error),
+            }),
         }
     }
 

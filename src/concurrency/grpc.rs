@@ -40,26 +40,23 @@ impl ConcurrencyService for ConcurrencyGrpc {
     ) -> Result<Response<proto::CheckAvailabilityResponse>, Status> {
         let query = AvailabilityQuery::try_from(request.into_inner())?;
         let (admission, concurrency) = self.ops.check(query).await?;
-        let (admitted, kind, replaced, denial) = match &admission {
-            Admission::FreeSeat => (true, proto::Admission::FreeSeat, None, None),
-            Admission::ReplacesDeviceSession(name) => (
-                true,
-                proto::Admission::ReplacesDeviceSession,
-                Some(name),
-                None,
-            ),
-            Admission::EvictsOldest(name) => {
-                (true, proto::Admission::EvictsOldest, Some(name), None)
+        let (admitted, kind, denial) = match &admission {
+            Admission::FreeSeat => (true, proto::Admission::FreeSeat, None),
+            Admission::ReplacesDeviceSession(_) => {
+                (true, proto::Admission::ReplacesDeviceSession, None)
             }
-            Admission::LimitReached => (false, proto::Admission::LimitReached, None, None),
-            Admission::Denied(denial) => {
-                (false, proto::Admission::Denied, None, Some(denial.reason()))
-            }
+            Admission::EvictsOldest(_) => (true, proto::Admission::EvictsOldest, None),
+            Admission::LimitReached => (false, proto::Admission::LimitReached, None),
+            Admission::Denied(denial) => (false, proto::Admission::Denied, Some(denial.reason())),
         };
         Ok(Response::new(proto::CheckAvailabilityResponse {
             admitted,
             admission: kind as i32,
-            replaced_session: replaced.map(ToString::to_string).unwrap_or_default(),
+            replaced_sessions: admission
+                .replaced()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             concurrency: Some(concurrency.to_proto()),
             denial_reason: denial.unwrap_or_default().to_owned(),
         }))

@@ -78,14 +78,29 @@ impl TryFrom<proto::CheckAvailabilityRequest> for AvailabilityQuery {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admission {
     FreeSeat,
+    /// The device's own session would be replaced.
     ReplacesDeviceSession(SessionName),
-    EvictsOldest(SessionName),
+    /// The oldest sessions over the limit would be evicted, and the device's own session
+    /// replaced if it has one: every session the create would end.
+    EvictsOldest(Vec<SessionName>),
     LimitReached,
     Denied(Denial),
 }
 
+impl Admission {
+    /// The sessions a create would end.
+    pub fn replaced(&self) -> Vec<&SessionName> {
+        match self {
+            Admission::ReplacesDeviceSession(own) => vec![own],
+            Admission::EvictsOldest(sessions) => sessions.iter().collect(),
+            Admission::FreeSeat | Admission::LimitReached | Admission::Denied(_) => Vec::new(),
+        }
+    }
+}
+
 /// Previews the store's create rules (see `Store::create_session`) on a consistent read:
-/// the device's own session does not count against the limit; over it, the policy decides.
+/// the device's own session does not count against the limit; over it, the policy
+/// decides, and stop-oldest evicts as many of the oldest as it takes.
 pub fn admission(
     holders: &[Session],
     device: &DeviceId,
@@ -95,12 +110,13 @@ pub fn admission(
     let own = holders.iter().find(|s| &s.device.id == device);
     let others: Vec<&Session> = holders.iter().filter(|s| &s.device.id != device).collect();
     if others.len() as u64 >= u64::from(limit) {
-        return match (policy, others.first()) {
-            (OverLimitPolicy::StopOldest, Some(oldest)) if limit > 0 => {
-                Admission::EvictsOldest(oldest.name.clone())
-            }
-            _ => Admission::LimitReached,
-        };
+        if policy == OverLimitPolicy::RejectNew || limit == 0 {
+            return Admission::LimitReached;
+        }
+        let excess = others.len() + 1 - limit as usize;
+        let mut ended: Vec<SessionName> = others[..excess].iter().map(|s| s.name.clone()).collect();
+        ended.extend(own.map(|s| s.name.clone()));
+        return Admission::EvictsOldest(ended);
     }
     match own {
         Some(own) => Admission::ReplacesDeviceSession(own.name.clone()),
@@ -199,5 +215,66 @@ impl ConcurrencyOps {
             },
             denial,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ContentId, ProfileId, SessionId, UserId};
+    use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+
+    fn holder(device: &str, created_ms: u64) -> Session {
+        Session {
+            name: SessionName {
+                user: UserId::parse("u", "u").unwrap(),
+                session: SessionId::parse("s", &format!("s-{device}")).unwrap(),
+            },
+            profile: ProfileId::parse("p", "p").unwrap(),
+            content: ContentId::parse("c", "c").unwrap(),
+            device: Device {
+                id: DeviceId::parse("d", device).unwrap(),
+                kind: DeviceType::Tv,
+                name: String::new(),
+            },
+            client: ClientInfo::default(),
+            state: SessionState::Active,
+            position_ms: 0,
+            playback_state: PlaybackState::Playing,
+            generation: 1,
+            created_ms,
+            last_heartbeat_ms: created_ms,
+            deadline_ms: u64::MAX,
+            ended_ms: None,
+            end_reason: String::new(),
+            paused_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_lowered_limit_under_stop_oldest_names_every_session_a_create_ends() {
+        let holders = [
+            holder("a", 1),
+            holder("b", 2),
+            holder("c", 3),
+            holder("tv", 4),
+        ];
+        let tv = DeviceId::parse("d", "tv").unwrap();
+        let preview = admission(&holders, &tv, 2, OverLimitPolicy::StopOldest);
+        let ended: Vec<&str> = preview
+            .replaced()
+            .iter()
+            .map(|n| n.session.as_str())
+            .collect();
+        assert_eq!(ended, ["s-a", "s-b", "s-tv"]);
+        assert_eq!(
+            admission(&holders, &tv, 2, OverLimitPolicy::RejectNew),
+            Admission::LimitReached
+        );
+        let phone = DeviceId::parse("d", "phone").unwrap();
+        assert_eq!(
+            admission(&holders[..1], &phone, 2, OverLimitPolicy::RejectNew),
+            Admission::FreeSeat
+        );
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use super::{
-    Created, DeviceAction, DeviceCall, Event, EventKind, HeartbeatEvents, NewSession,
-    OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
+    Created, DeviceAction, DeviceCall, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
+    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
 };
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
 use crate::session::{PlaybackState, Session, SessionState, holds_seat};
@@ -72,6 +72,8 @@ struct UserSeats {
     seats: HashMap<SessionId, u64>,
     devices: HashMap<DeviceId, SessionId>,
     generation: u64,
+    /// When the generation counter is forgotten (see `GENERATION_IDLE_TTL`).
+    generation_expires_ms: u64,
 }
 
 struct RememberedRequest {
@@ -260,6 +262,7 @@ impl Op<'_> {
         deadlines.insert((deadline, name.clone()));
         if let Some(user) = self.state.users.get_mut(&name.user) {
             user.seats.insert(name.session.clone(), deadline);
+            user.generation_expires_ms = now + GENERATION_IDLE_TTL.as_millis() as u64;
         }
     }
 
@@ -371,7 +374,11 @@ impl Op<'_> {
         }
 
         let seats = self.state.users.entry(user.clone()).or_default();
+        if seats.generation_expires_ms <= self.now {
+            seats.generation = 0;
+        }
         seats.generation += 1;
+        seats.generation_expires_ms = self.now + GENERATION_IDLE_TTL.as_millis() as u64;
         let generation = seats.generation;
         let timeout = self.settings.heartbeat_timeout.as_millis() as u64;
         let session = Session {

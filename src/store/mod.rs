@@ -78,6 +78,11 @@ impl Default for StoreSettings {
     }
 }
 
+/// A user's generation counter is forgotten after this long without a seat grant or a
+/// live session (Redis: the counter key's TTL, `GENERATION_IDLE_TTL_MS` in the Lua
+/// prelude; memory: the same rule). Every token of an idle user expired long before.
+pub const GENERATION_IDLE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Maps a user to its partition: FNV-1a of the user id modulo the partition count.
 /// Stable across versions and machines; every key of a user carries it as hash tag.
 pub fn partition_of(user: &UserId, partitions: u32) -> u32 {

@@ -227,6 +227,24 @@ pub struct VerifyingKey {
     pub algorithm: Algorithm,
     pub key: DecodingKey,
     pub public: Option<PublicJwk>,
+    /// For a retired key: when it was retired, and until when it is trusted (Unix
+    /// seconds). Checked on every verification, so a running server stops trusting it on
+    /// time without a reload.
+    pub retired: Option<Retirement>,
+}
+
+/// When a retired key stopped signing, and when it stops verifying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retirement {
+    pub at: u64,
+    pub trusted_until: u64,
+}
+
+impl VerifyingKey {
+    /// Still trusted at `now` (Unix seconds).
+    pub fn trusted_at(&self, now: u64) -> bool {
+        self.retired.is_none_or(|r| now <= r.trusted_until)
+    }
 }
 
 /// The key that signs.
@@ -293,6 +311,7 @@ impl KeyRing {
                         VerifyingKey {
                             algorithm: Algorithm::EdDSA,
                             key: DecodingKey::from_ed_der(&public),
+                            retired: None,
                             public: Some(PublicJwk {
                                 kid: kid.to_owned(),
                                 x: B64.encode(public),
@@ -313,6 +332,7 @@ impl KeyRing {
                             algorithm: Algorithm::HS256,
                             key: DecodingKey::from_secret(&secret),
                             public: None,
+                            retired: None,
                         },
                         EncodingKey::from_secret(&secret),
                     )
@@ -323,6 +343,7 @@ impl KeyRing {
                     ));
                 }
             };
+            let mut verifying = verifying;
             match stored.usher_status {
                 KeyStatus::Active => {
                     if signer.is_some() {
@@ -336,13 +357,18 @@ impl KeyRing {
                 }
                 KeyStatus::Retired => {
                     let retired_at = stored.usher_retired_at.unwrap_or(0);
-                    if retired_at + trust_retired.as_secs() < now {
+                    let trusted_until = retired_at + trust_retired.as_secs();
+                    if trusted_until < now {
                         tracing::info!(
                             kid,
                             "retired key no longer trusted: every token it signed has expired"
                         );
                         continue;
                     }
+                    verifying.retired = Some(Retirement {
+                        at: retired_at,
+                        trusted_until,
+                    });
                 }
             }
             if verifiers.insert(kid.to_owned(), verifying).is_some() {
@@ -358,11 +384,13 @@ impl KeyRing {
         Self::from_set(&KeySet::generate(KeyAlgorithm::Eddsa)?, Duration::ZERO)
     }
 
-    /// The public keys, for the JWKS. HS256 secrets are never published.
+    /// The public keys trusted now, for the JWKS. HS256 secrets are never published.
     pub fn public_keys(&self) -> Vec<PublicJwk> {
+        let now = now_seconds();
         let mut keys: Vec<PublicJwk> = self
             .verifiers
             .values()
+            .filter(|v| v.trusted_at(now))
             .filter_map(|v| v.public.clone())
             .collect();
         keys.sort_by(|a, b| a.kid.cmp(&b.kid));

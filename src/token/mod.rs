@@ -134,11 +134,26 @@ pub struct IssuedToken {
     pub claims: PlaybackClaims,
 }
 
+/// The keys in force, numbered: every reload makes a new epoch.
+struct Ring {
+    keys: KeyRing,
+    epoch: u64,
+}
+
+/// A verified token: its claims, the epoch of the ring that verified its signature, and
+/// the trust window of the key that signed it. An entry from an older epoch is a miss, so
+/// a verification racing a reload can never leave a removed key's token in the cache.
+struct Verified {
+    claims: Arc<PlaybackClaims>,
+    epoch: u64,
+    retired: Option<keys::Retirement>,
+}
+
 /// Issues and verifies playback tokens with the keys in force.
 pub struct Tokens {
     settings: TokenSettings,
-    ring: ArcSwap<KeyRing>,
-    cache: moka::sync::Cache<Arc<str>, Arc<PlaybackClaims>>,
+    ring: ArcSwap<Ring>,
+    cache: moka::sync::Cache<Arc<str>, Arc<Verified>>,
 }
 
 impl Tokens {
@@ -149,7 +164,10 @@ impl Tokens {
             .build();
         Self {
             settings,
-            ring: ArcSwap::from_pointee(ring),
+            ring: ArcSwap::from_pointee(Ring {
+                keys: ring,
+                epoch: 0,
+            }),
             cache,
         }
     }
@@ -184,7 +202,9 @@ impl Tokens {
     }
 
     pub fn replace_keys(&self, ring: KeyRing) {
-        self.ring.store(Arc::new(ring));
+        let epoch = self.ring.load().epoch + 1;
+        self.ring.store(Arc::new(Ring { keys: ring, epoch }));
+        // Entries of older epochs are misses anyway; this frees their memory.
         self.cache.invalidate_all();
     }
 
@@ -193,7 +213,7 @@ impl Tokens {
     }
 
     pub fn public_keys(&self) -> Vec<PublicJwk> {
-        self.ring.load().public_keys()
+        self.ring.load().keys.public_keys()
     }
 
     /// Signs a token for a live session.
@@ -214,10 +234,11 @@ impl Tokens {
             jti: uuid::Uuid::new_v4().to_string(),
         };
         let ring = self.ring.load();
-        let mut header = Header::new(ring.signer.algorithm);
+        let signer = &ring.keys.signer;
+        let mut header = Header::new(signer.algorithm);
         header.typ = Some(TOKEN_TYPE.to_owned());
-        header.kid = Some(ring.signer.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &ring.signer.key)
+        header.kid = Some(signer.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &signer.key)
             .map_err(|e| Error::Internal(format!("signing a token: {e}")))?;
         Ok(IssuedToken { token, claims })
     }
@@ -242,20 +263,35 @@ impl Tokens {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Invalid("too long"));
         }
-        let claims = match self.cache.get(token) {
-            Some(claims) => claims,
-            None => {
-                let claims = Arc::new(self.verify_signed(token)?);
-                self.cache.insert(Arc::from(token), claims.clone());
-                claims
+        let ring = self.ring.load_full();
+        let verified = match self.cache.get(token) {
+            Some(verified) if verified.epoch == ring.epoch => verified,
+            _ => {
+                let verified = Arc::new(self.verify_signed(token, &ring)?);
+                self.cache.insert(Arc::from(token), verified.clone());
+                verified
             }
         };
-        self.check_times(&claims, grace)?;
-        Ok(claims)
+        let now = now_seconds();
+        if let Some(retired) = verified.retired {
+            if now > retired.trusted_until {
+                return Err(TokenError::Invalid("signed by a key no longer trusted"));
+            }
+            // A retired key signs nothing: a token it signed after retiring is forged.
+            if verified.claims.iat > retired.at + self.settings.leeway.as_secs() {
+                return Err(TokenError::Invalid("issued by a retired key"));
+            }
+        }
+        self.check_times(&verified.claims, grace, now)?;
+        Ok(verified.claims.clone())
     }
 
-    fn check_times(&self, claims: &PlaybackClaims, grace: Duration) -> Result<(), TokenError> {
-        let now = now_seconds();
+    fn check_times(
+        &self,
+        claims: &PlaybackClaims,
+        grace: Duration,
+        now: u64,
+    ) -> Result<(), TokenError> {
         let leeway = self.settings.leeway.as_secs();
         if claims.nbf > now + leeway {
             return Err(TokenError::Invalid("not yet valid"));
@@ -273,15 +309,15 @@ impl Tokens {
     }
 
     /// The signature and every claim but the times, with the algorithm pinned per key.
-    fn verify_signed(&self, token: &str) -> Result<PlaybackClaims, TokenError> {
+    fn verify_signed(&self, token: &str, ring: &Ring) -> Result<Verified, TokenError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| TokenError::Invalid("malformed header"))?;
         if header.typ.as_deref() != Some(TOKEN_TYPE) {
             return Err(TokenError::Invalid("wrong typ"));
         }
         let kid = header.kid.ok_or(TokenError::Invalid("no kid"))?;
-        let ring = self.ring.load();
         let key = ring
+            .keys
             .verifiers
             .get(&kid)
             .ok_or(TokenError::Invalid("unknown kid"))?;
@@ -311,7 +347,11 @@ impl Tokens {
                 })
             },
         )?;
-        Ok(data.claims)
+        Ok(Verified {
+            claims: Arc::new(data.claims),
+            epoch: ring.epoch,
+            retired: key.retired,
+        })
     }
 
     /// Watches the key set: reloads on SIGHUP and when the file (or directory) changes.
@@ -385,4 +425,119 @@ fn fingerprint(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
         .collect();
     prints.sort();
     prints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys::{KeyAlgorithm, KeySet, Retirement};
+    use super::*;
+    use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
+    use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+
+    fn session() -> Session {
+        Session {
+            name: SessionName::parse("n", "users/u/sessions/s").unwrap(),
+            profile: ProfileId::parse("p", "p").unwrap(),
+            content: ContentId::parse("c", "c").unwrap(),
+            device: Device {
+                id: DeviceId::parse("d", "d").unwrap(),
+                kind: DeviceType::Tv,
+                name: String::new(),
+            },
+            client: ClientInfo::default(),
+            state: SessionState::Active,
+            position_ms: 0,
+            playback_state: PlaybackState::Playing,
+            generation: 1,
+            created_ms: 0,
+            last_heartbeat_ms: 0,
+            deadline_ms: 0,
+            ended_ms: None,
+            end_reason: String::new(),
+            paused_ms: None,
+        }
+    }
+
+    fn ring() -> KeyRing {
+        KeyRing::from_set(
+            &KeySet::generate(KeyAlgorithm::Eddsa).unwrap(),
+            Duration::ZERO,
+        )
+        .unwrap()
+    }
+
+    /// The same key, retired at `at` and trusted until `trusted_until`.
+    fn retired_copy(
+        key: &super::keys::VerifyingKey,
+        at: u64,
+        trusted_until: u64,
+    ) -> super::keys::VerifyingKey {
+        super::keys::VerifyingKey {
+            algorithm: key.algorithm,
+            key: key.key.clone(),
+            public: key.public.clone(),
+            retired: Some(Retirement { at, trusted_until }),
+        }
+    }
+
+    #[test]
+    fn a_verification_racing_a_reload_does_not_outlive_it() {
+        let tokens = Tokens::new(TokenSettings::default(), ring());
+        let token = tokens.issue(&session()).unwrap().token;
+        // The interleaving: the signature is checked against the old ring, the keys are
+        // replaced (and the cache cleared), then the old verification is cached.
+        let old_ring = tokens.ring.load_full();
+        let verified = Arc::new(tokens.verify_signed(&token, &old_ring).unwrap());
+        tokens.replace_keys(ring());
+        tokens.cache.insert(Arc::from(token.as_str()), verified);
+        assert_eq!(
+            tokens.verify(&token),
+            Err(TokenError::Invalid("unknown kid"))
+        );
+    }
+
+    #[test]
+    fn a_retired_key_stops_verifying_on_time_without_a_reload() {
+        let tokens = Tokens::new(TokenSettings::default(), ring());
+        let token = tokens.issue(&session()).unwrap().token;
+        assert!(tokens.verify(&token).is_ok(), "cached while trusted");
+        // The signing key, now retired, with a trust window that has just ended.
+        let old = tokens.ring.load();
+        let kid = old.keys.signer.kid.clone();
+        let now = now_seconds();
+        let mut keys = ring();
+        keys.verifiers.insert(
+            kid.clone(),
+            retired_copy(&old.keys.verifiers[&kid], now - 100, now - 1),
+        );
+        tokens.replace_keys(keys);
+        assert_eq!(
+            tokens.verify(&token),
+            Err(TokenError::Invalid("signed by a key no longer trusted"))
+        );
+        assert!(
+            tokens.public_keys().iter().all(|k| k.kid != kid),
+            "not published either"
+        );
+    }
+
+    #[test]
+    fn a_token_signed_after_its_key_retired_is_forged() {
+        let tokens = Tokens::new(TokenSettings::default(), ring());
+        let token = tokens.issue(&session()).unwrap().token;
+        let old = tokens.ring.load();
+        let kid = old.keys.signer.kid.clone();
+        let now = now_seconds();
+        // Retired a minute before this token's iat, still trusted for an hour.
+        let mut keys = ring();
+        keys.verifiers.insert(
+            kid.clone(),
+            retired_copy(&old.keys.verifiers[&kid], now - 60, now + 3600),
+        );
+        tokens.replace_keys(keys);
+        assert_eq!(
+            tokens.verify(&token),
+            Err(TokenError::Invalid("issued by a retired key"))
+        );
+    }
 }

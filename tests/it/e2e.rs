@@ -249,7 +249,7 @@ async fn stop_oldest_makes_room_and_says_which_session_it_replaced() {
         .unwrap()
         .into_inner();
     assert_eq!(preview.admission, proto::Admission::EvictsOldest as i32);
-    assert_eq!(preview.replaced_session, first.name);
+    assert_eq!(preview.replaced_sessions, std::slice::from_ref(&first.name));
     let second = server
         .sessions
         .create_session(create_request("carol", "phone"))

@@ -73,11 +73,15 @@ fn token_settings(keys: &std::path::Path) -> TokenSettings {
 }
 
 async fn secured(algorithm: KeyAlgorithm) -> Secured {
+    let mut config = test_config(OverLimitPolicy::RejectNew);
+    config.insecure_dev = false;
+    secured_with(algorithm, config).await
+}
+
+async fn secured_with(algorithm: KeyAlgorithm, config: usher::config::Config) -> Secured {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
     KeySet::generate(algorithm).unwrap().write(&keys).unwrap();
-    let mut config = test_config(OverLimitPolicy::RejectNew);
-    config.insecure_dev = false;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new(test_settings()));
     let components = Components {
         store,
@@ -570,6 +574,29 @@ async fn refresh_gives_a_new_token_for_a_live_session_only() {
     );
     let status = s.refresh("not.a.token", PLAYBACK_KEY).await.unwrap_err();
     assert_eq!(reason(&status), "TOKEN_INVALID");
+    // A device refreshing with its own token as bearer hears the same reasons.
+    let status = s.refresh(&long_ago, &long_ago).await.unwrap_err();
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::Unauthenticated, "TOKEN_EXPIRED")
+    );
+    s.refresh(&lately, &lately).await.unwrap();
+    s.server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_past_its_deadline_is_over_before_the_sweeper_says_so() {
+    let mut config = test_config(OverLimitPolicy::RejectNew);
+    config.insecure_dev = false;
+    config.sweep_interval = Duration::from_secs(3600);
+    let mut s = secured_with(KeyAlgorithm::Eddsa, config).await;
+    let (_, token) = s.start("mia", "tv").await;
+    assert!(s.validate(&token, true).await.valid);
+    // test_settings: 1.5 s heartbeat timeout, and no sweep for an hour.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(s.validate(&token, true).await.reason, "SESSION_ENDED");
+    let status = s.refresh(&token, PLAYBACK_KEY).await.unwrap_err();
+    assert_eq!(reason(&status), "SESSION_ENDED");
     s.server.running.shutdown().await;
 }
 

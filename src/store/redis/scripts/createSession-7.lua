@@ -3,6 +3,7 @@
 -- KEYS[1]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
 -- KEYS[2]  <prefix>u:<user>:devices   HASH device id -> session id
 -- KEYS[3]  <prefix>u:<user>:gen       STRING the user's fencing generation counter
+--                                     (its TTL is set with every deadline, in the prelude)
 -- KEYS[4]  <prefix>s:<session>        HASH the new session's record
 -- KEYS[5]  <prefix>deadlines          ZSET <user>/<session> -> deadline, for the sweeper
 -- KEYS[6]  <prefix>events             STREAM the partition's event log
@@ -89,7 +90,6 @@ if own then
 end
 
 local generation = redis.call('INCR', KEYS[3])
-redis.call('PEXPIRE', KEYS[3], 30 * 24 * 3600 * 1000)
 local s = {
   id = sid, u = user, p = ARGV[12], c = ARGV[13], d = device, dt = ARGV[15],
   dn = ARGV[16], ip = ARGV[17], ua = ARGV[18], rg = ARGV[19],

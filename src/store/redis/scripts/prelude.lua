@@ -31,6 +31,11 @@ local END_EVENT = {
 }
 local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
 
+-- The user's generation counter outlives every grant by this much, and is kept alive
+-- while the user holds seats; an idle user's counter is forgotten after it
+-- (GENERATION_IDLE_TTL in store/mod.rs: keep the two equal).
+local GENERATION_IDLE_TTL_MS = 30 * 24 * 3600 * 1000
+
 local DEADLINES = PREFIX .. 'deadlines'
 local EVENTS = PREFIX .. 'events'
 local STOP_CHANNEL = PREFIX .. 'stop'
@@ -123,6 +128,7 @@ local function set_deadline(s, now, timeout_ms, max_pause_ms)
   redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
   redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
   redis.call('ZADD', DEADLINES, s.dl, sweep_member(s))
+  redis.call('PEXPIRE', user_key(s.u, 'gen'), GENERATION_IDLE_TTL_MS)
 end
 
 -- Expires up to max holders of user whose deadline has passed.
