@@ -41,25 +41,32 @@ pub struct RedisServer {
 impl RedisServer {
     /// A standalone server on a free port, no persistence.
     pub fn start() -> Self {
-        Self::start_with(Vec::new())
+        Self::start_with(&Vec::new)
     }
 
-    fn start_with(extra: Vec<String>) -> Self {
-        let mut server = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            extra,
-            watchdog: None,
-        };
-        server.launch();
-        server
+    /// Starts a server with the flags `extra` makes (called again, for new ports, when a
+    /// port turns out to be taken).
+    fn start_with(extra: &dyn Fn() -> Vec<String>) -> Self {
+        for _ in 0..5 {
+            let mut server = Self {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                extra: extra(),
+                watchdog: None,
+            };
+            if server.launch() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on 5 free ports");
     }
 
     fn pid_file(&self) -> PathBuf {
         self.dir.path().join("redis.pid")
     }
 
-    fn launch(&mut self) {
+    /// Starts redis-server under its watchdog; false if it exited before answering.
+    fn launch(&mut self) -> bool {
         let mut args = vec![
             "--port".to_owned(),
             self.port.to_string(),
@@ -89,9 +96,18 @@ impl RedisServer {
             .stdin(Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH (Debian package redis-server)");
-        self.watchdog = Some(child);
         let started = Instant::now();
+        self.watchdog = Some(child);
         while !ping(self.port) {
+            // The watchdog ends when redis-server does: the port was taken meanwhile.
+            let exited = self
+                .watchdog
+                .as_mut()
+                .is_some_and(|w| w.try_wait().ok().flatten().is_some());
+            if exited {
+                self.watchdog = None;
+                return false;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "redis-server on port {} did not start",
@@ -99,6 +115,7 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Kills the server at once (SIGKILL: no shutdown, like a crash).
@@ -140,7 +157,11 @@ impl RedisServer {
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        assert!(
+            self.launch(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
     }
 
     /// The redis-server's process id.
@@ -185,12 +206,18 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-node-timeout".into(),
-                    "2000".into(),
-                ])
+                RedisServer::start_with(&|| {
+                    vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-node-timeout".into(),
+                        "2000".into(),
+                        // A bus port of its own: the default, port + 10000, can be taken
+                        // or beyond 65535 for ports from the ephemeral range.
+                        "--cluster-port".into(),
+                        free_port().to_string(),
+                    ]
+                })
             })
             .collect();
         let addresses: Vec<String> = nodes
