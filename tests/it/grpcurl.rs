@@ -297,10 +297,13 @@ async fn sighup_reloads_the_token_keys_of_the_running_binary() {
     };
     assert_eq!(key_count().await, 1);
 
-    let mut set = KeySet::read(&keys).unwrap();
-    set.rotate(KeyAlgorithm::Eddsa, Duration::from_secs(3600))
+    // Rotate with the CLI, as an operator would.
+    let rotated = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["keys", "rotate", "--file", keys.to_str().unwrap()])
+        .output()
         .unwrap();
-    set.write(&keys).unwrap();
+    assert!(rotated.status.success(), "{rotated:?}");
+    assert_eq!(KeySet::read(&keys).unwrap().keys.len(), 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(key_count().await, 1, "no reload before the signal");
 
