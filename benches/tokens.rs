@@ -193,7 +193,7 @@ async fn through_the_server() {
             )
             .await;
             results.push(rate);
-            running.shutdown().await;
+            running.shutdown().await.unwrap();
         }
         println!(
             "{:<8} {:>12.0} {:>12.0} {:>9.2}x {:>16.0}",

@@ -93,6 +93,14 @@ pub struct HealthArgs {
     /// Give up after this long.
     #[arg(long, env = "USHER_HEALTH_TIMEOUT", default_value = "3s", value_parser = duration)]
     pub timeout: Duration,
+
+    /// For a TLS listener: the CA (PEM) that signed the server's certificate.
+    #[arg(long, env = "USHER_HEALTH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// For a TLS listener: the name the server's certificate is for.
+    #[arg(long, env = "USHER_HEALTH_TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -212,8 +220,9 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_DRAIN_DELAY", default_value = "2s", value_parser = duration)]
     pub drain_delay: Duration,
 
-    /// After the drain delay, wait at most this long for calls in flight.
-    #[arg(long, env = "USHER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    /// After the drain delay, wait at most this long for calls in flight. With the drain
+    /// delay it stays under Docker's and Kubernetes' 10 s and 30 s stop timeouts.
+    #[arg(long, env = "USHER_SHUTDOWN_TIMEOUT", default_value = "7s", value_parser = duration)]
     pub shutdown_timeout: Duration,
 
     /// Token signing key set: a JSON file or a directory of them (`usher keys
@@ -399,6 +408,10 @@ impl ServeArgs {
         }
         if self.heartbeat_interval >= self.heartbeat_timeout {
             return Err("--heartbeat-interval must be shorter than --heartbeat-timeout".into());
+        }
+        if self.ended_retention < self.request_id_ttl {
+            // A replayed request_id must find its session's record.
+            return Err("--ended-retention must be at least --request-id-ttl".into());
         }
         if self.store_timeout >= self.request_timeout {
             return Err("--store-timeout must be shorter than --request-timeout".into());

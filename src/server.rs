@@ -61,6 +61,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("server task stopped: {0}")]
+    Stopped(String),
 }
 
 /// Builds the configured store.
@@ -151,9 +153,12 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Drains and stops the server, and waits until it has.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> Result<(), StartError> {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        match self.task.await {
+            Ok(result) => result.map_err(StartError::Transport),
+            Err(join) => Err(StartError::Stopped(join.to_string())),
+        }
     }
 }
 
@@ -208,7 +213,9 @@ fn spawn_health_probe(
 }
 
 /// Expires overdue sessions of every partition, so their seats and events do not wait for
-/// the user's next create.
+/// the user's next create. A partition that fails is logged and the others are swept all
+/// the same; a partition with more than a batch overdue is swept again within the tick,
+/// which ends at the next tick's time at the latest.
 fn spawn_sweeper(
     store: Arc<dyn Store>,
     every: Duration,
@@ -223,18 +230,31 @@ fn spawn_sweeper(
                 _ = ticker.tick() => {}
                 _ = stop.changed() => return,
             }
+            let budget = tokio::time::Instant::now() + every;
             for partition in 0..partitions {
-                match store.sweep(partition, SWEEP_BATCH).await {
-                    Ok(0) => {}
-                    Ok(expired) => tracing::info!(partition, expired, "expired sessions swept"),
-                    Err(error) => {
-                        tracing::warn!(partition, %error, "sweep failed");
-                        break;
-                    }
-                }
+                sweep_partition(store.as_ref(), partition, budget).await;
             }
         }
     })
+}
+
+/// Sweeps one partition until it has nothing overdue, fails, or the budget is spent.
+async fn sweep_partition(store: &dyn Store, partition: u32, budget: tokio::time::Instant) {
+    loop {
+        match store.sweep(partition, SWEEP_BATCH).await {
+            Ok(0) => return,
+            Ok(expired) => {
+                tracing::info!(partition, expired, "expired sessions swept");
+                if expired < SWEEP_BATCH || tokio::time::Instant::now() >= budget {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(partition, %error, "sweep failed");
+                return;
+            }
+        }
+    }
 }
 
 /// Starts serving on `listener`; returns once the server accepts calls.
@@ -309,7 +329,9 @@ pub async fn start(
     let drain_health = health.clone();
     let drain = async move {
         let _ = drained.wait_for(|stopping| *stopping).await;
+        // The probe must be gone before NOT_SERVING is set, or it could overwrite it.
         probe.abort();
+        let _ = probe.await;
         sweeper.abort();
         if let Some(reloader) = reloader {
             reloader.abort();
@@ -375,10 +397,20 @@ pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(
             addr: config.listen,
             source,
         })?;
-    let running = start(&config, components, listener).await?;
-    signal.await;
+    let mut running = start(&config, components, listener).await?;
+    // The server should only stop when told to; if it stops by itself, say why.
+    tokio::select! {
+        () = signal => {}
+        ended = &mut running.task => {
+            return Err(match ended {
+                Ok(Ok(())) => StartError::Stopped("the server stopped by itself".into()),
+                Ok(Err(error)) => StartError::Transport(error),
+                Err(join) => StartError::Stopped(join.to_string()),
+            });
+        }
+    }
     tracing::info!("shutdown signal received");
-    running.shutdown().await;
+    running.shutdown().await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -412,10 +444,22 @@ pub async fn check_health(args: &crate::config::HealthArgs) -> Result<String, St
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
+    let scheme = if args.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", args.addr))
         .map_err(|e| e.to_string())?
         .connect_timeout(args.timeout)
         .timeout(args.timeout);
+    if let Some(ca) = &args.tls_ca {
+        let ca = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(args.tls_domain.clone());
+        endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+    }
     let channel = endpoint
         .connect()
         .await

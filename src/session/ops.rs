@@ -178,17 +178,20 @@ impl TryFrom<proto::CreateSessionRequest> for CreateSession {
 #[derive(Clone, Debug)]
 pub struct DeviceRequest(pub DeviceCall);
 
+/// Parses the fields every device call has; `action` is the call's own part, already
+/// parsed, so its violations are named together with the others.
 fn device_request(
     name: &str,
     position_value: Option<&prost_types::Duration>,
     generation: u64,
-    action: DeviceAction,
+    action: Result<DeviceAction, FieldViolation>,
 ) -> Result<DeviceRequest, Error> {
     let mut v = Violations::default();
     let name = v.check(SessionName::parse("name", name));
     let position_ms = v.check(position("position", position_value));
+    let action = v.check(action);
     v.finish()?;
-    let (Some(name), Some(position_ms)) = (name, position_ms) else {
+    let (Some(name), Some(position_ms), Some(action)) = (name, position_ms, action) else {
         return Err(Error::Internal("violations not recorded".into()));
     };
     Ok(DeviceRequest(DeviceCall {
@@ -203,13 +206,13 @@ impl TryFrom<proto::HeartbeatRequest> for DeviceRequest {
     type Error = Error;
 
     fn try_from(request: proto::HeartbeatRequest) -> Result<Self, Error> {
-        let playback_state = known_enum::<PlaybackState>("playback_state", request.playback_state)
-            .map_err(|violation| Error::InvalidArgument(vec![violation]))?;
+        let action = known_enum::<PlaybackState>("playback_state", request.playback_state)
+            .map(|playback_state| DeviceAction::Heartbeat { playback_state });
         device_request(
             &request.name,
             request.position.as_ref(),
             request.generation,
-            DeviceAction::Heartbeat { playback_state },
+            action,
         )
     }
 }
@@ -226,7 +229,7 @@ macro_rules! device_request_from {
                         &request.name,
                         request.position.as_ref(),
                         request.generation,
-                        DeviceAction::$action,
+                        Ok(DeviceAction::$action),
                     )
                 }
             }
@@ -402,6 +405,14 @@ impl Sessions {
                 replaced = created.replaced.len(),
                 "session started"
             );
+        }
+        // A retry whose session has ended since (the device never got the answer, so it
+        // never heartbeated): its first answer is gone. Say so instead of minting a token
+        // for a dead session; the caller starts again with a new request_id.
+        if created.replayed && !super::holds_seat(created.session.state) {
+            return Err(Error::SessionEnded {
+                session: Some(Box::new(created.session)),
+            });
         }
         let token = self.tokens.issue(&created.session)?;
         Ok(Started { created, token })

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 
 use super::{
     Created, DeviceAction, DeviceCall, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
+    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, parse_event_id,
+    partition_of,
 };
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
 use crate::session::{PlaybackState, Session, SessionState, holds_seat};
@@ -102,6 +103,9 @@ struct State {
     partitions: Vec<Partition>,
     /// (purge time, session) of ended sessions, for retention.
     purges: BTreeSet<(u64, SessionName)>,
+    /// (time, user) at which a user whose last seat was released may be forgotten, in
+    /// release order (one TTL for all, so the front is always due first).
+    idle_users: VecDeque<(u64, UserId)>,
 }
 
 /// See the module docs.
@@ -130,6 +134,7 @@ impl MemoryStore {
                 request_expiries: VecDeque::new(),
                 partitions,
                 purges: BTreeSet::new(),
+                idle_users: VecDeque::new(),
             }),
         }
     }
@@ -170,6 +175,21 @@ impl Op<'_> {
             }
             self.state.purges.pop_first();
             self.state.sessions.remove(&name);
+        }
+        // Users with no seat and a forgotten generation go too, as Redis' keys do.
+        while let Some((at, _)) = self.state.idle_users.front() {
+            if *at > self.now {
+                break;
+            }
+            let Some((_, user)) = self.state.idle_users.pop_front() else {
+                break;
+            };
+            let idle = self.state.users.get(&user).is_some_and(|seats| {
+                seats.seats.is_empty() && seats.generation_expires_ms <= self.now
+            });
+            if idle {
+                self.state.users.remove(&user);
+            }
         }
         while let Some((at, _)) = self.state.request_expiries.front() {
             if *at > self.now {
@@ -234,6 +254,11 @@ impl Op<'_> {
             user.seats.remove(&name.session);
             if user.devices.get(&session.device.id) == Some(&name.session) {
                 user.devices.remove(&session.device.id);
+            }
+            if user.seats.is_empty() {
+                self.state
+                    .idle_users
+                    .push_back((user.generation_expires_ms, name.user.clone()));
             }
         }
         self.state.partitions[partition]
@@ -657,11 +682,59 @@ impl Store for MemoryStore {
     }
 }
 
-fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
-    let corrupt = || StoreError::Corrupt(format!("bad event id {id}"));
-    let (ms, seq) = id.split_once('-').ok_or_else(corrupt)?;
-    Ok((
-        ms.parse().map_err(|_| corrupt())?,
-        seq.parse().map_err(|_| corrupt())?,
-    ))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ContentId, ProfileId};
+    use crate::session::{ClientInfo, Device, DeviceType};
+
+    fn create(user: &UserId) -> NewSession {
+        NewSession {
+            name: SessionName {
+                user: user.clone(),
+                session: SessionId::generate(),
+            },
+            profile: ProfileId::parse("p", "p").unwrap(),
+            content: ContentId::parse("c", "c").unwrap(),
+            device: Device {
+                id: DeviceId::parse("d", "tv").unwrap(),
+                kind: DeviceType::Tv,
+                name: String::new(),
+            },
+            client: ClientInfo::default(),
+            request_id: None,
+            limit: 1,
+            policy: OverLimitPolicy::RejectNew,
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_users_are_forgotten_like_their_redis_keys() {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = MemoryStore::with_clock(StoreSettings::default(), clock.clone());
+        let user = UserId::parse("u", "idle").unwrap();
+        let first = store.create_session(create(&user)).await.unwrap();
+        let stop = DeviceCall {
+            name: first.session.name.clone(),
+            generation: None,
+            position_ms: None,
+            action: DeviceAction::Stop,
+        };
+        store.device_call(stop).await.unwrap();
+        clock.advance(Duration::from_secs(29 * 24 * 3600));
+        store.seats(&user).await.unwrap();
+        assert!(
+            store.state.lock().unwrap().users.contains_key(&user),
+            "not yet"
+        );
+        clock.advance(Duration::from_secs(2 * 24 * 3600));
+        store.seats(&user).await.unwrap();
+        assert!(
+            !store.state.lock().unwrap().users.contains_key(&user),
+            "forgotten"
+        );
+        // The generation starts again, as Redis' expired counter does.
+        let again = store.create_session(create(&user)).await.unwrap();
+        assert_eq!(again.session.generation, 1);
+    }
 }

@@ -236,6 +236,16 @@ pub struct Event {
     pub reason: String,
 }
 
+/// Parses an event id, `<ms>-<seq>`, the only cursor form both stores accept.
+pub fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
+    let bad = || StoreError::Corrupt(format!("bad event id {id:?}: expected <ms>-<seq>"));
+    let (ms, seq) = id.split_once('-').ok_or_else(bad)?;
+    Ok((
+        ms.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+    ))
+}
+
 /// Failures of the store, typed. Rejections carry what the caller needs to explain them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -285,8 +295,10 @@ impl StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Atomically, in this order:
-    /// 1. a `request_id` seen within its TTL returns the first answer (`replayed`), or
-    ///    `RequestIdReused` if the request differs;
+    /// 1. a `request_id` seen within its TTL returns the first answer (`replayed`): the
+    ///    session as it is now, live or ended; or `RequestIdReused` if the request
+    ///    differs. (The session's record outlives the request id: the config requires
+    ///    `ended_retention >= request_id_ttl`.)
     /// 2. holders past their deadline are expired (`playback.expired` each, at most
     ///    `max_evictions_per_call`);
     /// 3. over the limit, not counting the device's own session: `LimitReached` with the

@@ -68,11 +68,52 @@ async fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, fi
     assert_eq!(bad_fields(&status), fields, "{status:?}");
 }
 
-async fn refuse_everything_bad(server: &mut TestServer) {
+/// Bad creates and bad calls that name no session: nothing may be written at all.
+async fn refuse_bad_creates_and_reads(server: &mut TestServer) {
     for (request, fields) in bad_creates() {
         assert_invalid(server.sessions.create_session(request).await, &fields).await;
     }
-    let name = "users/victim/sessions/s1".to_owned();
+    assert_invalid(
+        server
+            .sessions
+            .list_sessions(proto::ListSessionsRequest {
+                parent: "users/".into(),
+                page_size: -1,
+                page_token: "a/b".into(),
+            })
+            .await,
+        &["parent", "page_size", "page_token"],
+    )
+    .await;
+    assert_invalid(
+        server
+            .concurrency
+            .get_concurrency(proto::GetConcurrencyRequest {
+                name: "users/victim".into(),
+            })
+            .await,
+        &["name"],
+    )
+    .await;
+    assert_invalid(
+        server
+            .concurrency
+            .check_availability(proto::CheckAvailabilityRequest {
+                name: "users/victim/concurrency".into(),
+                device_id: String::new(),
+                content_id: "ok".into(),
+                region: "usa".into(),
+            })
+            .await,
+        &["device_id", "region"],
+    )
+    .await;
+}
+
+/// Bad device calls and a bad terminate on the live session `name`: every bad field named
+/// in one answer, and the session left as it was (the callers check that).
+async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
+    let name = name.to_owned();
     assert_invalid(
         server
             .sessions
@@ -83,7 +124,7 @@ async fn refuse_everything_bad(server: &mut TestServer) {
                 generation: 0,
             })
             .await,
-        &["playback_state"],
+        &["position", "playback_state"],
     )
     .await;
     assert_invalid(
@@ -125,6 +166,18 @@ async fn refuse_everything_bad(server: &mut TestServer) {
     assert_invalid(
         server
             .sessions
+            .resume_session(proto::ResumeSessionRequest {
+                name: name.clone(),
+                position: duration(1, 2_000_000_000),
+                generation: 0,
+            })
+            .await,
+        &["position"],
+    )
+    .await;
+    assert_invalid(
+        server
+            .sessions
             .terminate_session(proto::TerminateSessionRequest {
                 name: name.clone(),
                 reason: " ".into(),
@@ -133,64 +186,62 @@ async fn refuse_everything_bad(server: &mut TestServer) {
         &["reason"],
     )
     .await;
-    assert_invalid(
-        server
-            .sessions
-            .list_sessions(proto::ListSessionsRequest {
-                parent: "users/".into(),
-                page_size: -1,
-                page_token: "a/b".into(),
-            })
-            .await,
-        &["parent", "page_size", "page_token"],
-    )
-    .await;
-    assert_invalid(
-        server
-            .concurrency
-            .get_concurrency(proto::GetConcurrencyRequest {
-                name: "users/victim".into(),
-            })
-            .await,
-        &["name"],
-    )
-    .await;
-    assert_invalid(
-        server
-            .concurrency
-            .check_availability(proto::CheckAvailabilityRequest {
-                name: "users/victim/concurrency".into(),
-                device_id: String::new(),
-                content_id: "ok".into(),
-                region: "usa".into(),
-            })
-            .await,
-        &["device_id", "region"],
-    )
-    .await;
+}
+
+async fn start_victim(server: &mut TestServer) -> proto::Session {
+    server
+        .sessions
+        .create_session(create_request("victim", "tv"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
+}
+
+async fn get(server: &mut TestServer, name: &str) -> proto::Session {
+    server
+        .sessions
+        .get_session(proto::GetSessionRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
 }
 
 #[tokio::test]
 async fn bad_input_on_the_memory_store_stores_nothing() {
     let store: Arc<dyn Store> = Arc::new(usher::store::memory::MemoryStore::new(test_settings()));
     let mut server = serve(store.clone(), 2, OverLimitPolicy::RejectNew).await;
-    refuse_everything_bad(&mut server).await;
-    for partition in 0..store.settings().partitions {
-        assert!(
-            store
-                .read_events(partition, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
+    let events = async |store: &Arc<dyn Store>| {
+        let mut all = Vec::new();
+        for partition in 0..store.settings().partitions {
+            all.extend(store.read_events(partition, None, 100).await.unwrap());
+        }
+        all
+    };
+    refuse_bad_creates_and_reads(&mut server).await;
+    assert!(events(&store).await.is_empty());
     let victim = crate::support::user("victim");
     assert!(store.seats(&victim).await.unwrap().holders.is_empty());
-    server.running.shutdown().await;
+
+    let session = start_victim(&mut server).await;
+    let events_before = events(&store).await;
+    refuse_bad_calls_on(&mut server, &session.name).await;
+    assert_eq!(
+        get(&mut server, &session.name).await,
+        session,
+        "the session is unchanged"
+    );
+    assert_eq!(events(&store).await, events_before, "no event");
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
-async fn bad_input_on_redis_writes_no_key() {
+async fn bad_input_on_redis_writes_nothing() {
     let redis_server = redis::shared_redis();
     let prefix = unique_prefix();
     let store: Arc<dyn Store> = Arc::new(
@@ -207,17 +258,16 @@ async fn bad_input_on_redis_writes_no_key() {
         .unwrap(),
     );
     let mut server = serve(store, 2, OverLimitPolicy::RejectNew).await;
-    refuse_everything_bad(&mut server).await;
-    assert_eq!(
-        redis::keys_with_prefix(&[redis_server.port], &format!("{prefix}:")),
-        Vec::<String>::new()
-    );
-    // The same server does write for a good request: the check above can fail.
-    server
-        .sessions
-        .create_session(create_request("victim", "tv"))
-        .await
-        .unwrap();
-    assert!(!redis::keys_with_prefix(&[redis_server.port], &format!("{prefix}:")).is_empty());
-    server.running.shutdown().await;
+    let dump = || redis::dump_with_prefix(&[redis_server.port], &format!("{prefix}:"));
+    refuse_bad_creates_and_reads(&mut server).await;
+    assert_eq!(dump(), Vec::new(), "no key at all");
+
+    // A good request does write: the checks can fail.
+    let session = start_victim(&mut server).await;
+    let before = dump();
+    assert!(!before.is_empty());
+    refuse_bad_calls_on(&mut server, &session.name).await;
+    assert_eq!(dump(), before, "every key as it was");
+    assert_eq!(get(&mut server, &session.name).await, session);
+    server.running.shutdown().await.unwrap();
 }

@@ -79,7 +79,7 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
         .await
         .unwrap();
     let events_before = b.events_of(&user).await.len();
-    let keys_before = b.keys();
+    let dump_before = b.dump();
     let third = new_session(&user, "c", 2, RejectNew);
     let third_name = third.name.clone();
     match b.store.create_session(third).await {
@@ -95,7 +95,7 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
         other => panic!("expected LimitReached, got {other:?}"),
     }
     assert_eq!(b.events_of(&user).await.len(), events_before);
-    assert_eq!(b.keys(), keys_before);
+    assert_eq!(b.dump(), dump_before, "a rejected create writes nothing");
     assert_eq!(b.store.get_session(&third_name).await.unwrap(), None);
     assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 2);
 }
@@ -197,6 +197,102 @@ pub async fn a_repeated_request_id_returns_the_first_answer(kind: Kind) {
     assert!(matches!(
         b.store.create_session(different).await,
         Err(StoreError::RequestIdReused)
+    ));
+}
+
+pub async fn a_replay_after_the_session_ended_returns_it_ended(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let mut create = new_session(&user, "tv", 1, RejectNew);
+    create.request_id = Some(usher::ids::RequestId::parse("r", "req-2").unwrap());
+    let first = b.store.create_session(create.clone()).await.unwrap();
+    b.store
+        .device_call(call(&first.session.name, DeviceAction::Stop))
+        .await
+        .unwrap();
+    let mut retry = create;
+    retry.name.session = usher::ids::SessionId::generate();
+    let replay = b.store.create_session(retry).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.session.name, first.session.name);
+    assert_eq!(replay.session.state, SessionState::Stopped);
+    assert!(
+        b.store.seats(&user).await.unwrap().holders.is_empty(),
+        "no seat taken"
+    );
+}
+
+pub async fn a_limit_of_zero_admits_nobody_and_writes_nothing(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    for policy in [RejectNew, StopOldest] {
+        match b
+            .store
+            .create_session(new_session(&user, "tv", 0, policy))
+            .await
+        {
+            Err(StoreError::LimitReached { limit: 0, holders }) => assert!(holders.is_empty()),
+            other => panic!("expected LimitReached, got {other:?}"),
+        }
+    }
+    assert!(b.events_of(&user).await.is_empty());
+    assert_eq!(b.dump(), Vec::new());
+}
+
+pub async fn a_create_expires_at_most_the_configured_number_of_holders(kind: Kind) {
+    let mut settings = test_settings();
+    settings.max_evictions_per_call = 1;
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    for device in ["a", "b", "c"] {
+        b.store
+            .create_session(new_session(&user, device, 3, RejectNew))
+            .await
+            .unwrap();
+    }
+    b.advance(PAST_TIMEOUT).await;
+    // Overdue holders do not count against the limit, evicted now or not.
+    b.store
+        .create_session(new_session(&user, "d", 1, RejectNew))
+        .await
+        .unwrap();
+    let expired = b
+        .events_of(&user)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Expired)
+        .count();
+    assert_eq!(
+        expired, 1,
+        "one eviction per create; the sweeper takes the rest"
+    );
+    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+}
+
+pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
+    let mut settings = test_settings();
+    settings.ended_retention = Duration::from_millis(1000);
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "a", 1, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    b.store
+        .device_call(call(&name, DeviceAction::Stop))
+        .await
+        .unwrap();
+    assert!(
+        b.store.get_session(&name).await.unwrap().is_some(),
+        "kept a while"
+    );
+    b.advance(Duration::from_millis(1300)).await;
+    assert_eq!(b.store.get_session(&name).await.unwrap(), None);
+    assert!(matches!(
+        b.store.device_call(heartbeat(&name)).await,
+        Err(StoreError::NotFound)
     ));
 }
 
@@ -593,6 +689,15 @@ pub async fn events_carry_the_session_and_read_after_a_cursor(kind: Kind) {
         .unwrap();
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].kind, EventKind::Paused);
+    let first = b.store.read_events(partition, None, 1).await.unwrap();
+    assert_eq!(first.len(), 1, "count bounds the answer");
+    for bad in ["12", "x-1", "1-y", ""] {
+        let read = b.store.read_events(partition, Some(bad), 10).await;
+        assert!(
+            matches!(read, Err(StoreError::Corrupt(_))),
+            "cursor {bad:?}"
+        );
+    }
 }
 
 pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
@@ -683,6 +788,10 @@ macro_rules! conformance_suite {
                     stop_oldest_evicts_the_least_recently_started,
                     the_same_device_replaces_its_own_session,
                     a_repeated_request_id_returns_the_first_answer,
+                    a_replay_after_the_session_ended_returns_it_ended,
+                    a_limit_of_zero_admits_nobody_and_writes_nothing,
+                    a_create_expires_at_most_the_configured_number_of_holders,
+                    ended_sessions_are_forgotten_after_the_retention,
                     an_expired_holder_never_blocks_a_create,
                     the_sweep_expires_overdue_sessions,
                     the_sweep_is_bounded,

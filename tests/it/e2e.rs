@@ -155,7 +155,7 @@ async fn a_session_lives_from_create_to_stop() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(reason(&refused), "SESSION_ENDED");
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -223,7 +223,7 @@ async fn over_the_limit_the_player_learns_who_holds_the_seats() {
         same_device.admission,
         proto::Admission::ReplacesDeviceSession as i32
     );
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -273,7 +273,7 @@ async fn stop_oldest_makes_room_and_says_which_session_it_replaced() {
         proto::OverLimitPolicy::StopOldest as i32
     );
     assert_eq!(concurrency.holders[0].session, second.session.unwrap().name);
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -304,7 +304,7 @@ async fn the_sweeper_releases_seats_of_silent_devices() {
         "swept without a create"
     );
     assert_eq!(got.end_reason, "heartbeat_timeout");
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -384,7 +384,7 @@ async fn terminate_and_list_pagination() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -432,7 +432,7 @@ async fn entitlement_denials_carry_stable_reasons() {
     withdrawn.client = None;
     let content = server.sessions.create_session(withdrawn).await.unwrap_err();
     assert_eq!(reason(&content), "CONTENT_UNAVAILABLE");
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -486,6 +486,135 @@ async fn health_reports_each_service_and_not_serving_while_draining() {
         .into_inner()
         .status;
     assert_eq!(status, ServingStatus::NotServing as i32);
-    stopping.await.unwrap();
-    server.running.shutdown().await;
+    stopping.await.unwrap().unwrap();
+    server.running.shutdown().await.unwrap();
+}
+
+/// A store whose sweep of partition 0 always fails, as when a Redis Cluster shard is down.
+struct BrokenPartitionZero(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Store for BrokenPartitionZero {
+    async fn create_session(
+        &self,
+        new: usher::store::NewSession,
+    ) -> Result<usher::store::Created, usher::store::StoreError> {
+        self.0.create_session(new).await
+    }
+    async fn get_session(
+        &self,
+        name: &usher::ids::SessionName,
+    ) -> Result<Option<usher::session::Session>, usher::store::StoreError> {
+        self.0.get_session(name).await
+    }
+    async fn seats(
+        &self,
+        user: &usher::ids::UserId,
+    ) -> Result<usher::store::Seats, usher::store::StoreError> {
+        self.0.seats(user).await
+    }
+    async fn device_call(
+        &self,
+        call: usher::store::DeviceCall,
+    ) -> Result<usher::session::Session, usher::store::StoreError> {
+        self.0.device_call(call).await
+    }
+    async fn terminate(
+        &self,
+        name: &usher::ids::SessionName,
+        reason: &str,
+    ) -> Result<usher::session::Session, usher::store::StoreError> {
+        self.0.terminate(name, reason).await
+    }
+    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, usher::store::StoreError> {
+        if partition == 0 {
+            return Err(usher::store::StoreError::Unavailable("shard down".into()));
+        }
+        self.0.sweep(partition, max).await
+    }
+    async fn read_events(
+        &self,
+        partition: u32,
+        after: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
+        self.0.read_events(partition, after, count).await
+    }
+    async fn ping(&self) -> Result<(), usher::store::StoreError> {
+        self.0.ping().await
+    }
+    fn settings(&self) -> &usher::store::StoreSettings {
+        self.0.settings()
+    }
+}
+
+#[tokio::test]
+async fn one_failing_partition_does_not_stop_the_sweep_of_the_others() {
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new(test_settings()));
+    let store: Arc<dyn Store> = Arc::new(BrokenPartitionZero(inner));
+    let mut server = serve(store, 1, OverLimitPolicy::RejectNew).await;
+    // A user of a later partition than the broken one.
+    let user = (0..)
+        .map(|i| format!("sweep-{i}"))
+        .find(|u| usher::store::partition_of(&crate::support::user(u), 4) == 3)
+        .unwrap();
+    let session = session_of(
+        server
+            .sessions
+            .create_session(create_request(&user, "tv"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    tokio::time::sleep(Duration::from_millis(1900)).await;
+    let got = server
+        .sessions
+        .get_session(proto::GetSessionRequest { name: session.name })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(got.state, proto::SessionState::Expired as i32);
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retry_of_a_create_whose_session_ended_says_so() {
+    let (mut server, _clock) = memory_server(2, OverLimitPolicy::RejectNew).await;
+    let mut request = create_request("nina", "tv");
+    request.request_id = "retry-1".into();
+    let first = session_of(
+        server
+            .sessions
+            .create_session(request.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let again = server
+        .sessions
+        .create_session(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.session.unwrap().name,
+        first.name,
+        "a live session: the first answer"
+    );
+    server
+        .sessions
+        .stop_session(proto::StopSessionRequest {
+            name: first.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let status = server.sessions.create_session(request).await.unwrap_err();
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::FailedPrecondition, "SESSION_ENDED")
+    );
+    server.running.shutdown().await.unwrap();
 }

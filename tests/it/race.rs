@@ -86,7 +86,7 @@ async fn race_on_redis(target: RedisTarget, ports: Vec<u16>) {
         "one started event per admitted session"
     );
     for server in servers {
-        server.running.shutdown().await;
+        server.running.shutdown().await.unwrap();
     }
 }
 
@@ -123,5 +123,5 @@ async fn one_instance_on_the_memory_store_admits_exactly_the_limit() {
         store.seats(&user).await.unwrap().holders.len(),
         LIMIT as usize
     );
-    server.running.shutdown().await;
+    server.running.shutdown().await.unwrap();
 }

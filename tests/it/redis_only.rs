@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
+use usher::proto;
 use usher::session::SessionState;
 use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{
@@ -25,17 +26,16 @@ async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
     )
 }
 
-/// Retries a create until the store answers again: UNAVAILABLE meanwhile, success within
-/// 10 s.
-async fn recovers(usher: &mut TestServer, user: &str) {
+/// Retries `request` until the store answers again: UNAVAILABLE meanwhile, success
+/// within 10 s. Returns the answer.
+async fn recovers(
+    usher: &mut TestServer,
+    request: proto::CreateSessionRequest,
+) -> proto::CreateSessionResponse {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match usher
-            .sessions
-            .create_session(create_request(user, "phone"))
-            .await
-        {
-            Ok(_) => return,
+        match usher.sessions.create_session(request.clone()).await {
+            Ok(answer) => return answer.into_inner(),
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 assert!(Instant::now() < deadline, "usher did not recover");
@@ -71,24 +71,28 @@ async fn an_outage_fails_fast_with_unavailable_and_usher_recovers() {
 
     // Redis comes back (empty, as after a restart without persistence).
     server.restart();
-    recovers(&mut usher, "ivy").await;
-    usher.running.shutdown().await;
+    recovers(&mut usher, create_request("ivy", "phone")).await;
+    usher.running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     let server = redis::RedisServer::start();
     let store = connect(RedisTarget::Single { url: server.url() }, "hung").await;
-    let mut usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
+    let mut usher = serve(store.clone(), 2, OverLimitPolicy::RejectNew).await;
     usher
         .sessions
         .create_session(create_request("jan", "tv"))
         .await
         .unwrap();
 
+    // The create is sent into a frozen Redis: the script may run when it thaws, after
+    // usher stopped waiting. It carries a request_id, as the README asks.
+    let mut phone = create_request("jan", "phone");
+    phone.request_id = "jan-phone-1".into();
     server.freeze();
     let started = Instant::now();
-    let mut request = tonic::Request::new(create_request("jan", "phone"));
+    let mut request = tonic::Request::new(phone.clone());
     request.set_timeout(Duration::from_secs(3));
     let status = usher.sessions.create_session(request).await.unwrap_err();
     let waited = started.elapsed();
@@ -101,7 +105,7 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     // before its deadline, not CANCELLED or DEADLINE_EXCEEDED at it.
     server.freeze();
     let started = Instant::now();
-    let mut request = tonic::Request::new(create_request("jan", "phone"));
+    let mut request = tonic::Request::new(phone.clone());
     request.set_timeout(Duration::from_millis(300));
     let status = usher.sessions.create_session(request).await.unwrap_err();
     let waited = started.elapsed();
@@ -109,8 +113,35 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(waited < Duration::from_millis(300), "took {waited:?}");
 
-    recovers(&mut usher, "jan").await;
-    usher.running.shutdown().await;
+    // Retried: one phone session, one started event, however many of the tries ran.
+    let answer = recovers(&mut usher, phone.clone()).await;
+    let again = usher
+        .sessions
+        .create_session(phone)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.session.unwrap().name,
+        answer.session.as_ref().unwrap().name
+    );
+    let user = crate::support::user("jan");
+    let holders = store.seats(&user).await.unwrap().holders;
+    let phones = holders
+        .iter()
+        .filter(|h| h.device.id.as_str() == "phone")
+        .count();
+    assert_eq!((holders.len(), phones), (2, 1));
+    let partition = partition_of(&user, test_settings().partitions);
+    let started_events = store
+        .read_events(partition, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.session.user == user && e.kind == EventKind::Started)
+        .count();
+    assert_eq!(started_events, 2, "tv and phone, once each");
+    usher.running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,5 +271,5 @@ async fn health_turns_not_serving_while_redis_is_down() {
     status_is(ServingStatus::NotServing).await;
     server.restart();
     status_is(ServingStatus::Serving).await;
-    usher.running.shutdown().await;
+    usher.running.shutdown().await.unwrap();
 }

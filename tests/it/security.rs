@@ -386,7 +386,7 @@ async fn forged_and_malformed_tokens_are_refused() {
         "tampered payload",
     )
     .await;
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -431,7 +431,7 @@ async fn a_token_authorizes_only_its_own_session() {
     // A service key is not a playback token.
     let status = s.heartbeat(&a.name, PLAYBACK_KEY).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -518,7 +518,7 @@ async fn tokens_of_ended_sessions_and_older_generations_are_dead() {
     assert_eq!(s.validate(&new_token, true).await.reason, "SESSION_ENDED");
     // Without check_session only the token itself is judged: still well signed.
     assert!(s.validate(&new_token, false).await.valid);
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -581,7 +581,7 @@ async fn refresh_gives_a_new_token_for_a_live_session_only() {
         (Code::Unauthenticated, "TOKEN_EXPIRED")
     );
     s.refresh(&lately, &lately).await.unwrap();
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -597,7 +597,7 @@ async fn a_session_past_its_deadline_is_over_before_the_sweeper_says_so() {
     assert_eq!(s.validate(&token, true).await.reason, "SESSION_ENDED");
     let status = s.refresh(&token, PLAYBACK_KEY).await.unwrap_err();
     assert_eq!(reason(&status), "SESSION_ENDED");
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -689,7 +689,7 @@ async fn callers_need_credentials_and_the_role() {
         })
         .await
         .unwrap();
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -731,7 +731,7 @@ async fn the_jwks_verifies_tokens_offline() {
         900,
         "15 minutes"
     );
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -761,7 +761,7 @@ async fn hs256_deployments_sign_with_the_shared_secret() {
         s.validate(&format!("{forged}AAAA"), false).await.reason,
         "TOKEN_INVALID"
     );
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 /// Waits until the server's JWKS has `count` keys (the reloader polls every 100 ms).
@@ -817,7 +817,7 @@ async fn keys_rotate_without_a_restart() {
     std::fs::write(&s.keys, "{ not json").unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(s.validate(&new_token, false).await.valid);
-    s.server.running.shutdown().await;
+    s.server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -937,6 +937,27 @@ async fn mutual_tls_identifies_callers_by_certificate() {
         .await
         .unwrap();
 
+    // `usher health` (the container's health check) speaks TLS with the CA.
+    let ca_file = dir.path().join("ca.pem");
+    let health = tokio::process::Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args([
+            "health",
+            "--addr",
+            &running.addr.to_string(),
+            "--tls-domain",
+            "localhost",
+        ])
+        .arg("--tls-ca")
+        .arg(&ca_file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&health.stdout).trim(),
+        "SERVING",
+        "{health:?}"
+    );
+
     // Plaintext does not reach a TLS listener.
     let plain = Channel::from_shared(format!("http://127.0.0.1:{}", running.addr.port()))
         .unwrap()
@@ -950,5 +971,5 @@ async fn mutual_tls_identifies_callers_by_certificate() {
                 .is_err()
         );
     }
-    running.shutdown().await;
+    running.shutdown().await.unwrap();
 }

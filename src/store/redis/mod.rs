@@ -40,6 +40,9 @@ use super::{
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
 use crate::session::{PlaybackState, Session};
 
+/// The oldest Redis major version usher runs on.
+pub const MIN_REDIS_MAJOR: u32 = 7;
+
 /// Where the Redis store connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedisTarget {
@@ -247,10 +250,35 @@ impl RedisStore {
             options,
             scripts: Scripts::new(),
         };
+        store.check_version().await?;
         for script in store.scripts.all() {
             store.bounded(script.load(&store.client)).await?;
         }
         Ok(store)
+    }
+
+    /// The scripts use SPUBLISH (Redis 7.0) and exclusive XRANGE cursors (6.2): refuse
+    /// an older server at start rather than fail halfway through a script later.
+    async fn check_version(&self) -> Result<(), StoreError> {
+        let info: String = self
+            .bounded(self.client.info(Some(fred::types::InfoKind::Server)))
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .map(str::trim)
+            .ok_or_else(|| StoreError::Corrupt("INFO server has no redis_version".into()))?;
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("unreadable redis_version {version}")))?;
+        if major < MIN_REDIS_MAJOR {
+            return Err(StoreError::Corrupt(format!(
+                "Redis {version} is too old: usher needs Redis {MIN_REDIS_MAJOR}.0 or newer"
+            )));
+        }
+        Ok(())
     }
 
     async fn bounded<T>(
@@ -483,6 +511,9 @@ impl Store for RedisStore {
         after: Option<&str>,
         count: u32,
     ) -> Result<Vec<Event>, StoreError> {
+        if let Some(after) = after {
+            super::parse_event_id(after)?;
+        }
         let keys = Keys::new(&self.options.key_prefix, partition);
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let entries: Vec<(String, Vec<(String, String)>)> = self

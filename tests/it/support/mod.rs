@@ -128,9 +128,10 @@ impl Backend {
         }
     }
 
-    /// Every Redis key this backend wrote.
-    pub fn keys(&self) -> Vec<String> {
-        redis::keys_with_prefix(&self.ports(), &format!("{}:", self.prefix))
+    /// Every Redis key this backend wrote, with its contents (empty for memory, whose
+    /// tests compare sessions and events instead).
+    pub fn dump(&self) -> Vec<(String, String)> {
+        redis::dump_with_prefix(&self.ports(), &format!("{}:", self.prefix))
     }
 
     /// Every event of the user's partition, oldest first.

@@ -293,3 +293,18 @@ pub fn keys_with_prefix(ports: &[u16], prefix: &str) -> Vec<String> {
     keys.dedup();
     keys
 }
+
+/// Every key starting with `prefix` and its serialized value (`DUMP`, which leaves TTLs
+/// out): equal snapshots mean nothing was written.
+pub fn dump_with_prefix(ports: &[u16], prefix: &str) -> Vec<(String, String)> {
+    let Some(&port) = ports.first() else {
+        return Vec::new();
+    };
+    keys_with_prefix(ports, prefix)
+        .into_iter()
+        .map(|key| {
+            let dump = redis_cli(port, &["dump", &key]);
+            (key, dump)
+        })
+        .collect()
+}
