@@ -618,3 +618,26 @@ async fn a_retry_of_a_create_whose_session_ended_says_so() {
     );
     server.running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn messages_over_the_size_limit_are_refused() {
+    let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
+    config.limits.max_message_size = 1024;
+    let mut server = crate::support::serve_with(
+        &config,
+        Arc::new(MemoryStore::new(test_settings())),
+        Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
+    )
+    .await;
+    let mut big = create_request("olga", "tv");
+    big.client.as_mut().unwrap().user_agent = "x".repeat(4096);
+    let status = server.sessions.create_session(big).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // Under the limit, the same call goes through.
+    server
+        .sessions
+        .create_session(create_request("olga", "tv"))
+        .await
+        .unwrap();
+    server.running.shutdown().await.unwrap();
+}

@@ -202,6 +202,23 @@ fn an_engineer_explores_usher_with_grpcurl() {
         &format!(r#"{{"name":"{phone}","reason":"support"}}"#),
     );
     assert_eq!(terminated["session"]["state"], "SESSION_STATE_TERMINATED");
+    let token = created["playbackToken"].as_str().expect("a token");
+    let validated = usher.call(
+        "usher.v1.TokenService/ValidateToken",
+        &format!(r#"{{"token":"{token}","check_session":true}}"#),
+    );
+    assert_eq!(validated["valid"], true);
+    let refreshed = usher.call(
+        "usher.v1.TokenService/RefreshToken",
+        &format!(r#"{{"token":"{token}"}}"#),
+    );
+    assert!(
+        refreshed["playbackToken"]
+            .as_str()
+            .is_some_and(|t| t != token)
+    );
+    let jwks = usher.call("usher.v1.TokenService/GetJwks", "{}");
+    assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
     let health = usher.call("grpc.health.v1.Health/Check", "{}");
     assert_eq!(health["status"], "SERVING");
 
