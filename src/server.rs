@@ -454,7 +454,7 @@ pub async fn check_health(args: &crate::config::HealthArgs) -> Result<String, St
         .connect_timeout(args.timeout)
         .timeout(args.timeout);
     if let Some(ca) = &args.tls_ca {
-        let ca = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        let ca = read(ca).map_err(|e| e.to_string())?;
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca))
             .domain_name(args.tls_domain.clone());

@@ -119,6 +119,11 @@ pub fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// A protobuf timestamp from epoch seconds (JWT time claims).
+pub fn timestamp_seconds(seconds: u64) -> prost_types::Timestamp {
+    timestamp_ms(seconds * 1000)
+}
+
 /// A protobuf duration from milliseconds.
 pub fn duration_ms(ms: u64) -> prost_types::Duration {
     prost_types::Duration {

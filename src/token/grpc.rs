@@ -10,7 +10,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 use crate::proto;
 use crate::proto::token_service_server::TokenService;
-use crate::session::timestamp_ms;
+use crate::session::timestamp_seconds;
 
 /// Serves `usher.v1.TokenService`.
 pub struct TokenGrpc {
@@ -46,9 +46,9 @@ pub fn claims_to_proto(claims: &PlaybackClaims) -> proto::TokenClaims {
         content_id: claims.cid.clone(),
         profile_id: claims.pid.clone(),
         generation: claims.r#gen,
-        issue_time: Some(timestamp_ms(claims.iat * 1000)),
-        not_before: Some(timestamp_ms(claims.nbf * 1000)),
-        expire_time: Some(timestamp_ms(claims.exp * 1000)),
+        issue_time: Some(timestamp_seconds(claims.iat)),
+        not_before: Some(timestamp_seconds(claims.nbf)),
+        expire_time: Some(timestamp_seconds(claims.exp)),
         token_id: claims.jti.clone(),
     }
 }
@@ -97,7 +97,7 @@ impl TokenService for TokenGrpc {
         let issued = self.ops.refresh(&request.token).await?;
         Ok(Response::new(proto::RefreshTokenResponse {
             playback_token: issued.token,
-            expire_time: Some(timestamp_ms(issued.claims.exp * 1000)),
+            expire_time: Some(timestamp_seconds(issued.claims.exp)),
         }))
     }
 

@@ -121,7 +121,8 @@ impl Default for TokenSettings {
     }
 }
 
-fn now_seconds() -> u64 {
+/// The system clock in Unix seconds, the unit of every JWT time claim.
+pub(crate) fn now_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -206,10 +207,6 @@ impl Tokens {
         self.ring.store(Arc::new(Ring { keys: ring, epoch }));
         // Entries of older epochs are misses anyway; this frees their memory.
         self.cache.invalidate_all();
-    }
-
-    pub fn settings(&self) -> &TokenSettings {
-        &self.settings
     }
 
     pub fn public_keys(&self) -> Vec<PublicJwk> {
