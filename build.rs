@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // prost's codec, but a body that does not decode is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::UsherCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;

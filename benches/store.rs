@@ -167,6 +167,7 @@ async fn redis_store(server: &redis::RedisServer, prefix: &str) -> Arc<dyn Store
         target: RedisTarget::Single { url: server.url() },
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_secs(2),
+        allow_eviction: false,
     };
     Arc::new(RedisStore::connect(options, settings()).await.unwrap())
 }

@@ -58,7 +58,8 @@ fn sample_session() -> usher::session::Session {
         last_heartbeat_ms: 0,
         deadline_ms: 0,
         ended_ms: None,
-        end_reason: String::new(),
+        end_reason: None,
+        termination: Default::default(),
         paused_ms: None,
     }
 }

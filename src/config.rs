@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::entitlement::MAX_SEAT_LIMIT;
+use crate::entitlement::{MAX_SEAT_LIMIT, MissingRegion};
+use crate::store::memory::MemoryLimits;
 use crate::store::redis::{RedisOptions, RedisTarget};
-use crate::store::{HeartbeatEvents, OverLimitPolicy, StoreSettings};
+use crate::store::{
+    DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, HeartbeatEvents, OverLimitPolicy,
+    StoreSettings,
+};
 use crate::token::TokenSettings;
 use crate::token::keys::KeyAlgorithm;
 
@@ -129,6 +133,21 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_REDIS_KEY_PREFIX", default_value = "usher")]
     pub redis_key_prefix: String,
 
+    /// Run on a Redis whose maxmemory-policy may evict keys. Without it usher refuses to
+    /// start unless the policy is noeviction: an evicted seat breaks the seat limit.
+    #[arg(long, env = "USHER_REDIS_ALLOW_EVICTION")]
+    pub redis_allow_eviction: bool,
+
+    /// Embedded store: most session records kept, live and ended; past it the oldest
+    /// ended are forgotten first, and when live sessions alone fill it creates are
+    /// refused with RESOURCE_EXHAUSTED / STORE_FULL.
+    #[arg(long, env = "USHER_MEMORY_MAX_SESSIONS", default_value_t = DEFAULT_MEMORY_MAX_SESSIONS)]
+    pub memory_max_sessions: usize,
+
+    /// Embedded store: most users kept; past it the longest-idle users are forgotten.
+    #[arg(long, env = "USHER_MEMORY_MAX_USERS", default_value_t = DEFAULT_MEMORY_MAX_USERS)]
+    pub memory_max_users: usize,
+
     /// A store call with no answer within this fails with UNAVAILABLE.
     #[arg(long, env = "USHER_STORE_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub store_timeout: Duration,
@@ -137,13 +156,24 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_PARTITIONS", default_value_t = 64)]
     pub partitions: u32,
 
-    /// Seats of users with no plan in the entitlement file.
+    /// Seats of users with no plan in the entitlement file, 0 to 100 [default: the
+    /// file's default_seat_limit, or 2 without one]
     #[arg(long, env = "USHER_DEFAULT_SEAT_LIMIT")]
     pub default_seat_limit: Option<u32>,
 
     /// TOML entitlement policy: plans, users, content and region rules.
     #[arg(long, env = "USHER_ENTITLEMENTS")]
     pub entitlements: Option<PathBuf>,
+
+    /// A create for a region-restricted title that gives no client.region: `refuse`
+    /// (REGION_REQUIRED) or `allow`.
+    #[arg(
+        long,
+        env = "USHER_MISSING_REGION",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub missing_region: MissingRegion,
 
     /// What a create over the limit does.
     #[arg(
@@ -202,6 +232,28 @@ pub struct ServeArgs {
     /// Largest request or response message, in bytes.
     #[arg(long, env = "USHER_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
     pub max_message_size: usize,
+
+    /// Most open client connections; past it new connections are closed at once (and
+    /// logged), so a flood cannot exhaust file descriptors.
+    #[arg(long, env = "USHER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// A connection that has not completed its handshake (TLS, and the HTTP/2 preface)
+    /// within this is closed.
+    #[arg(long, env = "USHER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most grpc.health.v1.Health/Watch streams open at once on this instance.
+    #[arg(long, env = "USHER_MAX_HEALTH_WATCHES", default_value_t = 1024)]
+    pub max_health_watches: usize,
+
+    /// Most grpc.health.v1.Health/Watch streams open at once on one connection.
+    #[arg(
+        long,
+        env = "USHER_MAX_HEALTH_WATCHES_PER_CONNECTION",
+        default_value_t = 4
+    )]
+    pub max_health_watches_per_connection: usize,
 
     /// HTTP/2 concurrent streams per connection.
     #[arg(long, env = "USHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
@@ -302,7 +354,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub store: StoreConfig,
     pub store_settings: StoreSettings,
+    pub memory_limits: MemoryLimits,
     pub default_seat_limit: Option<u32>,
+    pub missing_region: MissingRegion,
     pub entitlements: Option<PathBuf>,
     pub over_limit_policy: OverLimitPolicy,
     pub heartbeat_interval: Duration,
@@ -328,6 +382,10 @@ pub struct TlsFiles {
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
     pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_health_watches: usize,
+    pub max_health_watches_per_connection: usize,
     pub max_message_size: usize,
     pub max_concurrent_streams: u32,
     pub keepalive_interval: Duration,
@@ -355,12 +413,14 @@ pub fn parse_store(
     value: &str,
     key_prefix: &str,
     timeout: Duration,
+    allow_eviction: bool,
 ) -> Result<StoreConfig, String> {
     let options = |target| {
         StoreConfig::Redis(RedisOptions {
             target,
             key_prefix: key_prefix.to_owned(),
             timeout,
+            allow_eviction,
         })
     };
     if value == "memory" {
@@ -453,8 +513,31 @@ impl ServeArgs {
                 self.listen
             ));
         }
-        let store = parse_store(&self.store, &self.redis_key_prefix, self.store_timeout)
-            .map_err(|e| format!("--store {e}"))?;
+        let store = parse_store(
+            &self.store,
+            &self.redis_key_prefix,
+            self.store_timeout,
+            self.redis_allow_eviction,
+        )
+        .map_err(|e| format!("--store {e}"))?;
+        let at_least_one = [
+            ("--memory-max-sessions", self.memory_max_sessions),
+            ("--memory-max-users", self.memory_max_users),
+            ("--max-connections", self.max_connections),
+            ("--max-health-watches", self.max_health_watches),
+            (
+                "--max-health-watches-per-connection",
+                self.max_health_watches_per_connection,
+            ),
+        ];
+        for (flag, value) in at_least_one {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("--handshake-timeout must be more than 0".into());
+        }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -477,13 +560,22 @@ impl ServeArgs {
                 event_stream_maxlen: self.event_stream_maxlen,
                 ..StoreSettings::default()
             },
+            memory_limits: MemoryLimits {
+                max_sessions: self.memory_max_sessions,
+                max_users: self.memory_max_users,
+            },
             default_seat_limit: self.default_seat_limit,
+            missing_region: self.missing_region,
             entitlements: self.entitlements,
             over_limit_policy: self.over_limit_policy,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval,
             limits: ServerLimits {
                 request_timeout: self.request_timeout,
+                max_connections: self.max_connections,
+                handshake_timeout: self.handshake_timeout,
+                max_health_watches: self.max_health_watches,
+                max_health_watches_per_connection: self.max_health_watches_per_connection,
                 max_message_size: self.max_message_size,
                 max_concurrent_streams: self.max_concurrent_streams,
                 keepalive_interval: self.keepalive_interval,

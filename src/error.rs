@@ -40,6 +40,9 @@ pub enum Denial {
     Content,
     /// The viewer's region is not allowed.
     Geo,
+    /// The title is restricted to some regions and the request did not say where the
+    /// viewer is.
+    RegionRequired,
 }
 
 impl Denial {
@@ -49,6 +52,7 @@ impl Denial {
             Denial::Entitlement => "ENTITLEMENT_DENIED",
             Denial::Content => "CONTENT_UNAVAILABLE",
             Denial::Geo => "GEO_BLOCKED",
+            Denial::RegionRequired => "REGION_REQUIRED",
         }
     }
 }
@@ -58,6 +62,9 @@ impl Denial {
 pub enum Error {
     #[error("invalid request")]
     InvalidArgument(Vec<FieldViolation>),
+    /// The request body is not a well-formed message of the method's request type.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
     #[error("{resource} not found")]
     NotFound { resource: String },
     #[error("concurrency limit of {limit} reached")]
@@ -72,12 +79,20 @@ pub enum Error {
     Unauthenticated,
     #[error("the caller may not call this method")]
     PermissionDenied,
+    #[error(
+        "this method is called by a device with its playback token (authorization: Bearer <playback token>); a service credential may not act for a device"
+    )]
+    PlaybackTokenRequired,
     #[error("stale seat generation")]
     StaleGeneration,
     #[error("request_id was already used for a different request")]
     RequestIdReused,
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    #[error("the embedded store is full: {0}")]
+    StoreFull(String),
+    #[error("too many health watch streams on this {0}: close one, or poll with Check")]
+    TooManyWatches(&'static str),
     #[error("entitlement provider unavailable: {0}")]
     EntitlementUnavailable(String),
     #[error("deadline exceeded")]
@@ -98,18 +113,25 @@ impl Error {
     pub fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            Error::MalformedRequest(_) => (Code::InvalidArgument, "MALFORMED_REQUEST"),
             Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
             Error::ConcurrencyLimitReached { .. } => {
                 (Code::ResourceExhausted, "CONCURRENCY_LIMIT_REACHED")
+            }
+            Error::Denied(Denial::RegionRequired) => {
+                (Code::InvalidArgument, Denial::RegionRequired.reason())
             }
             Error::Denied(denial) => (Code::PermissionDenied, denial.reason()),
             Error::SessionEnded { .. } => (Code::FailedPrecondition, "SESSION_ENDED"),
             Error::Token(token) => (Code::Unauthenticated, token.reason()),
             Error::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
             Error::PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
+            Error::PlaybackTokenRequired => (Code::PermissionDenied, "PLAYBACK_TOKEN_REQUIRED"),
             Error::StaleGeneration => (Code::FailedPrecondition, "STALE_GENERATION"),
             Error::RequestIdReused => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
             Error::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
+            Error::StoreFull(_) => (Code::ResourceExhausted, "STORE_FULL"),
+            Error::TooManyWatches(_) => (Code::ResourceExhausted, "TOO_MANY_WATCHES"),
             Error::EntitlementUnavailable(_) => (Code::Unavailable, "ENTITLEMENT_UNAVAILABLE"),
             Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Error::Cancelled => (Code::Cancelled, "CANCELLED"),
@@ -125,6 +147,17 @@ impl Error {
                 format!("invalid request: {}", fields.join(", "))
             }
             Error::Unavailable(_) => "store unavailable, retry with backoff".to_owned(),
+            Error::StoreFull(_) => {
+                "the embedded store holds as many live sessions as it may".to_owned()
+            }
+            Error::MalformedRequest(_) => {
+                "malformed request: the body is not a valid message of the method's request type"
+                    .to_owned()
+            }
+            Error::Denied(Denial::RegionRequired) => {
+                "this title is restricted to some regions: the request must give the viewer's region"
+                    .to_owned()
+            }
             Error::EntitlementUnavailable(_) => {
                 "entitlement provider unavailable, retry with backoff".to_owned()
             }
@@ -150,6 +183,8 @@ impl From<Error> for Status {
                 tracing::warn!(reason, cause = %cause, "dependency unavailable");
             }
             Error::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
+            Error::MalformedRequest(cause) => tracing::debug!(cause = %cause, "malformed request"),
+            Error::StoreFull(cause) => tracing::warn!(cause = %cause, "embedded store full"),
             _ => {}
         }
         let mut metadata = std::collections::HashMap::new();
@@ -170,11 +205,11 @@ impl From<Error> for Status {
             }
             Error::ConcurrencyLimitReached { limit, holders } => {
                 metadata.insert("limit".to_owned(), limit.to_string());
-                let detail = proto::ConcurrencyLimitDetail {
-                    limit: i32::try_from(*limit).unwrap_or(i32::MAX),
-                    holders: holders.iter().map(Session::to_seat_holder).collect(),
-                };
-                details.push(any("usher.v1.ConcurrencyLimitDetail", &detail));
+                metadata.insert("holder_count".to_owned(), holders.len().to_string());
+                details.push(any(
+                    "usher.v1.ConcurrencyLimitDetail",
+                    &limit_detail(*limit, holders),
+                ));
             }
             Error::SessionEnded {
                 session: Some(session),
@@ -186,9 +221,13 @@ impl From<Error> for Status {
                 metadata.insert("resource".to_owned(), resource.clone());
             }
             Error::Denied(_)
+            | Error::MalformedRequest(_)
             | Error::Token(_)
             | Error::Unauthenticated
             | Error::PermissionDenied
+            | Error::PlaybackTokenRequired
+            | Error::StoreFull(_)
+            | Error::TooManyWatches(_)
             | Error::StaleGeneration
             | Error::RequestIdReused
             | Error::Unavailable(_)
@@ -210,6 +249,70 @@ impl From<Error> for Status {
             details,
         };
         Status::with_details(code, message, status.encode_to_vec().into())
+    }
+}
+
+/// A status the transport made (tonic answers an unknown method, an unsupported
+/// encoding or an oversized message itself, without details) in usher's form: an
+/// `ErrorInfo` with a stable reason, like every other refusal. An oversized message
+/// becomes `RESOURCE_EXHAUSTED` / `MESSAGE_TOO_LARGE`, as the gRPC spec has it (tonic says
+/// `OUT_OF_RANGE`).
+pub fn transport_status(status: &Status) -> Status {
+    let (code, reason) = match status.code() {
+        Code::OutOfRange => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
+        Code::Unimplemented => (Code::Unimplemented, "UNIMPLEMENTED"),
+        Code::Cancelled => (Code::Cancelled, "CANCELLED"),
+        Code::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        Code::InvalidArgument => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        Code::ResourceExhausted => (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+        Code::Unavailable => (Code::Unavailable, "UNAVAILABLE"),
+        Code::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
+        Code::PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
+        Code::NotFound => (Code::NotFound, "NOT_FOUND"),
+        Code::AlreadyExists => (Code::AlreadyExists, "ALREADY_EXISTS"),
+        Code::FailedPrecondition => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+        Code::Aborted => (Code::Aborted, "ABORTED"),
+        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => (Code::Internal, "INTERNAL"),
+    };
+    let message = status.message().to_owned();
+    let error_info = pb::ErrorInfo {
+        reason: reason.to_owned(),
+        domain: ERROR_DOMAIN.to_owned(),
+        metadata: Default::default(),
+    };
+    let details = pb::Status {
+        code: code as i32,
+        message: message.clone(),
+        details: vec![any("google.rpc.ErrorInfo", &error_info)],
+    };
+    Status::with_details(code, message, details.encode_to_vec().into())
+}
+
+/// At most this many holders are listed in a `ConcurrencyLimitDetail`: as many as a
+/// player can offer to stop.
+pub const MAX_DETAIL_HOLDERS: usize = 10;
+/// And at most this many bytes of them, encoded: with the rest of the status, base64 in
+/// the `grpc-status-details-bin` trailer, the error stays well under 8 KiB at every
+/// limit and id length (standard clients refuse trailers past 8 or 16 KiB and then show
+/// a transport error instead of the reason).
+pub const DETAIL_HOLDERS_BUDGET: usize = 4096;
+
+/// The limit detail: the oldest holders that fit the bounds, and how many there are.
+fn limit_detail(limit: u32, holders: &[Session]) -> proto::ConcurrencyLimitDetail {
+    let mut listed = Vec::new();
+    let mut bytes = 0;
+    for holder in holders.iter().take(MAX_DETAIL_HOLDERS) {
+        let holder = holder.to_seat_holder();
+        bytes += holder.encoded_len() + 3;
+        if bytes > DETAIL_HOLDERS_BUDGET {
+            break;
+        }
+        listed.push(holder);
+    }
+    proto::ConcurrencyLimitDetail {
+        limit: i32::try_from(limit).unwrap_or(i32::MAX),
+        holders: listed,
+        holder_count: i32::try_from(holders.len()).unwrap_or(i32::MAX),
     }
 }
 

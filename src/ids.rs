@@ -1,8 +1,13 @@
 //! Identifiers and resource names. A request's strings become these types at the edge
 //! (parse, don't validate), so the rest of usher never sees an unchecked id.
 //!
-//! Ids are 1 to 128 characters of the RFC 3986 unreserved set `[A-Za-z0-9._~-]`: safe in
-//! URL paths, and free of `:` and `/`, which delimit Redis keys and sweep entries.
+//! Ids are 1 to 128 characters of `[A-Za-z0-9._:-]`, and not `.` or `..` ([`ID_RULE`],
+//! stated identically in the proto comments and the README). That fits the ids real
+//! platforms issue: UUIDs, numeric ids, MAC addresses (`3c:22:fb:01:02:03`) and
+//! vendor-prefixed ids (`roku:1234`). Nothing in it can alter a URL path (no `/`, `?`,
+//! `#`, `%`, no dot segments) or a Redis key: ids never contain `/`, `{` or `}`, and the
+//! Redis keys put an id last (or join two ids with `/`), so a `:` inside one cannot be
+//! confused with the key's own separators.
 
 use std::fmt;
 
@@ -11,25 +16,19 @@ use crate::error::FieldViolation;
 /// The longest id accepted.
 pub const MAX_ID_LEN: usize = 128;
 
-fn is_unreserved(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-')
+/// The id rule, as error messages state it.
+pub const ID_RULE: &str = "1 to 128 characters of letters, digits and . _ : - (not . or ..)";
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 
 fn check_id(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value.is_empty() {
         return Err(FieldViolation::new(field, "required"));
     }
-    if value.len() > MAX_ID_LEN {
-        return Err(FieldViolation::new(
-            field,
-            format!("at most {MAX_ID_LEN} characters"),
-        ));
-    }
-    if !value.chars().all(is_unreserved) {
-        return Err(FieldViolation::new(
-            field,
-            "only letters, digits and . _ ~ - are allowed",
-        ));
+    if value.len() > MAX_ID_LEN || !value.chars().all(is_id_char) || value == "." || value == ".." {
+        return Err(FieldViolation::new(field, format!("must be {ID_RULE}")));
     }
     Ok(())
 }
@@ -177,7 +176,9 @@ mod tests {
             "users/u/sessions/",
             "users/u/sessions/s/x",
             "user/u/sessions/s",
-            "users/u:x/sessions/s",
+            "users/u~x/sessions/s",
+            "users/../sessions/s",
+            "users/u/sessions/.",
             "users/u/sessions/s s",
         ] {
             let violation = SessionName::parse("name", bad).unwrap_err();
@@ -185,9 +186,47 @@ mod tests {
         }
     }
 
+    /// Ids that real platforms issue, and ids that could alter a key or a path.
+    #[test]
+    fn real_world_ids_are_accepted_and_dangerous_ones_refused() {
+        let accepted = [
+            "0f8fad5b-d9cb-469f-a165-70867728950e", // UUID
+            "018c2a4e-7b3f-7c1a-9d2e-3f4a5b6c7d8e", // UUIDv7
+            "123456789012",                         // numeric account id
+            "3c:22:fb:01:02:03",                    // MAC address
+            "3C-22-FB-01-02-03",                    // MAC address, Windows style
+            "roku:1234",                            // vendor-prefixed
+            "amzn1.account.AEXAMPLE123",            // Amazon-style dotted id
+            "tv:1",
+            "urn:uuid:0f8fad5b-d9cb-469f-a165-70867728950e",
+            "user_42.profile-main",
+            "...",
+            "a",
+        ];
+        for id in accepted {
+            assert!(DeviceId::parse("device.id", id).is_ok(), "{id} refused");
+            assert!(UserId::parse("parent", id).is_ok(), "{id} refused");
+        }
+        let refused = [
+            "", ".", "..", "a/b", "a b", "a{b}", "{17}", "a%2Fb", "a?b", "a#b", "a~b", "a*b",
+            "a\\b", "a\nb", "ä", "a@b", "a+b", "a,b", "a|b",
+        ];
+        for id in refused {
+            let violation = DeviceId::parse("device.id", id).unwrap_err();
+            assert_eq!(violation.field, "device.id");
+            if !id.is_empty() {
+                assert!(
+                    violation.description.contains(ID_RULE),
+                    "{id}: {violation:?}"
+                );
+            }
+        }
+        assert!(DeviceId::parse("d", &"a".repeat(MAX_ID_LEN + 1)).is_err());
+    }
+
     #[test]
     fn ids_reject_delimiters_and_oversize() {
-        assert!(UserId::parse("f", "a:b").is_err());
+        assert!(UserId::parse("f", "a/b").is_err());
         assert!(UserId::parse("f", "a/b").is_err());
         assert!(UserId::parse("f", &"a".repeat(MAX_ID_LEN + 1)).is_err());
         assert!(UserId::parse("f", &"a".repeat(MAX_ID_LEN)).is_ok());

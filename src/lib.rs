@@ -31,12 +31,14 @@
 //! - [`proto`]: the generated `usher.v1` code and descriptor set.
 
 pub mod auth;
+pub mod codec;
 pub mod concurrency;
 pub mod config;
 pub mod deadline;
 pub mod entitlement;
 pub mod error;
 pub mod ids;
+pub mod net;
 pub mod proto;
 pub mod server;
 pub mod session;

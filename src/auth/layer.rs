@@ -8,7 +8,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TlsConnectInfo;
+
+use crate::net::ConnectionInfo;
 
 use super::{Authenticator, Caller};
 
@@ -55,7 +57,7 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 /// against the client CA.
 fn certificate_subjects(extensions: &http::Extensions) -> Vec<String> {
     let Some(certificates) = extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .get::<TlsConnectInfo<ConnectionInfo>>()
         .and_then(|info| info.peer_certs())
     else {
         return Vec::new();

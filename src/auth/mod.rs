@@ -3,9 +3,15 @@
 //!
 //! - device calls (Heartbeat, Pause, Resume, Stop) carry the session's playback token as
 //!   `authorization: Bearer <token>`; the handler then binds the call to the token's
-//!   session and generation ([`bind_device`]);
+//!   session and generation ([`bind_device`]). A service credential there is refused
+//!   with `PERMISSION_DENIED` / `PLAYBACK_TOKEN_REQUIRED` (so a device is not told to
+//!   start over), unless one of its roles names the device method exactly (the built-in
+//!   `device-proxy` role names all four): such a service acts for devices, without the
+//!   token binding. A `Service/*` pattern never covers a device method;
 //! - internal calls carry a service key (`Bearer <key>`) or a client certificate, each
-//!   mapped to a named principal with roles, and each role allows a set of methods;
+//!   mapped to a named principal with roles, and each role allows a set of methods. A
+//!   bearer with exactly two `.` is a playback token (JWS compact form), anything else a
+//!   service key, so keys may not contain `.` (refused when the credentials load);
 //! - health and reflection are public.
 //!
 //! Rejections are `UNAUTHENTICATED` (no or bad credentials) or `PERMISSION_DENIED` (the
@@ -96,6 +102,7 @@ pub fn builtin_roles() -> HashMap<String, Vec<String>> {
                 "usher.v1.ConcurrencyService/*",
             ]),
         ),
+        ("device-proxy".to_owned(), role(&DEVICE_METHODS)),
         (
             "edge".to_owned(),
             role(&[
@@ -126,6 +133,12 @@ impl Principal {
     pub fn may_call(&self, method: &str) -> bool {
         self.methods.iter().any(|p| pattern_allows(p, method))
     }
+
+    /// Whether a role names the device method exactly: only then may a service act
+    /// for devices (a `Service/*` pattern does not count).
+    pub fn may_act_for_devices(&self, method: &str) -> bool {
+        self.methods.iter().any(|p| p == method)
+    }
 }
 
 /// Who is calling, as the layer established it. Handlers read it from the request
@@ -143,6 +156,18 @@ pub enum Caller {
     },
     /// `--insecure-dev` with no credentials at all.
     Development,
+}
+
+impl Caller {
+    /// Who is acting, for audit fields such as `Session.ended_by`.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Public => "anonymous",
+            Caller::Service(principal) => &principal.name,
+            Caller::Device { .. } => "device",
+            Caller::Development => "development",
+        }
+    }
 }
 
 /// The credentials file, as written.
@@ -246,6 +271,13 @@ impl Credentials {
         let mut credentials = Credentials::default();
         for service in file.service {
             let digest = match (&service.key, &service.key_sha256) {
+                (Some(key), None) if key.contains('.') => {
+                    return Err(format!(
+                        "service {}: a key must not contain '.': a bearer credential with dots \
+                         is taken for a playback token, so this key could never authenticate",
+                        service.name
+                    ));
+                }
                 (Some(key), None) if key.len() >= MIN_KEY_LEN => sha256(key),
                 (Some(_), None) => {
                     return Err(format!(
@@ -299,7 +331,8 @@ fn unauthenticated(cause: &'static str) -> Refusal {
 
 /// Authenticates callers: see the module docs.
 pub struct Authenticator {
-    credentials: Credentials,
+    /// Swapped whole on reload (SIGHUP), so a call sees the old set or the new one.
+    credentials: arc_swap::ArcSwap<Credentials>,
     tokens: Arc<Tokens>,
     insecure_dev: bool,
 }
@@ -307,10 +340,15 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(credentials: Credentials, tokens: Arc<Tokens>, insecure_dev: bool) -> Self {
         Self {
-            credentials,
+            credentials: arc_swap::ArcSwap::from_pointee(credentials),
             tokens,
             insecure_dev,
         }
+    }
+
+    /// Puts new service credentials in force for the calls that start from now on.
+    pub fn replace_credentials(&self, credentials: Credentials) {
+        self.credentials.store(Arc::new(credentials));
     }
 
     /// Establishes the caller of `path`. `bearer` is the `authorization: Bearer` value,
@@ -325,7 +363,13 @@ impl Authenticator {
         match access_of(path) {
             Access::Public => Ok(Caller::Public),
             Access::Device => match bearer {
-                Some(token) => self.device(token, self.tokens.verify(token)),
+                Some(token) if looks_like_jwt(token) => {
+                    self.device(token, self.tokens.verify(token))
+                }
+                Some(_) => self.service_on_device_method(method, bearer, subjects),
+                None if !subjects.is_empty() => {
+                    self.service_on_device_method(method, bearer, subjects)
+                }
                 None if self.insecure_dev => Ok(Caller::Development),
                 None => Err(unauthenticated("no playback token")),
             },
@@ -361,6 +405,41 @@ impl Authenticator {
         }
     }
 
+    /// A service credential on a device method: it may act for devices only when a role
+    /// names the method exactly; otherwise it is told a playback token is needed.
+    fn service_on_device_method(
+        &self,
+        method: &str,
+        bearer: Option<&str>,
+        subjects: &[String],
+    ) -> Result<Caller, Refusal> {
+        let principal = self.principal(bearer, subjects)?;
+        if principal.may_act_for_devices(method) {
+            return Ok(Caller::Service(principal));
+        }
+        Err(Refusal {
+            error: Error::PlaybackTokenRequired,
+            cause: "a service credential on a device method",
+        })
+    }
+
+    /// The principal of a service key or of a client certificate's subjects.
+    fn principal(
+        &self,
+        bearer: Option<&str>,
+        subjects: &[String],
+    ) -> Result<Arc<Principal>, Refusal> {
+        let credentials = self.credentials.load();
+        match bearer {
+            Some(key) => credentials
+                .by_key(key)
+                .ok_or_else(|| unauthenticated("unknown service key")),
+            None => credentials
+                .by_subjects(subjects)
+                .ok_or_else(|| unauthenticated("client certificate subject not configured")),
+        }
+    }
+
     fn internal(
         &self,
         method: &str,
@@ -371,16 +450,9 @@ impl Authenticator {
             Some(token) if looks_like_jwt(token) => {
                 return Err(unauthenticated("a playback token on an internal method"));
             }
-            Some(key) => self
-                .credentials
-                .by_key(key)
-                .ok_or_else(|| unauthenticated("unknown service key"))?,
-            None if !subjects.is_empty() => self
-                .credentials
-                .by_subjects(subjects)
-                .ok_or_else(|| unauthenticated("client certificate subject not configured"))?,
-            None if self.insecure_dev => return Ok(Caller::Development),
-            None => return Err(unauthenticated("no credentials")),
+            None if subjects.is_empty() && self.insecure_dev => return Ok(Caller::Development),
+            None if subjects.is_empty() => return Err(unauthenticated("no credentials")),
+            _ => self.principal(bearer, subjects)?,
         };
         if !principal.may_call(method) {
             tracing::debug!(principal = %principal.name, method, "role does not allow the method");
@@ -416,8 +488,10 @@ pub fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<boo
             call.generation = Some(claims.r#gen);
             Ok(true)
         }
-        Some(Caller::Development) => Ok(false),
-        Some(Caller::Public) | Some(Caller::Service(_)) | None => Err(Error::Unauthenticated),
+        // A service the layer let through acts for devices (its role names the method);
+        // the request's own generation, if any, fences it.
+        Some(Caller::Development) | Some(Caller::Service(_)) => Ok(false),
+        Some(Caller::Public) | None => Err(Error::Unauthenticated),
     }
 }
 

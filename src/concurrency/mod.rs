@@ -246,7 +246,8 @@ mod tests {
             last_heartbeat_ms: created_ms,
             deadline_ms: u64::MAX,
             ended_ms: None,
-            end_reason: String::new(),
+            end_reason: None,
+            termination: Default::default(),
             paused_ms: None,
         }
     }

@@ -16,6 +16,16 @@ use crate::ids::{ContentId, ProfileId, UserId};
 /// The most seats one user can have; keeps every seat script's work bounded.
 pub const MAX_SEAT_LIMIT: u32 = 100;
 
+/// What a request for a region-restricted title that gives no region gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingRegion {
+    /// Refused with `REGION_REQUIRED` (fail closed).
+    #[default]
+    Refuse,
+    /// Allowed, as if the viewer were in an allowed region (fail open).
+    Allow,
+}
+
 /// What is being asked. `content` and `region` are absent when the caller only asks about
 /// seats.
 #[derive(Clone, Copy, Debug)]

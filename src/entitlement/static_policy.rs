@@ -8,8 +8,9 @@ use std::path::Path;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{Entitlement, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT};
+use super::{Entitlement, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT, MissingRegion};
 use crate::error::{Denial, Error};
+use crate::ids::ContentId;
 
 /// The TOML file, as written.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -70,6 +71,7 @@ pub struct StaticPolicy {
     content_regions: HashMap<String, HashSet<String>>,
     region_allow: HashSet<String>,
     region_deny: HashSet<String>,
+    missing_region: MissingRegion,
 }
 
 fn check_limit(what: &str, limit: u32) -> Result<u32, String> {
@@ -150,7 +152,23 @@ impl StaticPolicy {
             content_regions,
             region_allow: regions("regions.allow", &file.regions.allow)?,
             region_deny: regions("regions.deny", &file.regions.deny)?,
+            missing_region: MissingRegion::Refuse,
         })
+    }
+
+    /// The same policy, with what a request for a region-restricted title that gives
+    /// no region gets.
+    pub fn with_missing_region(mut self, missing_region: MissingRegion) -> Self {
+        self.missing_region = missing_region;
+        self
+    }
+
+    /// Whether any region rule applies to `content`: a global allow or deny list, or a
+    /// list of the title's own.
+    fn region_restricted(&self, content: &ContentId) -> bool {
+        !self.region_allow.is_empty()
+            || !self.region_deny.is_empty()
+            || self.content_regions.contains_key(content.as_str())
     }
 
     fn decide(&self, query: EntitlementQuery<'_>) -> Entitlement {
@@ -168,6 +186,13 @@ impl StaticPolicy {
             if !listed || self.content_deny.contains(content) {
                 return Entitlement::Denied(Denial::Content);
             }
+        }
+        let unknown_region = query.region.is_none()
+            && self.missing_region == MissingRegion::Refuse
+            && query.content.is_some_and(|c| self.region_restricted(c));
+        if unknown_region {
+            // Fail closed: a restricted title with no region could be played anywhere.
+            return Entitlement::Denied(Denial::RegionRequired);
         }
         if let Some(region) = query.region {
             let region_ok = (self.region_allow.is_empty() || self.region_allow.contains(region))
@@ -230,16 +255,62 @@ mod tests {
     #[test]
     fn plans_set_the_seat_limit() {
         assert_eq!(
-            ask("alice", "t", None),
+            ask("alice", "t", Some("US")),
             Entitlement::Allowed { seat_limit: 4 }
         );
         assert_eq!(
-            ask("bob", "t", None),
+            ask("bob", "t", Some("US")),
             Entitlement::Allowed { seat_limit: 2 }
         );
         assert_eq!(
-            ask("mallory", "t", None),
+            ask("mallory", "t", Some("US")),
             Entitlement::Denied(Denial::Entitlement)
+        );
+    }
+
+    /// Geo rules fail closed: with any region rule in force, a title asked for with no
+    /// region is refused, unless the deployment chose to allow it.
+    #[test]
+    fn a_restricted_title_needs_a_region() {
+        assert_eq!(
+            ask("bob", "us-only", None),
+            Entitlement::Denied(Denial::RegionRequired)
+        );
+        // The global deny list restricts every title.
+        assert_eq!(
+            ask("bob", "t", None),
+            Entitlement::Denied(Denial::RegionRequired)
+        );
+        let open = StaticPolicy::open(2).unwrap();
+        let user = UserId::parse("u", "bob").unwrap();
+        let content = ContentId::parse("c", "t").unwrap();
+        let query = EntitlementQuery {
+            user: &user,
+            profile: None,
+            content: Some(&content),
+            region: None,
+        };
+        assert_eq!(
+            open.decide(query),
+            Entitlement::Allowed { seat_limit: 2 },
+            "no region rule: no region needed"
+        );
+        let lenient = policy().with_missing_region(MissingRegion::Allow);
+        let content = ContentId::parse("c", "us-only").unwrap();
+        assert_eq!(
+            lenient.decide(EntitlementQuery {
+                content: Some(&content),
+                ..query
+            }),
+            Entitlement::Allowed { seat_limit: 2 }
+        );
+        // Seats-only questions name no title and need no region.
+        assert_eq!(
+            policy().decide(EntitlementQuery {
+                content: None,
+                ..query
+            }),
+            Entitlement::Allowed { seat_limit: 2 }
         );
     }
 

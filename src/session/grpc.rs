@@ -72,7 +72,7 @@ impl PlaybackSessionService for SessionGrpc {
         let page = self.sessions.list(request).await?;
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: page.sessions.iter().map(|s| s.to_proto()).collect(),
-            next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: page.next.map(|token| token.encode()).unwrap_or_default(),
         }))
     }
 
@@ -121,8 +121,13 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::TerminateSessionRequest>,
     ) -> Result<Response<proto::TerminateSessionResponse>, Status> {
+        let by = request
+            .extensions()
+            .get::<Caller>()
+            .map_or("unknown", Caller::name)
+            .to_owned();
         let request = TerminateSession::try_from(request.into_inner())?;
-        let session = self.sessions.terminate(request).await?;
+        let session = self.sessions.terminate(request, &by).await?;
         Ok(Response::new(proto::TerminateSessionResponse {
             session: Some(session.to_proto()),
         }))

@@ -30,6 +30,78 @@ pub struct ClientInfo {
     pub region: String,
 }
 
+/// Why a session ended. Stored by these names (`as_str`), never by the wire numbers,
+/// so a proto change never rewrites stored data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// STOPPED: the device stopped playback.
+    StoppedByDevice,
+    /// TERMINATED: an operator or another service ended it.
+    TerminatedByOperator,
+    /// EXPIRED: no heartbeat within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// EXPIRED: paused longer than the maximum pause.
+    MaxPauseExceeded,
+    /// EVICTED: the same device started again.
+    ReplacedBySameDevice,
+    /// EVICTED: the stop-oldest policy gave the seat to a newer session.
+    StopOldest,
+    /// EVICTED: the seat vanished from the store (a failover lost it).
+    SeatLost,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 7] = [
+        EndReason::StoppedByDevice,
+        EndReason::TerminatedByOperator,
+        EndReason::HeartbeatTimeout,
+        EndReason::MaxPauseExceeded,
+        EndReason::ReplacedBySameDevice,
+        EndReason::StopOldest,
+        EndReason::SeatLost,
+    ];
+
+    /// The stored name (Redis records, events).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::StoppedByDevice => "stopped_by_device",
+            EndReason::TerminatedByOperator => "terminated_by_operator",
+            EndReason::HeartbeatTimeout => "heartbeat_timeout",
+            EndReason::MaxPauseExceeded => "max_pause_exceeded",
+            EndReason::ReplacedBySameDevice => "replaced_by_same_device",
+            EndReason::StopOldest => "stop_oldest",
+            EndReason::SeatLost => "seat_lost",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == value)
+    }
+
+    pub fn to_proto(self) -> proto::EndReason {
+        match self {
+            EndReason::StoppedByDevice => proto::EndReason::StoppedByDevice,
+            EndReason::TerminatedByOperator => proto::EndReason::TerminatedByOperator,
+            EndReason::HeartbeatTimeout => proto::EndReason::HeartbeatTimeout,
+            EndReason::MaxPauseExceeded => proto::EndReason::MaxPauseExceeded,
+            EndReason::ReplacedBySameDevice => proto::EndReason::ReplacedBySameDevice,
+            EndReason::StopOldest => proto::EndReason::StopOldest,
+            EndReason::SeatLost => proto::EndReason::SeatLost,
+        }
+    }
+}
+
+/// An operator's termination: their words and who they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Termination {
+    /// The operator's reason, verbatim (`Session.end_message`).
+    pub message: String,
+    /// The acting caller's name (`Session.ended_by`).
+    pub by: String,
+}
+
 /// A playback session as the store keeps it. Times are milliseconds since the Unix epoch
 /// on the store's clock (Redis `TIME`), never the caller's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +121,11 @@ pub struct Session {
     /// The heartbeat deadline; a live session past it is expired.
     pub deadline_ms: u64,
     pub ended_ms: Option<u64>,
-    pub end_reason: String,
+    /// Why it ended; `None` while it holds a seat.
+    pub end_reason: Option<EndReason>,
+    /// For a termination: the operator's words and who they are.
+    pub termination: Termination,
+    /// When the current pause began; only meaningful while PAUSED.
     pub paused_ms: Option<u64>,
 }
 
@@ -83,8 +159,17 @@ impl Session {
             last_heartbeat_time: Some(timestamp_ms(self.last_heartbeat_ms)),
             expire_time: holds_seat(self.state).then(|| timestamp_ms(self.deadline_ms)),
             end_time: self.ended_ms.map(timestamp_ms),
-            end_reason: self.end_reason.clone(),
-            pause_time: self.paused_ms.map(timestamp_ms),
+            end_reason: self
+                .end_reason
+                .map_or(proto::EndReason::Unspecified, EndReason::to_proto)
+                as i32,
+            end_message: self.termination.message.clone(),
+            ended_by: self.termination.by.clone(),
+            // The contract: unset unless PAUSED, whatever the store kept.
+            pause_time: self
+                .paused_ms
+                .filter(|_| self.state == SessionState::Paused)
+                .map(timestamp_ms),
         }
     }
 

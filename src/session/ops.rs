@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ClientInfo, Device, DeviceType, PlaybackState, Session};
+use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination};
 use crate::auth::Caller;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Error, FieldViolation, Violations};
@@ -42,14 +42,14 @@ pub(crate) fn text(field: &str, value: &str, max: usize) -> Result<String, Field
     Ok(value.to_owned())
 }
 
-/// An ISO 3166-1 alpha-2 region, or empty.
+/// An ISO 3166-1 alpha-2 region in either case, upper-cased; or empty.
 pub(crate) fn region(field: &str, value: &str) -> Result<String, FieldViolation> {
-    if value.is_empty() || (value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase())) {
-        Ok(value.to_owned())
+    if value.is_empty() || (value.len() == 2 && value.bytes().all(|b| b.is_ascii_alphabetic())) {
+        Ok(value.to_ascii_uppercase())
     } else {
         Err(FieldViolation::new(
             field,
-            "must be an upper-case ISO 3166-1 alpha-2 code",
+            "must be an ISO 3166-1 alpha-2 code (two letters, either case)",
         ))
     }
 }
@@ -268,13 +268,78 @@ impl TryFrom<proto::TerminateSessionRequest> for TerminateSession {
     }
 }
 
+/// Where a page of `ListSessions` ends: the position of its last session in the
+/// listing's stable order (create time, then id), and the listing it belongs to. A
+/// session that ends between pages leaves the position meaningful, so no live session
+/// after it is skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageToken {
+    pub user: UserId,
+    pub created_ms: u64,
+    pub session: SessionId,
+}
+
+const PAGE_TOKEN_VERSION: &str = "p1";
+
+impl PageToken {
+    /// Opaque to clients: base64url of the version, the listing's user and the position.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let plain = format!(
+            "{PAGE_TOKEN_VERSION}/{}/{}/{}",
+            self.user, self.created_ms, self.session
+        );
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+    }
+
+    /// Decodes a token and checks it belongs to `user`'s listing (when the request's
+    /// parent is itself valid).
+    pub fn decode(field: &str, value: &str, user: Option<&UserId>) -> Result<Self, FieldViolation> {
+        use base64::Engine;
+        let malformed = || FieldViolation::new(field, "not a page token of ListSessions");
+        let plain = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(value)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(malformed)?;
+        let mut parts = plain.split('/');
+        let (Some(PAGE_TOKEN_VERSION), Some(owner), Some(created_ms), Some(session), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(malformed());
+        };
+        let token = PageToken {
+            user: UserId::parse(field, owner).map_err(|_| malformed())?,
+            created_ms: created_ms.parse().map_err(|_| malformed())?,
+            session: SessionId::parse(field, session).map_err(|_| malformed())?,
+        };
+        if user.is_some_and(|user| &token.user != user) {
+            return Err(FieldViolation::new(
+                field,
+                "belongs to another listing: pass it with the parent it came from",
+            ));
+        }
+        Ok(token)
+    }
+
+    /// Whether `session` comes after this position.
+    fn precedes(&self, session: &Session) -> bool {
+        (self.created_ms, self.session.as_str())
+            < (session.created_ms, session.name.session.as_str())
+    }
+}
+
 /// A list request, parsed.
 #[derive(Clone, Debug)]
 pub struct ListSessions {
     pub user: UserId,
     pub page_size: usize,
-    /// List after this session.
-    pub after: Option<SessionId>,
+    /// List after this position.
+    pub after: Option<PageToken>,
 }
 
 impl TryFrom<proto::ListSessionsRequest> for ListSessions {
@@ -286,11 +351,16 @@ impl TryFrom<proto::ListSessionsRequest> for ListSessions {
         if request.page_size < 0 {
             v.add("page_size", "must not be negative");
         }
-        let after = v.check(optional_id(
-            "page_token",
-            &request.page_token,
-            SessionId::parse,
-        ));
+        let after = if request.page_token.is_empty() {
+            Some(None)
+        } else {
+            v.check(PageToken::decode(
+                "page_token",
+                &request.page_token,
+                user.as_ref(),
+            ))
+            .map(Some)
+        };
         v.finish()?;
         let (Some(user), Some(after)) = (user, after) else {
             return Err(Error::Internal("violations not recorded".into()));
@@ -342,7 +412,7 @@ pub struct Started {
 /// A page of sessions.
 pub struct SessionPage {
     pub sessions: Vec<Session>,
-    pub next: Option<SessionId>,
+    pub next: Option<PageToken>,
 }
 
 impl Sessions {
@@ -434,24 +504,20 @@ impl Sessions {
             .seats(&request.user)
             .await
             .map_err(|e| e.into_error(|| request.user.to_string()))?;
-        let start = match &request.after {
-            None => 0,
-            Some(after) => seats
-                .holders
-                .iter()
-                .position(|s| &s.name.session == after)
-                .map_or(seats.holders.len(), |i| i + 1),
-        };
-        let sessions: Vec<Session> = seats
+        // Holders come oldest first, by (create time, id): the order the token keeps.
+        let mut sessions: Vec<Session> = seats
             .holders
             .into_iter()
-            .skip(start)
+            .filter(|s| request.after.as_ref().is_none_or(|after| after.precedes(s)))
             .take(request.page_size + 1)
             .collect();
-        let mut sessions = sessions;
         let next = if sessions.len() > request.page_size {
             sessions.truncate(request.page_size);
-            sessions.last().map(|s| s.name.session.clone())
+            sessions.last().map(|last| PageToken {
+                user: request.user.clone(),
+                created_ms: last.created_ms,
+                session: last.name.session.clone(),
+            })
         } else {
             None
         };
@@ -477,13 +543,23 @@ impl Sessions {
         })
     }
 
-    pub async fn terminate(&self, request: TerminateSession) -> Result<Session, Error> {
+    /// An operator ends a session; `by` is the acting caller's name.
+    pub async fn terminate(&self, request: TerminateSession, by: &str) -> Result<Session, Error> {
+        let termination = Termination {
+            message: request.reason,
+            by: by.to_owned(),
+        };
         let session = self
             .store
-            .terminate(&request.name, &request.reason)
+            .terminate(&request.name, &termination)
             .await
             .map_err(|e| e.into_error(|| request.name.to_string()))?;
-        tracing::info!(session = %request.name, reason = %request.reason, "session terminated");
+        tracing::info!(
+            session = %request.name,
+            by = %termination.by,
+            reason = %termination.message,
+            "session terminated"
+        );
         Ok(session)
     }
 }

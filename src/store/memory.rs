@@ -5,6 +5,12 @@
 //! All state sits behind one `std::sync::Mutex`, taken once per trait method: the same
 //! atomicity as one Lua script on a Redis shard. A std mutex (not a Tokio one) because
 //! no critical section awaits. Time comes from a [`Clock`] so tests can move it.
+//!
+//! It is for development, tests and single-instance trials: state lives in one process
+//! and is gone when it stops. Its memory is bounded ([`MemoryLimits`]): past the session
+//! cap the oldest ended sessions are forgotten first (before their retention ends), past
+//! the user cap the longest-idle users; when live sessions alone fill the cap, a create
+//! is refused with `StoreError::Full` rather than growing without bound.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +20,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use super::{
-    Created, DeviceAction, DeviceCall, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, parse_event_id,
-    partition_of,
+    Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
+    Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats,
+    Store, StoreError, StoreSettings, parse_event_id, partition_of,
 };
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
-use crate::session::{PlaybackState, Session, SessionState, holds_seat};
+use crate::session::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 
 /// Where the memory store reads the time.
 pub trait Clock: Send + Sync + 'static {
@@ -59,11 +65,31 @@ impl Clock for ManualClock {
     }
 }
 
+/// How much the memory store may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Session records, live and ended. Past it the oldest ended are forgotten; live
+    /// sessions alone at the cap refuse new ones.
+    pub max_sessions: usize,
+    /// Users with state (seats, or a generation counter kept while idle). Past it the
+    /// longest-idle users are forgotten.
+    pub max_users: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: DEFAULT_MEMORY_MAX_SESSIONS,
+            max_users: DEFAULT_MEMORY_MAX_USERS,
+        }
+    }
+}
+
 /// A session and what the store keeps beside it.
 struct Record {
     session: Session,
     /// What expiry at the current deadline would be called.
-    deadline_reason: &'static str,
+    deadline_reason: EndReason,
     last_heartbeat_event_ms: u64,
 }
 
@@ -75,6 +101,8 @@ struct UserSeats {
     generation: u64,
     /// When the generation counter is forgotten (see `GENERATION_IDLE_TTL`).
     generation_expires_ms: u64,
+    /// Whether the user has an entry in `State::idle_users` (at most one each).
+    idle_queued: bool,
 }
 
 struct RememberedRequest {
@@ -104,13 +132,15 @@ struct State {
     /// (purge time, session) of ended sessions, for retention.
     purges: BTreeSet<(u64, SessionName)>,
     /// (time, user) at which a user whose last seat was released may be forgotten, in
-    /// release order (one TTL for all, so the front is always due first).
+    /// release order (one TTL for all, so the front is always due first). A user found
+    /// busy again when its entry comes due is queued again with its new time.
     idle_users: VecDeque<(u64, UserId)>,
 }
 
 /// See the module docs.
 pub struct MemoryStore {
     settings: StoreSettings,
+    limits: MemoryLimits,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
 }
@@ -126,6 +156,7 @@ impl MemoryStore {
             .collect();
         Self {
             settings,
+            limits: MemoryLimits::default(),
             clock,
             state: Mutex::new(State {
                 sessions: HashMap::new(),
@@ -139,6 +170,12 @@ impl MemoryStore {
         }
     }
 
+    /// The same store with other memory bounds.
+    pub fn with_limits(mut self, limits: MemoryLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Runs one logical operation under the lock, with the clock read once inside it.
     fn with_state<T>(&self, operation: impl FnOnce(&mut Op<'_>) -> T) -> T {
         let mut state = self
@@ -149,6 +186,7 @@ impl MemoryStore {
         let mut op = Op {
             state: &mut state,
             settings: &self.settings,
+            limits: self.limits,
             now,
         };
         op.purge_retained();
@@ -160,6 +198,7 @@ impl MemoryStore {
 struct Op<'a> {
     state: &'a mut State,
     settings: &'a StoreSettings,
+    limits: MemoryLimits,
     now: u64,
 }
 
@@ -181,15 +220,7 @@ impl Op<'_> {
             if *at > self.now {
                 break;
             }
-            let Some((_, user)) = self.state.idle_users.pop_front() else {
-                break;
-            };
-            let idle = self.state.users.get(&user).is_some_and(|seats| {
-                seats.seats.is_empty() && seats.generation_expires_ms <= self.now
-            });
-            if idle {
-                self.state.users.remove(&user);
-            }
+            self.forget_idle_user(false);
         }
         while let Some((at, _)) = self.state.request_expiries.front() {
             if *at > self.now {
@@ -209,7 +240,73 @@ impl Op<'_> {
         }
     }
 
-    fn append(&mut self, kind: EventKind, session: &Session, reason: &str) {
+    /// Takes the front of the idle queue: forgets the user if it is idle and its
+    /// generation is forgotten (or `early`, to make room), queues it again with its
+    /// new time if it is not. Returns whether a user was forgotten.
+    fn forget_idle_user(&mut self, early: bool) -> bool {
+        let Some((_, user)) = self.state.idle_users.pop_front() else {
+            return false;
+        };
+        let Some(seats) = self.state.users.get_mut(&user) else {
+            return false;
+        };
+        seats.idle_queued = false;
+        if !seats.seats.is_empty() {
+            // Busy again: queued anew when its last seat is released.
+            return false;
+        }
+        if early || seats.generation_expires_ms <= self.now {
+            self.state.users.remove(&user);
+            return true;
+        }
+        seats.idle_queued = true;
+        let at = seats.generation_expires_ms;
+        self.state.idle_users.push_back((at, user));
+        false
+    }
+
+    /// Makes room for one more session record (and remembered request): forgets the
+    /// oldest ended sessions past the cap. `Full` when live sessions alone fill it.
+    fn make_room_for_session(&mut self) -> Result<(), StoreError> {
+        let max = self.limits.max_sessions;
+        while self.state.sessions.len() >= max {
+            let Some((_, name)) = self.state.purges.pop_first() else {
+                return Err(StoreError::Full(format!(
+                    "{} live sessions, the most the embedded store holds (--memory-max-sessions)",
+                    self.state.sessions.len()
+                )));
+            };
+            self.state.sessions.remove(&name);
+        }
+        while self.state.requests.len() >= max {
+            let Some((_, key)) = self.state.request_expiries.pop_front() else {
+                break;
+            };
+            self.state.requests.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Makes room for one more user: forgets the longest-idle users past the cap.
+    /// `Full` when users holding seats alone fill it.
+    fn make_room_for_user(&mut self, user: &UserId) -> Result<(), StoreError> {
+        if self.state.users.contains_key(user) {
+            return Ok(());
+        }
+        let max = self.limits.max_users;
+        while self.state.users.len() >= max {
+            if self.state.idle_users.is_empty() {
+                return Err(StoreError::Full(format!(
+                    "{} users hold seats, the most the embedded store holds (--memory-max-users)",
+                    self.state.users.len()
+                )));
+            }
+            self.forget_idle_user(true);
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, kind: EventKind, session: &Session) {
         let maxlen = self.settings.event_stream_maxlen as usize;
         let now = self.now;
         let partition = self.partition(&session.name.user);
@@ -230,7 +327,8 @@ impl Op<'_> {
             profile: session.profile.clone(),
             position_ms: session.position_ms,
             at_ms: now,
-            reason: reason.to_owned(),
+            reason: session.end_reason,
+            termination: session.termination.clone(),
         });
         while log.events.len() > maxlen {
             log.events.pop_front();
@@ -238,7 +336,7 @@ impl Op<'_> {
     }
 
     /// Ends a seat-holding session: releases its seat and device, appends its event.
-    fn end_session(&mut self, name: &SessionName, state: SessionState, reason: &str) {
+    fn end_session(&mut self, name: &SessionName, state: SessionState, reason: EndReason) {
         let now = self.now;
         let retention = self.settings.ended_retention.as_millis() as u64;
         let partition = self.partition(&name.user);
@@ -248,14 +346,15 @@ impl Op<'_> {
         let old_deadline = record.session.deadline_ms;
         record.session.state = state;
         record.session.ended_ms = Some(now);
-        record.session.end_reason = reason.to_owned();
+        record.session.end_reason = Some(reason);
         let session = record.session.clone();
         if let Some(user) = self.state.users.get_mut(&name.user) {
             user.seats.remove(&name.session);
             if user.devices.get(&session.device.id) == Some(&name.session) {
                 user.devices.remove(&session.device.id);
             }
-            if user.seats.is_empty() {
+            if user.seats.is_empty() && !user.idle_queued {
+                user.idle_queued = true;
                 self.state
                     .idle_users
                     .push_back((user.generation_expires_ms, name.user.clone()));
@@ -265,7 +364,7 @@ impl Op<'_> {
             .deadlines
             .remove(&(old_deadline, name.clone()));
         self.state.purges.insert((now + retention, name.clone()));
-        self.append(EventKind::for_end(state), &session, reason);
+        self.append(EventKind::for_end(state), &session);
     }
 
     /// Moves a live session's deadline: heartbeat timeout from now, capped by the
@@ -361,6 +460,9 @@ impl Op<'_> {
                 });
             }
         }
+        // Room first, so a full store refuses before anything is written.
+        self.make_room_for_session()?;
+        self.make_room_for_user(&user)?;
         self.expire_overdue(&user, self.settings.max_evictions_per_call);
 
         let holders = self.live_holders(&user);
@@ -389,12 +491,12 @@ impl Op<'_> {
             }
             let excess = others.len() + 1 - new.limit as usize;
             for oldest in others.drain(..excess) {
-                self.end_session(&oldest.name, SessionState::Evicted, "stop_oldest");
+                self.end_session(&oldest.name, SessionState::Evicted, EndReason::StopOldest);
                 replaced.push(oldest.name);
             }
         }
         if let Some(own) = own_device {
-            self.end_session(&own, SessionState::Evicted, "replaced_by_same_device");
+            self.end_session(&own, SessionState::Evicted, EndReason::ReplacedBySameDevice);
             replaced.push(own);
         }
 
@@ -420,7 +522,8 @@ impl Op<'_> {
             last_heartbeat_ms: self.now,
             deadline_ms: self.now + timeout,
             ended_ms: None,
-            end_reason: String::new(),
+            end_reason: None,
+            termination: Termination::default(),
             paused_ms: None,
         };
         seats
@@ -437,11 +540,11 @@ impl Op<'_> {
             new.name.clone(),
             Record {
                 session: session.clone(),
-                deadline_reason: "heartbeat_timeout",
+                deadline_reason: EndReason::HeartbeatTimeout,
                 last_heartbeat_event_ms: self.now,
             },
         );
-        self.append(EventKind::Started, &session, "");
+        self.append(EventKind::Started, &session);
         if let Some(request_id) = new.request_id.clone() {
             let expires_ms = self.now + self.settings.request_id_ttl.as_millis() as u64;
             let key = (user, request_id);
@@ -485,7 +588,7 @@ impl Op<'_> {
             .get(&name.user)
             .is_some_and(|u| u.seats.contains_key(&name.session));
         if !holds {
-            self.end_session(name, SessionState::Evicted, "seat_lost");
+            self.end_session(name, SessionState::Evicted, EndReason::SeatLost);
             return Err(self.ended(name));
         }
         Ok(session)
@@ -547,21 +650,32 @@ impl Op<'_> {
             }
             DeviceAction::Pause | DeviceAction::Resume => None,
             DeviceAction::Stop => {
-                self.end_session(name, SessionState::Stopped, "");
+                self.end_session(name, SessionState::Stopped, EndReason::StoppedByDevice);
                 return Ok(self.state.sessions[name].session.clone());
             }
         };
         self.extend_deadline(name);
         let session = self.state.sessions[name].session.clone();
         if let Some(kind) = event {
-            self.append(kind, &session, "");
+            self.append(kind, &session);
         }
         Ok(session)
     }
 
-    fn terminate(&mut self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
+    fn terminate(
+        &mut self,
+        name: &SessionName,
+        termination: &Termination,
+    ) -> Result<Session, StoreError> {
         self.live_session(name)?;
-        self.end_session(name, SessionState::Terminated, reason);
+        if let Some(record) = self.state.sessions.get_mut(name) {
+            record.session.termination = termination.clone();
+        }
+        self.end_session(
+            name,
+            SessionState::Terminated,
+            EndReason::TerminatedByOperator,
+        );
         Ok(self.state.sessions[name].session.clone())
     }
 
@@ -600,18 +714,18 @@ fn deadline_after(
     now: u64,
     timeout_ms: u64,
     max_pause_ms: u64,
-) -> (u64, &'static str) {
+) -> (u64, EndReason) {
     let heartbeat = now + timeout_ms;
     match session.paused_ms {
         Some(paused) if session.state == SessionState::Paused => {
             let pause_end = paused + max_pause_ms;
             if pause_end < heartbeat {
-                (pause_end, "max_pause_exceeded")
+                (pause_end, EndReason::MaxPauseExceeded)
             } else {
-                (heartbeat, "heartbeat_timeout")
+                (heartbeat, EndReason::HeartbeatTimeout)
             }
         }
-        _ => (heartbeat, "heartbeat_timeout"),
+        _ => (heartbeat, EndReason::HeartbeatTimeout),
     }
 }
 
@@ -628,7 +742,12 @@ impl Store for MemoryStore {
     }
 
     async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
-        Ok(self.with_state(|op| op.state.sessions.get(name).map(|r| r.session.clone())))
+        Ok(self.with_state(|op| {
+            // One answer everywhere: a session past its deadline (or without its seat)
+            // ends now, as a device call on it would end it.
+            let _ = op.live_session(name);
+            op.state.sessions.get(name).map(|r| r.session.clone())
+        }))
     }
 
     async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
@@ -642,8 +761,12 @@ impl Store for MemoryStore {
         self.with_state(|op| op.device_call(call))
     }
 
-    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
-        self.with_state(|op| op.terminate(name, reason))
+    async fn terminate(
+        &self,
+        name: &SessionName,
+        termination: &Termination,
+    ) -> Result<Session, StoreError> {
+        self.with_state(|op| op.terminate(name, termination))
     }
 
     async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {

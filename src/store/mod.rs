@@ -20,7 +20,9 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
-use crate::session::{ClientInfo, Device, PlaybackState, Session, SessionState};
+use crate::session::{
+    ClientInfo, Device, EndReason, PlaybackState, Session, SessionState, Termination,
+};
 
 /// What happens to a create over the limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -77,6 +79,11 @@ impl Default for StoreSettings {
         }
     }
 }
+
+/// Default cap of session records (live and ended) in the memory store.
+pub const DEFAULT_MEMORY_MAX_SESSIONS: usize = 1_000_000;
+/// Default cap of users in the memory store.
+pub const DEFAULT_MEMORY_MAX_USERS: usize = 1_000_000;
 
 /// A user's generation counter is forgotten after this long without a seat grant or a
 /// live session (Redis: the counter key's TTL, `GENERATION_IDLE_TTL_MS` in the Lua
@@ -231,9 +238,10 @@ pub struct Event {
     pub profile: ProfileId,
     pub position_ms: u64,
     pub at_ms: u64,
-    /// For ended sessions: why (`heartbeat_timeout`, `max_pause_exceeded`,
-    /// `replaced_by_same_device`, `stop_oldest`, `seat_lost`, an operator's reason).
-    pub reason: String,
+    /// For the events of ended sessions: why.
+    pub reason: Option<EndReason>,
+    /// For `playback.terminated`: the operator's words and who they are.
+    pub termination: Termination,
 }
 
 /// Parses an event id, `<ms>-<seq>`, the only cursor form both stores accept.
@@ -261,6 +269,13 @@ pub enum StoreError {
     RequestIdReused,
     #[error("store unreachable: {0}")]
     Unavailable(String),
+    /// The store is reachable but unfit to run on (checked at start): it would break an
+    /// invariant. The message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// The embedded store holds as many live sessions as it may.
+    #[error("store full: {0}")]
+    Full(String),
     #[error("store answered something unexpected: {0}")]
     Corrupt(String),
 }
@@ -281,7 +296,8 @@ impl StoreError {
             }
             StoreError::RequestIdReused => Error::RequestIdReused,
             StoreError::Unavailable(cause) => Error::Unavailable(cause),
-            StoreError::Corrupt(cause) => Error::Internal(cause),
+            StoreError::Full(cause) => Error::StoreFull(cause),
+            StoreError::Corrupt(cause) | StoreError::Refused(cause) => Error::Internal(cause),
         }
     }
 }
@@ -308,11 +324,17 @@ pub trait Store: Send + Sync + 'static {
     /// 5. the seat is granted with the user's next generation, and `playback.started`
     ///    appended.
     ///
+    /// The memory store may answer `Full` (before step 1 writes anything) when live
+    /// sessions alone fill its bounds.
+    ///
     /// The deadline is `heartbeat_timeout` from now. The record of an ended session
     /// expires after `ended_retention`.
     async fn create_session(&self, new: NewSession) -> Result<Created, StoreError>;
 
-    /// A session, live or ended (until `ended_retention` passes). Reads only.
+    /// A session, live or ended (until `ended_retention` passes). A seat-holding session
+    /// whose deadline has passed is expired by this call (`playback.expired`), and one
+    /// whose seat was lost is evicted (`seat_lost`), exactly as a device call would: so
+    /// every read agrees that it is over. Otherwise it writes nothing.
     async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError>;
 
     /// The user's live holders and the store's clock, as one read. Holders past their
@@ -330,9 +352,14 @@ pub trait Store: Send + Sync + 'static {
     /// state and append no event.
     async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError>;
 
-    /// An operator ends a live session (`playback.terminated`). Errors: `NotFound`,
+    /// An operator ends a live session (`playback.terminated`, end reason
+    /// `TerminatedByOperator`, with the operator's words and name). Errors: `NotFound`,
     /// `SessionEnded`.
-    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError>;
+    async fn terminate(
+        &self,
+        name: &SessionName,
+        termination: &Termination,
+    ) -> Result<Session, StoreError>;
 
     /// Expires up to `max` sessions of `partition` whose deadline has passed. Returns how
     /// many it expired.
@@ -346,7 +373,9 @@ pub trait Store: Send + Sync + 'static {
         count: u32,
     ) -> Result<Vec<Event>, StoreError>;
 
-    /// Round trip to the store, for health checks.
+    /// Round trip to the store, for health and readiness: succeeds only while the
+    /// store accepts writes (a Redis that answers PING but refuses writes, out of memory
+    /// for example, is `Unavailable`).
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// The settings the store was built with.

@@ -290,16 +290,21 @@ impl Tokens {
         now: u64,
     ) -> Result<(), TokenError> {
         let leeway = self.settings.leeway.as_secs();
-        if claims.nbf > now + leeway {
+        if claims.nbf > now.saturating_add(leeway) {
             return Err(TokenError::Invalid("not yet valid"));
         }
-        if claims.iat > now + leeway {
+        if claims.iat > now.saturating_add(leeway) {
             return Err(TokenError::Invalid("issued in the future"));
         }
         if claims.exp <= claims.nbf {
             return Err(TokenError::Invalid("expires before it is valid"));
         }
-        if claims.exp + leeway + grace.as_secs() <= now {
+        // Saturating: a signed `exp` near 2^64 is far in the future, not a wrap to the past.
+        let usable_until = claims
+            .exp
+            .saturating_add(leeway)
+            .saturating_add(grace.as_secs());
+        if usable_until <= now {
             return Err(TokenError::Expired);
         }
         Ok(())
@@ -311,6 +316,13 @@ impl Tokens {
             .map_err(|_| TokenError::Invalid("malformed header"))?;
         if header.typ.as_deref() != Some(TOKEN_TYPE) {
             return Err(TokenError::Invalid("wrong typ"));
+        }
+        // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names an
+        // extension it does not understand. usher understands none.
+        if header.crit.is_some() {
+            return Err(TokenError::Invalid(
+                "critical header extension not understood",
+            ));
         }
         let kid = header.kid.ok_or(TokenError::Invalid("no kid"))?;
         let key = ring
@@ -351,46 +363,19 @@ impl Tokens {
         })
     }
 
-    /// Watches the key set: reloads on SIGHUP and when the file (or directory) changes.
-    /// The SIGHUP handler is installed before this returns, so a HUP sent once the server
-    /// listens never finds the default action (which would end the process).
+    /// Watches the key set: reloads when the file (or directory) changes. (SIGHUP, which
+    /// reloads at once, is the server's: `server::spawn_hangup_handler`.)
     pub fn spawn_reloader(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         let path = self.settings.keys.clone()?;
         let tokens = Arc::clone(self);
-        #[cfg(unix)]
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "no SIGHUP handler: keys reload on file changes only");
-                None
-            }
-        };
         Some(tokio::spawn(async move {
             let mut seen = fingerprint(&path);
             let mut ticker = tokio::time::interval(tokens.settings.reload_interval);
             loop {
-                #[cfg(unix)]
-                let signalled = async {
-                    match hangup.as_mut() {
-                        Some(signal) => {
-                            signal.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                #[cfg(not(unix))]
-                let signalled = std::future::pending::<()>();
-                let forced = tokio::select! {
-                    _ = ticker.tick() => false,
-                    () = signalled => true,
-                };
+                ticker.tick().await;
                 let now = fingerprint(&path);
-                if !forced && now == seen {
+                if now == seen {
                     continue;
-                }
-                if forced {
-                    tracing::info!("SIGHUP: reloading token keys");
                 }
                 seen = now;
                 if let Err(error) = tokens.reload() {
@@ -398,6 +383,11 @@ impl Tokens {
                 }
             }
         }))
+    }
+
+    /// Whether the keys come from a file that can be reloaded (an ephemeral key cannot).
+    pub fn reloadable(&self) -> bool {
+        self.settings.keys.is_some()
     }
 }
 
@@ -450,7 +440,8 @@ mod tests {
             last_heartbeat_ms: 0,
             deadline_ms: 0,
             ended_ms: None,
-            end_reason: String::new(),
+            end_reason: None,
+            termination: Default::default(),
             paused_ms: None,
         }
     }

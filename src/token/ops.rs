@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{IssuedToken, PlaybackClaims, TokenError, Tokens};
 use crate::error::Error;
 use crate::ids::SessionName;
-use crate::session::Session;
+use crate::session::{Session, holds_seat};
 use crate::store::Store;
 
 /// The outcome of a validation: the claims, or why the token is refused.
@@ -31,24 +31,29 @@ impl TokenOps {
     }
 
     /// The session the token names, if it holds its seat with the token's generation
-    /// now, by the store's clock: a session past its heartbeat deadline is over even
-    /// before the sweeper marks it.
+    /// now, by the store's clock: reading a session past its heartbeat deadline ends it
+    /// (see `Store::get_session`). An ended session is `SessionEnded` with its state.
     async fn live_session(&self, claims: &PlaybackClaims) -> Result<Session, Error> {
         let name = SessionName::parse("sid", &claims.sid)
             .map_err(|_| Error::Token(TokenError::Invalid("malformed sid")))?;
         if name.user.as_str() != claims.sub {
             return Err(Error::Token(TokenError::Invalid("sid and sub disagree")));
         }
-        let seats = self
+        let session = self
             .store
-            .seats(&name.user)
+            .get_session(&name)
             .await
             .map_err(|e| e.into_error(|| name.to_string()))?;
-        seats
-            .holders
-            .into_iter()
-            .find(|s| s.name == name && s.generation == claims.r#gen)
-            .ok_or(Error::SessionEnded { session: None })
+        match session {
+            Some(session) if holds_seat(session.state) && session.generation == claims.r#gen => {
+                Ok(session)
+            }
+            Some(session) => Err(Error::SessionEnded {
+                session: Some(Box::new(session)),
+            }),
+            // Its record is gone: it ended longer ago than the retention.
+            None => Err(Error::SessionEnded { session: None }),
+        }
     }
 
     pub async fn validate(&self, token: &str, check_session: bool) -> Result<Validity, Error> {

@@ -28,7 +28,7 @@ fn bad_creates() -> Vec<(proto::CreateSessionRequest, Vec<&'static str>)> {
     r.parent = "accounts/victim".into();
     cases.push((r, vec!["parent"]));
     let mut r = valid();
-    r.parent = "users/vic:tim".into();
+    r.parent = "users/vic{tim}".into();
     cases.push((r, vec!["parent"]));
     let mut r = valid();
     r.profile_id = String::new();

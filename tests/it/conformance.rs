@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use usher::ids::SessionName;
-use usher::session::{PlaybackState, SessionState};
+use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
     DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, StoreError, partition_of,
 };
@@ -128,7 +128,7 @@ pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
         .unwrap()
         .unwrap();
     assert_eq!(evicted.state, SessionState::Evicted);
-    assert_eq!(evicted.end_reason, "stop_oldest");
+    assert_eq!(evicted.end_reason, Some(EndReason::StopOldest));
     let holders: Vec<_> = b
         .store
         .seats(&user)
@@ -167,7 +167,7 @@ pub async fn the_same_device_replaces_its_own_session(kind: Kind) {
         .unwrap()
         .unwrap();
     assert_eq!(old.state, SessionState::Evicted);
-    assert_eq!(old.end_reason, "replaced_by_same_device");
+    assert_eq!(old.end_reason, Some(EndReason::ReplacedBySameDevice));
     let holders = b.store.seats(&user).await.unwrap().holders;
     assert_eq!(holders.len(), 1);
     assert_eq!(holders[0].name, again.session.name);
@@ -318,7 +318,7 @@ pub async fn an_expired_holder_never_blocks_a_create(kind: Kind) {
         .unwrap()
         .unwrap();
     assert_eq!(expired.state, SessionState::Expired);
-    assert_eq!(expired.end_reason, "heartbeat_timeout");
+    assert_eq!(expired.end_reason, Some(EndReason::HeartbeatTimeout));
     let kinds: Vec<_> = b
         .events_of(&user)
         .await
@@ -462,7 +462,7 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     match b.store.device_call(heartbeat(&name)).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Expired);
-            assert_eq!(s.end_reason, "max_pause_exceeded");
+            assert_eq!(s.end_reason, Some(EndReason::MaxPauseExceeded));
         }
         other => panic!("expected SessionEnded, got {other:?}"),
     }
@@ -548,12 +548,22 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
         .await
         .unwrap();
     let name = created.session.name;
-    let ended = b.store.terminate(&name, "account_sharing").await.unwrap();
+    let termination = Termination {
+        message: "stop_oldest".into(),
+        by: "support-tool".into(),
+    };
+    let ended = b.store.terminate(&name, &termination).await.unwrap();
     assert_eq!(ended.state, SessionState::Terminated);
-    assert_eq!(ended.end_reason, "account_sharing");
+    // An operator's words that look like a system reason stay the operator's.
+    assert_eq!(ended.end_reason, Some(EndReason::TerminatedByOperator));
+    assert_eq!(ended.termination, termination);
+    assert_eq!(
+        b.store.get_session(&name).await.unwrap(),
+        Some(ended.clone())
+    );
     assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
     assert!(matches!(
-        b.store.terminate(&name, "again").await,
+        b.store.terminate(&name, &termination).await,
         Err(StoreError::SessionEnded(_))
     ));
     assert!(matches!(
@@ -565,7 +575,8 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
         .iter()
         .find(|e| e.kind == EventKind::Terminated)
         .unwrap();
-    assert_eq!(terminated.reason, "account_sharing");
+    assert_eq!(terminated.reason, Some(EndReason::TerminatedByOperator));
+    assert_eq!(terminated.termination, termination);
     assert_eq!(events.len(), 2);
 }
 
@@ -605,7 +616,7 @@ pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        b.store.terminate(&foreign, "x").await,
+        b.store.terminate(&foreign, &Termination::default()).await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(b.store.get_session(&foreign).await.unwrap(), None);

@@ -303,7 +303,7 @@ async fn the_sweeper_releases_seats_of_silent_devices() {
         proto::SessionState::Expired as i32,
         "swept without a create"
     );
-    assert_eq!(got.end_reason, "heartbeat_timeout");
+    assert_eq!(got.end_reason, proto::EndReason::HeartbeatTimeout as i32);
     server.running.shutdown().await.unwrap();
 }
 
@@ -375,7 +375,12 @@ async fn terminate_and_list_pagination() {
         .session
         .unwrap();
     assert_eq!(ended.state, proto::SessionState::Terminated as i32);
-    assert_eq!(ended.end_reason, "support: account sharing");
+    assert_eq!(
+        ended.end_reason,
+        proto::EndReason::TerminatedByOperator as i32
+    );
+    assert_eq!(ended.end_message, "support: account sharing");
+    assert_eq!(ended.ended_by, "development");
     let missing = server
         .sessions
         .get_session(proto::GetSessionRequest {
@@ -522,9 +527,9 @@ impl Store for BrokenPartitionZero {
     async fn terminate(
         &self,
         name: &usher::ids::SessionName,
-        reason: &str,
+        termination: &usher::session::Termination,
     ) -> Result<usher::session::Session, usher::store::StoreError> {
-        self.0.terminate(name, reason).await
+        self.0.terminate(name, termination).await
     }
     async fn sweep(&self, partition: u32, max: u32) -> Result<u32, usher::store::StoreError> {
         if partition == 0 {
@@ -632,7 +637,10 @@ async fn messages_over_the_size_limit_are_refused() {
     let mut big = create_request("olga", "tv");
     big.client.as_mut().unwrap().user_agent = "x".repeat(4096);
     let status = server.sessions.create_session(big).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // RESOURCE_EXHAUSTED as the gRPC spec has it (tonic says OUT_OF_RANGE), with an
+    // ErrorInfo like every other refusal.
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(crate::support::reason(&status), "MESSAGE_TOO_LARGE");
     // Under the limit, the same call goes through.
     server
         .sessions

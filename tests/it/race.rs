@@ -71,7 +71,7 @@ async fn race_on_redis(target: RedisTarget, ports: Vec<u16>) {
 
     // The seat set itself, read straight from Redis.
     let partition = partition_of(&user, test_settings().partitions);
-    let seats_key = format!("{prefix}:{{{partition}}}:u:{user}:seats");
+    let seats_key = format!("{prefix}:{{{partition}}}:seats:{user}");
     let zcard = redis::redis_cli(ports[0], &["zcard", &seats_key]);
     assert_eq!(zcard, LIMIT.to_string(), "{seats_key}");
     let started = stores[0]

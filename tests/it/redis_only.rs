@@ -179,7 +179,7 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
         .unwrap();
     // A failover that kept the session record but lost the seat grant.
     let partition = partition_of(&user, test_settings().partitions);
-    let seats = format!("{prefix}:{{{partition}}}:u:{user}:seats");
+    let seats = format!("{prefix}:{{{partition}}}:seats:{user}");
     assert_eq!(
         server.cli(&["zrem", &seats, created.session.name.session.as_str()]),
         "1"
@@ -195,7 +195,7 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
     match store.device_call(beat).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Evicted);
-            assert_eq!(s.end_reason, "seat_lost");
+            assert_eq!(s.end_reason, Some(usher::session::EndReason::SeatLost));
         }
         other => panic!("expected SessionEnded, got {other:?}"),
     }

@@ -428,9 +428,11 @@ async fn a_token_authorizes_only_its_own_session() {
     };
     let status = s.server.sessions.heartbeat(bare).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    // A service key is not a playback token.
+    // A service key is not a playback token: the service is told so, rather than told
+    // its credential is bad (which tells a device to start over).
     let status = s.heartbeat(&a.name, PLAYBACK_KEY).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "PLAYBACK_TOKEN_REQUIRED");
     s.server.running.shutdown().await.unwrap();
 }
 

@@ -9,20 +9,27 @@
 //! index, so events are written in the same atomic step as the change they report.
 //!
 //! ```text
-//! <base>:{p}:u:<user>:seats      ZSET   session id -> heartbeat deadline (ms)
-//! <base>:{p}:u:<user>:devices    HASH   device id -> session id
-//! <base>:{p}:u:<user>:gen        STRING fencing generation counter (30 days TTL)
-//! <base>:{p}:u:<user>:req:<id>   HASH   remembered answer to a request_id (TTL)
+//! <base>:{p}:seats:<user>        ZSET   session id -> heartbeat deadline (ms)
+//! <base>:{p}:devices:<user>      HASH   device id -> session id
+//! <base>:{p}:gen:<user>          STRING fencing generation counter (30 days TTL)
+//! <base>:{p}:req:<user>/<id>     HASH   remembered answer to a request_id (TTL)
 //! <base>:{p}:s:<session>         HASH   session record (TTL: deadline + retention)
 //! <base>:{p}:deadlines           ZSET   <user>/<session> -> deadline, for the sweeper
 //! <base>:{p}:events              STREAM capped event log (MAXLEN ~)
 //! <base>:{p}:stop                sharded pub/sub channel: "<user>/<session>" ended
+//! <base>:meta                    HASH   partitions and layout, recorded at first start
 //! ```
+//!
+//! An id comes last in its key (two ids are joined with `/`, which no id contains), so
+//! the `:` that ids may hold never makes two keys collide. [`LAYOUT_VERSION`] names this
+//! layout; an instance refuses to start on keys written with another layout or another
+//! partition count, because it would look for a user's seats in the wrong place.
 //!
 //! Session record fields: `id u p c d dt dn ip ua rg` (ids, device and client), `st`
 //! state, `pos` position ms, `ps` playback state, `g` generation, `ct` created ms, `hb`
 //! last heartbeat ms, `he` last heartbeat event ms, `dl` deadline ms, `dr` what missing
-//! the deadline is called, `pt` pause start ms, `et` end ms, `er` end reason.
+//! the deadline is called, `pt` pause start ms, `et` end ms, `er` end reason (stored
+//! name, `EndReason::as_str`), `em` and `eb` the operator's message and name.
 
 mod reply;
 
@@ -32,13 +39,13 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use self::reply::{decode_event, decode_session, int_at, session_at, text_at};
+use self::reply::{decode_event, int_at, session_at, text_at};
 use super::{
     Created, DeviceAction, DeviceCall, Event, HeartbeatEvents, NewSession, OverLimitPolicy, Seats,
     Store, StoreError, StoreSettings, partition_of,
 };
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
-use crate::session::{PlaybackState, Session};
+use crate::session::{PlaybackState, Session, Termination};
 
 /// The oldest Redis major version usher runs on.
 pub const MIN_REDIS_MAJOR: u32 = 7;
@@ -61,7 +68,13 @@ pub struct RedisOptions {
     pub key_prefix: String,
     /// A call that has no answer within this is `Unavailable`; nothing waits longer.
     pub timeout: Duration,
+    /// Run even when Redis may evict keys (`maxmemory-policy` other than `noeviction`).
+    /// An evicted seat set silently breaks the seat limit, so this is off by default.
+    pub allow_eviction: bool,
 }
+
+/// The version of the key layout in the module docs, recorded in `<base>:meta`.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The keys of one partition, built in one place.
 struct Keys {
@@ -77,11 +90,11 @@ impl Keys {
     }
 
     fn user(&self, user: &UserId, what: &str) -> String {
-        format!("{}u:{user}:{what}", self.prefix)
+        format!("{}{what}:{user}", self.prefix)
     }
 
     fn request(&self, user: &UserId, request: &RequestId) -> String {
-        format!("{}u:{user}:req:{request}", self.prefix)
+        format!("{}req:{user}/{request}", self.prefix)
     }
 
     fn session(&self, session: &SessionId) -> String {
@@ -115,6 +128,7 @@ struct Scripts {
     resume: Script,
     stop: Script,
     terminate: Script,
+    get: Script,
     sweep: Script,
     read_seats: Script,
 }
@@ -128,12 +142,13 @@ impl Scripts {
             resume: script!("resumeSession-5.lua"),
             stop: script!("stopSession-5.lua"),
             terminate: script!("terminateSession-5.lua"),
+            get: script!("getSession-5.lua"),
             sweep: script!("sweepExpired-2.lua"),
             read_seats: script!("readSeats-1.lua"),
         }
     }
 
-    fn all(&self) -> [&Script; 8] {
+    fn all(&self) -> [&Script; 9] {
         [
             &self.create,
             &self.heartbeat,
@@ -141,6 +156,7 @@ impl Scripts {
             &self.resume,
             &self.stop,
             &self.terminate,
+            &self.get,
             &self.sweep,
             &self.read_seats,
         ]
@@ -180,7 +196,10 @@ fn classify(error: fred::error::Error) -> StoreError {
         | ErrorKind::Parse
         | ErrorKind::NotFound => {
             // Redis answers LOADING, MASTERDOWN, CLUSTERDOWN, TRYAGAIN while it is coming
-            // back: those are outages, not bugs.
+            // back, OOM when it is full (maxmemory with noeviction), BUSY while a script
+            // runs too long, MISCONF when it cannot persist and NOREPLICAS when too few
+            // replicas follow: each is the store refusing work for now, not a bug, and a
+            // retry later may succeed.
             let details = error.details();
             if [
                 "LOADING",
@@ -188,6 +207,10 @@ fn classify(error: fred::error::Error) -> StoreError {
                 "CLUSTERDOWN",
                 "TRYAGAIN",
                 "READONLY",
+                "OOM",
+                "BUSY",
+                "MISCONF",
+                "NOREPLICAS",
             ]
             .iter()
             .any(|code| details.starts_with(code))
@@ -251,6 +274,8 @@ impl RedisStore {
             scripts: Scripts::new(),
         };
         store.check_version().await?;
+        store.check_eviction_policy().await?;
+        store.check_layout().await?;
         for script in store.scripts.all() {
             store.bounded(script.load(&store.client)).await?;
         }
@@ -276,6 +301,95 @@ impl RedisStore {
         if major < MIN_REDIS_MAJOR {
             return Err(StoreError::Corrupt(format!(
                 "Redis {version} is too old: usher needs Redis {MIN_REDIS_MAJOR}.0 or newer"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a Redis that may evict keys: an evicted seat set or session record
+    /// silently breaks the seat limit (and the fencing). Every primary of a cluster is
+    /// asked. INFO, not CONFIG GET, because managed Redis services often disable CONFIG.
+    async fn check_eviction_policy(&self) -> Result<(), StoreError> {
+        let servers = match self.client.cached_cluster_state() {
+            Some(state) => state.unique_primary_nodes(),
+            None => Vec::new(),
+        };
+        let mut infos = Vec::new();
+        if servers.is_empty() {
+            let info: String = self
+                .bounded(self.client.info(Some(fred::types::InfoKind::Memory)))
+                .await?;
+            infos.push(("redis".to_owned(), info));
+        }
+        for server in servers {
+            let info: String = self
+                .bounded(
+                    self.client
+                        .with_cluster_node(&server)
+                        .info(Some(fred::types::InfoKind::Memory)),
+                )
+                .await?;
+            infos.push((server.to_string(), info));
+        }
+        for (server, info) in infos {
+            let policy = info
+                .lines()
+                .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+                .map(str::trim)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("INFO memory of {server} has no maxmemory_policy"))
+                })?;
+            if policy == "noeviction" {
+                continue;
+            }
+            if self.options.allow_eviction {
+                tracing::warn!(
+                    %server,
+                    policy,
+                    "redis may evict keys: a seat evicted under memory pressure lets a user \
+                     exceed the seat limit (running anyway: --redis-allow-eviction)"
+                );
+                continue;
+            }
+            return Err(StoreError::Refused(format!(
+                "{server} has maxmemory-policy {policy}: Redis may evict usher's keys under \
+                 memory pressure, and an evicted seat set silently lets a user exceed the seat \
+                 limit; set maxmemory-policy noeviction (then a full Redis refuses writes, which \
+                 usher answers with UNAVAILABLE), or pass --redis-allow-eviction to accept the risk"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the partition count and the key layout at first start, and refuses to run
+    /// on keys recorded with others: a user's seats would be looked for under another
+    /// hash tag, and split between instances.
+    async fn check_layout(&self) -> Result<(), StoreError> {
+        let key = format!("{}:meta", self.options.key_prefix);
+        let partitions = self.settings.partitions.to_string();
+        let layout = LAYOUT_VERSION.to_string();
+        let _: () = self
+            .bounded(self.client.hsetnx(&key, "partitions", partitions.as_str()))
+            .await?;
+        let _: () = self
+            .bounded(self.client.hsetnx(&key, "layout", layout.as_str()))
+            .await?;
+        let (recorded_partitions, recorded_layout): (Option<String>, Option<String>) = self
+            .bounded(self.client.hmget(&key, vec!["partitions", "layout"]))
+            .await?;
+        if recorded_layout.as_deref() != Some(layout.as_str()) {
+            return Err(StoreError::Refused(format!(
+                "{key} records key layout {}, this usher writes layout {layout}: migrate the keys \
+                 or use another --redis-key-prefix",
+                recorded_layout.as_deref().unwrap_or("(none)")
+            )));
+        }
+        if recorded_partitions.as_deref() != Some(partitions.as_str()) {
+            return Err(StoreError::Refused(format!(
+                "{key} records --partitions {}, this instance was started with {partitions}: \
+                 instances with different counts would split users' seats; start with the \
+                 recorded count (changing it needs a migration)",
+                recorded_partitions.as_deref().unwrap_or("(none)")
             )));
         }
         Ok(())
@@ -417,17 +531,14 @@ impl Store for RedisStore {
     }
 
     async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
-        let keys = self.keys(&name.user);
-        let fields: Vec<(String, String)> = self
-            .bounded(self.client.hgetall(keys.session(&name.session)))
-            .await?;
-        if fields.is_empty() {
-            return Ok(None);
+        let (keys, key_list) = self.session_keys(name);
+        let mut args = self.common_args(&keys);
+        args.extend([name.user.to_string(), name.session.to_string()]);
+        match self.run(&self.scripts.get, key_list, args).await {
+            Ok(reply) => session_at(&reply, 1).map(Some),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(error) => Err(error),
         }
-        let session = decode_session(fields)?;
-        // The key is derived from the session id alone: a name with another user must
-        // not find it.
-        Ok((session.name == *name).then_some(session))
     }
 
     async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
@@ -479,13 +590,18 @@ impl Store for RedisStore {
         session_at(&reply, 1)
     }
 
-    async fn terminate(&self, name: &SessionName, reason: &str) -> Result<Session, StoreError> {
+    async fn terminate(
+        &self,
+        name: &SessionName,
+        termination: &Termination,
+    ) -> Result<Session, StoreError> {
         let (keys, key_list) = self.session_keys(name);
         let mut args = self.common_args(&keys);
         args.extend([
             name.user.to_string(),
             name.session.to_string(),
-            reason.to_owned(),
+            termination.message.clone(),
+            termination.by.clone(),
         ]);
         let reply = self.run(&self.scripts.terminate, key_list, args).await?;
         session_at(&reply, 1)
@@ -529,7 +645,17 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.bounded(self.client.ping::<()>(None)).await
+        // A write, not PING: a Redis out of memory (OOM) or unable to persist (MISCONF)
+        // still answers PING but refuses every state change.
+        let key = format!("{}:probe", self.options.key_prefix);
+        self.bounded(self.client.set::<(), _, _>(
+            key,
+            "1",
+            Some(Expiration::PX(10_000)),
+            None,
+            false,
+        ))
+        .await
     }
 
     fn settings(&self) -> &StoreSettings {

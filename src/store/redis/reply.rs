@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use fred::types::Value;
 
 use crate::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
-use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, Session, SessionState};
+use crate::session::{
+    ClientInfo, Device, DeviceType, EndReason, PlaybackState, Session, SessionState, Termination,
+};
 use crate::store::{Event, EventKind, StoreError};
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -79,6 +81,23 @@ impl Fields {
     fn owned(&self, field: &str) -> String {
         self.0.get(field).cloned().unwrap_or_default()
     }
+
+    /// An end reason by its stored name; absent or empty is none.
+    fn end_reason(&self, field: &str) -> Result<Option<EndReason>, StoreError> {
+        match self.0.get(field).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(name) => EndReason::parse(name)
+                .map(Some)
+                .ok_or_else(|| corrupt(format!("unknown end reason {name:?}"))),
+        }
+    }
+
+    fn termination(&self, message: &str, by: &str) -> Termination {
+        Termination {
+            message: self.owned(message),
+            by: self.owned(by),
+        }
+    }
 }
 
 fn enum_value<E: TryFrom<i32>>(value: u64, what: &str) -> Result<E, StoreError> {
@@ -88,7 +107,7 @@ fn enum_value<E: TryFrom<i32>>(value: u64, what: &str) -> Result<E, StoreError> 
         .ok_or_else(|| corrupt(format!("unknown {what} {value}")))
 }
 
-pub(super) fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> {
+fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> {
     let f = Fields(fields.into_iter().collect());
     Ok(Session {
         name: SessionName {
@@ -115,7 +134,8 @@ pub(super) fn decode_session(fields: Vec<(String, String)>) -> Result<Session, S
         last_heartbeat_ms: f.number("hb")?,
         deadline_ms: f.number("dl")?,
         ended_ms: f.optional_number("et")?,
-        end_reason: f.owned("er"),
+        end_reason: f.end_reason("er")?,
+        termination: f.termination("em", "eb"),
         paused_ms: f.optional_number("pt")?,
     })
 }
@@ -135,7 +155,8 @@ pub(super) fn decode_event(id: String, fields: Vec<(String, String)>) -> Result<
         profile: f.id("profile", ProfileId::parse)?,
         position_ms: f.number("pos_ms")?,
         at_ms: f.number("at_ms")?,
-        reason: f.owned("reason"),
+        reason: f.end_reason("reason")?,
+        termination: f.termination("message", "by"),
         id,
     })
 }

@@ -66,6 +66,7 @@ pub fn redis_options(target: RedisTarget, prefix: &str) -> RedisOptions {
         target,
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_millis(500),
+        allow_eviction: false,
     }
 }
 

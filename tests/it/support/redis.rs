@@ -276,9 +276,13 @@ pub fn shared_cluster() -> &'static RedisCluster {
     CLUSTER.get_or_init(RedisCluster::start)
 }
 
-/// Every key starting with `prefix`, on every node of `ports`.
+/// Every key starting with `prefix`, on every node of `ports`, but the store's own
+/// bookkeeping, which no call writes: `<prefix>:meta` (partition count and key layout,
+/// written at connect) and `<prefix>:probe` (the health probe's write).
 pub fn keys_with_prefix(ports: &[u16], prefix: &str) -> Vec<String> {
     let pattern = format!("{prefix}*");
+    let is_meta =
+        |key: &str| !key.contains('{') && (key.ends_with(":meta") || key.ends_with(":probe"));
     let mut keys: Vec<String> = ports
         .iter()
         .flat_map(|port| {
@@ -287,7 +291,7 @@ pub fn keys_with_prefix(ports: &[u16], prefix: &str) -> Vec<String> {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         })
-        .filter(|k| !k.is_empty())
+        .filter(|k| !k.is_empty() && !is_meta(k))
         .collect();
     keys.sort();
     keys.dedup();

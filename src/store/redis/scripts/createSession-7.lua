@@ -1,13 +1,13 @@
 -- createSession: admits a new playback session and grants it a seat, atomically.
 --
--- KEYS[1]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
--- KEYS[2]  <prefix>u:<user>:devices   HASH device id -> session id
--- KEYS[3]  <prefix>u:<user>:gen       STRING the user's fencing generation counter
+-- KEYS[1]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
+-- KEYS[2]  <prefix>devices:<user>   HASH device id -> session id
+-- KEYS[3]  <prefix>gen:<user>       STRING the user's fencing generation counter
 --                                     (its TTL is set with every deadline, in the prelude)
 -- KEYS[4]  <prefix>s:<session>        HASH the new session's record
 -- KEYS[5]  <prefix>deadlines          ZSET <user>/<session> -> deadline, for the sweeper
 -- KEYS[6]  <prefix>events             STREAM the partition's event log
--- KEYS[7]  <prefix>u:<user>:req:<id>  HASH the remembered answer to a request_id
+-- KEYS[7]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
 --                                     (any key of the user when there is none)
 --
 -- ARGV[1..3] see the prelude
@@ -99,7 +99,7 @@ local s = {
 redis.call('HSET', KEYS[4], unpack(flat(s)))
 redis.call('HSET', KEYS[2], device, sid)
 set_deadline(s, now, timeout_ms, 0)
-append_event('playback.started', s, now, '')
+append_event('playback.started', s, now)
 
 if request_id ~= '' then
   redis.call('HSET', KEYS[7], 'sid', sid, 'fp', fingerprint, 'rep', table.concat(replaced, ','))

@@ -1,8 +1,8 @@
 -- heartbeat: proves the device is alive, records position and playback state.
 --
 -- KEYS[1]  <prefix>s:<session>        HASH the session's record
--- KEYS[2]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
--- KEYS[3]  <prefix>u:<user>:devices   HASH device id -> session id
+-- KEYS[2]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
+-- KEYS[3]  <prefix>devices:<user>   HASH device id -> session id
 -- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
 -- KEYS[5]  <prefix>events             STREAM the partition's event log
 --

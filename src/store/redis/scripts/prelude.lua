@@ -55,7 +55,7 @@ local function session_key(sid)
 end
 
 local function user_key(user, what)
-  return PREFIX .. 'u:' .. user .. ':' .. what
+  return PREFIX .. what .. ':' .. user
 end
 
 local function sweep_member(s)
@@ -89,14 +89,24 @@ local function holds_seat(s)
   return st == ACTIVE or st == PAUSED
 end
 
-local function append_event(kind, s, now, reason)
-  redis.call('XADD', EVENTS, 'MAXLEN', '~', STREAM_MAXLEN, '*',
+-- Appends an event of s; an ended session's carries its end reason, and a terminated
+-- one's the operator's message and name.
+local function append_event(kind, s, now)
+  local fields = {
     'type', kind, 'user', s.u, 'session', s.id, 'gen', s.g, 'device', s.d,
-    'content', s.c, 'profile', s.p, 'pos_ms', s.pos, 'at_ms', int(now), 'reason', reason)
+    'content', s.c, 'profile', s.p, 'pos_ms', s.pos, 'at_ms', int(now), 'reason', s.er or '',
+  }
+  if s.em and s.em ~= '' then
+    for _, v in ipairs({'message', s.em, 'by', s.eb}) do
+      fields[#fields + 1] = v
+    end
+  end
+  redis.call('XADD', EVENTS, 'MAXLEN', '~', STREAM_MAXLEN, '*', unpack(fields))
 end
 
 -- Ends a seat-holding session: releases its seat and device, keeps the record for the
--- retention period, appends its event and tells its device's stream to stop.
+-- retention period, appends its event and tells its device's stream to stop. reason is
+-- an end reason's stored name (EndReason::as_str in session/mod.rs).
 local function end_session(s, state, reason, now)
   local key = session_key(s.id)
   s.st, s.et, s.er = tostring(state), int(now), reason
@@ -108,7 +118,7 @@ local function end_session(s, state, reason, now)
     redis.call('HDEL', devices, s.d)
   end
   redis.call('ZREM', DEADLINES, sweep_member(s))
-  append_event(END_EVENT[state], s, now, reason)
+  append_event(END_EVENT[state], s, now)
   redis.call('SPUBLISH', STOP_CHANNEL, sweep_member(s))
 end
 
@@ -213,7 +223,7 @@ local function device_call(action)
   end
   if action == 'stop' then
     redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos)
-    end_session(s, STOPPED, '', now)
+    end_session(s, STOPPED, 'stopped_by_device', now)
     return {0, flat(s)}
   end
   local event
@@ -237,7 +247,7 @@ local function device_call(action)
   redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt, 'he', s.he)
   set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]))
   if event then
-    append_event(event, s, now, '')
+    append_event(event, s, now)
   end
   return {0, flat(s)}
 end

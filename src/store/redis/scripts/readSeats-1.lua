@@ -1,7 +1,7 @@
 -- readSeats: the user's live holders and the store's clock, as one consistent read.
 -- Writes nothing: holders past their deadline are left out, not expired.
 --
--- KEYS[1]  <prefix>u:<user>:seats     ZSET session id -> heartbeat deadline (ms)
+-- KEYS[1]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id

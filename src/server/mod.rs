@@ -1,6 +1,9 @@
 //! Assembles and runs the gRPC server: the services, health (per service, NOT_SERVING
-//! while the store is unreachable and while draining), reflection v1 and v1alpha, the
-//! transport limits, the background sweeper, and graceful shutdown.
+//! while the store is unreachable or refuses writes, and while draining), reflection v1
+//! and v1alpha, the transport limits (connections through `crate::net`, request layers in
+//! [`layers`]), the background sweeper, SIGHUP reloads, and graceful shutdown.
+
+mod layers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,7 +13,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -22,6 +24,7 @@ use crate::concurrency::ConcurrencyOps;
 use crate::concurrency::grpc::ConcurrencyGrpc;
 use crate::config::{Config, StoreConfig};
 use crate::entitlement::{EntitlementProvider, StaticPolicy};
+use crate::net::{ConnectionLimits, ConnectionStats};
 use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
 use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
@@ -68,7 +71,9 @@ pub enum StartError {
 /// Builds the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match &config.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::new(config.store_settings.clone())),
+        StoreConfig::Memory => Arc::new(
+            MemoryStore::new(config.store_settings.clone()).with_limits(config.memory_limits),
+        ),
         StoreConfig::Redis(options) => {
             Arc::new(RedisStore::connect(options.clone(), config.store_settings.clone()).await?)
         }
@@ -81,7 +86,10 @@ pub fn open_entitlements(config: &Config) -> Result<Arc<dyn EntitlementProvider>
         Some(path) => StaticPolicy::load(path, config.default_seat_limit),
         None => StaticPolicy::open(config.default_seat_limit.unwrap_or(2)),
     };
-    Ok(Arc::new(policy.map_err(StartError::Entitlements)?))
+    let policy = policy
+        .map_err(StartError::Entitlements)?
+        .with_missing_region(config.missing_region);
+    Ok(Arc::new(policy))
 }
 
 /// What the services run on, built from the config (tests build their own).
@@ -144,9 +152,67 @@ fn announce_auth(config: &Config, credentials: &Credentials) {
     }
 }
 
+/// Reloads what can be reloaded on SIGHUP: the token key set (when it comes from a file)
+/// and the service credentials (when `--credentials` names a file). A failed reload
+/// keeps what is in force. SIGHUP never stops the process: the handler is installed
+/// before the server listens, whatever the configuration, so the signal's default
+/// action (terminate) never applies.
+fn spawn_hangup_handler(
+    tokens: Arc<Tokens>,
+    authenticator: Arc<Authenticator>,
+    credentials_file: Option<std::path::PathBuf>,
+) -> Option<JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler: keys reload on file changes only");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                if tokens.reloadable() {
+                    match tokens.reload() {
+                        Ok(()) => {}
+                        Err(error) => tracing::error!(
+                            %error,
+                            "token keys not reloaded: the keys in force stay"
+                        ),
+                    }
+                } else {
+                    tracing::info!("token keys are ephemeral (no --token-keys): nothing to reload");
+                }
+                if let Some(path) = &credentials_file {
+                    match Credentials::load(path) {
+                        Ok(credentials) => {
+                            authenticator.replace_credentials(credentials);
+                            tracing::info!(file = %path.display(), "credentials reloaded");
+                        }
+                        Err(error) => tracing::error!(
+                            %error,
+                            "credentials not reloaded: the credentials in force stay"
+                        ),
+                    }
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tokens, authenticator, credentials_file);
+        None
+    }
+}
+
 /// A server running in the background.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The accept loop's counters.
+    pub connections: Arc<ConnectionStats>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -324,6 +390,11 @@ pub async fn start(
     let probe = spawn_health_probe(store.clone(), health.clone(), stop.clone());
     let sweeper = spawn_sweeper(store, config.sweep_interval, stop.clone());
     let reloader = tokens.spawn_reloader();
+    let hangup = spawn_hangup_handler(
+        tokens.clone(),
+        authenticator.clone(),
+        config.credentials.clone(),
+    );
 
     let mut drained = stop.clone();
     let drain_health = health.clone();
@@ -333,8 +404,8 @@ pub async fn start(
         probe.abort();
         let _ = probe.await;
         sweeper.abort();
-        if let Some(reloader) = reloader {
-            reloader.abort();
+        for task in [reloader, hangup].into_iter().flatten() {
+            task.abort();
         }
         set_all(&drain_health, ServingStatus::NotServing).await;
         tracing::info!(delay = ?limits.drain_delay, "draining: reporting NOT_SERVING");
@@ -353,6 +424,11 @@ pub async fn start(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .layer(layers::StatusDetailsLayer)
+        .layer(layers::ConnectionLayer::new(
+            limits.max_health_watches,
+            limits.max_health_watches_per_connection,
+        ))
         .layer(crate::deadline::DeadlineLayer::new(limits.request_timeout))
         .layer(AuthLayer::new(authenticator))
         .add_service(health_service)
@@ -361,7 +437,15 @@ pub async fn start(
         .add_service(session_service)
         .add_service(concurrency_service)
         .add_service(token_service);
-    let incoming = TcpListenerStream::new(listener);
+    let connections = Arc::new(ConnectionStats::default());
+    let incoming = crate::net::accept(
+        listener,
+        ConnectionLimits {
+            max_connections: limits.max_connections,
+            handshake_timeout: limits.handshake_timeout,
+        },
+        connections.clone(),
+    );
     let shutdown_timeout = limits.shutdown_timeout;
     let task = tokio::spawn(async move {
         let serving = router.serve_with_incoming_shutdown(incoming, drain);
@@ -383,6 +467,7 @@ pub async fn start(
     tracing::info!(%addr, tls = config.tls.is_some(), "usher listening");
     Ok(RunningServer {
         addr,
+        connections,
         shutdown,
         task,
     })
