@@ -552,6 +552,15 @@ mod tests {
             .unwrap_err()
             .contains("unknown role")
         );
+        // A key with dots would be read as a playback token and could never work.
+        let dotted = file(&format!(
+            "[[service]]\nname='a'\nkey='{}.{}.{}'\nroles=['admin']",
+            "a".repeat(12),
+            "b".repeat(12),
+            "c".repeat(12)
+        ))
+        .unwrap_err();
+        assert!(dotted.contains("must not contain '.'"), "{dotted}");
         let digest: String = sha256(&"s".repeat(40))
             .iter()
             .map(|b| format!("{b:02x}"))

@@ -204,9 +204,16 @@ pub fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
     }
 }
 
-/// A protobuf timestamp from epoch seconds (JWT time claims).
+/// The last second a protobuf Timestamp can hold (9999-12-31T23:59:59Z).
+const MAX_TIMESTAMP_SECONDS: u64 = 253_402_300_799;
+
+/// A protobuf timestamp from epoch seconds (JWT time claims), clamped to the Timestamp
+/// range: a claim is any u64, and must not overflow.
 pub fn timestamp_seconds(seconds: u64) -> prost_types::Timestamp {
-    timestamp_ms(seconds * 1000)
+    prost_types::Timestamp {
+        seconds: seconds.min(MAX_TIMESTAMP_SECONDS) as i64,
+        nanos: 0,
+    }
 }
 
 /// A protobuf duration from milliseconds.

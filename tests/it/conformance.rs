@@ -777,6 +777,80 @@ pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
     assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 3);
 }
 
+/// One answer everywhere: reading a session past its deadline ends it then (with its one
+/// `expired` event), as a device call would, instead of showing it ACTIVE until the
+/// sweeper comes.
+pub async fn reading_a_session_past_its_deadline_shows_it_expired(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b
+        .store
+        .create_session(new_session(&user, "tv", 2, RejectNew))
+        .await
+        .unwrap();
+    let name = created.session.name;
+    let live = b.store.get_session(&name).await.unwrap().unwrap();
+    assert_eq!(live.state, SessionState::Active, "not yet");
+    b.advance(PAST_TIMEOUT).await;
+    let read = b.store.get_session(&name).await.unwrap().unwrap();
+    assert_eq!(read.state, SessionState::Expired);
+    assert_eq!(read.end_reason, Some(EndReason::HeartbeatTimeout));
+    assert!(read.ended_ms.is_some());
+    let again = b.store.get_session(&name).await.unwrap().unwrap();
+    assert_eq!(again, read, "a second read gives the same answer");
+    assert_eq!(
+        b.kinds_for(&name).await,
+        [EventKind::Started, EventKind::Expired],
+        "exactly one expired event"
+    );
+    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    // A session of another user is not found, and a missing one is none.
+    let foreign = SessionName {
+        user: fresh_user(),
+        session: name.session.clone(),
+    };
+    assert_eq!(b.store.get_session(&foreign).await.unwrap(), None);
+}
+
+/// Ids may hold `:` (MAC addresses, `vendor:id`): keys of different users and requests
+/// must still never meet. Under the first key layout, user `a` with request `x:seats`
+/// and user `a:req:x` shared a key.
+pub async fn ids_with_colons_never_share_state(kind: Kind) {
+    let b = open(kind).await;
+    let partitions = b.store.settings().partitions;
+    // Two users in one partition (one hash tag), or their keys could not meet anyway.
+    let (plain, tricky) = std::iter::repeat_with(fresh_user)
+        .map(|base| {
+            let tricky = usher::ids::UserId::parse("u", &format!("{base}:req:x")).unwrap();
+            (base, tricky)
+        })
+        .find(|(a, b)| partition_of(a, partitions) == partition_of(b, partitions))
+        .unwrap();
+    let mut first = new_session(&plain, "3c:22:fb:01:02:03", 1, RejectNew);
+    first.request_id = Some(usher::ids::RequestId::parse("r", "x:seats").unwrap());
+    let first = b.store.create_session(first).await.unwrap();
+    let second = b
+        .store
+        .create_session(new_session(&tricky, "roku:1234", 1, RejectNew))
+        .await
+        .unwrap();
+    assert!(!second.replayed, "another user's create is not a replay");
+    let plain_seats = b.store.seats(&plain).await.unwrap().holders;
+    let tricky_seats = b.store.seats(&tricky).await.unwrap().holders;
+    assert_eq!(plain_seats, vec![first.session.clone()]);
+    assert_eq!(tricky_seats, vec![second.session.clone()]);
+    assert_eq!(first.session.device.id.as_str(), "3c:22:fb:01:02:03");
+    // Each user is at its limit of one on its own.
+    for user in [&plain, &tricky] {
+        assert!(matches!(
+            b.store
+                .create_session(new_session(user, "phone", 1, RejectNew))
+                .await,
+            Err(StoreError::LimitReached { .. })
+        ));
+    }
+}
+
 /// Stamps one `#[tokio::test]` per case for a backend.
 macro_rules! stamp {
     ($kind:expr; $($case:ident),* $(,)?) => {
@@ -819,6 +893,8 @@ macro_rules! conformance_suite {
                     events_carry_the_session_and_read_after_a_cursor,
                     every_state_change_appends_exactly_one_event,
                     concurrent_creates_never_exceed_the_limit,
+                    reading_a_session_past_its_deadline_shows_it_expired,
+                    ids_with_colons_never_share_state,
                 );
             }
         )*

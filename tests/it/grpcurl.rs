@@ -414,3 +414,169 @@ fn grpcurl_with_credentials_as_the_readme_shows() {
     assert!(!wrong.status.success());
     assert!(usher.terminate().success());
 }
+
+fn send_signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// `usher health` against `addr`: whether it said SERVING.
+fn healthy(addr: &str) -> bool {
+    Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["health", "--addr", addr, "--timeout", "2s"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// SIGHUP never stops the process, whatever it was started with: without a key file
+/// (the memory store would lose every session) it reloads what it can, here the service
+/// credentials, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_token_keys_keeps_serving_and_reloads_credentials() {
+    use tonic::metadata::MetadataValue;
+    use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials.toml");
+    let old_key = "old-support-key-0123456789abcdef012345";
+    let new_key = "new-support-key-0123456789abcdef012345";
+    let write = |key: &str| {
+        std::fs::write(
+            &credentials,
+            format!("[[service]]\nname = \"support\"\nkey = \"{key}\"\nroles = [\"support\"]\n"),
+        )
+        .unwrap();
+    };
+    write(old_key);
+    let mut usher = Usher::start_secured(&["--credentials", credentials.to_str().unwrap()]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", usher.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = ConcurrencyServiceClient::new(channel);
+    let call = |key: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(usher::proto::GetConcurrencyRequest {
+                name: "users/hugo/concurrency".into(),
+            });
+            let bearer: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+            request.metadata_mut().insert("authorization", bearer);
+            client.get_concurrency(request).await.map(|_| ())
+        }
+    };
+    call(old_key).await.unwrap();
+    assert_eq!(
+        call(new_key).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    write(new_key);
+    send_signal(&usher.child, "HUP");
+    let started = Instant::now();
+    while call(new_key).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not reload the credentials"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        call(old_key).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    // Again, and with a broken file: the credentials in force stay.
+    std::fs::write(&credentials, "not toml [").unwrap();
+    send_signal(&usher.child, "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(usher.child.try_wait().unwrap().is_none(), "still running");
+    call(new_key).await.unwrap();
+    assert!(healthy(&usher.addr));
+    assert!(usher.terminate().success());
+}
+
+/// CPU seconds (user and system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Hundreds of connections that never send the HTTP/2 preface, against a server with
+/// few file descriptors: they are capped and closed after the handshake timeout, real
+/// clients keep being served, and the CPU stays idle (no accept loop spinning on
+/// EMFILE).
+#[test]
+fn silent_connections_cannot_exhaust_the_server() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            r#"ulimit -n 128 && exec "$0" "$@""#,
+            env!("CARGO_BIN_EXE_usher"),
+            "serve",
+            "--insecure-dev",
+            "--listen",
+            &addr,
+            "--drain-delay",
+            "0s",
+            "--max-connections",
+            "64",
+            "--handshake-timeout",
+            "500ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sh and usher");
+    let mut usher = Usher {
+        child,
+        addr: addr.clone(),
+    };
+    let started = Instant::now();
+    while !healthy(&addr) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "usher did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = usher.child.id();
+    // 300 silent connections, more than the server has file descriptors.
+    let socket: std::net::SocketAddr = addr.parse().unwrap();
+    let silent: Vec<TcpStream> = (0..300)
+        .filter_map(|_| TcpStream::connect_timeout(&socket, Duration::from_millis(300)).ok())
+        .collect();
+    assert!(silent.len() > 128, "only {} connected", silent.len());
+    let cpu_before = cpu_seconds(pid);
+    let window = Instant::now();
+    // Real clients are served while the silent ones are still open.
+    let mut served = 0;
+    while window.elapsed() < Duration::from_secs(3) {
+        if healthy(&addr) {
+            served += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let elapsed = window.elapsed().as_secs_f64();
+    assert!(served >= 5, "real clients served {served} times in 3 s");
+    assert!(
+        cpu < 0.5 * elapsed,
+        "usher used {cpu:.2} s of CPU in {elapsed:.2} s with silent connections open"
+    );
+    assert!(usher.child.try_wait().unwrap().is_none(), "still running");
+    drop(silent);
+    assert!(usher.terminate().success());
+}

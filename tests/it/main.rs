@@ -4,6 +4,7 @@ mod bad_input;
 mod conformance;
 mod e2e;
 mod grpcurl;
+mod hardening;
 mod race;
 mod redis_only;
 mod security;

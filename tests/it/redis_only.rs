@@ -273,3 +273,177 @@ async fn health_turns_not_serving_while_redis_is_down() {
     status_is(ServingStatus::Serving).await;
     usher.running.shutdown().await.unwrap();
 }
+
+/// Health of `usher`, polled until it is `wanted` (8 s at most).
+async fn health_becomes(
+    usher: &TestServer,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut health = HealthClient::new(usher.channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == wanted as i32 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health never became {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis that answers PING but refuses writes (out of memory under `noeviction`) is an
+/// outage: UNAVAILABLE / STORE_UNAVAILABLE, health NOT_SERVING, nothing half-written, and
+/// usher recovers by itself when memory is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_is_unavailable_and_not_ready() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let server = redis::RedisServer::start();
+    let prefix = unique_prefix();
+    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let mut usher = serve(store.clone(), 2, OverLimitPolicy::RejectNew).await;
+    health_becomes(&usher, ServingStatus::Serving).await;
+    server.cli(&["config", "set", "maxmemory", "1"]);
+    let before = redis::dump_with_prefix(&[server.port], &format!("{prefix}:"));
+    let status = usher
+        .sessions
+        .create_session(create_request("olive", "tv"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    health_becomes(&usher, ServingStatus::NotServing).await;
+    assert_eq!(
+        redis::dump_with_prefix(&[server.port], &format!("{prefix}:")),
+        before,
+        "nothing written"
+    );
+    server.cli(&["config", "set", "maxmemory", "0"]);
+    health_becomes(&usher, ServingStatus::Serving).await;
+    recovers(&mut usher, create_request("olive", "tv")).await;
+    usher.running.shutdown().await.unwrap();
+}
+
+/// A Redis busy with a script that runs too long answers BUSY: UNAVAILABLE, fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_redis_is_unavailable() {
+    let server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "busy").await;
+    let mut usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
+    server.cli(&["config", "set", "busy-reply-threshold", "50"]);
+    let port = server.port.to_string();
+    let mut runaway = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "eval", "while true do end", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = usher
+        .sessions
+        .create_session(create_request("busy", "tv"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(2), "fast");
+    server.cli(&["script", "kill"]);
+    let _ = runaway.wait();
+    recovers(&mut usher, create_request("busy", "tv")).await;
+    usher.running.shutdown().await.unwrap();
+}
+
+/// A Redis that may evict keys could evict a seat set and let a user past the limit:
+/// usher refuses to start on it, unless told to accept the risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_keys_is_refused_at_start() {
+    let server = redis::RedisServer::start();
+    for policy in ["allkeys-lru", "volatile-ttl", "allkeys-random"] {
+        server.cli(&["config", "set", "maxmemory-policy", policy]);
+        let target = RedisTarget::Single { url: server.url() };
+        let refused = RedisStore::connect(redis_options(target.clone(), "evict"), test_settings())
+            .await
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(matches!(refused, StoreError::Refused(_)), "{refused:?}");
+        assert!(
+            message.contains(policy) && message.contains("noeviction"),
+            "{message}"
+        );
+        assert!(message.contains("--redis-allow-eviction"), "{message}");
+        let mut options = redis_options(target, "evict");
+        options.allow_eviction = true;
+        RedisStore::connect(options, test_settings())
+            .await
+            .expect("runs when the risk is accepted");
+    }
+    server.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+    connect(RedisTarget::Single { url: server.url() }, "evict").await;
+}
+
+/// Every primary of a Cluster is asked, not only the one a command happens to reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_one_evicting_primary_is_refused() {
+    let cluster = redis::RedisCluster::start();
+    let last = cluster.nodes.last().unwrap().port;
+    redis::redis_cli(last, &["config", "set", "maxmemory-policy", "allkeys-lru"]);
+    let target = RedisTarget::Cluster {
+        nodes: cluster.node_list(),
+    };
+    let refused = RedisStore::connect(redis_options(target, "evict"), test_settings())
+        .await
+        .err()
+        .expect("refused");
+    assert!(refused.to_string().contains(&last.to_string()), "{refused}");
+}
+
+/// Instances with different partition counts on one Redis would split users' seats: the
+/// first records its count, and another count refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_partition_count_refuses_to_start() {
+    let server = redis::shared_redis();
+    let prefix = unique_prefix();
+    let target = || RedisTarget::Single { url: server.url() };
+    let settings = |partitions| usher::store::StoreSettings {
+        partitions,
+        ..test_settings()
+    };
+    RedisStore::connect(redis_options(target(), &prefix), settings(16))
+        .await
+        .expect("the first instance records 16");
+    RedisStore::connect(redis_options(target(), &prefix), settings(16))
+        .await
+        .expect("the same count starts");
+    let refused = RedisStore::connect(redis_options(target(), &prefix), settings(32))
+        .await
+        .err()
+        .expect("another count is refused");
+    assert!(matches!(refused, StoreError::Refused(_)), "{refused:?}");
+    let message = refused.to_string();
+    assert!(
+        message.contains("--partitions 16") && message.contains("32"),
+        "{message}"
+    );
+    assert_eq!(
+        redis::redis_cli(server.port, &["hget", &format!("{prefix}:meta"), "layout"]),
+        usher::store::redis::LAYOUT_VERSION.to_string()
+    );
+    // Another prefix is another deployment.
+    RedisStore::connect(redis_options(target(), &unique_prefix()), settings(32))
+        .await
+        .expect("a fresh prefix starts with any count");
+}

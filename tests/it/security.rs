@@ -24,11 +24,15 @@ use usher::token::keys::{KeyAlgorithm, KeySet, StoredKey};
 use usher::token::{TokenSettings, Tokens};
 
 use crate::e2e::create_request;
-use crate::support::{TestServer, reason, serve_components, test_config, test_settings};
+use crate::support::{
+    TestServer, error_metadata, reason, serve_components, test_config, test_settings,
+};
 
 const PLAYBACK_KEY: &str = "playback-api-key-0123456789abcdef0123";
 const SUPPORT_KEY: &str = "support-key-0123456789abcdef0123456789";
 const EDGE_KEY: &str = "edge-key-0123456789abcdef0123456789abcd";
+const ADMIN_KEY: &str = "admin-key-0123456789abcdef0123456789abc";
+const PROXY_KEY: &str = "device-proxy-key-0123456789abcdef012345";
 
 fn credentials() -> Credentials {
     let text = format!(
@@ -45,6 +49,14 @@ fn credentials() -> Credentials {
         name = "edge"
         key = "{EDGE_KEY}"
         roles = ["edge"]
+        [[service]]
+        name = "admin"
+        key = "{ADMIN_KEY}"
+        roles = ["admin"]
+        [[service]]
+        name = "heartbeat-gateway"
+        key = "{PROXY_KEY}"
+        roles = ["device-proxy"]
         [[client_certificate]]
         subject = "edge.usher.test"
         roles = ["edge"]
@@ -974,4 +986,135 @@ async fn mutual_tls_identifies_callers_by_certificate() {
         );
     }
     running.shutdown().await.unwrap();
+}
+
+/// A service credential on a device method is told that the call needs a playback
+/// token, not that its credential is bad; a role that names the device methods exactly
+/// (device-proxy) acts for devices, and a `Service/*` pattern (admin) does not.
+#[tokio::test]
+async fn service_credentials_on_device_methods() {
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let (session, _) = s.start("quinn", "tv").await;
+    for key in [PLAYBACK_KEY, ADMIN_KEY, SUPPORT_KEY] {
+        let status = s.heartbeat(&session.name, key).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{key}: {status:?}");
+        assert_eq!(reason(&status), "PLAYBACK_TOKEN_REQUIRED", "{key}");
+        assert!(status.message().contains("playback token"), "{status:?}");
+    }
+    // An unknown key is still a bad credential.
+    let status = s
+        .heartbeat(&session.name, "unknown-key-0123456789abcdef0123456789")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // The gateway relays the device's heartbeat, and may pause and stop it too.
+    let beat = s.heartbeat(&session.name, PROXY_KEY).await.unwrap();
+    assert_eq!(beat.state, proto::SessionState::Active as i32);
+    let stop = proto::StopSessionRequest {
+        name: session.name.clone(),
+        ..Default::default()
+    };
+    let stopped = s
+        .server
+        .sessions
+        .stop_session(with_bearer(stop, PROXY_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(stopped.state, proto::SessionState::Stopped as i32);
+    // It still may not create sessions.
+    let status = s
+        .server
+        .sessions
+        .create_session(with_bearer(create_request("quinn", "tv"), PROXY_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "PERMISSION_DENIED");
+    s.server.running.shutdown().await.unwrap();
+}
+
+/// RFC 7515 §4.1.11: a `crit` header naming an extension usher does not understand is
+/// refused, even with a good signature. And `exp` near 2^64 is far in the future, not a
+/// wrap into the past.
+#[tokio::test]
+async fn critical_headers_are_refused_and_time_claims_do_not_wrap() {
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let (session, _) = s.start("ruth", "tv").await;
+    let claims = claims_for(&session);
+    let honest = s.sign(s.header(), &claims);
+    assert!(
+        s.validate(&honest, false).await.valid,
+        "the control is valid"
+    );
+    for crit in [
+        vec!["exp".to_owned()],
+        vec!["x-usher-unknown".to_owned()],
+        vec![],
+    ] {
+        let mut header = s.header();
+        header.crit = Some(crit.clone());
+        let token = s.sign(header, &claims);
+        assert_refused(
+            &mut s,
+            &token,
+            &session.name,
+            "TOKEN_INVALID",
+            &format!("crit {crit:?}"),
+        )
+        .await;
+    }
+    let mut far = claims.clone();
+    far["exp"] = json!(u64::MAX - 1);
+    let far = s.sign(s.header(), &far);
+    let answer = s.validate(&far, false).await;
+    assert!(
+        answer.valid,
+        "exp near 2^64 is not expired: {}",
+        answer.reason
+    );
+    let mut last = claims.clone();
+    last["exp"] = json!(u64::MAX);
+    last["nbf"] = json!(u64::MAX - 5);
+    let last = s.sign(s.header(), &last);
+    assert_eq!(
+        s.validate(&last, false).await.reason,
+        "TOKEN_INVALID",
+        "not yet valid"
+    );
+    s.server.running.shutdown().await.unwrap();
+}
+
+/// Every method that finds a session over says how it ended: RefreshToken too.
+#[tokio::test]
+async fn refresh_of_an_ended_session_says_its_state() {
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let (session, token) = s.start("sam", "tv").await;
+    let stop = proto::StopSessionRequest {
+        name: session.name.clone(),
+        ..Default::default()
+    };
+    s.server
+        .sessions
+        .stop_session(with_bearer(stop, &token))
+        .await
+        .unwrap();
+    for bearer in [token.as_str(), PLAYBACK_KEY] {
+        let status = s.refresh(&token, bearer).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason(&status), "SESSION_ENDED");
+        assert_eq!(
+            error_metadata(&status).get("state").map(String::as_str),
+            Some("SESSION_STATE_STOPPED"),
+            "{status:?}"
+        );
+    }
+    let status = s.heartbeat(&session.name, &token).await.unwrap_err();
+    assert_eq!(
+        error_metadata(&status).get("state").map(String::as_str),
+        Some("SESSION_STATE_STOPPED")
+    );
+    s.server.running.shutdown().await.unwrap();
 }

@@ -277,6 +277,14 @@ pub fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
+/// The `ErrorInfo.metadata` of a status.
+pub fn error_metadata(status: &tonic::Status) -> std::collections::HashMap<String, String> {
+    details::<tonic_types::pb::ErrorInfo>(status, "google.rpc.ErrorInfo")
+        .pop()
+        .map(|info| info.metadata)
+        .unwrap_or_default()
+}
+
 /// The fields named by a status' `BadRequest`.
 pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
     details::<tonic_types::pb::BadRequest>(status, "google.rpc.BadRequest")
