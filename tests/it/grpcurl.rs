@@ -28,14 +28,14 @@ fn grpcurl_available() -> bool {
     found
 }
 
-struct Usher {
-    child: Child,
-    addr: String,
+pub(crate) struct Usher {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Usher {
     /// `usher serve` in development mode (no credentials needed).
-    fn start(extra: &[&str]) -> Usher {
+    pub(crate) fn start(extra: &[&str]) -> Usher {
         let mut args = vec!["--insecure-dev"];
         args.extend(extra);
         Self::start_secured(&args)
@@ -88,7 +88,7 @@ impl Usher {
     }
 
     /// SIGTERM, and the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
