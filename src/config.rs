@@ -677,6 +677,27 @@ mod tests {
         );
     }
 
+    /// Client authors read the limits in `--help`: the seat limit's default and range
+    /// among them, though the flag has no fixed default.
+    #[test]
+    fn help_states_the_limits() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let serve = command.find_subcommand_mut("serve").expect("serve");
+        let help = serve.render_long_help().to_string();
+        let seat_limit = help
+            .split("--default-seat-limit")
+            .nth(1)
+            .and_then(|rest| rest.split("\n      --").next())
+            .expect("the flag's help");
+        assert!(seat_limit.contains("0 to 100"), "{seat_limit}");
+        assert!(seat_limit.contains("default: the file's"), "{seat_limit}");
+        for flag in ["--memory-max-sessions", "--max-connections", "--handshake-timeout"] {
+            let text = help.split(flag).nth(1).unwrap_or_default();
+            assert!(text.contains("[default:"), "{flag}: {text}");
+        }
+    }
+
     #[test]
     fn insecure_dev_refuses_a_public_address() {
         assert!(serve(&["--insecure-dev"]).is_ok());
