@@ -692,7 +692,11 @@ mod tests {
             .expect("the flag's help");
         assert!(seat_limit.contains("0 to 100"), "{seat_limit}");
         assert!(seat_limit.contains("default: the file's"), "{seat_limit}");
-        for flag in ["--memory-max-sessions", "--max-connections", "--handshake-timeout"] {
+        for flag in [
+            "--memory-max-sessions",
+            "--max-connections",
+            "--handshake-timeout",
+        ] {
             let text = help.split(flag).nth(1).unwrap_or_default();
             assert!(text.contains("[default:"), "{flag}: {text}");
         }

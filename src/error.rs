@@ -9,27 +9,11 @@ use prost::Message;
 use tonic::{Code, Status};
 use tonic_types::pb;
 
+pub use crate::ids::FieldViolation;
 use crate::proto;
-use crate::session::Session;
 
 /// The `ErrorInfo.domain` of every error usher returns.
 pub const ERROR_DOMAIN: &str = "usher";
-
-/// One bad field of a request: the protobuf field path and what is wrong with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldViolation {
-    pub field: String,
-    pub description: String,
-}
-
-impl FieldViolation {
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
 
 /// Why the entitlement refused playback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,14 +51,22 @@ pub enum Error {
     MalformedRequest(String),
     #[error("{resource} not found")]
     NotFound { resource: String },
+    /// Over the seat limit, with every holder (the detail lists the first that fit).
     #[error("concurrency limit of {limit} reached")]
-    ConcurrencyLimitReached { limit: u32, holders: Vec<Session> },
+    ConcurrencyLimitReached {
+        limit: u32,
+        holders: Vec<proto::SeatHolder>,
+    },
     #[error("playback not allowed")]
     Denied(Denial),
+    /// The session is over; its final state when its record is still kept.
     #[error("session has ended")]
-    SessionEnded { session: Option<Box<Session>> },
-    #[error("{0}")]
-    Token(crate::token::TokenError),
+    SessionEnded { state: Option<proto::SessionState> },
+    #[error("token expired")]
+    TokenExpired,
+    /// The cause is for the log, never for the client.
+    #[error("token invalid: {0}")]
+    TokenInvalid(&'static str),
     #[error("missing or invalid credentials")]
     Unauthenticated,
     #[error("the caller may not call this method")]
@@ -123,7 +115,8 @@ impl Error {
             }
             Error::Denied(denial) => (Code::PermissionDenied, denial.reason()),
             Error::SessionEnded { .. } => (Code::FailedPrecondition, "SESSION_ENDED"),
-            Error::Token(token) => (Code::Unauthenticated, token.reason()),
+            Error::TokenExpired => (Code::Unauthenticated, "TOKEN_EXPIRED"),
+            Error::TokenInvalid(_) => (Code::Unauthenticated, "TOKEN_INVALID"),
             Error::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
             Error::PermissionDenied => (Code::PermissionDenied, "PERMISSION_DENIED"),
             Error::PlaybackTokenRequired => (Code::PermissionDenied, "PLAYBACK_TOKEN_REQUIRED"),
@@ -162,7 +155,7 @@ impl Error {
                 "entitlement provider unavailable, retry with backoff".to_owned()
             }
             Error::Internal(_) => "internal error".to_owned(),
-            Error::Token(crate::token::TokenError::Invalid(_)) => "token invalid".to_owned(),
+            Error::TokenInvalid(_) => "token invalid".to_owned(),
             other => other.to_string(),
         }
     }
@@ -211,18 +204,17 @@ impl From<Error> for Status {
                     &limit_detail(*limit, holders),
                 ));
             }
-            Error::SessionEnded {
-                session: Some(session),
-            } => {
-                metadata.insert("state".to_owned(), session.state.as_str_name().to_owned());
+            Error::SessionEnded { state: Some(state) } => {
+                metadata.insert("state".to_owned(), state.as_str_name().to_owned());
             }
-            Error::SessionEnded { session: None } => {}
+            Error::SessionEnded { state: None } => {}
             Error::NotFound { resource } => {
                 metadata.insert("resource".to_owned(), resource.clone());
             }
             Error::Denied(_)
             | Error::MalformedRequest(_)
-            | Error::Token(_)
+            | Error::TokenExpired
+            | Error::TokenInvalid(_)
             | Error::Unauthenticated
             | Error::PermissionDenied
             | Error::PlaybackTokenRequired
@@ -298,16 +290,15 @@ pub const MAX_DETAIL_HOLDERS: usize = 10;
 pub const DETAIL_HOLDERS_BUDGET: usize = 4096;
 
 /// The limit detail: the oldest holders that fit the bounds, and how many there are.
-fn limit_detail(limit: u32, holders: &[Session]) -> proto::ConcurrencyLimitDetail {
+fn limit_detail(limit: u32, holders: &[proto::SeatHolder]) -> proto::ConcurrencyLimitDetail {
     let mut listed = Vec::new();
     let mut bytes = 0;
     for holder in holders.iter().take(MAX_DETAIL_HOLDERS) {
-        let holder = holder.to_seat_holder();
         bytes += holder.encoded_len() + 3;
         if bytes > DETAIL_HOLDERS_BUDGET {
             break;
         }
-        listed.push(holder);
+        listed.push(holder.clone());
     }
     proto::ConcurrencyLimitDetail {
         limit: i32::try_from(limit).unwrap_or(i32::MAX),

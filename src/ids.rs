@@ -1,5 +1,7 @@
-//! Identifiers and resource names. A request's strings become these types at the edge
-//! (parse, don't validate), so the rest of usher never sees an unchecked id.
+//! Identifiers and resource names, and the field parsers every request shares (free
+//! text, regions), each naming its field in a [`FieldViolation`]. A request's strings
+//! become these types at the edge (parse, don't validate), so the rest of usher never
+//! sees an unchecked id. This is the bottom layer: it imports nothing of usher.
 //!
 //! Ids are 1 to 128 characters of `[A-Za-z0-9._:-]`, and not `.` or `..` ([`ID_RULE`],
 //! stated identically in the proto comments and the README). That fits the ids real
@@ -11,7 +13,21 @@
 
 use std::fmt;
 
-use crate::error::FieldViolation;
+/// One bad field of a request: the protobuf field path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
 
 /// The longest id accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -31,6 +47,35 @@ fn check_id(field: &str, value: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(field, format!("must be {ID_RULE}")));
     }
     Ok(())
+}
+
+/// Free text: at most `max` characters, no control characters.
+pub fn text(field: &str, value: &str, max: usize) -> Result<String, FieldViolation> {
+    if value.chars().count() > max {
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// An ISO 3166-1 alpha-2 region in either case, upper-cased; or empty.
+pub fn region(field: &str, value: &str) -> Result<String, FieldViolation> {
+    if value.is_empty() || (value.len() == 2 && value.bytes().all(|b| b.is_ascii_alphabetic())) {
+        Ok(value.to_ascii_uppercase())
+    } else {
+        Err(FieldViolation::new(
+            field,
+            "must be an ISO 3166-1 alpha-2 code (two letters, either case)",
+        ))
+    }
 }
 
 macro_rules! id_type {

@@ -5,11 +5,11 @@
 //!
 //! # Layout
 //!
-//! Organised by feature; each feature owns its domain types, its operations and a thin
-//! gRPC adapter that only decodes, calls and encodes.
+//! Organised by feature; each feature owns its operations and a thin gRPC adapter that
+//! only decodes, calls and encodes.
 //!
-//! - [`session`]: playback sessions: the record, the operations (create, heartbeat,
-//!   pause, resume, stop, terminate) and `PlaybackSessionService`.
+//! - [`session`]: the session operations (create, heartbeat, pause, resume, stop,
+//!   terminate, list) and `PlaybackSessionService`.
 //! - [`concurrency`]: the user's seats, read-only, and `ConcurrencyService`.
 //! - [`entitlement`]: may this user play this, and with how many seats (provider trait and
 //!   the embedded static policy).
@@ -18,17 +18,38 @@
 //!
 //! Cross-cutting:
 //!
+//! - [`model`]: the domain records (a session, its device, why it ended), below the
+//!   store that persists them and the features that use them.
 //! - [`store`]: the `Store` trait and its two implementations, memory (the embedded
 //!   default) and Redis (Lua scripts, Cluster-ready keys). One conformance suite holds
 //!   both (`tests/it/conformance.rs`).
-//! - [`auth`]: who may call what: the tower layer that authenticates every call (service
-//!   keys, client certificates, playback tokens) and the roles.
+//! - [`auth`]: who is calling: the tower layer that authenticates every call (service
+//!   keys, client certificates, playback tokens) and the roles. What a call may then do
+//!   is the operations' business.
 //! - [`error`]: the one error type and its one mapping to gRPC status and HTTP.
-//! - [`ids`]: identifiers and resource names, parsed at the edge.
+//! - [`ids`]: identifiers, resource names and shared field parsers, parsed at the edge.
+//! - [`proto`]: the generated `usher.v1` code, its descriptor set, and the time
+//!   conversions; [`codec`]: the protobuf codec (undecodable bodies are the caller's).
 //! - [`deadline`]: the caller's deadline, carried to store calls.
+//! - [`net`]: the accept loop: TCP_NODELAY, the connection cap, the handshake deadline.
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`).
-//! - [`server`]: assembles services, health, reflection, limits, the sweeper, shutdown.
-//! - [`proto`]: the generated `usher.v1` code and descriptor set.
+//! - [`server`]: assembles services, health, reflection, limits, the sweeper, signals.
+//!
+//! # Layers
+//!
+//! Imports point one way, down, and the graph of `crate::` imports between these modules
+//! has no cycle (`../shared/hooks/module_cycles.py src` checks it):
+//!
+//! ```text
+//! server, config
+//!   session, concurrency          (operations and their gRPC adapters)
+//!     auth, entitlement           (who calls; may they play)
+//!       token                     (issue, verify, TokenService)
+//!         store                   (the Store trait, memory, Redis)
+//!           model, codec          (the domain records; the protobuf codec)
+//!             error, deadline, net
+//!               ids, proto        (the bottom: they import no feature)
+//! ```
 
 pub mod auth;
 pub mod codec;
@@ -38,6 +59,7 @@ pub mod deadline;
 pub mod entitlement;
 pub mod error;
 pub mod ids;
+pub mod model;
 pub mod net;
 pub mod proto;
 pub mod server;

@@ -13,6 +13,7 @@ use tonic::transport::server::TlsConnectInfo;
 use crate::net::ConnectionInfo;
 
 use super::{Authenticator, Caller};
+use crate::token::DeviceToken;
 
 /// Installs the [`Authenticator`] in front of every service.
 #[derive(Clone)]
@@ -101,13 +102,24 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let subjects = certificate_subjects(request.extensions());
+        let bearer = bearer(request.headers()).map(str::to_owned);
         let outcome = self
             .authenticator
-            .authenticate(&path, bearer(request.headers()), &subjects);
+            .authenticate(&path, bearer.as_deref(), &subjects);
         match outcome {
             Ok(caller) => {
-                if let Caller::Service(principal) = &caller {
-                    tracing::debug!(principal = %principal.name, method = %path, "authenticated");
+                match &caller {
+                    Caller::Service(principal) => {
+                        tracing::debug!(principal = %principal.name, method = %path, "authenticated");
+                    }
+                    Caller::Device { .. } => {
+                        if let Some(token) = bearer {
+                            request
+                                .extensions_mut()
+                                .insert(DeviceToken(Arc::from(token)));
+                        }
+                    }
+                    Caller::Public | Caller::Development => {}
                 }
                 request.extensions_mut().insert(caller);
                 // The clone is ready only if polled; take the polled one and leave the

@@ -3,7 +3,7 @@
 //!
 //! - device calls (Heartbeat, Pause, Resume, Stop) carry the session's playback token as
 //!   `authorization: Bearer <token>`; the handler then binds the call to the token's
-//!   session and generation ([`bind_device`]). A service credential there is refused
+//!   session and generation (`session::ops::bind_device`). A service credential there is refused
 //!   with `PERMISSION_DENIED` / `PLAYBACK_TOKEN_REQUIRED` (so a device is not told to
 //!   start over), unless one of its roles names the device method exactly (the built-in
 //!   `device-proxy` role names all four): such a service acts for devices, without the
@@ -28,7 +28,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
-use crate::store::DeviceCall;
 use crate::token::{PlaybackClaims, TokenError, Tokens};
 
 /// How a method is reached.
@@ -150,10 +149,8 @@ pub enum Caller {
     /// An internal service.
     Service(Arc<Principal>),
     /// A device, by its playback token.
-    Device {
-        claims: Arc<PlaybackClaims>,
-        token: Arc<str>,
-    },
+    /// (The token itself travels beside it as a `token::DeviceToken` extension.)
+    Device { claims: Arc<PlaybackClaims> },
     /// `--insecure-dev` with no credentials at all.
     Development,
 }
@@ -363,9 +360,7 @@ impl Authenticator {
         match access_of(path) {
             Access::Public => Ok(Caller::Public),
             Access::Device => match bearer {
-                Some(token) if looks_like_jwt(token) => {
-                    self.device(token, self.tokens.verify(token))
-                }
+                Some(token) if looks_like_jwt(token) => self.device(self.tokens.verify(token)),
                 Some(_) => self.service_on_device_method(method, bearer, subjects),
                 None if !subjects.is_empty() => {
                     self.service_on_device_method(method, bearer, subjects)
@@ -375,7 +370,7 @@ impl Authenticator {
             },
             Access::Refresh => match bearer {
                 Some(token) if looks_like_jwt(token) => {
-                    self.device(token, self.tokens.verify_for_refresh(token))
+                    self.device(self.tokens.verify_for_refresh(token))
                 }
                 _ => self.internal(method, bearer, subjects),
             },
@@ -383,16 +378,9 @@ impl Authenticator {
         }
     }
 
-    fn device(
-        &self,
-        token: &str,
-        verified: Result<Arc<PlaybackClaims>, TokenError>,
-    ) -> Result<Caller, Refusal> {
+    fn device(&self, verified: Result<Arc<PlaybackClaims>, TokenError>) -> Result<Caller, Refusal> {
         match verified {
-            Ok(claims) => Ok(Caller::Device {
-                claims,
-                token: Arc::from(token),
-            }),
+            Ok(claims) => Ok(Caller::Device { claims }),
             // UNAUTHENTICATED with TOKEN_EXPIRED or TOKEN_INVALID: a device learns to
             // refresh, or to start over; the cause stays in the log.
             Err(error) => Err(Refusal {
@@ -400,7 +388,7 @@ impl Authenticator {
                     TokenError::Expired => "playback token expired",
                     TokenError::Invalid(cause) => cause,
                 },
-                error: Error::Token(error),
+                error: error.into(),
             }),
         }
     }
@@ -467,32 +455,6 @@ impl Authenticator {
 
 fn looks_like_jwt(token: &str) -> bool {
     token.bytes().filter(|b| *b == b'.').count() == 2
-}
-
-/// Binds a device call to the caller's playback token: the token must name this session,
-/// and the call runs with the token's generation. Any mismatch is NOT_FOUND, exactly like
-/// a session that does not exist, so ids cannot be probed. Returns whether a token bound
-/// the call.
-pub fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, Error> {
-    let not_found = || Error::NotFound {
-        resource: call.name.to_string(),
-    };
-    match caller {
-        Some(Caller::Device { claims, .. }) => {
-            if claims.sid != call.name.to_string() {
-                return Err(not_found());
-            }
-            if call.generation.is_some_and(|g| g != claims.r#gen) {
-                return Err(not_found());
-            }
-            call.generation = Some(claims.r#gen);
-            Ok(true)
-        }
-        // A service the layer let through acts for devices (its role names the method);
-        // the request's own generation, if any, fences it.
-        Some(Caller::Development) | Some(Caller::Service(_)) => Ok(false),
-        Some(Caller::Public) | None => Err(Error::Unauthenticated),
-    }
 }
 
 #[cfg(test)]

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Denial, Error, Violations};
+use crate::ids::region;
 use crate::ids::{ContentId, DeviceId, SessionName, UserId};
+use crate::model::Session;
 use crate::proto;
-use crate::session::Session;
-use crate::session::ops::region;
 use crate::store::{OverLimitPolicy, Store};
 
 /// A user's seats.
@@ -222,7 +222,7 @@ impl ConcurrencyOps {
 mod tests {
     use super::*;
     use crate::ids::{ContentId, ProfileId, SessionId, UserId};
-    use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+    use crate::model::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
 
     fn holder(device: &str, created_ms: u64) -> Session {
         Session {

@@ -1,7 +1,7 @@
 //! Assembles and runs the gRPC server: the services, health (per service, NOT_SERVING
 //! while the store is unreachable or refuses writes, and while draining), reflection v1
 //! and v1alpha, the transport limits (connections through `crate::net`, request layers in
-//! [`layers`]), the background sweeper, SIGHUP reloads, and graceful shutdown.
+//! `layers`), the background sweeper, SIGHUP reloads, and graceful shutdown.
 
 mod layers;
 

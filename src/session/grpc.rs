@@ -46,7 +46,7 @@ impl PlaybackSessionService for SessionGrpc {
             playback_token: started.token.token,
             heartbeat: Some(self.sessions.policy().heartbeat()),
             replaced_sessions: created.replaced.iter().map(ToString::to_string).collect(),
-            playback_token_expire_time: Some(crate::session::timestamp_seconds(
+            playback_token_expire_time: Some(crate::proto::timestamp_seconds(
                 started.token.claims.exp,
             )),
         }))

@@ -9,7 +9,9 @@ use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination}
 use crate::auth::Caller;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Error, FieldViolation, Violations};
-use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId};
+use crate::ids::{
+    ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
+};
 use crate::proto;
 use crate::store::{
     Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
@@ -24,35 +26,6 @@ const MAX_REASON_LEN: usize = 256;
 const MAX_POSITION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 100;
-
-/// Free text: at most `max` characters, no control characters.
-pub(crate) fn text(field: &str, value: &str, max: usize) -> Result<String, FieldViolation> {
-    if value.chars().count() > max {
-        return Err(FieldViolation::new(
-            field,
-            format!("at most {max} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(FieldViolation::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(value.to_owned())
-}
-
-/// An ISO 3166-1 alpha-2 region in either case, upper-cased; or empty.
-pub(crate) fn region(field: &str, value: &str) -> Result<String, FieldViolation> {
-    if value.is_empty() || (value.len() == 2 && value.bytes().all(|b| b.is_ascii_alphabetic())) {
-        Ok(value.to_ascii_uppercase())
-    } else {
-        Err(FieldViolation::new(
-            field,
-            "must be an ISO 3166-1 alpha-2 code (two letters, either case)",
-        ))
-    }
-}
 
 /// A playback position: not negative, at most a week, in milliseconds.
 fn position(
@@ -389,9 +362,35 @@ pub struct SessionPolicy {
 impl SessionPolicy {
     pub fn heartbeat(&self) -> proto::HeartbeatPolicy {
         proto::HeartbeatPolicy {
-            interval: Some(super::duration(self.heartbeat_interval)),
-            timeout: Some(super::duration(self.heartbeat_timeout)),
+            interval: Some(crate::proto::duration(self.heartbeat_interval)),
+            timeout: Some(crate::proto::duration(self.heartbeat_timeout)),
         }
+    }
+}
+
+/// Binds a device call to the caller's playback token: the token must name this session,
+/// and the call runs with the token's generation. Any mismatch is NOT_FOUND, exactly like
+/// a session that does not exist, so ids cannot be probed. Returns whether a token bound
+/// the call.
+fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, Error> {
+    let not_found = || Error::NotFound {
+        resource: call.name.to_string(),
+    };
+    match caller {
+        Some(Caller::Device { claims, .. }) => {
+            if claims.sid != call.name.to_string() {
+                return Err(not_found());
+            }
+            if call.generation.is_some_and(|g| g != claims.r#gen) {
+                return Err(not_found());
+            }
+            call.generation = Some(claims.r#gen);
+            Ok(true)
+        }
+        // A service the layer let through acts for devices (its role names the method);
+        // the request's own generation, if any, fences it.
+        Some(Caller::Development) | Some(Caller::Service(_)) => Ok(false),
+        Some(Caller::Public) | None => Err(Error::Unauthenticated),
     }
 }
 
@@ -481,7 +480,7 @@ impl Sessions {
         // for a dead session; the caller starts again with a new request_id.
         if created.replayed && !super::holds_seat(created.session.state) {
             return Err(Error::SessionEnded {
-                session: Some(Box::new(created.session)),
+                state: Some(created.session.state),
             });
         }
         let token = self.tokens.issue(&created.session)?;
@@ -524,14 +523,14 @@ impl Sessions {
         Ok(SessionPage { sessions, next })
     }
 
-    /// A device call, bound to the caller's playback token (see `auth::bind_device`).
+    /// A device call, bound to the caller's playback token (see `bind_device`).
     pub async fn device_call(
         &self,
         request: DeviceRequest,
         caller: Option<&Caller>,
     ) -> Result<Session, Error> {
         let mut call = request.0;
-        let bound = crate::auth::bind_device(caller, &mut call)?;
+        let bound = bind_device(caller, &mut call)?;
         let name = call.name.clone();
         self.store.device_call(call).await.map_err(|e| match e {
             // A token of another generation is refused like a session that does not

@@ -25,7 +25,7 @@ use super::{
     Store, StoreError, StoreSettings, parse_event_id, partition_of,
 };
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
-use crate::session::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
+use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 
 /// Where the memory store reads the time.
 pub trait Clock: Send + Sync + 'static {
@@ -242,27 +242,26 @@ impl Op<'_> {
 
     /// Takes the front of the idle queue: forgets the user if it is idle and its
     /// generation is forgotten (or `early`, to make room), queues it again with its
-    /// new time if it is not. Returns whether a user was forgotten.
-    fn forget_idle_user(&mut self, early: bool) -> bool {
+    /// new time if it is not.
+    fn forget_idle_user(&mut self, early: bool) {
         let Some((_, user)) = self.state.idle_users.pop_front() else {
-            return false;
+            return;
         };
         let Some(seats) = self.state.users.get_mut(&user) else {
-            return false;
+            return;
         };
         seats.idle_queued = false;
         if !seats.seats.is_empty() {
             // Busy again: queued anew when its last seat is released.
-            return false;
+            return;
         }
         if early || seats.generation_expires_ms <= self.now {
             self.state.users.remove(&user);
-            return true;
+            return;
         }
         seats.idle_queued = true;
         let at = seats.generation_expires_ms;
         self.state.idle_users.push_back((at, user));
-        false
     }
 
     /// Makes room for one more session record (and remembered request): forgets the
@@ -809,7 +808,7 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::ids::{ContentId, ProfileId};
-    use crate::session::{ClientInfo, Device, DeviceType};
+    use crate::model::{ClientInfo, Device, DeviceType};
 
     fn create(user: &UserId) -> NewSession {
         NewSession {

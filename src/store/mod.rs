@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
-use crate::session::{
+use crate::model::{
     ClientInfo, Device, EndReason, PlaybackState, Session, SessionState, Termination,
 };
 
@@ -288,12 +288,13 @@ impl StoreError {
                 resource: resource(),
             },
             StoreError::SessionEnded(session) => Error::SessionEnded {
-                session: Some(session),
+                state: Some(session.state),
             },
             StoreError::StaleGeneration => Error::StaleGeneration,
-            StoreError::LimitReached { limit, holders } => {
-                Error::ConcurrencyLimitReached { limit, holders }
-            }
+            StoreError::LimitReached { limit, holders } => Error::ConcurrencyLimitReached {
+                limit,
+                holders: holders.iter().map(Session::to_seat_holder).collect(),
+            },
             StoreError::RequestIdReused => Error::RequestIdReused,
             StoreError::Unavailable(cause) => Error::Unavailable(cause),
             StoreError::Full(cause) => Error::StoreFull(cause),

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::ops::{TokenOps, Validity};
-use super::{MAX_TOKEN_LEN, PlaybackClaims};
-use crate::auth::Caller;
+use super::{DeviceToken, MAX_TOKEN_LEN, PlaybackClaims};
 use crate::error::Error;
 use crate::proto;
+use crate::proto::timestamp_seconds;
 use crate::proto::token_service_server::TokenService;
-use crate::session::timestamp_seconds;
 
 /// Serves `usher.v1.TokenService`.
 pub struct TokenGrpc {
@@ -85,10 +84,10 @@ impl TokenService for TokenGrpc {
         request: Request<proto::RefreshTokenRequest>,
     ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
         // A device may refresh only the token it authenticated with.
-        let own_token = match request.extensions().get::<Caller>() {
-            Some(Caller::Device { token, .. }) => Some(token.clone()),
-            _ => None,
-        };
+        let own_token = request
+            .extensions()
+            .get::<DeviceToken>()
+            .map(|own| own.0.clone());
         let request = request.into_inner();
         required_token(&request.token)?;
         if own_token.is_some_and(|own| *own != *request.token) {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use self::keys::{KeyRing, KeySet, PublicJwk};
 use crate::error::Error;
-use crate::session::Session;
+use crate::model::Session;
 
 /// The `typ` header of every playback token.
 pub const TOKEN_TYPE: &str = "playback+jwt";
@@ -54,6 +54,11 @@ pub struct PlaybackClaims {
     pub jti: String,
 }
 
+/// The playback token a device call authenticated with, as the auth layer puts it in the
+/// request's extensions (a device may refresh only its own token).
+#[derive(Clone, Debug)]
+pub struct DeviceToken(pub Arc<str>);
+
 /// Why a token was refused. The cause is for the log, never for the client.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -73,9 +78,13 @@ impl TokenError {
     }
 }
 
+/// Token errors in the one error type, mapped here so the error type knows no token.
 impl From<TokenError> for Error {
     fn from(error: TokenError) -> Self {
-        Error::Token(error)
+        match error {
+            TokenError::Expired => Error::TokenExpired,
+            TokenError::Invalid(cause) => Error::TokenInvalid(cause),
+        }
     }
 }
 
@@ -419,7 +428,7 @@ mod tests {
     use super::keys::{KeyAlgorithm, KeySet, Retirement};
     use super::*;
     use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
-    use crate::session::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+    use crate::model::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
 
     fn session() -> Session {
         Session {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{IssuedToken, PlaybackClaims, TokenError, Tokens};
 use crate::error::Error;
 use crate::ids::SessionName;
-use crate::session::{Session, holds_seat};
+use crate::model::{Session, holds_seat};
 use crate::store::Store;
 
 /// The outcome of a validation: the claims, or why the token is refused.
@@ -35,9 +35,9 @@ impl TokenOps {
     /// (see `Store::get_session`). An ended session is `SessionEnded` with its state.
     async fn live_session(&self, claims: &PlaybackClaims) -> Result<Session, Error> {
         let name = SessionName::parse("sid", &claims.sid)
-            .map_err(|_| Error::Token(TokenError::Invalid("malformed sid")))?;
+            .map_err(|_| Error::from(TokenError::Invalid("malformed sid")))?;
         if name.user.as_str() != claims.sub {
-            return Err(Error::Token(TokenError::Invalid("sid and sub disagree")));
+            return Err(TokenError::Invalid("sid and sub disagree").into());
         }
         let session = self
             .store
@@ -49,10 +49,10 @@ impl TokenOps {
                 Ok(session)
             }
             Some(session) => Err(Error::SessionEnded {
-                session: Some(Box::new(session)),
+                state: Some(session.state),
             }),
             // Its record is gone: it ended longer ago than the retention.
-            None => Err(Error::SessionEnded { session: None }),
+            None => Err(Error::SessionEnded { state: None }),
         }
     }
 
@@ -65,7 +65,9 @@ impl TokenOps {
             match self.live_session(&claims).await {
                 Ok(_) => {}
                 Err(Error::SessionEnded { .. }) => return Ok(Validity::Refused("SESSION_ENDED")),
-                Err(Error::Token(error)) => return Ok(Validity::Refused(error.reason())),
+                Err(error @ (Error::TokenExpired | Error::TokenInvalid(_))) => {
+                    return Ok(Validity::Refused(error.code_and_reason().1));
+                }
                 Err(other) => return Err(other),
             }
         }

@@ -45,7 +45,7 @@ use super::{
     Store, StoreError, StoreSettings, partition_of,
 };
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
-use crate::session::{PlaybackState, Session, Termination};
+use crate::model::{PlaybackState, Session, Termination};
 
 /// The oldest Redis major version usher runs on.
 pub const MIN_REDIS_MAJOR: u32 = 7;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use fred::types::Value;
 
 use crate::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
-use crate::session::{
+use crate::model::{
     ClientInfo, Device, DeviceType, EndReason, PlaybackState, Session, SessionState, Termination,
 };
 use crate::store::{Event, EventKind, StoreError};

@@ -1,0 +1,193 @@
+//! The domain records: what a playback session is, as the store keeps it and the
+//! operations see it. They sit below the store that persists them and below every
+//! feature that uses them (sessions, tokens, concurrency).
+//!
+//! A session holds one of its user's seats while ACTIVE or PAUSED; every other state is
+//! terminal and the seat is released in the same atomic step that ends it.
+
+use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
+use crate::proto::{self, duration_ms, timestamp_ms};
+
+pub use crate::proto::{DeviceType, PlaybackState, SessionState};
+
+/// The device a session plays on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub kind: DeviceType,
+    pub name: String,
+}
+
+/// Where a create came from, as told by the calling service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub ip_address: String,
+    pub user_agent: String,
+    pub region: String,
+}
+
+/// Why a session ended. Stored by these names (`as_str`), never by the wire numbers,
+/// so a proto change never rewrites stored data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// STOPPED: the device stopped playback.
+    StoppedByDevice,
+    /// TERMINATED: an operator or another service ended it.
+    TerminatedByOperator,
+    /// EXPIRED: no heartbeat within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// EXPIRED: paused longer than the maximum pause.
+    MaxPauseExceeded,
+    /// EVICTED: the same device started again.
+    ReplacedBySameDevice,
+    /// EVICTED: the stop-oldest policy gave the seat to a newer session.
+    StopOldest,
+    /// EVICTED: the seat vanished from the store (a failover lost it).
+    SeatLost,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 7] = [
+        EndReason::StoppedByDevice,
+        EndReason::TerminatedByOperator,
+        EndReason::HeartbeatTimeout,
+        EndReason::MaxPauseExceeded,
+        EndReason::ReplacedBySameDevice,
+        EndReason::StopOldest,
+        EndReason::SeatLost,
+    ];
+
+    /// The stored name (Redis records, events).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::StoppedByDevice => "stopped_by_device",
+            EndReason::TerminatedByOperator => "terminated_by_operator",
+            EndReason::HeartbeatTimeout => "heartbeat_timeout",
+            EndReason::MaxPauseExceeded => "max_pause_exceeded",
+            EndReason::ReplacedBySameDevice => "replaced_by_same_device",
+            EndReason::StopOldest => "stop_oldest",
+            EndReason::SeatLost => "seat_lost",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == value)
+    }
+
+    pub fn to_proto(self) -> proto::EndReason {
+        match self {
+            EndReason::StoppedByDevice => proto::EndReason::StoppedByDevice,
+            EndReason::TerminatedByOperator => proto::EndReason::TerminatedByOperator,
+            EndReason::HeartbeatTimeout => proto::EndReason::HeartbeatTimeout,
+            EndReason::MaxPauseExceeded => proto::EndReason::MaxPauseExceeded,
+            EndReason::ReplacedBySameDevice => proto::EndReason::ReplacedBySameDevice,
+            EndReason::StopOldest => proto::EndReason::StopOldest,
+            EndReason::SeatLost => proto::EndReason::SeatLost,
+        }
+    }
+}
+
+/// An operator's termination: their words and who they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Termination {
+    /// The operator's reason, verbatim (`Session.end_message`).
+    pub message: String,
+    /// The acting caller's name (`Session.ended_by`).
+    pub by: String,
+}
+
+/// A playback session as the store keeps it. Times are milliseconds since the Unix epoch
+/// on the store's clock (Redis `TIME`), never the caller's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub name: SessionName,
+    pub profile: ProfileId,
+    pub content: ContentId,
+    pub device: Device,
+    pub client: ClientInfo,
+    pub state: SessionState,
+    pub position_ms: u64,
+    pub playback_state: PlaybackState,
+    /// Fencing generation of the seat grant: per user, increasing with every grant.
+    pub generation: u64,
+    pub created_ms: u64,
+    pub last_heartbeat_ms: u64,
+    /// The heartbeat deadline; a live session past it is expired.
+    pub deadline_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// Why it ended; `None` while it holds a seat.
+    pub end_reason: Option<EndReason>,
+    /// For a termination: the operator's words and who they are.
+    pub termination: Termination,
+    /// When the current pause began; only meaningful while PAUSED.
+    pub paused_ms: Option<u64>,
+}
+
+/// True for the states that hold a seat.
+pub fn holds_seat(state: SessionState) -> bool {
+    matches!(state, SessionState::Active | SessionState::Paused)
+}
+
+impl Session {
+    /// Holds a seat and has not missed its deadline at `now_ms`.
+    pub fn is_live_at(&self, now_ms: u64) -> bool {
+        holds_seat(self.state) && self.deadline_ms > now_ms
+    }
+
+    pub fn to_proto(&self) -> proto::Session {
+        proto::Session {
+            name: self.name.to_string(),
+            profile_id: self.profile.to_string(),
+            content_id: self.content.to_string(),
+            device: Some(self.device.to_proto()),
+            client: Some(proto::ClientInfo {
+                ip_address: self.client.ip_address.clone(),
+                user_agent: self.client.user_agent.clone(),
+                region: self.client.region.clone(),
+            }),
+            state: self.state as i32,
+            position: Some(duration_ms(self.position_ms)),
+            playback_state: self.playback_state as i32,
+            generation: self.generation,
+            create_time: Some(timestamp_ms(self.created_ms)),
+            last_heartbeat_time: Some(timestamp_ms(self.last_heartbeat_ms)),
+            expire_time: holds_seat(self.state).then(|| timestamp_ms(self.deadline_ms)),
+            end_time: self.ended_ms.map(timestamp_ms),
+            end_reason: self
+                .end_reason
+                .map_or(proto::EndReason::Unspecified, EndReason::to_proto)
+                as i32,
+            end_message: self.termination.message.clone(),
+            ended_by: self.termination.by.clone(),
+            // The contract: unset unless PAUSED, whatever the store kept.
+            pause_time: self
+                .paused_ms
+                .filter(|_| self.state == SessionState::Paused)
+                .map(timestamp_ms),
+        }
+    }
+
+    pub fn to_seat_holder(&self) -> proto::SeatHolder {
+        proto::SeatHolder {
+            session: self.name.to_string(),
+            device: Some(self.device.to_proto()),
+            content_id: self.content.to_string(),
+            profile_id: self.profile.to_string(),
+            state: self.state as i32,
+            create_time: Some(timestamp_ms(self.created_ms)),
+            last_heartbeat_time: Some(timestamp_ms(self.last_heartbeat_ms)),
+        }
+    }
+}
+
+impl Device {
+    pub fn to_proto(&self) -> proto::Device {
+        proto::Device {
+            id: self.id.to_string(),
+            r#type: self.kind as i32,
+            name: self.name.clone(),
+        }
+    }
+}
