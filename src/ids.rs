@@ -137,6 +137,16 @@ impl SessionId {
     }
 }
 
+/// `value` cut at every `separator` into exactly `N` parts, or `None`.
+pub fn split_exact<const N: usize>(value: &str, separator: char) -> Option<[&str; N]> {
+    let mut parts = value.split(separator);
+    let mut out = [""; N];
+    for slot in &mut out {
+        *slot = parts.next()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// `users/{user}`.
 pub fn parse_user_name(field: &str, value: &str) -> Result<UserId, FieldViolation> {
     let malformed = || FieldViolation::new(field, "must be users/{user}");
@@ -177,14 +187,7 @@ impl SessionName {
     /// Parses `users/{user}/sessions/{session}`, naming `field` in the error.
     pub fn parse(field: &str, value: &str) -> Result<Self, FieldViolation> {
         let malformed = || FieldViolation::new(field, "must be users/{user}/sessions/{session}");
-        let mut parts = value.split('/');
-        let (Some("users"), Some(user), Some("sessions"), Some(session), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let Some(["users", user, "sessions", session]) = split_exact(value, '/') else {
             return Err(malformed());
         };
         Ok(Self {

@@ -275,14 +275,9 @@ impl PageToken {
             .ok()
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .ok_or_else(malformed)?;
-        let mut parts = plain.split('/');
-        let (Some(PAGE_TOKEN_VERSION), Some(owner), Some(created_ms), Some(session), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let Some([PAGE_TOKEN_VERSION, owner, created_ms, session]) =
+            crate::ids::split_exact(&plain, '/')
+        else {
             return Err(malformed());
         };
         let token = PageToken {

@@ -237,40 +237,16 @@ async fn every_key_of_a_user_lives_in_one_cluster_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_while_redis_is_down() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
 
     let mut server = redis::RedisServer::start();
     let store = connect(RedisTarget::Single { url: server.url() }, "health").await;
     let usher = serve(store, 2, OverLimitPolicy::RejectNew).await;
-    let health = HealthClient::new(usher.channel.clone());
-    let status_is = |wanted: ServingStatus| {
-        let mut health = health.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(8);
-            loop {
-                let status = health
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .status;
-                if status == wanted as i32 {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "health never became {wanted:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    status_is(ServingStatus::Serving).await;
+    health_becomes(&usher, ServingStatus::Serving).await;
     server.kill();
-    status_is(ServingStatus::NotServing).await;
+    health_becomes(&usher, ServingStatus::NotServing).await;
     server.restart();
-    status_is(ServingStatus::Serving).await;
+    health_becomes(&usher, ServingStatus::Serving).await;
     usher.running.shutdown().await.unwrap();
 }
 
