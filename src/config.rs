@@ -113,6 +113,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// The command-line names of the domain's enums: clap stays here, so no other module
+/// derives a CLI trait. Each entry is `Type { Variant => "name": "help", ... }`.
+macro_rules! cli_values {
+    ($($type:ty { $($variant:ident => $name:literal : $help:literal),* $(,)? })*) => {
+        $(
+            impl ValueEnum for $type {
+                fn value_variants<'a>() -> &'a [Self] {
+                    &[$(<$type>::$variant),*]
+                }
+
+                fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                    Some(match self {
+                        $(<$type>::$variant => {
+                            clap::builder::PossibleValue::new($name).help($help)
+                        })*
+                    })
+                }
+            }
+        )*
+    };
+}
+
+cli_values! {
+    OverLimitPolicy {
+        RejectNew => "reject-new": "refuse the new session with CONCURRENCY_LIMIT_REACHED",
+        StopOldest => "stop-oldest": "evict the least recently started session to make room",
+    }
+    HeartbeatEvents {
+        Off => "off": "no playback.heartbeat events",
+        Sampled => "sampled": "at most one per session per --heartbeat-event-interval",
+        All => "all": "one per heartbeat",
+    }
+    MissingRegion {
+        Refuse => "refuse": "refused with REGION_REQUIRED (fail closed)",
+        Allow => "allow": "allowed, as if the viewer were in an allowed region",
+    }
+    KeyAlgorithm {
+        Eddsa => "eddsa": "Ed25519: the default; verifiable offline from the public JWKS",
+        Hs256 => "hs256": "HMAC-SHA256 with a shared secret, for verifiers that share it",
+    }
+}
+
 fn duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 20s, 5m, 24h)"))
 }

@@ -364,9 +364,52 @@ mod tests {
 
     #[test]
     fn http_status_follows_grpc_gateway() {
-        assert_eq!(http_status(Code::ResourceExhausted), 429);
-        assert_eq!(http_status(Code::FailedPrecondition), 400);
-        assert_eq!(http_status(Code::Unavailable), 503);
+        // grpc-gateway's runtime.HTTPStatusFromCode, code by code.
+        let table = [
+            (Code::Ok, 200),
+            (Code::Cancelled, 499),
+            (Code::Unknown, 500),
+            (Code::InvalidArgument, 400),
+            (Code::DeadlineExceeded, 504),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::PermissionDenied, 403),
+            (Code::ResourceExhausted, 429),
+            (Code::FailedPrecondition, 400),
+            (Code::Aborted, 409),
+            (Code::OutOfRange, 400),
+            (Code::Unimplemented, 501),
+            (Code::Internal, 500),
+            (Code::Unavailable, 503),
+            (Code::DataLoss, 500),
+            (Code::Unauthenticated, 401),
+        ];
+        for (code, status) in table {
+            assert_eq!(http_status(code), status, "{code:?}");
+        }
+        // Every code is in the table.
+        for number in 0..=16 {
+            assert!(
+                table.iter().any(|(code, _)| *code as i32 == number),
+                "{number}"
+            );
+        }
+    }
+
+    /// Every refusal the transport makes ends with an ErrorInfo, and an oversized
+    /// message is RESOURCE_EXHAUSTED as the gRPC spec has it.
+    #[test]
+    fn transport_statuses_get_error_info() {
+        let status = transport_status(&Status::out_of_range("decoded message length too large"));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let decoded = pb::Status::decode(status.details()).unwrap();
+        let info = pb::ErrorInfo::decode(decoded.details[0].value.as_slice()).unwrap();
+        assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
+        for number in 1..=16 {
+            let status = transport_status(&Status::new(Code::from(number), "x"));
+            assert_ne!(status.code(), Code::Ok);
+            assert!(!status.details().is_empty(), "{number}");
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::ids::{ContentId, ProfileId, UserId};
 pub const MAX_SEAT_LIMIT: u32 = 100;
 
 /// What a request for a region-restricted title that gives no region gets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MissingRegion {
     /// Refused with `REGION_REQUIRED` (fail closed).
     #[default]

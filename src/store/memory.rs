@@ -830,33 +830,28 @@ mod tests {
         }
     }
 
+    /// An idle user's generation counter is forgotten after `GENERATION_IDLE_TTL`, as
+    /// its Redis key expires: the generation starts again. Until then it is kept.
     #[tokio::test]
     async fn idle_users_are_forgotten_like_their_redis_keys() {
         let clock = Arc::new(ManualClock::new(1_800_000_000_000));
         let store = MemoryStore::with_clock(StoreSettings::default(), clock.clone());
         let user = UserId::parse("u", "idle").unwrap();
-        let first = store.create_session(create(&user)).await.unwrap();
-        let stop = DeviceCall {
-            name: first.session.name.clone(),
+        let stop = |created: Created| DeviceCall {
+            name: created.session.name,
             generation: None,
             position_ms: None,
             action: DeviceAction::Stop,
         };
-        store.device_call(stop).await.unwrap();
+        let first = store.create_session(create(&user)).await.unwrap();
+        assert_eq!(first.session.generation, 1);
+        store.device_call(stop(first)).await.unwrap();
         clock.advance(Duration::from_secs(29 * 24 * 3600));
-        store.seats(&user).await.unwrap();
-        assert!(
-            store.state.lock().unwrap().users.contains_key(&user),
-            "not yet"
-        );
-        clock.advance(Duration::from_secs(2 * 24 * 3600));
-        store.seats(&user).await.unwrap();
-        assert!(
-            !store.state.lock().unwrap().users.contains_key(&user),
-            "forgotten"
-        );
-        // The generation starts again, as Redis' expired counter does.
+        let second = store.create_session(create(&user)).await.unwrap();
+        assert_eq!(second.session.generation, 2, "remembered for 30 days");
+        store.device_call(stop(second)).await.unwrap();
+        clock.advance(Duration::from_secs(31 * 24 * 3600));
         let again = store.create_session(create(&user)).await.unwrap();
-        assert_eq!(again.session.generation, 1);
+        assert_eq!(again.session.generation, 1, "forgotten after 30 idle days");
     }
 }

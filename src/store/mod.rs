@@ -25,7 +25,7 @@ use crate::model::{
 };
 
 /// What happens to a create over the limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverLimitPolicy {
     /// Refuse the new session with `CONCURRENCY_LIMIT_REACHED`.
     RejectNew,
@@ -34,7 +34,7 @@ pub enum OverLimitPolicy {
 }
 
 /// Which heartbeats append a `playback.heartbeat` event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeartbeatEvents {
     Off,
     /// At most one per session per `heartbeat_event_interval`.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::now_seconds;
 
 /// What signs tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyAlgorithm {
     /// Ed25519 (EdDSA): the default; verifiable offline from the public JWKS.
     Eddsa,
