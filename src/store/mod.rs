@@ -86,8 +86,8 @@ pub const DEFAULT_MEMORY_MAX_SESSIONS: usize = 1_000_000;
 pub const DEFAULT_MEMORY_MAX_USERS: usize = 1_000_000;
 
 /// A user's generation counter is forgotten after this long without a seat grant or a
-/// live session (Redis: the counter key's TTL, `GENERATION_IDLE_TTL_MS` in the Lua
-/// prelude; memory: the same rule). Every token of an idle user expired long before.
+/// live session (Redis: the counter key's TTL, passed to the scripts in ARGV; memory:
+/// the same rule). Every token of an idle user expired long before.
 pub const GENERATION_IDLE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Maps a user to its partition: FNV-1a of the user id modulo the partition count.

@@ -39,10 +39,10 @@ use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use self::reply::{decode_event, int_at, session_at, text_at};
+use self::reply::{ReplyCode, decode_event, int_at, session_at, text_at};
 use super::{
-    Created, DeviceAction, DeviceCall, Event, HeartbeatEvents, NewSession, OverLimitPolicy, Seats,
-    Store, StoreError, StoreSettings, partition_of,
+    Created, DeviceAction, DeviceCall, Event, GENERATION_IDLE_TTL, HeartbeatEvents, NewSession,
+    OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
 };
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
 use crate::model::{PlaybackState, Session, Termination};
@@ -423,33 +423,35 @@ impl RedisStore {
         ]
     }
 
-    /// Runs a script and returns its reply array; a negative code becomes its error.
+    /// Runs a script: its success code and its reply array (the code first). A refusal
+    /// code becomes its error.
     async fn run(
         &self,
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
-    ) -> Result<Vec<Value>, StoreError> {
+    ) -> Result<(ReplyCode, Vec<Value>), StoreError> {
         let reply: Value = self
             .bounded(script.evalsha_with_reload(&self.client, keys, args))
             .await?;
         let Value::Array(reply) = reply else {
             return Err(StoreError::Corrupt(format!("script replied {reply:?}")));
         };
-        match int_at(&reply, 0)? {
-            code if code >= 0 => Ok(reply),
-            -1 => Err(StoreError::NotFound),
-            -2 => Err(StoreError::SessionEnded(Box::new(session_at(&reply, 1)?))),
-            -3 => Err(StoreError::LimitReached {
+        match ReplyCode::try_from(int_at(&reply, 0)?)? {
+            code @ (ReplyCode::Done | ReplyCode::Replayed) => Ok((code, reply)),
+            ReplyCode::NotFound => Err(StoreError::NotFound),
+            ReplyCode::SessionEnded => {
+                Err(StoreError::SessionEnded(Box::new(session_at(&reply, 1)?)))
+            }
+            ReplyCode::LimitReached => Err(StoreError::LimitReached {
                 limit: u32::try_from(int_at(&reply, 1)?)
                     .map_err(|_| StoreError::Corrupt("negative limit".into()))?,
                 holders: (2..reply.len())
                     .map(|i| session_at(&reply, i))
                     .collect::<Result<_, _>>()?,
             }),
-            -4 => Err(StoreError::StaleGeneration),
-            -5 => Err(StoreError::RequestIdReused),
-            code => Err(StoreError::Corrupt(format!("unknown script code {code}"))),
+            ReplyCode::StaleGeneration => Err(StoreError::StaleGeneration),
+            ReplyCode::RequestIdReused => Err(StoreError::RequestIdReused),
         }
     }
 
@@ -510,8 +512,9 @@ impl Store for RedisStore {
             new.client.user_agent.clone(),
             new.client.region.clone(),
             self.settings.max_evictions_per_call.to_string(),
+            ms(GENERATION_IDLE_TTL),
         ]);
-        let reply = self.run(&self.scripts.create, key_list, args).await?;
+        let (code, reply) = self.run(&self.scripts.create, key_list, args).await?;
         let replaced = (2..reply.len())
             .map(|i| {
                 let id = text_at(&reply, i)?;
@@ -526,7 +529,7 @@ impl Store for RedisStore {
         Ok(Created {
             session: session_at(&reply, 1)?,
             replaced,
-            replayed: int_at(&reply, 0)? == 1,
+            replayed: code == ReplyCode::Replayed,
         })
     }
 
@@ -535,7 +538,7 @@ impl Store for RedisStore {
         let mut args = self.common_args(&keys);
         args.extend([name.user.to_string(), name.session.to_string()]);
         match self.run(&self.scripts.get, key_list, args).await {
-            Ok(reply) => session_at(&reply, 1).map(Some),
+            Ok((_, reply)) => session_at(&reply, 1).map(Some),
             Err(StoreError::NotFound) => Ok(None),
             Err(error) => Err(error),
         }
@@ -545,7 +548,7 @@ impl Store for RedisStore {
         let keys = self.keys(user);
         let mut args = self.common_args(&keys);
         args.push(user.to_string());
-        let reply = self
+        let (_, reply) = self
             .run(
                 &self.scripts.read_seats,
                 vec![keys.user(user, "seats")],
@@ -553,9 +556,9 @@ impl Store for RedisStore {
             )
             .await?;
         Ok(Seats {
-            now_ms: u64::try_from(int_at(&reply, 0)?)
+            now_ms: u64::try_from(int_at(&reply, 1)?)
                 .map_err(|_| StoreError::Corrupt("negative time".into()))?,
-            holders: (1..reply.len())
+            holders: (2..reply.len())
                 .map(|i| session_at(&reply, i))
                 .collect::<Result<_, _>>()?,
         })
@@ -585,8 +588,9 @@ impl Store for RedisStore {
             }
             .to_owned(),
             ms(self.settings.heartbeat_event_interval),
+            ms(GENERATION_IDLE_TTL),
         ]);
-        let reply = self.run(script, key_list, args).await?;
+        let (_, reply) = self.run(script, key_list, args).await?;
         session_at(&reply, 1)
     }
 
@@ -603,7 +607,7 @@ impl Store for RedisStore {
             termination.message.clone(),
             termination.by.clone(),
         ]);
-        let reply = self.run(&self.scripts.terminate, key_list, args).await?;
+        let (_, reply) = self.run(&self.scripts.terminate, key_list, args).await?;
         session_at(&reply, 1)
     }
 
@@ -611,14 +615,14 @@ impl Store for RedisStore {
         let keys = Keys::new(&self.options.key_prefix, partition);
         let mut args = self.common_args(&keys);
         args.push(max.to_string());
-        let reply = self
+        let (_, reply) = self
             .run(
                 &self.scripts.sweep,
                 vec![keys.deadlines(), keys.events()],
                 args,
             )
             .await?;
-        u32::try_from(int_at(&reply, 0)?).map_err(|_| StoreError::Corrupt("sweep count".into()))
+        u32::try_from(int_at(&reply, 1)?).map_err(|_| StoreError::Corrupt("sweep count".into()))
     }
 
     async fn read_events(

@@ -15,6 +15,42 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
+/// The first element of every script's reply (the prelude's header lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReplyCode {
+    /// 0: done; the rest of the reply is the script's answer.
+    Done,
+    /// 1: the remembered answer to a repeated request id.
+    Replayed,
+    /// -1: no such session for this user.
+    NotFound,
+    /// -2: the session has ended; its record follows.
+    SessionEnded,
+    /// -3: over the limit; the limit and the holders' records follow.
+    LimitReached,
+    /// -4: the call names another seat generation.
+    StaleGeneration,
+    /// -5: the request id was used for a different request.
+    RequestIdReused,
+}
+
+impl TryFrom<i64> for ReplyCode {
+    type Error = StoreError;
+
+    fn try_from(code: i64) -> Result<Self, StoreError> {
+        Ok(match code {
+            0 => ReplyCode::Done,
+            1 => ReplyCode::Replayed,
+            -1 => ReplyCode::NotFound,
+            -2 => ReplyCode::SessionEnded,
+            -3 => ReplyCode::LimitReached,
+            -4 => ReplyCode::StaleGeneration,
+            -5 => ReplyCode::RequestIdReused,
+            other => return Err(corrupt(format!("unknown script reply code {other}"))),
+        })
+    }
+}
+
 pub(super) fn int_at(reply: &[Value], index: usize) -> Result<i64, StoreError> {
     reply
         .get(index)

@@ -28,6 +28,7 @@
 -- ARGV[18]  client user agent
 -- ARGV[19]  client region
 -- ARGV[20]  at most this many overdue holders are expired here
+-- ARGV[21]  how long the user's generation counter is kept after this grant, ms
 --
 -- Returns
 --   {0, record, replaced session id, ...}  created
@@ -98,7 +99,7 @@ local s = {
 }
 redis.call('HSET', KEYS[4], unpack(flat(s)))
 redis.call('HSET', KEYS[2], device, sid)
-set_deadline(s, now, timeout_ms, 0)
+set_deadline(s, now, timeout_ms, 0, tonumber(ARGV[21]))
 append_event('playback.started', s, now)
 
 if request_id ~= '' then

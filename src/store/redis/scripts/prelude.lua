@@ -7,8 +7,9 @@
 -- Keys of other sessions of the same user (evicted or expired ones) are built from
 -- ARGV[1]; they carry the same hash tag as KEYS, so they live on the same shard.
 --
--- Replies are arrays {code, ...}. Codes >= 0 are success; negative codes map to
--- StoreError in store/redis/mod.rs:
+-- Replies are arrays {code, ...}, decoded by ReplyCode in store/redis/reply.rs:
+--    0  done, the answer follows
+--    1  the remembered answer to a repeated request_id follows
 --   -1  not found
 --   -2  session ended: {-2, record}
 --   -3  limit reached: {-3, limit, record, record, ...}
@@ -30,11 +31,6 @@ local END_EVENT = {
   [EVICTED] = 'playback.evicted',
 }
 local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
-
--- The user's generation counter outlives every grant by this much, and is kept alive
--- while the user holds seats; an idle user's counter is forgotten after it
--- (GENERATION_IDLE_TTL in store/mod.rs: keep the two equal).
-local GENERATION_IDLE_TTL_MS = 30 * 24 * 3600 * 1000
 
 local DEADLINES = PREFIX .. 'deadlines'
 local EVENTS = PREFIX .. 'events'
@@ -123,8 +119,10 @@ local function end_session(s, state, reason, now)
 end
 
 -- Moves a live session's deadline to timeout from now, capped by the maximum pause
--- while paused, and records what missing it would be called.
-local function set_deadline(s, now, timeout_ms, max_pause_ms)
+-- while paused, and records what missing it would be called. The user's generation
+-- counter is kept for generation_ttl_ms more (GENERATION_IDLE_TTL in store/mod.rs,
+-- passed in ARGV by every script that calls this).
+local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms)
   local deadline, reason = now + timeout_ms, 'heartbeat_timeout'
   if tonumber(s.st) == PAUSED and s.pt and s.pt ~= '' then
     local pause_end = tonumber(s.pt) + max_pause_ms
@@ -138,7 +136,7 @@ local function set_deadline(s, now, timeout_ms, max_pause_ms)
   redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
   redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
   redis.call('ZADD', DEADLINES, s.dl, sweep_member(s))
-  redis.call('PEXPIRE', user_key(s.u, 'gen'), GENERATION_IDLE_TTL_MS)
+  redis.call('PEXPIRE', user_key(s.u, 'gen'), generation_ttl_ms)
 end
 
 -- Expires up to max holders of user whose deadline has passed.
@@ -206,6 +204,7 @@ end
 --   ARGV[10]  maximum pause, ms
 --   ARGV[11]  heartbeat events: 'off' | 'sampled' | 'all'
 --   ARGV[12]  sampled heartbeat event interval, ms
+--   ARGV[13]  how long the user's generation counter is kept after this call, ms
 local function device_call(action)
   local user, sid, generation = ARGV[4], ARGV[5], ARGV[6]
   local now = now_ms()
@@ -245,7 +244,7 @@ local function device_call(action)
     event = 'playback.resumed'
   end
   redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt, 'he', s.he)
-  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]))
+  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[13]))
   if event then
     append_event(event, s, now)
   end

@@ -6,10 +6,10 @@
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
 --
--- Returns {now in ms, holder record, ...}, oldest started first.
+-- Returns {0, now in ms, holder record, ...}, oldest started first.
 
 local now = now_ms()
-local reply = {now}
+local reply = {0, now}
 for _, s in ipairs(live_holders(ARGV[4], now)) do
   reply[#reply + 1] = flat(s)
 end

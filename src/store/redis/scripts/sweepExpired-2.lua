@@ -7,7 +7,7 @@
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   at most this many sessions are looked at (bounds the script's work)
 --
--- Returns {number of sessions expired}.
+-- Returns {0, number of sessions expired}.
 
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', int(now), 'LIMIT', 0, tonumber(ARGV[4]))
@@ -22,4 +22,4 @@ for _, member in ipairs(due) do
     redis.call('ZREM', KEYS[1], member)
   end
 end
-return {expired}
+return {0, expired}
