@@ -19,10 +19,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
+use tokio::sync::broadcast;
+
 use super::{
     Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
-    Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats,
-    Store, StoreError, StoreSettings, parse_event_id, partition_of,
+    ENDED_FEED_CAPACITY, EndedFeed, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
+    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, parse_event_id,
+    partition_of,
 };
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
 use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
@@ -143,6 +146,9 @@ pub struct MemoryStore {
     limits: MemoryLimits,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// The notification feed: an in-process broadcast, sent to after the lock is
+    /// released, as Redis publishes after the script's writes.
+    ended: broadcast::Sender<SessionName>,
 }
 
 impl MemoryStore {
@@ -157,6 +163,7 @@ impl MemoryStore {
         Self {
             settings,
             limits: MemoryLimits::default(),
+            ended: broadcast::channel(ENDED_FEED_CAPACITY).0,
             clock,
             state: Mutex::new(State {
                 sessions: HashMap::new(),
@@ -188,9 +195,17 @@ impl MemoryStore {
             settings: &self.settings,
             limits: self.limits,
             now,
+            ended: Vec::new(),
         };
         op.purge_retained();
-        operation(&mut op)
+        let result = operation(&mut op);
+        let ended = std::mem::take(&mut op.ended);
+        drop(state);
+        for name in ended {
+            // No subscriber is not an error: nobody is waiting for this session.
+            let _ = self.ended.send(name);
+        }
+        result
     }
 }
 
@@ -200,6 +215,8 @@ struct Op<'a> {
     settings: &'a StoreSettings,
     limits: MemoryLimits,
     now: u64,
+    /// Sessions this operation ended, announced once it is done.
+    ended: Vec<SessionName>,
 }
 
 impl Op<'_> {
@@ -364,6 +381,7 @@ impl Op<'_> {
             .remove(&(old_deadline, name.clone()));
         self.state.purges.insert((now + retention, name.clone()));
         self.append(EventKind::for_end(state), &session);
+        self.ended.push(name.clone());
     }
 
     /// Moves a live session's deadline: heartbeat timeout from now, capped by the
@@ -793,6 +811,10 @@ impl Store for MemoryStore {
                 .cloned()
                 .collect()
         }))
+    }
+
+    async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
+        Ok(EndedFeed::new(self.ended.subscribe()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

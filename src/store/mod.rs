@@ -244,6 +244,37 @@ pub struct Event {
     pub termination: Termination,
 }
 
+/// How many notices a subscriber may fall behind before it misses some (it is told how
+/// many it missed; the next device call on a missed session finds it over anyway).
+pub const ENDED_FEED_CAPACITY: usize = 4096;
+
+/// The notices of sessions that ended (stopped, terminated, evicted, expired), from the
+/// store's notification feed: on Redis the partitions' shard channels that the ending
+/// scripts publish to, in memory an in-process broadcast. It is the fast path of "stop
+/// now"; the guaranteed one is the next device call, which finds the session over.
+pub struct EndedFeed(tokio::sync::broadcast::Receiver<SessionName>);
+
+impl EndedFeed {
+    pub fn new(receiver: tokio::sync::broadcast::Receiver<SessionName>) -> Self {
+        Self(receiver)
+    }
+
+    /// The next ended session; `None` once the store is gone. Notices missed by a
+    /// subscriber too slow to keep up are skipped (and logged).
+    pub async fn next(&mut self) -> Option<SessionName> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.0.recv().await {
+                Ok(name) => return Some(name),
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "ended-session notices missed: subscriber too slow");
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 /// Parses an event id, `<ms>-<seq>`, the only cursor form both stores accept.
 pub fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
     let bad = || StoreError::Corrupt(format!("bad event id {id:?}: expected <ms>-<seq>"));
@@ -373,6 +404,12 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         count: u32,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// Subscribes to the notices of sessions that end from now on, in every partition
+    /// (see [`EndedFeed`]). Every change that ends a session (stop, terminate, eviction,
+    /// expiry by a create, a read, a device call or the sweep) sends its notice after the
+    /// change is made. Errors: `Unavailable` when the subscription cannot be made.
+    async fn ended_sessions(&self) -> Result<EndedFeed, StoreError>;
 
     /// Round trip to the store, for health and readiness: succeeds only while the
     /// store accepts writes (a Redis that answers PING but refuses writes, out of memory

@@ -851,6 +851,69 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
     }
 }
 
+/// Every way a session ends reaches the notification feed ("stop now" for the device's
+/// stream on whichever instance holds it), once per session, after the change.
+pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
+    let b = open(kind).await;
+    let mut feed = b.store.ended_sessions().await.unwrap();
+    let user = fresh_user();
+    let next = async |feed: &mut usher::store::EndedFeed| {
+        tokio::time::timeout(std::time::Duration::from_secs(5), feed.next())
+            .await
+            .expect("a notice within 5 s")
+            .expect("the feed is open")
+    };
+    let create = |device: &str, limit| {
+        b.store
+            .create_session(new_session(&user, device, limit, StopOldest))
+    };
+    // Stopped by the device.
+    let stopped = create("a", 3).await.unwrap().session.name;
+    b.store
+        .device_call(call(&stopped, DeviceAction::Stop))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut feed).await, stopped);
+    // Terminated by an operator.
+    let terminated = create("b", 3).await.unwrap().session.name;
+    b.store
+        .terminate(&terminated, &Termination::default())
+        .await
+        .unwrap();
+    assert_eq!(next(&mut feed).await, terminated);
+    // Evicted: the same device starts again.
+    let replaced = create("c", 3).await.unwrap().session.name;
+    let replacing = create("c", 3).await.unwrap();
+    assert_eq!(replacing.replaced, vec![replaced.clone()]);
+    assert_eq!(next(&mut feed).await, replaced);
+    // Evicted under stop-oldest: "c" is the oldest holder when a limit of one is met.
+    create("d", 1).await.unwrap();
+    assert_eq!(next(&mut feed).await, replacing.session.name);
+    // Expired, found by the sweep.
+    b.advance(PAST_TIMEOUT).await;
+    let partition = partition_of(&user, b.store.settings().partitions);
+    let mut expired = 0;
+    for _ in 0..50 {
+        expired = b.store.sweep(partition, 100).await.unwrap();
+        if expired > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(expired, 1, "the sweep expires the last holder");
+    let notice = next(&mut feed).await;
+    assert_eq!(notice.user, user);
+    // A subscriber that comes later sees only what ends after it came.
+    let mut late = b.store.ended_sessions().await.unwrap();
+    let last = create("e", 3).await.unwrap().session.name;
+    b.store
+        .device_call(call(&last, DeviceAction::Stop))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut late).await, last);
+    assert_eq!(next(&mut feed).await, last);
+}
+
 /// Stamps one `#[tokio::test]` per case for a backend.
 macro_rules! stamp {
     ($kind:expr; $($case:ident),* $(,)?) => {
@@ -895,6 +958,7 @@ macro_rules! conformance_suite {
                     concurrent_creates_never_exceed_the_limit,
                     reading_a_session_past_its_deadline_shows_it_expired,
                     ids_with_colons_never_share_state,
+                    ending_a_session_notifies_subscribers,
                 );
             }
         )*

@@ -545,6 +545,9 @@ impl Store for BrokenPartitionZero {
     ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
         self.0.read_events(partition, after, count).await
     }
+    async fn ended_sessions(&self) -> Result<usher::store::EndedFeed, usher::store::StoreError> {
+        self.0.ended_sessions().await
+    }
     async fn ping(&self) -> Result<(), usher::store::StoreError> {
         self.0.ping().await
     }

@@ -36,13 +36,16 @@ mod reply;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use tokio::sync::broadcast;
 
 use self::reply::{ReplyCode, decode_event, int_at, session_at, text_at};
 use super::{
-    Created, DeviceAction, DeviceCall, Event, GENERATION_IDLE_TTL, HeartbeatEvents, NewSession,
-    OverLimitPolicy, Seats, Store, StoreError, StoreSettings, partition_of,
+    Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event, GENERATION_IDLE_TTL,
+    HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings,
+    partition_of,
 };
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
 use crate::model::{PlaybackState, Session, Termination};
@@ -108,6 +111,11 @@ impl Keys {
     fn events(&self) -> String {
         format!("{}events", self.prefix)
     }
+
+    /// The sharded pub/sub channel the scripts publish ended sessions to.
+    fn stop_channel(&self) -> String {
+        format!("{}stop", self.prefix)
+    }
 }
 
 macro_rules! script {
@@ -163,12 +171,27 @@ impl Scripts {
     }
 }
 
+/// A stop channel's message, `<user>/<session>`, as a session name.
+fn ended_notice(value: &Value) -> Option<SessionName> {
+    let text = value.as_string()?;
+    let (user, session) = text.split_once('/')?;
+    Some(SessionName {
+        user: UserId::parse("user", user).ok()?,
+        session: SessionId::parse("session", session).ok()?,
+    })
+}
+
 /// See the module docs.
 pub struct RedisStore {
     client: Client,
+    /// How `client` was configured, for the subscriber connection.
+    config: Config,
     settings: StoreSettings,
     options: RedisOptions,
     scripts: Scripts,
+    /// The notification feed, made on first use: a subscriber connection (one per shard
+    /// on a Cluster) on every partition's stop channel, fanned out in process.
+    ended: tokio::sync::OnceCell<(SubscriberClient, broadcast::Sender<SessionName>)>,
 }
 
 fn unavailable(error: &fred::error::Error) -> StoreError {
@@ -244,7 +267,7 @@ impl RedisStore {
             },
         };
         let timeout = options.timeout;
-        let client = Builder::from_config(config)
+        let client = Builder::from_config(config.clone())
             .with_connection_config(|connection| {
                 connection.connection_timeout = timeout;
                 connection.internal_command_timeout = timeout;
@@ -269,6 +292,8 @@ impl RedisStore {
         }
         let store = Self {
             client,
+            config,
+            ended: tokio::sync::OnceCell::new(),
             settings,
             options,
             scripts: Scripts::new(),
@@ -393,6 +418,67 @@ impl RedisStore {
             )));
         }
         Ok(())
+    }
+
+    /// Subscribes (SSUBSCRIBE) to every partition's stop channel, on which the scripts
+    /// publish `<user>/<session>` of each session they end, and forwards the notices.
+    /// fred re-subscribes after a reconnection; what is published meanwhile is missed,
+    /// which the next device call covers.
+    async fn subscribe_stop_channels(
+        &self,
+    ) -> Result<(SubscriberClient, broadcast::Sender<SessionName>), StoreError> {
+        let timeout = self.options.timeout;
+        let subscriber = Builder::from_config(self.config.clone())
+            .with_connection_config(|connection| {
+                connection.connection_timeout = timeout;
+                connection.internal_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 100))
+            .build_subscriber_client()
+            .map_err(|e| unavailable(&e))?;
+        match tokio::time::timeout(timeout * 3, subscriber.init()).await {
+            Ok(Ok(_connection_task)) => {}
+            Ok(Err(error)) => return Err(classify(error)),
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "no subscriber connection within the timeout".into(),
+                ));
+            }
+        }
+        let (sender, _) = broadcast::channel(ENDED_FEED_CAPACITY);
+        let mut messages = subscriber.message_rx();
+        let forward = sender.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match messages.recv().await {
+                    Ok(message) => match ended_notice(&message.value) {
+                        Some(name) => {
+                            let _ = forward.send(name);
+                        }
+                        None => tracing::warn!(
+                            channel = %message.channel,
+                            "unreadable ended-session notice"
+                        ),
+                    },
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "ended-session notices missed");
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        let _resubscriber = subscriber.manage_subscriptions();
+        let channels: Vec<String> = (0..self.settings.partitions)
+            .map(|partition| Keys::new(&self.options.key_prefix, partition).stop_channel())
+            .collect();
+        for channel in channels {
+            tokio::time::timeout(timeout * 3, subscriber.ssubscribe(channel))
+                .await
+                .map_err(|_| StoreError::Unavailable("SSUBSCRIBE timed out".into()))?
+                .map_err(classify)?;
+        }
+        Ok((subscriber, sender))
     }
 
     async fn bounded<T>(
@@ -646,6 +732,14 @@ impl Store for RedisStore {
             .into_iter()
             .map(|(id, fields)| decode_event(id, fields))
             .collect()
+    }
+
+    async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
+        let (_, sender) = self
+            .ended
+            .get_or_try_init(|| self.subscribe_stop_channels())
+            .await?;
+        Ok(EndedFeed::new(sender.subscribe()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
