@@ -38,30 +38,11 @@ fn tokens(algorithm: KeyAlgorithm, cache_capacity: u64) -> Tokens {
 }
 
 fn sample_session() -> usher::session::Session {
-    use usher::ids::*;
-    use usher::session::*;
-    Session {
-        name: SessionName::parse("n", "users/bench/sessions/s-1").unwrap(),
-        profile: ProfileId::parse("p", "main").unwrap(),
-        content: ContentId::parse("c", "title").unwrap(),
-        device: Device {
-            id: DeviceId::parse("d", "tv").unwrap(),
-            kind: DeviceType::Tv,
-            name: "TV".into(),
-        },
-        client: ClientInfo::default(),
-        state: SessionState::Active,
-        position_ms: 0,
-        playback_state: PlaybackState::Playing,
-        generation: 1,
-        created_ms: 0,
-        last_heartbeat_ms: 0,
-        deadline_ms: 0,
-        ended_ms: None,
-        end_reason: None,
-        termination: Default::default(),
-        paused_ms: None,
-    }
+    usher::session::Session::sample(
+        usher::ids::SessionName::parse("n", "users/bench/sessions/s-1").unwrap(),
+        usher::ids::DeviceId::parse("d", "tv").unwrap(),
+        0,
+    )
 }
 
 /// Nanoseconds per verification.

@@ -131,6 +131,35 @@ pub fn holds_seat(state: SessionState) -> bool {
 }
 
 impl Session {
+    /// A live session on a TV `device`, started at `created_ms`, whose deadline never
+    /// passes: the one sample the unit tests and the benchmarks build on.
+    pub fn sample(name: SessionName, device: DeviceId, created_ms: u64) -> Session {
+        Session {
+            name,
+            profile: ProfileId::parse("profile", "main")
+                .unwrap_or_else(|_| unreachable!("a valid id")),
+            content: ContentId::parse("content", "title")
+                .unwrap_or_else(|_| unreachable!("a valid id")),
+            device: Device {
+                id: device,
+                kind: DeviceType::Tv,
+                name: "TV".into(),
+            },
+            client: ClientInfo::default(),
+            state: SessionState::Active,
+            position_ms: 0,
+            playback_state: PlaybackState::Playing,
+            generation: 1,
+            created_ms,
+            last_heartbeat_ms: created_ms,
+            deadline_ms: u64::MAX,
+            ended_ms: None,
+            end_reason: None,
+            termination: Termination::default(),
+            paused_ms: None,
+        }
+    }
+
     /// Holds a seat and has not missed its deadline at `now_ms`.
     pub fn is_live_at(&self, now_ms: u64) -> bool {
         holds_seat(self.state) && self.deadline_ms > now_ms

@@ -221,35 +221,14 @@ impl ConcurrencyOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{ContentId, ProfileId, SessionId, UserId};
-    use crate::model::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+    use crate::ids::{SessionId, UserId};
 
     fn holder(device: &str, created_ms: u64) -> Session {
-        Session {
-            name: SessionName {
-                user: UserId::parse("u", "u").unwrap(),
-                session: SessionId::parse("s", &format!("s-{device}")).unwrap(),
-            },
-            profile: ProfileId::parse("p", "p").unwrap(),
-            content: ContentId::parse("c", "c").unwrap(),
-            device: Device {
-                id: DeviceId::parse("d", device).unwrap(),
-                kind: DeviceType::Tv,
-                name: String::new(),
-            },
-            client: ClientInfo::default(),
-            state: SessionState::Active,
-            position_ms: 0,
-            playback_state: PlaybackState::Playing,
-            generation: 1,
-            created_ms,
-            last_heartbeat_ms: created_ms,
-            deadline_ms: u64::MAX,
-            ended_ms: None,
-            end_reason: None,
-            termination: Default::default(),
-            paused_ms: None,
-        }
+        let name = SessionName {
+            user: UserId::parse("u", "u").unwrap(),
+            session: SessionId::parse("s", &format!("s-{device}")).unwrap(),
+        };
+        Session::sample(name, DeviceId::parse("d", device).unwrap(), created_ms)
     }
 
     #[test]

@@ -427,32 +427,14 @@ fn fingerprint(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
 mod tests {
     use super::keys::{KeyAlgorithm, KeySet, Retirement};
     use super::*;
-    use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
-    use crate::model::{ClientInfo, Device, DeviceType, PlaybackState, SessionState};
+    use crate::ids::{DeviceId, SessionName};
 
     fn session() -> Session {
-        Session {
-            name: SessionName::parse("n", "users/u/sessions/s").unwrap(),
-            profile: ProfileId::parse("p", "p").unwrap(),
-            content: ContentId::parse("c", "c").unwrap(),
-            device: Device {
-                id: DeviceId::parse("d", "d").unwrap(),
-                kind: DeviceType::Tv,
-                name: String::new(),
-            },
-            client: ClientInfo::default(),
-            state: SessionState::Active,
-            position_ms: 0,
-            playback_state: PlaybackState::Playing,
-            generation: 1,
-            created_ms: 0,
-            last_heartbeat_ms: 0,
-            deadline_ms: 0,
-            ended_ms: None,
-            end_reason: None,
-            termination: Default::default(),
-            paused_ms: None,
-        }
+        Session::sample(
+            SessionName::parse("n", "users/u/sessions/s").unwrap(),
+            DeviceId::parse("d", "d").unwrap(),
+            0,
+        )
     }
 
     fn ring() -> KeyRing {
