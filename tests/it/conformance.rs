@@ -45,11 +45,7 @@ const PAST_TIMEOUT: Duration = Duration::from_millis(1700);
 pub async fn create_grants_a_seat_and_appends_started(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "tv", 2, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "tv", 2, RejectNew).await;
     let s = &created.session;
     assert_eq!(s.state, SessionState::Active);
     assert!(s.generation >= 1);
@@ -68,16 +64,8 @@ pub async fn create_grants_a_seat_and_appends_started(kind: Kind) {
 pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let first = b
-        .store
-        .create_session(new_session(&user, "a", 2, RejectNew))
-        .await
-        .unwrap();
-    let second = b
-        .store
-        .create_session(new_session(&user, "b", 2, RejectNew))
-        .await
-        .unwrap();
+    let first = b.create(&user, "a", 2, RejectNew).await;
+    let second = b.create(&user, "b", 2, RejectNew).await;
     let events_before = b.events_of(&user).await.len();
     let dump_before = b.dump();
     let third = new_session(&user, "c", 2, RejectNew);
@@ -103,23 +91,11 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
 pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let first = b
-        .store
-        .create_session(new_session(&user, "a", 2, StopOldest))
-        .await
-        .unwrap();
+    let first = b.create(&user, "a", 2, StopOldest).await;
     b.advance(Duration::from_millis(5)).await;
-    let second = b
-        .store
-        .create_session(new_session(&user, "b", 2, StopOldest))
-        .await
-        .unwrap();
+    let second = b.create(&user, "b", 2, StopOldest).await;
     b.advance(Duration::from_millis(5)).await;
-    let third = b
-        .store
-        .create_session(new_session(&user, "c", 2, StopOldest))
-        .await
-        .unwrap();
+    let third = b.create(&user, "c", 2, StopOldest).await;
     assert_eq!(third.replaced, std::slice::from_ref(&first.session.name));
     let evicted = b
         .store
@@ -148,16 +124,8 @@ pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
 pub async fn the_same_device_replaces_its_own_session(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let first = b
-        .store
-        .create_session(new_session(&user, "tv", 1, RejectNew))
-        .await
-        .unwrap();
-    let again = b
-        .store
-        .create_session(new_session(&user, "tv", 1, RejectNew))
-        .await
-        .unwrap();
+    let first = b.create(&user, "tv", 1, RejectNew).await;
+    let again = b.create(&user, "tv", 1, RejectNew).await;
     assert_eq!(again.replaced, std::slice::from_ref(&first.session.name));
     assert!(again.session.generation > first.session.generation);
     let old = b
@@ -245,17 +213,11 @@ pub async fn a_create_expires_at_most_the_configured_number_of_holders(kind: Kin
     let b = Backend::open(kind, settings).await;
     let user = fresh_user();
     for device in ["a", "b", "c"] {
-        b.store
-            .create_session(new_session(&user, device, 3, RejectNew))
-            .await
-            .unwrap();
+        b.create(&user, device, 3, RejectNew).await;
     }
     b.advance(PAST_TIMEOUT).await;
     // Overdue holders do not count against the limit, evicted now or not.
-    b.store
-        .create_session(new_session(&user, "d", 1, RejectNew))
-        .await
-        .unwrap();
+    b.create(&user, "d", 1, RejectNew).await;
     let expired = b
         .events_of(&user)
         .await
@@ -274,11 +236,7 @@ pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
     settings.ended_retention = Duration::from_millis(1000);
     let b = Backend::open(kind, settings).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     b.store
         .device_call(call(&name, DeviceAction::Stop))
@@ -299,17 +257,9 @@ pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
 pub async fn an_expired_holder_never_blocks_a_create(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let stale = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let stale = b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
-    let fresh = b
-        .store
-        .create_session(new_session(&user, "b", 1, RejectNew))
-        .await
-        .unwrap();
+    let fresh = b.create(&user, "b", 1, RejectNew).await;
     assert!(fresh.replaced.is_empty());
     let expired = b
         .store
@@ -335,11 +285,7 @@ pub async fn the_sweep_expires_overdue_sessions(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
     let partition = partition_of(&user, b.store.settings().partitions);
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 2, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 2, RejectNew).await;
     // Sweep everything overdue in this partition (other tests' too), then check ours.
     b.advance(PAST_TIMEOUT).await;
     while b.store.sweep(partition, 1000).await.unwrap() > 0 {}
@@ -366,10 +312,7 @@ pub async fn the_sweep_is_bounded(kind: Kind) {
     let b = Backend::open(kind, settings).await;
     let users: Vec<_> = (0..3).map(|_| fresh_user()).collect();
     for user in &users {
-        b.store
-            .create_session(new_session(user, "a", 1, RejectNew))
-            .await
-            .unwrap();
+        b.create(user, "a", 1, RejectNew).await;
     }
     b.advance(PAST_TIMEOUT).await;
     // The partition may hold other tests' sessions (shared Redis, new prefix per test: no).
@@ -381,11 +324,7 @@ pub async fn the_sweep_is_bounded(kind: Kind) {
 pub async fn heartbeats_keep_the_seat(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     for _ in 0..3 {
         b.advance(Duration::from_millis(900)).await;
@@ -413,11 +352,7 @@ pub async fn heartbeats_keep_the_seat(kind: Kind) {
 pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
     match b.store.device_call(heartbeat(&created.session.name)).await {
         Err(StoreError::SessionEnded(s)) => assert_eq!(s.state, SessionState::Expired),
@@ -440,11 +375,7 @@ pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
 pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     let paused = b
         .store
@@ -471,11 +402,7 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
 pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     b.store
         .device_call(call(&name, DeviceAction::Pause))
@@ -508,11 +435,7 @@ pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
 pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     let mut stop = call(&name, DeviceAction::Stop);
     stop.position_ms = Some(3_600_000);
@@ -521,10 +444,7 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     assert_eq!(stopped.position_ms, 3_600_000);
     assert!(stopped.ended_ms.is_some());
     assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
-    b.store
-        .create_session(new_session(&user, "b", 1, RejectNew))
-        .await
-        .unwrap();
+    b.create(&user, "b", 1, RejectNew).await;
     let stop_event = b
         .events_of(&user)
         .await
@@ -542,11 +462,7 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
 pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     let termination = Termination {
         message: "stop_oldest".into(),
@@ -583,11 +499,7 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
 pub async fn a_stale_generation_is_refused(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let mut stale = heartbeat(&created.session.name);
     stale.generation = Some(created.session.generation + 1);
     assert!(matches!(
@@ -602,11 +514,7 @@ pub async fn a_stale_generation_is_refused(kind: Kind) {
 pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
     let b = open(kind).await;
     let owner = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&owner, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&owner, "a", 1, RejectNew).await;
     let foreign = SessionName {
         user: fresh_user(),
         session: created.session.name.session.clone(),
@@ -633,10 +541,7 @@ pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
 pub async fn reading_seats_changes_nothing(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    b.store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
     let seats = b.store.seats(&user).await.unwrap();
     assert!(seats.holders.is_empty(), "an overdue holder is not live");
@@ -653,11 +558,7 @@ pub async fn sampled_heartbeat_events_are_rate_limited(kind: Kind) {
     settings.heartbeat_event_interval = Duration::from_millis(1000);
     let b = Backend::open(kind, settings).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     b.store.device_call(heartbeat(&name)).await.unwrap();
     b.store.device_call(heartbeat(&name)).await.unwrap();
@@ -674,11 +575,7 @@ pub async fn sampled_heartbeat_events_are_rate_limited(kind: Kind) {
 pub async fn events_carry_the_session_and_read_after_a_cursor(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "a", 1, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "a", 1, RejectNew).await;
     b.store
         .device_call(call(&created.session.name, DeviceAction::Pause))
         .await
@@ -714,11 +611,7 @@ pub async fn events_carry_the_session_and_read_after_a_cursor(kind: Kind) {
 pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let a = b
-        .store
-        .create_session(new_session(&user, "a", 1, StopOldest))
-        .await
-        .unwrap();
+    let a = b.create(&user, "a", 1, StopOldest).await;
     let a = a.session.name;
     b.store
         .device_call(call(&a, DeviceAction::Pause))
@@ -729,11 +622,7 @@ pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
         .await
         .unwrap();
     b.store.device_call(heartbeat(&a)).await.unwrap();
-    let c = b
-        .store
-        .create_session(new_session(&user, "c", 1, StopOldest))
-        .await
-        .unwrap();
+    let c = b.create(&user, "c", 1, StopOldest).await;
     let c = c.session.name;
     b.store
         .device_call(call(&c, DeviceAction::Stop))
@@ -783,11 +672,7 @@ pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
 pub async fn reading_a_session_past_its_deadline_shows_it_expired(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
-    let created = b
-        .store
-        .create_session(new_session(&user, "tv", 2, RejectNew))
-        .await
-        .unwrap();
+    let created = b.create(&user, "tv", 2, RejectNew).await;
     let name = created.session.name;
     let live = b.store.get_session(&name).await.unwrap().unwrap();
     assert_eq!(live.state, SessionState::Active, "not yet");
@@ -829,11 +714,7 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
     let mut first = new_session(&plain, "3c:22:fb:01:02:03", 1, RejectNew);
     first.request_id = Some(usher::ids::RequestId::parse("r", "x:seats").unwrap());
     let first = b.store.create_session(first).await.unwrap();
-    let second = b
-        .store
-        .create_session(new_session(&tricky, "roku:1234", 1, RejectNew))
-        .await
-        .unwrap();
+    let second = b.create(&tricky, "roku:1234", 1, RejectNew).await;
     assert!(!second.replayed, "another user's create is not a replay");
     let plain_seats = b.store.seats(&plain).await.unwrap().holders;
     let tricky_seats = b.store.seats(&tricky).await.unwrap().holders;

@@ -135,6 +135,20 @@ impl Backend {
         redis::dump_with_prefix(&self.ports(), &format!("{}:", self.prefix))
     }
 
+    /// A create that must succeed (see [`new_session`]).
+    pub async fn create(
+        &self,
+        user: &UserId,
+        device: &str,
+        limit: u32,
+        policy: OverLimitPolicy,
+    ) -> usher::store::Created {
+        self.store
+            .create_session(new_session(user, device, limit, policy))
+            .await
+            .expect("the create succeeds")
+    }
+
     /// Every event of the user's partition, oldest first.
     pub async fn events_of(&self, user: &UserId) -> Vec<Event> {
         let partition = usher::store::partition_of(user, self.store.settings().partitions);
