@@ -1,6 +1,6 @@
 //! The user's seats, read-only: how many, who holds them, and whether a new session on a
-//! device would be admitted now. The seat rules themselves run atomically in the store;
-//! [`admission`] previews them from one consistent read.
+//! device would be admitted now. The seat rules run atomically in the store, and the
+//! store previews them too (`Store::preview_create`), under the conformance suite.
 
 pub mod grpc;
 
@@ -12,7 +12,7 @@ use crate::ids::region;
 use crate::ids::{ContentId, DeviceId, SessionName, UserId};
 use crate::model::Session;
 use crate::proto;
-use crate::store::{OverLimitPolicy, Store};
+use crate::store::{OverLimitPolicy, Preview, Store};
 
 /// A user's seats.
 #[derive(Clone, Debug)]
@@ -87,6 +87,17 @@ pub enum Admission {
     Denied(Denial),
 }
 
+impl From<Preview> for Admission {
+    fn from(preview: Preview) -> Self {
+        match preview {
+            Preview::FreeSeat => Admission::FreeSeat,
+            Preview::ReplacesDeviceSession(own) => Admission::ReplacesDeviceSession(own),
+            Preview::EvictsOldest(sessions) => Admission::EvictsOldest(sessions),
+            Preview::LimitReached => Admission::LimitReached,
+        }
+    }
+}
+
 impl Admission {
     /// The sessions a create would end.
     pub fn replaced(&self) -> Vec<&SessionName> {
@@ -95,32 +106,6 @@ impl Admission {
             Admission::EvictsOldest(sessions) => sessions.iter().collect(),
             Admission::FreeSeat | Admission::LimitReached | Admission::Denied(_) => Vec::new(),
         }
-    }
-}
-
-/// Previews the store's create rules (see `Store::create_session`) on a consistent read:
-/// the device's own session does not count against the limit; over it, the policy
-/// decides, and stop-oldest evicts as many of the oldest as it takes.
-pub fn admission(
-    holders: &[Session],
-    device: &DeviceId,
-    limit: u32,
-    policy: OverLimitPolicy,
-) -> Admission {
-    let own = holders.iter().find(|s| &s.device.id == device);
-    let others: Vec<&Session> = holders.iter().filter(|s| &s.device.id != device).collect();
-    if others.len() as u64 >= u64::from(limit) {
-        if policy == OverLimitPolicy::RejectNew || limit == 0 {
-            return Admission::LimitReached;
-        }
-        let excess = others.len() + 1 - limit as usize;
-        let mut ended: Vec<SessionName> = others[..excess].iter().map(|s| s.name.clone()).collect();
-        ended.extend(own.map(|s| s.name.clone()));
-        return Admission::EvictsOldest(ended);
-    }
-    match own {
-        Some(own) => Admission::ReplacesDeviceSession(own.name.clone()),
-        None => Admission::FreeSeat,
     }
 }
 
@@ -146,36 +131,54 @@ impl ConcurrencyOps {
 
     /// The user's seats; a user the entitlement denies has a limit of 0.
     pub async fn get(&self, user: UserId) -> Result<Concurrency, Error> {
-        let (concurrency, _) = self.read(user, None, None).await?;
-        Ok(concurrency)
+        let (limit, _) = self.limit(&user, None, None).await?;
+        let seats = self
+            .store
+            .seats(&user)
+            .await
+            .map_err(|e| e.into_error(|| crate::ids::concurrency_name(&user)))?;
+        Ok(Concurrency {
+            user,
+            limit,
+            holders: seats.holders,
+            policy: self.policy,
+        })
     }
 
     pub async fn check(&self, query: AvailabilityQuery) -> Result<(Admission, Concurrency), Error> {
-        let (concurrency, denial) = self
-            .read(query.user, query.content.as_ref(), query.region.as_deref())
+        let (limit, denial) = self
+            .limit(&query.user, query.content.as_ref(), query.region.as_deref())
             .await?;
-        if let Some(denial) = denial {
-            return Ok((Admission::Denied(denial), concurrency));
-        }
-        let admission = admission(
-            &concurrency.holders,
-            &query.device,
-            concurrency.limit,
-            self.policy,
-        );
+        let (seats, preview) = self
+            .store
+            .preview_create(&query.user, &query.device, limit, self.policy)
+            .await
+            .map_err(|e| e.into_error(|| crate::ids::concurrency_name(&query.user)))?;
+        let concurrency = Concurrency {
+            user: query.user,
+            limit,
+            holders: seats.holders,
+            policy: self.policy,
+        };
+        let admission = match denial {
+            Some(denial) => Admission::Denied(denial),
+            None => preview.into(),
+        };
         Ok((admission, concurrency))
     }
 
-    async fn read(
+    /// The user's seat limit, and the entitlement's denial of this title or region if
+    /// any (a user denied outright has a limit of 0).
+    async fn limit(
         &self,
-        user: UserId,
+        user: &UserId,
         content: Option<&ContentId>,
         region: Option<&str>,
-    ) -> Result<(Concurrency, Option<Denial>), Error> {
+    ) -> Result<(u32, Option<Denial>), Error> {
         let entitlement = self
             .entitlements
             .check(EntitlementQuery {
-                user: &user,
+                user,
                 profile: None,
                 content,
                 region,
@@ -189,7 +192,7 @@ impl ConcurrencyOps {
                 let seats = self
                     .entitlements
                     .check(EntitlementQuery {
-                        user: &user,
+                        user,
                         profile: None,
                         content: None,
                         region: None,
@@ -201,60 +204,6 @@ impl ConcurrencyOps {
                 }
             }
         };
-        let seats = self
-            .store
-            .seats(&user)
-            .await
-            .map_err(|e| e.into_error(|| crate::ids::concurrency_name(&user)))?;
-        Ok((
-            Concurrency {
-                user,
-                limit,
-                holders: seats.holders,
-                policy: self.policy,
-            },
-            denial,
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::{SessionId, UserId};
-
-    fn holder(device: &str, created_ms: u64) -> Session {
-        let name = SessionName {
-            user: UserId::parse("u", "u").unwrap(),
-            session: SessionId::parse("s", &format!("s-{device}")).unwrap(),
-        };
-        Session::sample(name, DeviceId::parse("d", device).unwrap(), created_ms)
-    }
-
-    #[test]
-    fn a_lowered_limit_under_stop_oldest_names_every_session_a_create_ends() {
-        let holders = [
-            holder("a", 1),
-            holder("b", 2),
-            holder("c", 3),
-            holder("tv", 4),
-        ];
-        let tv = DeviceId::parse("d", "tv").unwrap();
-        let preview = admission(&holders, &tv, 2, OverLimitPolicy::StopOldest);
-        let ended: Vec<&str> = preview
-            .replaced()
-            .iter()
-            .map(|n| n.session.as_str())
-            .collect();
-        assert_eq!(ended, ["s-a", "s-b", "s-tv"]);
-        assert_eq!(
-            admission(&holders, &tv, 2, OverLimitPolicy::RejectNew),
-            Admission::LimitReached
-        );
-        let phone = DeviceId::parse("d", "phone").unwrap();
-        assert_eq!(
-            admission(&holders[..1], &phone, 2, OverLimitPolicy::RejectNew),
-            Admission::FreeSeat
-        );
+        Ok((limit, denial))
     }
 }

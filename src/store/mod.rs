@@ -153,6 +153,44 @@ pub struct DeviceCall {
     pub action: DeviceAction,
 }
 
+/// What a create would do now (see [`Store::preview_create`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Preview {
+    FreeSeat,
+    /// The device's own session would be replaced.
+    ReplacesDeviceSession(SessionName),
+    /// The oldest sessions over the limit would be evicted, and the device's own session
+    /// replaced if it has one: every session the create would end, in that order.
+    EvictsOldest(Vec<SessionName>),
+    LimitReached,
+}
+
+/// The create rules (steps 3 and 4 of `Store::create_session`) applied to live holders,
+/// oldest first: the device's own session does not count against the limit; over it,
+/// the policy decides, and stop-oldest evicts as many of the oldest as it takes.
+pub fn preview(
+    holders: &[Session],
+    device: &DeviceId,
+    limit: u32,
+    policy: OverLimitPolicy,
+) -> Preview {
+    let own = holders.iter().find(|s| &s.device.id == device);
+    let others: Vec<&Session> = holders.iter().filter(|s| &s.device.id != device).collect();
+    if others.len() as u64 >= u64::from(limit) {
+        if policy == OverLimitPolicy::RejectNew || limit == 0 {
+            return Preview::LimitReached;
+        }
+        let excess = others.len() + 1 - limit as usize;
+        let mut ended: Vec<SessionName> = others[..excess].iter().map(|s| s.name.clone()).collect();
+        ended.extend(own.map(|s| s.name.clone()));
+        return Preview::EvictsOldest(ended);
+    }
+    match own {
+        Some(own) => Preview::ReplacesDeviceSession(own.name.clone()),
+        None => Preview::FreeSeat,
+    }
+}
+
 /// The seats of a user as one consistent read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seats {
@@ -369,6 +407,22 @@ pub trait Store: Send + Sync + 'static {
     /// every read agrees that it is over. Otherwise it writes nothing.
     async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError>;
 
+    /// What `create_session` would do now for a new session of `user` on `device`, from
+    /// one consistent read, writing nothing: holders past their deadline count as free
+    /// (a create would expire them), then [`preview`]'s rules. The conformance suite
+    /// holds it to what a create then does, on every store.
+    async fn preview_create(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        limit: u32,
+        policy: OverLimitPolicy,
+    ) -> Result<(Seats, Preview), StoreError> {
+        let seats = self.seats(user).await?;
+        let previewed = preview(&seats.holders, device, limit, policy);
+        Ok((seats, previewed))
+    }
+
     /// The user's live holders and the store's clock, as one read. Holders past their
     /// deadline are left out but not evicted: reading changes nothing.
     async fn seats(&self, user: &UserId) -> Result<Seats, StoreError>;
@@ -418,4 +472,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// The settings the store was built with.
     fn settings(&self) -> &StoreSettings;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SessionId;
+
+    fn holder(device: &str, created_ms: u64) -> Session {
+        let name = SessionName {
+            user: UserId::parse("u", "u").unwrap(),
+            session: SessionId::parse("s", &format!("s-{device}")).unwrap(),
+        };
+        Session::sample(name, DeviceId::parse("d", device).unwrap(), created_ms)
+    }
+
+    #[test]
+    fn a_lowered_limit_under_stop_oldest_names_every_session_a_create_ends() {
+        let holders = [
+            holder("a", 1),
+            holder("b", 2),
+            holder("c", 3),
+            holder("tv", 4),
+        ];
+        let tv = DeviceId::parse("d", "tv").unwrap();
+        let previewed = preview(&holders, &tv, 2, OverLimitPolicy::StopOldest);
+        let Preview::EvictsOldest(ended) = previewed else {
+            panic!("evicts the oldest: {previewed:?}")
+        };
+        let ended: Vec<&str> = ended.iter().map(|n| n.session.as_str()).collect();
+        assert_eq!(ended, ["s-a", "s-b", "s-tv"]);
+        assert_eq!(
+            preview(&holders, &tv, 2, OverLimitPolicy::RejectNew),
+            Preview::LimitReached
+        );
+        let phone = DeviceId::parse("d", "phone").unwrap();
+        assert_eq!(
+            preview(&holders[..1], &phone, 2, OverLimitPolicy::RejectNew),
+            Preview::FreeSeat
+        );
+    }
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use usher::ids::SessionName;
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
-    DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, StoreError, partition_of,
+    DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview, StoreError,
+    partition_of,
 };
 
 use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
@@ -795,6 +796,60 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     assert_eq!(next(&mut feed).await, last);
 }
 
+/// CheckAvailability's preview is held to the store's own create rules: each preview
+/// says what the create right after it does, and a preview writes nothing.
+pub async fn the_preview_is_what_a_create_then_does(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let device = |id: &str| usher::ids::DeviceId::parse("d", id).unwrap();
+    let preview = async |id: &str, limit, policy| {
+        let events = b.events_of(&user).await;
+        let dump = b.dump();
+        let (_, previewed) = b
+            .store
+            .preview_create(&user, &device(id), limit, policy)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.events_of(&user).await,
+            events,
+            "a preview appends nothing"
+        );
+        assert_eq!(b.dump(), dump, "a preview writes nothing");
+        previewed
+    };
+    assert_eq!(preview("tv", 2, RejectNew).await, Preview::FreeSeat);
+    let tv = b.create(&user, "tv", 2, RejectNew).await;
+    assert!(tv.replaced.is_empty());
+    assert_eq!(
+        preview("tv", 2, RejectNew).await,
+        Preview::ReplacesDeviceSession(tv.session.name.clone())
+    );
+    let first = tv.session.name;
+    let tv = b.create(&user, "tv", 2, RejectNew).await;
+    assert_eq!(tv.replaced, vec![first]);
+    assert_eq!(preview("phone", 2, RejectNew).await, Preview::FreeSeat);
+    b.create(&user, "phone", 2, RejectNew).await;
+    assert_eq!(preview("box", 2, RejectNew).await, Preview::LimitReached);
+    assert!(matches!(
+        b.store
+            .create_session(new_session(&user, "box", 2, RejectNew))
+            .await,
+        Err(StoreError::LimitReached { .. })
+    ));
+    let Preview::EvictsOldest(ended) = preview("box", 2, StopOldest).await else {
+        panic!("stop-oldest evicts")
+    };
+    assert_eq!(ended, vec![tv.session.name.clone()]);
+    let boxed = b.create(&user, "box", 2, StopOldest).await;
+    assert_eq!(boxed.replaced, ended);
+    // Holders past their deadline count as free, as the create expires them.
+    b.advance(PAST_TIMEOUT).await;
+    assert_eq!(preview("stick", 1, RejectNew).await, Preview::FreeSeat);
+    let stick = b.create(&user, "stick", 1, RejectNew).await;
+    assert!(stick.replaced.is_empty());
+}
+
 /// Stamps one `#[tokio::test]` per case for a backend.
 macro_rules! stamp {
     ($kind:expr; $($case:ident),* $(,)?) => {
@@ -840,6 +895,7 @@ macro_rules! conformance_suite {
                     reading_a_session_past_its_deadline_shows_it_expired,
                     ids_with_colons_never_share_state,
                     ending_a_session_notifies_subscribers,
+                    the_preview_is_what_a_create_then_does,
                 );
             }
         )*
