@@ -436,16 +436,33 @@ pub struct ServerLimits {
     pub shutdown_timeout: Duration,
 }
 
-fn parse_host_port(value: &str) -> Result<(String, u16), String> {
+/// A flag (or a combination of flags) that does not make a valid configuration: the flag
+/// and what is wrong with its value, so the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(flag: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            flag,
+            problem: problem.into(),
+        }
+    }
+}
+
+fn parse_host_port(value: &str) -> Result<(String, u16), ConfigError> {
+    let bad = |problem: &str| ConfigError::new("--store", format!("{value:?} {problem}"));
     let (host, port) = value
         .rsplit_once(':')
-        .ok_or_else(|| format!("{value:?} is not host:port"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("{value:?} has no valid port"))?;
+        .ok_or_else(|| bad("is not host:port"))?;
+    let port = port.parse().map_err(|_| bad("has no valid port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("{value:?} has no host"));
+        return Err(bad("has no host"));
     }
     Ok((host.to_owned(), port))
 }
@@ -456,7 +473,7 @@ pub fn parse_store(
     key_prefix: &str,
     timeout: Duration,
     allow_eviction: bool,
-) -> Result<StoreConfig, String> {
+) -> Result<StoreConfig, ConfigError> {
     let options = |target| {
         StoreConfig::Redis(RedisOptions {
             target,
@@ -480,14 +497,17 @@ pub fn parse_store(
             url: value.to_owned(),
         }));
     }
-    Err(format!(
-        "{value:?}: expected memory, redis://host:port or redis-cluster://host:port,host:port"
+    Err(ConfigError::new(
+        "--store",
+        format!(
+            "{value:?}: expected memory, redis://host:port or redis-cluster://host:port,host:port"
+        ),
     ))
 }
 
 impl ServeArgs {
     /// Checks the flags together and builds the typed config. Errors name the flag.
-    pub fn into_config(self) -> Result<Config, String> {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
         let positive = [
             ("--heartbeat-interval", self.heartbeat_interval),
             ("--heartbeat-timeout", self.heartbeat_timeout),
@@ -505,31 +525,47 @@ impl ServeArgs {
         ];
         for (flag, value) in positive {
             if value.is_zero() {
-                return Err(format!("{flag} must be more than 0"));
+                return Err(ConfigError::new(flag, "must be more than 0"));
             }
         }
         if self.heartbeat_interval >= self.heartbeat_timeout {
-            return Err("--heartbeat-interval must be shorter than --heartbeat-timeout".into());
+            return Err(ConfigError::new(
+                "--heartbeat-interval",
+                "must be shorter than --heartbeat-timeout",
+            ));
         }
         if self.ended_retention < self.request_id_ttl {
             // A replayed request_id must find its session's record.
-            return Err("--ended-retention must be at least --request-id-ttl".into());
+            return Err(ConfigError::new(
+                "--ended-retention",
+                "must be at least --request-id-ttl",
+            ));
         }
         if self.store_timeout >= self.request_timeout {
-            return Err("--store-timeout must be shorter than --request-timeout".into());
+            return Err(ConfigError::new(
+                "--store-timeout",
+                "must be shorter than --request-timeout",
+            ));
         }
         if !(1..=16384).contains(&self.partitions) {
-            return Err("--partitions must be between 1 and 16384".into());
+            return Err(ConfigError::new(
+                "--partitions",
+                "must be between 1 and 16384",
+            ));
         }
         if let Some(limit) = self.default_seat_limit
             && limit > MAX_SEAT_LIMIT
         {
-            return Err(format!(
-                "--default-seat-limit must be at most {MAX_SEAT_LIMIT}"
+            return Err(ConfigError::new(
+                "--default-seat-limit",
+                format!("must be at most {MAX_SEAT_LIMIT}"),
             ));
         }
         if self.event_stream_maxlen == 0 {
-            return Err("--event-stream-maxlen must be more than 0".into());
+            return Err(ConfigError::new(
+                "--event-stream-maxlen",
+                "must be more than 0",
+            ));
         }
         if self.redis_key_prefix.is_empty()
             || !self
@@ -537,22 +573,34 @@ impl ServeArgs {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         {
-            return Err("--redis-key-prefix must be letters, digits, _ - or .".into());
+            return Err(ConfigError::new(
+                "--redis-key-prefix",
+                "must be letters, digits, _ - or .",
+            ));
         }
         // Token times are whole seconds (JWT NumericDate).
         if self.token_ttl < Duration::from_secs(1) || self.token_ttl.subsec_nanos() != 0 {
-            return Err("--token-ttl must be whole seconds, at least 1s".into());
+            return Err(ConfigError::new(
+                "--token-ttl",
+                "must be whole seconds, at least 1s",
+            ));
         }
         if self.token_leeway > Duration::from_secs(30) {
-            return Err("--token-leeway must be at most 30s".into());
+            return Err(ConfigError::new("--token-leeway", "must be at most 30s"));
         }
         if self.token_issuer.is_empty() || self.token_audience.is_empty() {
-            return Err("--token-issuer and --token-audience must not be empty".into());
+            return Err(ConfigError::new(
+                "--token-issuer",
+                "and --token-audience must not be empty",
+            ));
         }
         if self.insecure_dev && !self.listen.ip().is_loopback() {
-            return Err(format!(
-                "--insecure-dev refuses to listen on {}: use a loopback address",
-                self.listen
+            return Err(ConfigError::new(
+                "--insecure-dev",
+                format!(
+                    "refuses to listen on {}: use a loopback address",
+                    self.listen
+                ),
             ));
         }
         let store = parse_store(
@@ -560,8 +608,7 @@ impl ServeArgs {
             &self.redis_key_prefix,
             self.store_timeout,
             self.redis_allow_eviction,
-        )
-        .map_err(|e| format!("--store {e}"))?;
+        )?;
         let at_least_one = [
             ("--memory-max-sessions", self.memory_max_sessions),
             ("--memory-max-users", self.memory_max_users),
@@ -574,11 +621,14 @@ impl ServeArgs {
         ];
         for (flag, value) in at_least_one {
             if value == 0 {
-                return Err(format!("{flag} must be at least 1"));
+                return Err(ConfigError::new(flag, "must be at least 1"));
             }
         }
         if self.handshake_timeout.is_zero() {
-            return Err("--handshake-timeout must be more than 0".into());
+            return Err(ConfigError::new(
+                "--handshake-timeout",
+                "must be more than 0",
+            ));
         }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
@@ -667,7 +717,7 @@ mod tests {
             .map_err(|e| e.to_string())?
             .command
         {
-            Command::Serve(args) => args.into_config(),
+            Command::Serve(args) => args.into_config().map_err(|e| e.to_string()),
             Command::Health(_) | Command::Keys(_) => Err("parsed another command".into()),
         }
     }
@@ -698,6 +748,7 @@ mod tests {
         assert!(
             serve(&["--store", "postgres://x"])
                 .unwrap_err()
+                .to_string()
                 .contains("--store")
         );
     }
@@ -709,12 +760,14 @@ mod tests {
         assert!(
             serve(&["--partitions", "0"])
                 .unwrap_err()
+                .to_string()
                 .contains("--partitions")
         );
         assert!(serve(&["--heartbeat-timeout", "soon"]).is_err());
         assert!(
             serve(&["--token-leeway", "45s"])
                 .unwrap_err()
+                .to_string()
                 .contains("--token-leeway")
         );
     }

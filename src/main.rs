@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use usher::config::{Cli, Command, HealthArgs, KeysCommand, ServeArgs};
-use usher::token::keys::KeySet;
+use usher::token::keys::{KeyError, KeySet};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -13,14 +13,20 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Why `usher keys` did nothing.
+#[derive(Debug, thiserror::Error)]
+enum KeysError {
+    #[error("{} exists: pass --force to replace it", .0.display())]
+    Exists(std::path::PathBuf),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
 fn keys(command: KeysCommand) -> ExitCode {
-    let result = match command {
+    let result: Result<(), KeysError> = match command {
         KeysCommand::Generate(args) => {
             if args.out.exists() && !args.force {
-                Err(format!(
-                    "{} exists: pass --force to replace it",
-                    args.out.display()
-                ))
+                Err(KeysError::Exists(args.out))
             } else {
                 KeySet::generate(args.algorithm).and_then(|set| {
                     set.write(&args.out)?;
@@ -31,6 +37,7 @@ fn keys(command: KeysCommand) -> ExitCode {
                     );
                     Ok(())
                 })
+                .map_err(KeysError::from)
             }
         }
         KeysCommand::Rotate(args) => KeySet::read(&args.file).and_then(|mut set| {
@@ -43,7 +50,8 @@ fn keys(command: KeysCommand) -> ExitCode {
                 set.keys.len()
             );
             Ok(())
-        }),
+        })
+        .map_err(KeysError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -228,68 +228,111 @@ pub struct Credentials {
     subjects: HashMap<String, Arc<Principal>>,
 }
 
+/// Why a credentials file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Syntax {
+        path: std::path::PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: std::path::PathBuf,
+        source: Box<CredentialsError>,
+    },
+    #[error("roles.{role}: {method:?} is not a usher.v1 method (Service/Method or Service/*)")]
+    NotAMethod { role: String, method: String },
+    #[error("{name}: no roles")]
+    NoRoles { name: String },
+    #[error("{name}: unknown role {role:?}")]
+    UnknownRole { name: String, role: String },
+    /// A service key that could never authenticate.
+    #[error("service {name}: {problem}")]
+    BadKey { name: String, problem: &'static str },
+    #[error("service {name}: the same key twice")]
+    DuplicateKey { name: String },
+}
+
 impl Credentials {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let file: CredentialsFile =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::from_file(file).map_err(|e| format!("{}: {e}", path.display()))
+            toml::from_str(&text).map_err(|source| CredentialsError::Syntax {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::from_file(file).map_err(|source| CredentialsError::InFile {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
-    pub fn from_file(file: CredentialsFile) -> Result<Self, String> {
+    pub fn from_file(file: CredentialsFile) -> Result<Self, CredentialsError> {
         let mut roles = builtin_roles();
         for (name, definition) in file.roles {
             for method in &definition.methods {
                 if !method.starts_with("usher.v1.") || !method.contains('/') {
-                    return Err(format!(
-                        "roles.{name}: {method:?} is not a usher.v1 method (Service/Method or Service/*)"
-                    ));
+                    return Err(CredentialsError::NotAMethod {
+                        role: name,
+                        method: method.clone(),
+                    });
                 }
             }
             roles.insert(name, definition.methods);
         }
-        let principal = |name: &str, role_names: &[String]| -> Result<Arc<Principal>, String> {
-            if role_names.is_empty() {
-                return Err(format!("{name}: no roles"));
-            }
-            let mut methods = Vec::new();
-            for role in role_names {
-                let allowed = roles
-                    .get(role)
-                    .ok_or_else(|| format!("{name}: unknown role {role:?}"))?;
-                methods.extend(allowed.iter().cloned());
-            }
-            Ok(Arc::new(Principal {
-                name: name.to_owned(),
-                methods,
-            }))
-        };
+        let principal =
+            |name: &str, role_names: &[String]| -> Result<Arc<Principal>, CredentialsError> {
+                if role_names.is_empty() {
+                    return Err(CredentialsError::NoRoles {
+                        name: name.to_owned(),
+                    });
+                }
+                let mut methods = Vec::new();
+                for role in role_names {
+                    let allowed = roles
+                        .get(role)
+                        .ok_or_else(|| CredentialsError::UnknownRole {
+                            name: name.to_owned(),
+                            role: role.clone(),
+                        })?;
+                    methods.extend(allowed.iter().cloned());
+                }
+                Ok(Arc::new(Principal {
+                    name: name.to_owned(),
+                    methods,
+                }))
+            };
         let mut credentials = Credentials::default();
         for service in file.service {
+            let bad_key = |problem| CredentialsError::BadKey {
+                name: service.name.clone(),
+                problem,
+            };
             let digest = match (&service.key, &service.key_sha256) {
                 (Some(key), None) if key.contains('.') => {
-                    return Err(format!(
-                        "service {}: a key must not contain '.': a bearer credential with dots \
-                         is taken for a playback token, so this key could never authenticate",
-                        service.name
+                    return Err(bad_key(
+                        "a key must not contain '.': a bearer credential with dots is taken \
+                         for a playback token, so this key could never authenticate",
                     ));
                 }
                 (Some(key), None) if key.len() >= MIN_KEY_LEN => sha256(key),
-                (Some(_), None) => {
-                    return Err(format!(
-                        "service {}: key shorter than {MIN_KEY_LEN} characters",
-                        service.name
-                    ));
-                }
-                (None, Some(hex)) => parse_hex_digest(hex).ok_or_else(|| {
-                    format!("service {}: key_sha256 is not 64 hex digits", service.name)
-                })?,
-                _ => return Err(format!("service {}: give key or key_sha256", service.name)),
+                (Some(_), None) => return Err(bad_key("key shorter than 32 characters")),
+                (None, Some(hex)) => parse_hex_digest(hex)
+                    .ok_or_else(|| bad_key("key_sha256 is not 64 hex digits"))?,
+                _ => return Err(bad_key("give key or key_sha256")),
             };
             let principal = principal(&service.name, &service.roles)?;
             if credentials.keys.insert(digest, principal).is_some() {
-                return Err(format!("service {}: the same key twice", service.name));
+                return Err(CredentialsError::DuplicateKey { name: service.name });
             }
         }
         for certificate in file.client_certificate {
@@ -495,15 +538,19 @@ mod tests {
 
     #[test]
     fn credentials_files_are_checked() {
-        let file = |text: &str| Credentials::from_file(toml::from_str(text).unwrap());
+        let file = |text: &str| {
+            Credentials::from_file(toml::from_str(text).unwrap()).map_err(|e| e.to_string())
+        };
         assert!(
             file("[[service]]\nname='a'\nkey='short'\nroles=['admin']")
                 .unwrap_err()
+                .to_string()
                 .contains("shorter")
         );
         assert!(
             file("[[service]]\nname='a'\nkey_sha256='abc'\nroles=['admin']")
                 .unwrap_err()
+                .to_string()
                 .contains("64 hex")
         );
         assert!(
@@ -512,6 +559,7 @@ mod tests {
                 "k".repeat(32)
             ))
             .unwrap_err()
+            .to_string()
             .contains("unknown role")
         );
         // A key with dots would be read as a playback token and could never work.

@@ -9,7 +9,7 @@ mod static_policy;
 
 use async_trait::async_trait;
 
-pub use self::static_policy::{PolicyFile, StaticPolicy};
+pub use self::static_policy::{PolicyError, PolicyFile, StaticPolicy};
 use crate::error::{Denial, Error};
 use crate::ids::{ContentId, ProfileId, UserId};
 

@@ -74,43 +74,73 @@ pub struct StaticPolicy {
     missing_region: MissingRegion,
 }
 
-fn check_limit(what: &str, limit: u32) -> Result<u32, String> {
+/// Why an entitlement policy was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Syntax {
+        path: std::path::PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{what}: seat limit {limit} is over {MAX_SEAT_LIMIT}")]
+    SeatLimit { what: String, limit: u32 },
+    #[error("{what}: {region:?} is not an upper-case ISO 3166-1 alpha-2 code")]
+    Region { what: String, region: String },
+    #[error("users.{user}: no plan named {plan:?}")]
+    UnknownPlan { user: String, plan: String },
+}
+
+fn check_limit(what: &str, limit: u32) -> Result<u32, PolicyError> {
     if limit > MAX_SEAT_LIMIT {
-        return Err(format!(
-            "{what}: seat limit {limit} is over {MAX_SEAT_LIMIT}"
-        ));
+        return Err(PolicyError::SeatLimit {
+            what: what.to_owned(),
+            limit,
+        });
     }
     Ok(limit)
 }
 
-fn check_region(what: &str, region: &str) -> Result<String, String> {
+fn check_region(what: &str, region: &str) -> Result<String, PolicyError> {
     if region.len() == 2 && region.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(region.to_owned())
     } else {
-        Err(format!(
-            "{what}: {region:?} is not an upper-case ISO 3166-1 alpha-2 code"
-        ))
+        Err(PolicyError::Region {
+            what: what.to_owned(),
+            region: region.to_owned(),
+        })
     }
 }
 
 impl StaticPolicy {
     /// Everyone may play everything with `default_seat_limit` seats.
-    pub fn open(default_seat_limit: u32) -> Result<Self, String> {
+    pub fn open(default_seat_limit: u32) -> Result<Self, PolicyError> {
         Self::from_file(PolicyFile::default(), Some(default_seat_limit))
     }
 
     /// Reads and checks a TOML policy file. `default_seat_limit` overrides the file's.
-    pub fn load(path: &Path, default_seat_limit: Option<u32>) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: PolicyFile =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path, default_seat_limit: Option<u32>) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: PolicyFile = toml::from_str(&text).map_err(|source| PolicyError::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_file(file, default_seat_limit)
     }
 
     /// Checks a parsed policy: every user's plan exists, limits are in range, regions are
     /// ISO codes.
-    pub fn from_file(file: PolicyFile, default_seat_limit: Option<u32>) -> Result<Self, String> {
+    pub fn from_file(
+        file: PolicyFile,
+        default_seat_limit: Option<u32>,
+    ) -> Result<Self, PolicyError> {
         let default_seat_limit = check_limit(
             "default_seat_limit",
             default_seat_limit.or(file.default_seat_limit).unwrap_or(2),
@@ -125,7 +155,10 @@ impl StaticPolicy {
                 file.plans
                     .get(plan)
                     .map(|p| (user.clone(), p.seat_limit))
-                    .ok_or_else(|| format!("users.{user}: no plan named {plan:?}"))
+                    .ok_or_else(|| PolicyError::UnknownPlan {
+                        user: user.clone(),
+                        plan: plan.clone(),
+                    })
             })
             .collect::<Result<_, _>>()?;
         let regions = |what: &str, list: &[String]| {
@@ -143,7 +176,7 @@ impl StaticPolicy {
                     regions(&format!("content.regions.{title}"), list)?,
                 ))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, PolicyError>>()?;
         Ok(Self {
             default_seat_limit,
             user_limits,
@@ -340,12 +373,14 @@ mod tests {
         assert!(
             StaticPolicy::from_file(unknown_plan, None)
                 .unwrap_err()
+                .to_string()
                 .contains("users.x")
         );
         let bad_region: PolicyFile = toml::from_str("[regions]\ndeny = [\"usa\"]").unwrap();
         assert!(
             StaticPolicy::from_file(bad_region, None)
                 .unwrap_err()
+                .to_string()
                 .contains("regions.deny")
         );
         assert!(StaticPolicy::open(MAX_SEAT_LIMIT + 1).is_err());

@@ -35,9 +35,7 @@ pub fn open_entitlements(config: &Config) -> Result<Arc<dyn EntitlementProvider>
         Some(path) => StaticPolicy::load(path, config.default_seat_limit),
         None => StaticPolicy::open(config.default_seat_limit.unwrap_or(2)),
     };
-    let policy = policy
-        .map_err(StartError::Entitlements)?
-        .with_missing_region(config.missing_region);
+    let policy = policy?.with_missing_region(config.missing_region);
     Ok(Arc::new(policy))
 }
 
@@ -52,9 +50,9 @@ pub struct Components {
 /// Opens everything the config names: entitlements, token keys, credentials, the store.
 pub async fn open_components(config: &Config) -> Result<Components, StartError> {
     let entitlements = open_entitlements(config)?;
-    let tokens = Arc::new(Tokens::load(config.tokens.clone()).map_err(StartError::Tokens)?);
+    let tokens = Arc::new(Tokens::load(config.tokens.clone())?);
     let credentials = match &config.credentials {
-        Some(path) => Credentials::load(path).map_err(StartError::Credentials)?,
+        Some(path) => Credentials::load(path)?,
         None => Credentials::default(),
     };
     let store = open_store(config).await?;

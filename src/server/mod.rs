@@ -28,13 +28,16 @@ pub enum StartError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("entitlements: {0}")]
-    Entitlements(String),
+    Entitlements(#[from] crate::entitlement::PolicyError),
     #[error("token keys: {0}")]
-    Tokens(String),
+    Tokens(#[from] crate::token::keys::KeyError),
     #[error("credentials: {0}")]
-    Credentials(String),
-    #[error("tls: {0}")]
-    Tls(String),
+    Credentials(#[from] crate::auth::CredentialsError),
+    #[error("tls: cannot read {}: {source}", path.display())]
+    Tls {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -69,7 +72,10 @@ impl RunningServer {
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path).map_err(|source| StartError::Tls {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Starts serving on `listener`; returns once the server accepts calls.

@@ -70,14 +70,67 @@ pub struct KeySet {
     pub keys: Vec<StoredKey>,
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+/// Why a key set could not be made, read, written or used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no randomness: {0}")]
+    Random(getrandom::Error),
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a key set: {source}", path.display())]
+    Syntax {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the key set: {0}")]
+    Encode(serde_json::Error),
+    /// One key is unusable.
+    #[error("key {kid}: {problem}")]
+    Key { kid: String, problem: String },
+    /// The set as a whole is unusable.
+    #[error("{0}")]
+    Set(&'static str),
+    /// What is wrong, and in which file.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<KeyError>,
+    },
+}
+
+impl KeyError {
+    fn key(kid: &str, problem: impl Into<String>) -> Self {
+        KeyError::Key {
+            kid: kid.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    /// This error, said of `path`.
+    pub fn in_file(self, path: &Path) -> Self {
+        KeyError::InFile {
+            path: path.to_owned(),
+            source: Box::new(self),
+        }
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], KeyError> {
     let mut bytes = [0u8; N];
-    getrandom::getrandom(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
+    getrandom::getrandom(&mut bytes).map_err(KeyError::Random)?;
     Ok(bytes)
 }
 
 /// A new key id: the algorithm, the date and 8 random hex digits.
-fn new_kid(algorithm: KeyAlgorithm) -> Result<String, String> {
+fn new_kid(algorithm: KeyAlgorithm) -> Result<String, KeyError> {
     let random: [u8; 4] = random_bytes()?;
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let tag = match algorithm {
@@ -89,7 +142,7 @@ fn new_kid(algorithm: KeyAlgorithm) -> Result<String, String> {
 
 impl StoredKey {
     /// A new random key, active.
-    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, String> {
+    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, KeyError> {
         let kid = new_kid(algorithm)?;
         Ok(match algorithm {
             KeyAlgorithm::Eddsa => {
@@ -129,7 +182,7 @@ impl StoredKey {
 
 impl KeySet {
     /// A key set with one new active key.
-    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, String> {
+    pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, KeyError> {
         Ok(Self {
             keys: vec![StoredKey::generate(algorithm)?],
         })
@@ -141,7 +194,7 @@ impl KeySet {
         &mut self,
         algorithm: KeyAlgorithm,
         keep_retired: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), KeyError> {
         let now = now_seconds();
         for key in &mut self.keys {
             if key.usher_status == KeyStatus::Active {
@@ -157,19 +210,27 @@ impl KeySet {
         Ok(())
     }
 
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn read(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| KeyError::Syntax {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Reads a key set file, or every `*.json` key set in a directory, merged.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
         if !path.is_dir() {
             return Self::read(path);
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .map_err(|source| KeyError::Read {
+                path: path.to_owned(),
+                source,
+            })?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|ext| ext == "json"))
             .collect();
@@ -182,17 +243,26 @@ impl KeySet {
     }
 
     /// Writes the key set, readable by its owner only.
-    pub fn write(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+    pub fn write(&self, path: &Path) -> Result<(), KeyError> {
+        let text = serde_json::to_string_pretty(self).map_err(KeyError::Encode)?;
         let temporary = path.with_extension("json.tmp");
         write_private(&temporary, &text)?;
-        std::fs::rename(&temporary, path)
-            .map_err(|e| format!("cannot replace {}: {e}", path.display()))
+        std::fs::rename(&temporary, path).map_err(|source| KeyError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Write {
+        path: path.to_owned(),
+        source,
     }
 }
 
 #[cfg(unix)]
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -201,14 +271,13 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(write_error(path))?;
+    file.write_all(text.as_bytes()).map_err(write_error(path))
 }
 
 #[cfg(not(unix))]
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
+    std::fs::write(path, text).map_err(write_error(path))
 }
 
 /// A public key as published in the JWKS.
@@ -268,41 +337,41 @@ impl std::fmt::Debug for KeyRing {
     }
 }
 
-fn decode_part(kid: &str, part: &str, value: Option<&String>) -> Result<Vec<u8>, String> {
-    let value = value.ok_or_else(|| format!("key {kid}: no `{part}`"))?;
+fn decode_part(kid: &str, part: &str, value: Option<&String>) -> Result<Vec<u8>, KeyError> {
+    let value = value.ok_or_else(|| KeyError::key(kid, format!("no `{part}`")))?;
     B64.decode(value)
-        .map_err(|e| format!("key {kid}: `{part}` is not base64url: {e}"))
+        .map_err(|e| KeyError::key(kid, format!("`{part}` is not base64url: {e}")))
 }
 
 impl KeyRing {
     /// Builds the ring from a key set. Exactly one key must be active. Retired keys older
     /// than `trust_retired` are left out.
-    pub fn from_set(set: &KeySet, trust_retired: Duration) -> Result<Self, String> {
+    pub fn from_set(set: &KeySet, trust_retired: Duration) -> Result<Self, KeyError> {
         let now = now_seconds();
         let mut signer = None;
         let mut verifiers = HashMap::new();
         for stored in &set.keys {
             let kid = stored.kid.as_str();
             if kid.is_empty() || kid.len() > 128 {
-                return Err(format!("key id {kid:?} must be 1 to 128 characters"));
+                return Err(KeyError::key(kid, "a key id must be 1 to 128 characters"));
             }
             if stored.key_use != "sig" {
-                return Err(format!("key {kid}: `use` must be sig"));
+                return Err(KeyError::key(kid, "`use` must be sig"));
             }
             let (verifying, signing) = match (stored.kty.as_str(), stored.alg.as_str()) {
                 ("OKP", "EdDSA") if stored.crv.as_deref() == Some("Ed25519") => {
                     let seed: [u8; 32] = decode_part(kid, "d", stored.d.as_ref())?
                         .try_into()
-                        .map_err(|_| format!("key {kid}: `d` must be 32 bytes"))?;
+                        .map_err(|_| KeyError::key(kid, "`d` must be 32 bytes"))?;
                     let signing_key = ed25519_dalek::SigningKey::from_bytes(&seed);
                     let public = signing_key.verifying_key().to_bytes();
                     let x = decode_part(kid, "x", stored.x.as_ref())?;
                     if x != public {
-                        return Err(format!("key {kid}: `x` does not match `d`"));
+                        return Err(KeyError::key(kid, "`x` does not match `d`"));
                     }
                     let der = signing_key
                         .to_pkcs8_der()
-                        .map_err(|e| format!("key {kid}: {e}"))?;
+                        .map_err(|e| KeyError::key(kid, e.to_string()))?;
                     (
                         VerifyingKey {
                             algorithm: Algorithm::EdDSA,
@@ -319,8 +388,9 @@ impl KeyRing {
                 ("oct", "HS256") => {
                     let secret = decode_part(kid, "k", stored.k.as_ref())?;
                     if secret.len() < 32 {
-                        return Err(format!(
-                            "key {kid}: an HS256 secret needs at least 32 bytes"
+                        return Err(KeyError::key(
+                            kid,
+                            "an HS256 secret needs at least 32 bytes",
                         ));
                     }
                     (
@@ -334,8 +404,11 @@ impl KeyRing {
                     )
                 }
                 (kty, alg) => {
-                    return Err(format!(
-                        "key {kid}: unsupported kty {kty:?} with alg {alg:?} (EdDSA on Ed25519, or HS256)"
+                    return Err(KeyError::key(
+                        kid,
+                        format!(
+                            "unsupported kty {kty:?} with alg {alg:?} (EdDSA on Ed25519, or HS256)"
+                        ),
                     ));
                 }
             };
@@ -343,7 +416,9 @@ impl KeyRing {
             match stored.usher_status {
                 KeyStatus::Active => {
                     if signer.is_some() {
-                        return Err("more than one active key".into());
+                        return Err(KeyError::Set(
+                            "more than one active key: exactly one key must be active",
+                        ));
                     }
                     signer = Some(SigningKey {
                         kid: kid.to_owned(),
@@ -368,15 +443,17 @@ impl KeyRing {
                 }
             }
             if verifiers.insert(kid.to_owned(), verifying).is_some() {
-                return Err(format!("key id {kid} appears twice"));
+                return Err(KeyError::key(kid, "the key id appears twice"));
             }
         }
-        let signer = signer.ok_or("no active key: exactly one key must be active")?;
+        let signer = signer.ok_or(KeyError::Set(
+            "no active key: exactly one key must be active",
+        ))?;
         Ok(Self { signer, verifiers })
     }
 
     /// An in-memory Ed25519 ring, for a server started without keys.
-    pub fn ephemeral() -> Result<Self, String> {
+    pub fn ephemeral() -> Result<Self, KeyError> {
         Self::from_set(&KeySet::generate(KeyAlgorithm::Eddsa)?, Duration::ZERO)
     }
 
@@ -436,6 +513,7 @@ mod tests {
         assert!(
             KeyRing::from_set(&set, Duration::ZERO)
                 .unwrap_err()
+                .to_string()
                 .contains("more than one")
         );
         let mut tampered = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
@@ -444,6 +522,7 @@ mod tests {
         assert!(
             KeyRing::from_set(&tampered, Duration::ZERO)
                 .unwrap_err()
+                .to_string()
                 .contains("does not match")
         );
         let mut weak = KeySet::generate(KeyAlgorithm::Hs256).unwrap();
@@ -451,6 +530,7 @@ mod tests {
         assert!(
             KeyRing::from_set(&weak, Duration::ZERO)
                 .unwrap_err()
+                .to_string()
                 .contains("32 bytes")
         );
         assert!(KeyRing::from_set(&KeySet::default(), Duration::ZERO).is_err());

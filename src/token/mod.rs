@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::{Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use self::keys::{KeyRing, KeySet, PublicJwk};
+use self::keys::{KeyError, KeyRing, KeySet, PublicJwk};
 use crate::error::Error;
 use crate::model::Session;
 
@@ -183,10 +183,10 @@ impl Tokens {
     }
 
     /// Loads the configured key set, or makes an ephemeral key (with a warning).
-    pub fn load(settings: TokenSettings) -> Result<Self, String> {
+    pub fn load(settings: TokenSettings) -> Result<Self, KeyError> {
         let ring = match &settings.keys {
             Some(path) => KeyRing::from_set(&KeySet::load(path)?, settings.trust_retired())
-                .map_err(|e| format!("{}: {e}", path.display()))?,
+                .map_err(|e| e.in_file(path))?,
             None => {
                 tracing::warn!(
                     "no token keys configured (--token-keys): using an ephemeral Ed25519 key; \
@@ -201,11 +201,12 @@ impl Tokens {
 
     /// Reads the key set again; on success the new keys are in force at once and cached
     /// verifications are dropped. On failure the keys in force stay.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), KeyError> {
         let Some(path) = &self.settings.keys else {
             return Ok(());
         };
-        let ring = KeyRing::from_set(&KeySet::load(path)?, self.settings.trust_retired())?;
+        let ring = KeyRing::from_set(&KeySet::load(path)?, self.settings.trust_retired())
+            .map_err(|e| e.in_file(path))?;
         tracing::info!(kid = %ring.signer.kid, verifying = ring.verifiers.len(), "token keys reloaded");
         self.replace_keys(ring);
         Ok(())
