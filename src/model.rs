@@ -8,7 +8,110 @@
 use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
 use crate::proto::{self, duration_ms, timestamp_ms};
 
-pub use crate::proto::{DeviceType, PlaybackState, SessionState};
+/// Declares a domain enum with its stored codes and its wire mapping, written once:
+/// `Variant = code => proto::Variant`. The codes are the storage format (the Redis
+/// records and the Lua prelude use them); the proto numbers are the wire's. The two are
+/// mapped here, so a change of the contract never rewrites stored data.
+macro_rules! domain_enum {
+    ($(#[$doc:meta])* $name:ident: $wire:ty { $($(#[$vdoc:meta])* $variant:ident = $code:literal => $proto:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),*
+        }
+
+        impl $name {
+            /// The stored code.
+            pub fn code(self) -> u8 {
+                match self {
+                    $($name::$variant => $code),*
+                }
+            }
+
+            /// The value of a stored code.
+            pub fn from_code(code: u64) -> Option<Self> {
+                match code {
+                    $($code => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// The wire value.
+            pub fn to_proto(self) -> $wire {
+                match self {
+                    $($name::$variant => <$wire>::$proto),*
+                }
+            }
+        }
+    };
+}
+
+domain_enum! {
+    /// Where a session is in its life. ACTIVE and PAUSED hold a seat; the rest are
+    /// terminal.
+    SessionState: proto::SessionState {
+        Active = 1 => Active,
+        Paused = 2 => Paused,
+        Stopped = 3 => Stopped,
+        Terminated = 4 => Terminated,
+        Expired = 5 => Expired,
+        Evicted = 6 => Evicted,
+    }
+}
+
+domain_enum! {
+    /// What the player last reported doing.
+    PlaybackState: proto::PlaybackState {
+        /// Nothing reported yet.
+        Unspecified = 0 => Unspecified,
+        Playing = 1 => Playing,
+        Buffering = 2 => Buffering,
+        Seeking = 3 => Seeking,
+        Paused = 4 => Paused,
+    }
+}
+
+domain_enum! {
+    /// The kind of device.
+    DeviceType: proto::DeviceType {
+        Tv = 1 => Tv,
+        Mobile = 2 => Mobile,
+        Tablet = 3 => Tablet,
+        Web = 4 => Web,
+        Console = 5 => Console,
+        SetTopBox = 6 => SetTopBox,
+        Desktop = 7 => Desktop,
+    }
+}
+
+impl PlaybackState {
+    /// The reported state of a request.
+    pub fn from_proto(value: proto::PlaybackState) -> Self {
+        match value {
+            proto::PlaybackState::Unspecified => PlaybackState::Unspecified,
+            proto::PlaybackState::Playing => PlaybackState::Playing,
+            proto::PlaybackState::Buffering => PlaybackState::Buffering,
+            proto::PlaybackState::Seeking => PlaybackState::Seeking,
+            proto::PlaybackState::Paused => PlaybackState::Paused,
+        }
+    }
+}
+
+impl DeviceType {
+    /// The device type of a request; `None` when it was left unspecified.
+    pub fn from_proto(value: proto::DeviceType) -> Option<Self> {
+        Some(match value {
+            proto::DeviceType::Unspecified => return None,
+            proto::DeviceType::Tv => DeviceType::Tv,
+            proto::DeviceType::Mobile => DeviceType::Mobile,
+            proto::DeviceType::Tablet => DeviceType::Tablet,
+            proto::DeviceType::Web => DeviceType::Web,
+            proto::DeviceType::Console => DeviceType::Console,
+            proto::DeviceType::SetTopBox => DeviceType::SetTopBox,
+            proto::DeviceType::Desktop => DeviceType::Desktop,
+        })
+    }
+}
 
 /// The device a session plays on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,9 +279,9 @@ impl Session {
                 user_agent: self.client.user_agent.clone(),
                 region: self.client.region.clone(),
             }),
-            state: self.state as i32,
+            state: self.state.to_proto() as i32,
             position: Some(duration_ms(self.position_ms)),
-            playback_state: self.playback_state as i32,
+            playback_state: self.playback_state.to_proto() as i32,
             generation: self.generation,
             create_time: Some(timestamp_ms(self.created_ms)),
             last_heartbeat_time: Some(timestamp_ms(self.last_heartbeat_ms)),
@@ -204,7 +307,7 @@ impl Session {
             device: Some(self.device.to_proto()),
             content_id: self.content.to_string(),
             profile_id: self.profile.to_string(),
-            state: self.state as i32,
+            state: self.state.to_proto() as i32,
             create_time: Some(timestamp_ms(self.created_ms)),
             last_heartbeat_time: Some(timestamp_ms(self.last_heartbeat_ms)),
         }
@@ -215,7 +318,7 @@ impl Device {
     pub fn to_proto(&self) -> proto::Device {
         proto::Device {
             id: self.id.to_string(),
-            r#type: self.kind as i32,
+            r#type: self.kind.to_proto() as i32,
             name: self.name.clone(),
         }
     }

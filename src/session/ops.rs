@@ -95,10 +95,16 @@ impl TryFrom<proto::CreateSessionRequest> for CreateSession {
             }
             Some(device) => {
                 let id = v.check(DeviceId::parse("device.id", &device.id));
-                let kind = v.check(known_enum::<DeviceType>("device.type", device.r#type));
-                if kind == Some(DeviceType::Unspecified) {
-                    v.add("device.type", "required");
-                }
+                let kind = match v.check(known_enum::<proto::DeviceType>(
+                    "device.type",
+                    device.r#type,
+                )) {
+                    Some(kind) => DeviceType::from_proto(kind).or_else(|| {
+                        v.add("device.type", "required");
+                        None
+                    }),
+                    None => None,
+                };
                 let name = v.check(text("device.name", &device.name, MAX_NAME_LEN));
                 match (id, kind, name) {
                     (Some(id), Some(kind), Some(name)) => Some(Device { id, kind, name }),
@@ -179,8 +185,10 @@ impl TryFrom<proto::HeartbeatRequest> for DeviceRequest {
     type Error = Error;
 
     fn try_from(request: proto::HeartbeatRequest) -> Result<Self, Error> {
-        let action = known_enum::<PlaybackState>("playback_state", request.playback_state)
-            .map(|playback_state| DeviceAction::Heartbeat { playback_state });
+        let action = known_enum::<proto::PlaybackState>("playback_state", request.playback_state)
+            .map(|reported| DeviceAction::Heartbeat {
+                playback_state: PlaybackState::from_proto(reported),
+            });
         device_request(
             &request.name,
             request.position.as_ref(),
@@ -475,7 +483,7 @@ impl Sessions {
         // for a dead session; the caller starts again with a new request_id.
         if created.replayed && !super::holds_seat(created.session.state) {
             return Err(Error::SessionEnded {
-                state: Some(created.session.state),
+                state: Some(created.session.state.to_proto()),
             });
         }
         let token = self.tokens.issue(&created.session)?;

@@ -248,10 +248,9 @@ impl EventKind {
             SessionState::Stopped => EventKind::Stopped,
             SessionState::Terminated => EventKind::Terminated,
             SessionState::Evicted => EventKind::Evicted,
-            SessionState::Expired
-            | SessionState::Unspecified
-            | SessionState::Active
-            | SessionState::Paused => EventKind::Expired,
+            SessionState::Expired | SessionState::Active | SessionState::Paused => {
+                EventKind::Expired
+            }
         }
     }
 }
@@ -357,7 +356,7 @@ impl StoreError {
                 resource: resource(),
             },
             StoreError::SessionEnded(session) => Error::SessionEnded {
-                state: Some(session.state),
+                state: Some(session.state.to_proto()),
             },
             StoreError::StaleGeneration => Error::StaleGeneration,
             StoreError::LimitReached { limit, holders } => Error::ConcurrencyLimitReached {

@@ -49,7 +49,7 @@ impl TokenOps {
                 Ok(session)
             }
             Some(session) => Err(Error::SessionEnded {
-                state: Some(session.state),
+                state: Some(session.state.to_proto()),
             }),
             // Its record is gone: it ended longer ago than the retention.
             None => Err(Error::SessionEnded { state: None }),

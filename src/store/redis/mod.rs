@@ -592,7 +592,7 @@ impl Store for RedisStore {
             new.profile.to_string(),
             new.content.to_string(),
             new.device.id.to_string(),
-            (new.device.kind as i32).to_string(),
+            new.device.kind.code().to_string(),
             new.device.name.clone(),
             new.client.ip_address.clone(),
             new.client.user_agent.clone(),
@@ -664,7 +664,7 @@ impl Store for RedisStore {
             call.name.session.to_string(),
             call.generation.unwrap_or(0).to_string(),
             call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
-            (playback_state as i32).to_string(),
+            playback_state.code().to_string(),
             ms(self.settings.heartbeat_timeout),
             ms(self.settings.max_pause),
             match self.settings.heartbeat_events {
@@ -758,5 +758,35 @@ impl Store for RedisStore {
 
     fn settings(&self) -> &StoreSettings {
         &self.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{PlaybackState, SessionState};
+
+    /// The prelude restates the stored codes of the states; they must be model.rs's.
+    #[test]
+    fn the_prelude_uses_the_stored_codes() {
+        let prelude = include_str!("scripts/prelude.lua");
+        let states = [
+            SessionState::Active,
+            SessionState::Paused,
+            SessionState::Stopped,
+            SessionState::Terminated,
+            SessionState::Expired,
+            SessionState::Evicted,
+        ]
+        .map(|state| state.code().to_string())
+        .join(", ");
+        let line =
+            format!("local ACTIVE, PAUSED, STOPPED, TERMINATED, EXPIRED, EVICTED = {states}");
+        assert!(prelude.contains(&line), "{line}");
+        let playback = format!(
+            "local PLAYBACK_PLAYING, PLAYBACK_PAUSED = {}, {}",
+            PlaybackState::Playing.code(),
+            PlaybackState::Paused.code()
+        );
+        assert!(prelude.contains(&playback), "{playback}");
     }
 }

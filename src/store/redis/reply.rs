@@ -136,11 +136,9 @@ impl Fields {
     }
 }
 
-fn enum_value<E: TryFrom<i32>>(value: u64, what: &str) -> Result<E, StoreError> {
-    i32::try_from(value)
-        .ok()
-        .and_then(|v| E::try_from(v).ok())
-        .ok_or_else(|| corrupt(format!("unknown {what} {value}")))
+/// A domain enum from its stored code.
+fn stored<E>(value: u64, from_code: fn(u64) -> Option<E>, what: &str) -> Result<E, StoreError> {
+    from_code(value).ok_or_else(|| corrupt(format!("unknown {what} {value}")))
 }
 
 fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> {
@@ -154,7 +152,7 @@ fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> 
         content: f.id("c", ContentId::parse)?,
         device: Device {
             id: f.id("d", DeviceId::parse)?,
-            kind: enum_value::<DeviceType>(f.number("dt")?, "device type")?,
+            kind: stored(f.number("dt")?, DeviceType::from_code, "device type")?,
             name: f.owned("dn"),
         },
         client: ClientInfo {
@@ -162,9 +160,9 @@ fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> 
             user_agent: f.owned("ua"),
             region: f.owned("rg"),
         },
-        state: enum_value::<SessionState>(f.number("st")?, "state")?,
+        state: stored(f.number("st")?, SessionState::from_code, "state")?,
         position_ms: f.number("pos")?,
-        playback_state: enum_value::<PlaybackState>(f.number("ps")?, "playback state")?,
+        playback_state: stored(f.number("ps")?, PlaybackState::from_code, "playback state")?,
         generation: f.number("g")?,
         created_ms: f.number("ct")?,
         last_heartbeat_ms: f.number("hb")?,

@@ -23,6 +23,8 @@ local PREFIX = ARGV[1]
 local STREAM_MAXLEN = ARGV[2]
 local RETENTION_MS = tonumber(ARGV[3])
 
+-- The stored codes of SessionState and PlaybackState (model.rs, `code()`): the storage
+-- format, not the wire's numbers; a unit test in store/redis/mod.rs holds them equal.
 local ACTIVE, PAUSED, STOPPED, TERMINATED, EXPIRED, EVICTED = 1, 2, 3, 4, 5, 6
 local END_EVENT = {
   [STOPPED] = 'playback.stopped',
