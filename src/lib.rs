@@ -32,7 +32,8 @@
 //!   conversions; [`codec`]: the protobuf codec (undecodable bodies are the caller's).
 //! - [`deadline`]: the caller's deadline, carried to store calls.
 //! - [`net`]: the accept loop: TCP_NODELAY, the connection cap, the handshake deadline.
-//! - [`config`]: the one entry point for configuration (clap, `USHER_*`).
+//! - [`config`]: the one entry point for configuration (clap, `USHER_*`); [`files`]: the
+//!   TOML files operators write, read in one place.
 //! - [`server`]: assembles services, health, reflection, limits, the sweeper, signals.
 //!
 //! # Layers
@@ -47,7 +48,7 @@
 //!       token                     (issue, verify, TokenService)
 //!         store                   (the Store trait, memory, Redis)
 //!           model, codec          (the domain records; the protobuf codec)
-//!             error, deadline, net
+//!             error, deadline, net, files
 //!               ids, proto        (the bottom: they import no feature)
 //! ```
 
@@ -58,6 +59,7 @@ pub mod config;
 pub mod deadline;
 pub mod entitlement;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod model;
 pub mod net;

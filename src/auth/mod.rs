@@ -28,6 +28,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
+use crate::files::{FileError, read_toml};
 use crate::token::{PlaybackClaims, TokenError, Tokens};
 
 /// How a method is reached.
@@ -231,16 +232,8 @@ pub struct Credentials {
 /// Why a credentials file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Syntax {
-        path: std::path::PathBuf,
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{}: {source}", path.display())]
     InFile {
         path: std::path::PathBuf,
@@ -261,15 +254,7 @@ pub enum CredentialsError {
 
 impl Credentials {
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file: CredentialsFile =
-            toml::from_str(&text).map_err(|source| CredentialsError::Syntax {
-                path: path.to_owned(),
-                source,
-            })?;
+        let file: CredentialsFile = read_toml(path)?;
         Self::from_file(file).map_err(|source| CredentialsError::InFile {
             path: path.to_owned(),
             source: Box::new(source),

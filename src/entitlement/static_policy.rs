@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::{Entitlement, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT, MissingRegion};
 use crate::error::{Denial, Error};
+use crate::files::{FileError, read_toml};
 use crate::ids::ContentId;
 
 /// The TOML file, as written.
@@ -77,16 +78,8 @@ pub struct StaticPolicy {
 /// Why an entitlement policy was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Syntax {
-        path: std::path::PathBuf,
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{what}: seat limit {limit} is over {MAX_SEAT_LIMIT}")]
     SeatLimit { what: String, limit: u32 },
     #[error("{what}: {region:?} is not an upper-case ISO 3166-1 alpha-2 code")]
@@ -124,14 +117,7 @@ impl StaticPolicy {
 
     /// Reads and checks a TOML policy file. `default_seat_limit` overrides the file's.
     pub fn load(path: &Path, default_seat_limit: Option<u32>) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file: PolicyFile = toml::from_str(&text).map_err(|source| PolicyError::Syntax {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file: PolicyFile = read_toml(path)?;
         Self::from_file(file, default_seat_limit)
     }
 
