@@ -10,6 +10,10 @@
 -- KEYS[7]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
 --                                     (any key of the user when there is none)
 --
+-- Beyond KEYS it touches, under the same hash tag (built from ARGV[1]), the records of
+-- other sessions of the same user that it reads from the seat set or ends
+-- (<prefix>s:<id>), and the user's generation key; see the prelude.
+--
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
 -- ARGV[5]   new session id
@@ -22,7 +26,7 @@
 -- ARGV[12]  profile id
 -- ARGV[13]  content id
 -- ARGV[14]  device id
--- ARGV[15]  device type (DeviceType number)
+-- ARGV[15]  device type, its stored code (DeviceType::code in model.rs)
 -- ARGV[16]  device name
 -- ARGV[17]  client IP address
 -- ARGV[18]  client user agent

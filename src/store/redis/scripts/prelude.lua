@@ -4,8 +4,10 @@
 --   ARGV[1]  key prefix with the user's partition hash tag, e.g. "usher:{17}:"
 --   ARGV[2]  approximate cap of the partition's event stream, in entries
 --   ARGV[3]  how long an ended session's record is kept, in ms
--- Keys of other sessions of the same user (evicted or expired ones) are built from
--- ARGV[1]; they carry the same hash tag as KEYS, so they live on the same shard.
+-- Keys of other sessions of the same user (evicted or expired ones), and the user's
+-- seats, devices and generation keys where a script was not given them, are built from
+-- ARGV[1]: they carry the same hash tag as KEYS, so they live on the same shard (open-
+-- source Cluster accepts this; proxies that check KEYS strictly do not, see ADR 0002).
 --
 -- Replies are arrays {code, ...}, decoded by ReplyCode in store/redis/reply.rs:
 --    0  done, the answer follows
@@ -201,7 +203,7 @@ end
 --   ARGV[5]   session id
 --   ARGV[6]   generation the device holds; '0' skips the check
 --   ARGV[7]   position in ms; '' keeps the last one
---   ARGV[8]   playback state (PlaybackState number); '0' keeps the last one
+--   ARGV[8]   playback state, its stored code (PlaybackState::code); '0' keeps the last one
 --   ARGV[9]   heartbeat timeout, ms
 --   ARGV[10]  maximum pause, ms
 --   ARGV[11]  heartbeat events: 'off' | 'sampled' | 'all'

@@ -3,6 +3,9 @@
 --
 -- KEYS[1]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
 --
+-- Beyond KEYS it reads, under the same hash tag (built from ARGV[1]), the records of the
+-- holders it finds in KEYS[1] (<prefix>s:<id>).
+--
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
 --

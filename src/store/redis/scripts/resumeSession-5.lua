@@ -6,6 +6,9 @@
 -- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
 -- KEYS[5]  <prefix>events             STREAM the partition's event log
 --
+-- Beyond KEYS it touches the user's generation key (<prefix>gen:<user>, same hash tag,
+-- built from ARGV[1]) when it moves the deadline.
+--
 -- ARGV[1..3] see the prelude; ARGV[4..12] see device_call in the prelude.
 --
 -- Returns {0, record}, or {-1}, {-2, record}, {-4} (see the prelude).

@@ -4,6 +4,10 @@
 -- KEYS[1]  <prefix>deadlines          ZSET <user>/<session> -> deadline (ms)
 -- KEYS[2]  <prefix>events             STREAM the partition's event log
 --
+-- This script cannot know its keys in advance: it ends sessions it finds in KEYS[1], so it
+-- touches their records (<prefix>s:<id>) and their users' seats and devices keys, all
+-- under the partition's hash tag (built from ARGV[1]).
+--
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   at most this many sessions are looked at (bounds the script's work)
 --
