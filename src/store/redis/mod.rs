@@ -145,9 +145,9 @@ impl Scripts {
     fn new() -> Self {
         Self {
             create: script!("createSession-7.lua"),
-            heartbeat: script!("heartbeat-5.lua"),
-            pause: script!("pauseSession-5.lua"),
-            resume: script!("resumeSession-5.lua"),
+            heartbeat: script!("heartbeat-6.lua"),
+            pause: script!("pauseSession-6.lua"),
+            resume: script!("resumeSession-6.lua"),
             stop: script!("stopSession-5.lua"),
             terminate: script!("terminateSession-5.lua"),
             get: script!("getSession-5.lua"),
@@ -651,13 +651,17 @@ impl Store for RedisStore {
     }
 
     async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError> {
-        let (keys, key_list) = self.session_keys(&call.name);
+        let (keys, mut key_list) = self.session_keys(&call.name);
         let (script, playback_state) = match call.action {
             DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
             DeviceAction::Pause => (&self.scripts.pause, PlaybackState::Unspecified),
             DeviceAction::Resume => (&self.scripts.resume, PlaybackState::Unspecified),
             DeviceAction::Stop => (&self.scripts.stop, PlaybackState::Unspecified),
         };
+        // The scripts that move the deadline also keep the generation counter: KEYS[6].
+        if call.action != DeviceAction::Stop {
+            key_list.push(keys.user(&call.name.user, "gen"));
+        }
         let mut args = self.common_args(&keys);
         args.extend([
             call.name.user.to_string(),

@@ -12,7 +12,7 @@
 --
 -- Beyond KEYS it touches, under the same hash tag (built from ARGV[1]), the records of
 -- other sessions of the same user that it reads from the seat set or ends
--- (<prefix>s:<id>), and the user's generation key; see the prelude.
+-- (<prefix>s:<id>); see the prelude.
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
@@ -103,7 +103,7 @@ local s = {
 }
 redis.call('HSET', KEYS[4], unpack(flat(s)))
 redis.call('HSET', KEYS[2], device, sid)
-set_deadline(s, now, timeout_ms, 0, tonumber(ARGV[21]))
+set_deadline(s, now, timeout_ms, 0, tonumber(ARGV[21]), KEYS[3])
 append_event('playback.started', s, now)
 
 if request_id ~= '' then

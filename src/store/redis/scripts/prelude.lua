@@ -5,7 +5,7 @@
 --   ARGV[2]  approximate cap of the partition's event stream, in entries
 --   ARGV[3]  how long an ended session's record is kept, in ms
 -- Keys of other sessions of the same user (evicted or expired ones), and the user's
--- seats, devices and generation keys where a script was not given them, are built from
+-- seats and devices keys where a script was not given them (the sweep), are built from
 -- ARGV[1]: they carry the same hash tag as KEYS, so they live on the same shard (open-
 -- source Cluster accepts this; proxies that check KEYS strictly do not, see ADR 0002).
 --
@@ -124,9 +124,9 @@ end
 
 -- Moves a live session's deadline to timeout from now, capped by the maximum pause
 -- while paused, and records what missing it would be called. The user's generation
--- counter is kept for generation_ttl_ms more (GENERATION_IDLE_TTL in store/mod.rs,
--- passed in ARGV by every script that calls this).
-local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms)
+-- counter (gen_key, which the calling script has in KEYS) is kept for generation_ttl_ms
+-- more (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
+local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms, gen_key)
   local deadline, reason = now + timeout_ms, 'heartbeat_timeout'
   if tonumber(s.st) == PAUSED and s.pt and s.pt ~= '' then
     local pause_end = tonumber(s.pt) + max_pause_ms
@@ -140,7 +140,7 @@ local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms)
   redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
   redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
   redis.call('ZADD', DEADLINES, s.dl, sweep_member(s))
-  redis.call('PEXPIRE', user_key(s.u, 'gen'), generation_ttl_ms)
+  redis.call('PEXPIRE', gen_key, generation_ttl_ms)
 end
 
 -- Expires up to max holders of user whose deadline has passed.
@@ -248,7 +248,8 @@ local function device_call(action)
     event = 'playback.resumed'
   end
   redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt, 'he', s.he)
-  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[13]))
+  -- KEYS[6], the generation key, is given to the scripts that reach this (not stop's).
+  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[13]), KEYS[6])
   if event then
     append_event(event, s, now)
   end

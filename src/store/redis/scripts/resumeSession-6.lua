@@ -5,9 +5,7 @@
 -- KEYS[3]  <prefix>devices:<user>   HASH device id -> session id
 -- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
 -- KEYS[5]  <prefix>events             STREAM the partition's event log
---
--- Beyond KEYS it touches the user's generation key (<prefix>gen:<user>, same hash tag,
--- built from ARGV[1]) when it moves the deadline.
+-- KEYS[6]  <prefix>gen:<user>         STRING the user's generation counter (its TTL moves)
 --
 -- ARGV[1..3] see the prelude; ARGV[4..12] see device_call in the prelude.
 --
