@@ -246,6 +246,30 @@ fn classify(error: fred::error::Error) -> StoreError {
     }
 }
 
+/// A client builder with the store's timeouts and reconnect policy (both the command
+/// client and the subscriber start from it).
+fn builder(config: Config, timeout: Duration) -> Builder {
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|connection| {
+            connection.connection_timeout = timeout;
+            connection.internal_command_timeout = timeout;
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 100));
+    builder
+}
+
+/// Connects `client`, giving up (`Unavailable`) after three timeouts.
+async fn connect_within<C: ClientLike>(client: &C, timeout: Duration) -> Result<(), StoreError> {
+    match tokio::time::timeout(timeout * 3, client.init()).await {
+        Ok(Ok(_connection_task)) => Ok(()),
+        Ok(Err(error)) => Err(classify(error)),
+        Err(_) => Err(StoreError::Unavailable(
+            "no connection within the timeout".into(),
+        )),
+    }
+}
+
 fn ms(d: Duration) -> String {
     d.as_millis().to_string()
 }
@@ -267,10 +291,8 @@ impl RedisStore {
             },
         };
         let timeout = options.timeout;
-        let client = Builder::from_config(config.clone())
+        let client = builder(config.clone(), timeout)
             .with_connection_config(|connection| {
-                connection.connection_timeout = timeout;
-                connection.internal_command_timeout = timeout;
                 // A script must not run twice because a connection dropped after sending
                 // it; the caller retries with its request_id instead.
                 connection.max_command_attempts = 1;
@@ -278,18 +300,9 @@ impl RedisStore {
             .with_performance_config(|performance| {
                 performance.default_command_timeout = timeout;
             })
-            .set_policy(ReconnectPolicy::new_constant(0, 100))
             .build()
             .map_err(|e| unavailable(&e))?;
-        match tokio::time::timeout(timeout * 3, client.init()).await {
-            Ok(Ok(_connection_task)) => {}
-            Ok(Err(error)) => return Err(classify(error)),
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "no connection within the timeout".into(),
-                ));
-            }
-        }
+        connect_within(&client, timeout).await?;
         let store = Self {
             client,
             config,
@@ -428,23 +441,10 @@ impl RedisStore {
         &self,
     ) -> Result<(SubscriberClient, broadcast::Sender<SessionName>), StoreError> {
         let timeout = self.options.timeout;
-        let subscriber = Builder::from_config(self.config.clone())
-            .with_connection_config(|connection| {
-                connection.connection_timeout = timeout;
-                connection.internal_command_timeout = timeout;
-            })
-            .set_policy(ReconnectPolicy::new_constant(0, 100))
+        let subscriber = builder(self.config.clone(), timeout)
             .build_subscriber_client()
             .map_err(|e| unavailable(&e))?;
-        match tokio::time::timeout(timeout * 3, subscriber.init()).await {
-            Ok(Ok(_connection_task)) => {}
-            Ok(Err(error)) => return Err(classify(error)),
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "no subscriber connection within the timeout".into(),
-                ));
-            }
-        }
+        connect_within(&subscriber, timeout).await?;
         let (sender, _) = broadcast::channel(ENDED_FEED_CAPACITY);
         let mut messages = subscriber.message_rx();
         let forward = sender.clone();
