@@ -3,7 +3,9 @@
 //! - R: heartbeat scripts per second on one Redis shard (a redis-server started here, on a
 //!   free loopback port), beside the memory store's rate in the same run; and the same
 //!   per second of redis-server CPU time, what one shard does with a core of its own;
-//! - creates (create-and-acquire scripts) per second, the same way;
+//! - creates (create-and-acquire scripts) per second, the same way: for a user's first
+//!   session, and beside the user's sessions on two other devices (limit 2, the oldest
+//!   stopped), where the Redis script asks for their records and runs a second time;
 //! - B: Redis memory per active session (used_memory before and after 10,000 sessions,
 //!   with their keys, sweep entries and started events).
 //!
@@ -102,8 +104,16 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// (heartbeats/s, creates/s, heartbeats per CPU second of `pid`) of a store.
-async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> (f64, f64, f64) {
+/// The rates of one store.
+struct Rates {
+    heartbeats: f64,
+    first_creates: f64,
+    crowded_creates: f64,
+    heartbeats_per_cpu_second: f64,
+}
+
+/// The rates of `store`; `pid` is its redis-server's.
+async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
     let mut names = Vec::new();
     for user in 0..IN_FLIGHT * 4 {
         names.push(
@@ -142,15 +152,33 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> (f64, f64, f64) {
         }
         _ => f64::NAN,
     };
-    let creates = rate(move |i| {
-        let store = store.clone();
+    let first_store = store.clone();
+    let first_creates = rate(move |i| {
+        let store = first_store.clone();
         async move {
             // A fresh user each time: every create takes a free seat.
             store.create_session(create(10_000_000 + i)).await.unwrap();
         }
     })
     .await;
-    (heartbeats, creates, per_cpu_second)
+    let crowded_creates = rate(move |i| {
+        let store = store.clone();
+        async move {
+            // 256 users, each already on two devices: every create stops the oldest.
+            let mut new = create(20_000_000 + i % 256);
+            new.device.id = DeviceId::parse("d", &format!("device-{i}")).unwrap();
+            new.limit = 2;
+            new.policy = OverLimitPolicy::StopOldest;
+            store.create_session(new).await.unwrap();
+        }
+    })
+    .await;
+    Rates {
+        heartbeats,
+        first_creates,
+        crowded_creates,
+        heartbeats_per_cpu_second: per_cpu_second,
+    }
 }
 
 fn used_memory(server: &redis::RedisServer) -> u64 {
@@ -175,28 +203,33 @@ async fn redis_store(server: &redis::RedisServer, prefix: &str) -> Arc<dyn Store
 async fn run() {
     let server = redis::RedisServer::start();
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new(settings()));
-    let (memory_heartbeats, memory_creates, _) = rates(memory, None).await;
-    let (redis_heartbeats, redis_creates, per_redis_cpu_second) =
-        rates(redis_store(&server, "rate").await, server.pid()).await;
+    let memory = rates(memory, None).await;
+    let redis = rates(redis_store(&server, "rate").await, server.pid()).await;
     println!(
         "store operations per second, {IN_FLIGHT} in flight, {}s each",
         RUN.as_secs()
     );
-    println!("{:<12} {:>12} {:>12} {:>8}", "", "memory", "redis", "ratio");
-    println!(
-        "{:<12} {:>12.0} {:>12.0} {:>7.1}x",
-        "heartbeat",
-        memory_heartbeats,
-        redis_heartbeats,
-        memory_heartbeats / redis_heartbeats
-    );
-    println!(
-        "{:<12} {:>12.0} {:>12.0} {:>7.1}x",
-        "create",
-        memory_creates,
-        redis_creates,
-        memory_creates / redis_creates
-    );
+    println!("{:<22} {:>12} {:>12} {:>8}", "", "memory", "redis", "ratio");
+    for (what, memory, redis) in [
+        ("heartbeat", memory.heartbeats, redis.heartbeats),
+        (
+            "create, first session",
+            memory.first_creates,
+            redis.first_creates,
+        ),
+        (
+            "create, 2 devices on",
+            memory.crowded_creates,
+            redis.crowded_creates,
+        ),
+    ] {
+        println!(
+            "{what:<22} {memory:>12.0} {redis:>12.0} {:>7.1}x",
+            memory / redis
+        );
+    }
+    let (redis_heartbeats, per_redis_cpu_second) =
+        (redis.heartbeats, redis.heartbeats_per_cpu_second);
     println!(
         "heartbeat scripts per second of redis-server CPU (a shard with its own core): {per_redis_cpu_second:.0}"
     );

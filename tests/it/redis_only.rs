@@ -423,3 +423,126 @@ async fn another_partition_count_refuses_to_start() {
         .await
         .expect("a fresh prefix starts with any count");
 }
+
+/// The quoted arguments of one MONITOR line, after its `[db source]` part.
+fn monitor_args(line: &str) -> Option<(bool, Vec<String>)> {
+    let (source, rest) = line.split_once("] ")?;
+    let from_lua = source.ends_with(" lua");
+    let mut args = Vec::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut arg = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => arg.extend(chars.next()),
+                '"' => break,
+                c => arg.push(c),
+            }
+        }
+        args.push(arg);
+    }
+    Some((from_lua, args))
+}
+
+/// Every key a script touches, as Redis itself reports it (MONITOR shows the commands a
+/// script runs after the EVALSHA that runs it), is one the script was given in KEYS:
+/// through creates that evict and replace, a replayed request id, every device call, a
+/// termination and every read. The sweep is the one script allowed otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_touch_only_the_keys_they_are_given() {
+    use std::io::BufRead;
+
+    let server = redis::RedisServer::start();
+    let store = connect(RedisTarget::Single { url: server.url() }, "honest").await;
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli monitor");
+    let mut lines = std::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "OK");
+
+    let user = fresh_user();
+    let stop_oldest = |device| new_session(&user, device, 2, OverLimitPolicy::StopOldest);
+    let tv = store.create_session(stop_oldest("tv")).await.unwrap();
+    let mut phone = stop_oldest("phone");
+    phone.request_id = Some(usher::ids::RequestId::parse("r", "r-1").unwrap());
+    let phone = store
+        .create_session(phone.clone())
+        .await
+        .map(|_| phone)
+        .unwrap();
+    store.create_session(phone.clone()).await.unwrap(); // replayed
+    store.create_session(stop_oldest("tablet")).await.unwrap(); // evicts tv
+    let tablet = store.create_session(stop_oldest("tablet")).await.unwrap(); // replaces
+    let reject = new_session(&user, "laptop", 2, OverLimitPolicy::RejectNew);
+    assert!(store.create_session(reject).await.is_err());
+    for action in [
+        DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+        DeviceAction::Pause,
+        DeviceAction::Resume,
+        DeviceAction::Stop,
+    ] {
+        let call = DeviceCall {
+            name: tablet.session.name.clone(),
+            generation: None,
+            position_ms: Some(5),
+            action,
+        };
+        store.device_call(call).await.unwrap();
+    }
+    let termination = usher::session::Termination {
+        message: "fraud".into(),
+        by: "ops".into(),
+    };
+    store.terminate(&phone.name, &termination).await.unwrap();
+    store.get_session(&tv.session.name).await.unwrap();
+    store.seats(&user).await.unwrap();
+    let device = usher::ids::DeviceId::parse("d", "tv").unwrap();
+    store
+        .preview_create(&user, &device, 2, OverLimitPolicy::RejectNew)
+        .await
+        .unwrap();
+    // A marker after the scenario: everything before it has been shown.
+    server.cli(&["echo", "end-of-scenario"]);
+
+    let shown: Vec<(bool, Vec<String>)> = lines
+        .map_while(Result::ok)
+        .filter_map(|line| monitor_args(&line))
+        .take_while(|(_, args)| !args[0].eq_ignore_ascii_case("echo"))
+        .collect();
+    monitor.kill().ok();
+    monitor.wait().ok();
+
+    let (mut given, mut scripts, mut touched) = (Vec::new(), 0, 0);
+    for (from_lua, args) in shown {
+        let command = args[0].to_ascii_uppercase();
+        if !from_lua {
+            if command == "EVALSHA" {
+                let count: usize = args[2].parse().unwrap();
+                given = args[3..3 + count].to_vec();
+                scripts += 1;
+            }
+            continue;
+        }
+        // The commands usher's scripts run: TIME has no key, SPUBLISH names a channel.
+        if command == "TIME" || command == "SPUBLISH" {
+            continue;
+        }
+        touched += 1;
+        assert!(
+            given.contains(&args[1]),
+            "{command} {} is not in the script's KEYS {given:?}",
+            args[1]
+        );
+    }
+    assert!(
+        scripts >= 14 && touched > 50,
+        "{scripts} scripts, {touched} keys"
+    );
+}

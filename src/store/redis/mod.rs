@@ -171,6 +171,30 @@ impl Scripts {
     }
 }
 
+/// How many times a script is run with more records before the call gives up: each run
+/// adds the records of sessions that were created since the last, so only a user whose
+/// devices start sessions faster than a round trip gets this far.
+const MAX_SCRIPT_ROUNDS: usize = 16;
+
+/// A script's final reply: the success code and the reply, or the refusal's error.
+fn refusal(code: ReplyCode, reply: Vec<Value>) -> Result<(ReplyCode, Vec<Value>), StoreError> {
+    match code {
+        ReplyCode::Done | ReplyCode::Replayed => Ok((code, reply)),
+        ReplyCode::NotFound => Err(StoreError::NotFound),
+        ReplyCode::SessionEnded => Err(StoreError::SessionEnded(Box::new(session_at(&reply, 1)?))),
+        ReplyCode::LimitReached => Err(StoreError::LimitReached {
+            limit: u32::try_from(int_at(&reply, 1)?)
+                .map_err(|_| StoreError::Corrupt("negative limit".into()))?,
+            holders: (2..reply.len())
+                .map(|i| session_at(&reply, i))
+                .collect::<Result<_, _>>()?,
+        }),
+        ReplyCode::StaleGeneration => Err(StoreError::StaleGeneration),
+        ReplyCode::RequestIdReused => Err(StoreError::RequestIdReused),
+        ReplyCode::RecordsNeeded => Err(StoreError::Corrupt("records still needed".into())),
+    }
+}
+
 /// A stop channel's message, `<user>/<session>`, as a session name.
 fn ended_notice(value: &Value) -> Option<SessionName> {
     let text = value.as_string()?;
@@ -481,14 +505,22 @@ impl RedisStore {
         Ok((subscriber, sender))
     }
 
+    /// A Redis command within the store's time budget (see [`Self::within`]).
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        // The store's timeout, or less when the caller's deadline is nearer.
+        self.within(async { call.await.map_err(classify) }).await
+    }
+
+    /// `work` within the store's timeout, or less when the caller's deadline is nearer.
+    async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let budget = crate::deadline::budget(self.options.timeout);
-        match tokio::time::timeout(budget, call).await {
-            Ok(result) => result.map_err(classify),
+        match tokio::time::timeout(budget, work).await {
+            Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable("timed out".into())),
         }
     }
@@ -510,35 +542,41 @@ impl RedisStore {
     }
 
     /// Runs a script: its success code and its reply array (the code first). A refusal
-    /// code becomes its error.
+    /// code becomes its error. A script that replies `RecordsNeeded` (it found sessions
+    /// in the user's seat set whose records it was not given) is run again with those
+    /// records added to its KEYS, within the same time budget.
     async fn run(
         &self,
         script: &Script,
-        keys: Vec<String>,
+        keys: &Keys,
+        mut key_list: Vec<String>,
         args: Vec<String>,
     ) -> Result<(ReplyCode, Vec<Value>), StoreError> {
-        let reply: Value = self
-            .bounded(script.evalsha_with_reload(&self.client, keys, args))
-            .await?;
-        let Value::Array(reply) = reply else {
-            return Err(StoreError::Corrupt(format!("script replied {reply:?}")));
-        };
-        match ReplyCode::try_from(int_at(&reply, 0)?)? {
-            code @ (ReplyCode::Done | ReplyCode::Replayed) => Ok((code, reply)),
-            ReplyCode::NotFound => Err(StoreError::NotFound),
-            ReplyCode::SessionEnded => {
-                Err(StoreError::SessionEnded(Box::new(session_at(&reply, 1)?)))
+        let rounds = async {
+            for _ in 0..MAX_SCRIPT_ROUNDS {
+                let reply: Value = script
+                    .evalsha_with_reload(&self.client, key_list.clone(), args.clone())
+                    .await
+                    .map_err(classify)?;
+                let Value::Array(reply) = reply else {
+                    return Err(StoreError::Corrupt(format!("script replied {reply:?}")));
+                };
+                let code = ReplyCode::try_from(int_at(&reply, 0)?)?;
+                if code != ReplyCode::RecordsNeeded {
+                    return refusal(code, reply);
+                }
+                for i in 1..reply.len() {
+                    let id = text_at(&reply, i)?;
+                    let session = SessionId::parse("session", &id)
+                        .map_err(|_| StoreError::Corrupt(format!("bad session id {id}")))?;
+                    key_list.push(keys.session(&session));
+                }
             }
-            ReplyCode::LimitReached => Err(StoreError::LimitReached {
-                limit: u32::try_from(int_at(&reply, 1)?)
-                    .map_err(|_| StoreError::Corrupt("negative limit".into()))?,
-                holders: (2..reply.len())
-                    .map(|i| session_at(&reply, i))
-                    .collect::<Result<_, _>>()?,
-            }),
-            ReplyCode::StaleGeneration => Err(StoreError::StaleGeneration),
-            ReplyCode::RequestIdReused => Err(StoreError::RequestIdReused),
-        }
+            Err(StoreError::Unavailable(format!(
+                "the seat set changed under {MAX_SCRIPT_ROUNDS} runs in a row"
+            )))
+        };
+        self.within(rounds).await
     }
 
     fn session_keys(&self, name: &SessionName) -> (Keys, Vec<String>) {
@@ -600,7 +638,9 @@ impl Store for RedisStore {
             self.settings.max_evictions_per_call.to_string(),
             ms(GENERATION_IDLE_TTL),
         ]);
-        let (code, reply) = self.run(&self.scripts.create, key_list, args).await?;
+        let (code, reply) = self
+            .run(&self.scripts.create, &keys, key_list, args)
+            .await?;
         let replaced = (2..reply.len())
             .map(|i| {
                 let id = text_at(&reply, i)?;
@@ -623,7 +663,7 @@ impl Store for RedisStore {
         let (keys, key_list) = self.session_keys(name);
         let mut args = self.common_args(&keys);
         args.extend([name.user.to_string(), name.session.to_string()]);
-        match self.run(&self.scripts.get, key_list, args).await {
+        match self.run(&self.scripts.get, &keys, key_list, args).await {
             Ok((_, reply)) => session_at(&reply, 1).map(Some),
             Err(StoreError::NotFound) => Ok(None),
             Err(error) => Err(error),
@@ -637,6 +677,7 @@ impl Store for RedisStore {
         let (_, reply) = self
             .run(
                 &self.scripts.read_seats,
+                &keys,
                 vec![keys.user(user, "seats")],
                 args,
             )
@@ -680,7 +721,7 @@ impl Store for RedisStore {
             ms(self.settings.heartbeat_event_interval),
             ms(GENERATION_IDLE_TTL),
         ]);
-        let (_, reply) = self.run(script, key_list, args).await?;
+        let (_, reply) = self.run(script, &keys, key_list, args).await?;
         session_at(&reply, 1)
     }
 
@@ -697,7 +738,9 @@ impl Store for RedisStore {
             termination.message.clone(),
             termination.by.clone(),
         ]);
-        let (_, reply) = self.run(&self.scripts.terminate, key_list, args).await?;
+        let (_, reply) = self
+            .run(&self.scripts.terminate, &keys, key_list, args)
+            .await?;
         session_at(&reply, 1)
     }
 
@@ -708,6 +751,7 @@ impl Store for RedisStore {
         let (_, reply) = self
             .run(
                 &self.scripts.sweep,
+                &keys,
                 vec![keys.deadlines(), keys.events()],
                 args,
             )

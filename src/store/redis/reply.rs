@@ -32,6 +32,9 @@ pub(super) enum ReplyCode {
     StaleGeneration,
     /// -5: the request id was used for a different request.
     RequestIdReused,
+    /// -6: the script needs the records of the session ids that follow in its KEYS;
+    /// it wrote nothing.
+    RecordsNeeded,
 }
 
 impl TryFrom<i64> for ReplyCode {
@@ -46,6 +49,7 @@ impl TryFrom<i64> for ReplyCode {
             -3 => ReplyCode::LimitReached,
             -4 => ReplyCode::StaleGeneration,
             -5 => ReplyCode::RequestIdReused,
+            -6 => ReplyCode::RecordsNeeded,
             other => return Err(corrupt(format!("unknown script reply code {other}"))),
         })
     }

@@ -9,10 +9,9 @@
 -- KEYS[6]  <prefix>events             STREAM the partition's event log
 -- KEYS[7]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
 --                                     (any key of the user when there is none)
---
--- Beyond KEYS it touches, under the same hash tag (built from ARGV[1]), the records of
--- other sessions of the same user that it reads from the seat set or ends
--- (<prefix>s:<id>); see the prelude.
+-- KEYS[8..] <prefix>s:<session>       HASH the records of the sessions in KEYS[1] and of
+--                                     the remembered session; when one is missing the
+--                                     script writes nothing and replies {-6, id, ...}
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
@@ -40,26 +39,37 @@
 --   {-3, limit, holder record, ...}        limit reached (REJECT_NEW): nothing but
 --                                          overdue holders' expiry was written
 --   {-5}                                   request_id reused for a different request
+--   {-6, session id, ...}                  run again with these records in KEYS
 
 local user, sid, limit, policy = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local timeout_ms, request_id = tonumber(ARGV[8]), ARGV[9]
 local fingerprint, device = ARGV[11], ARGV[14]
 local now = now_ms()
 
+local remembered = {}
 if request_id ~= '' then
-  local remembered = redis.call('HMGET', KEYS[7], 'sid', 'fp', 'rep')
-  if remembered[1] then
-    if remembered[2] ~= fingerprint then
-      return {-5}
+  remembered = redis.call('HMGET', KEYS[7], 'sid', 'fp', 'rep')
+  if remembered[1] and remembered[2] ~= fingerprint then
+    return {-5}
+  end
+end
+local wanted = redis.call('ZRANGE', KEYS[1], 0, -1)
+if remembered[1] then
+  wanted[#wanted + 1] = remembered[1]
+end
+local missing = records_needed(wanted)
+if missing then
+  return missing
+end
+
+if remembered[1] then
+  local s = load(remembered[1])
+  if s then
+    local reply = {1, flat(s)}
+    for replaced in string.gmatch(remembered[3], '[^,]+') do
+      reply[#reply + 1] = replaced
     end
-    local s = load(remembered[1])
-    if s then
-      local reply = {1, flat(s)}
-      for replaced in string.gmatch(remembered[3], '[^,]+') do
-        reply[#reply + 1] = replaced
-      end
-      return reply
-    end
+    return reply
   end
 end
 

@@ -1,13 +1,17 @@
--- usher's Lua prelude, prepended to every script (see store/redis/scripts.rs).
+-- usher's Lua prelude, prepended to every script (see store/redis/mod.rs).
 --
 -- Every script takes the same first three ARGV:
 --   ARGV[1]  key prefix with the user's partition hash tag, e.g. "usher:{17}:"
 --   ARGV[2]  approximate cap of the partition's event stream, in entries
 --   ARGV[3]  how long an ended session's record is kept, in ms
--- Keys of other sessions of the same user (evicted or expired ones), and the user's
--- seats and devices keys where a script was not given them (the sweep), are built from
--- ARGV[1]: they carry the same hash tag as KEYS, so they live on the same shard (open-
--- source Cluster accepts this; proxies that check KEYS strictly do not, see ADR 0002).
+--
+-- Every key a script touches is in its KEYS, built in Rust (store/redis/mod.rs, Keys).
+-- The prelude's key helpers build a key's name from ARGV[1] and then check that it is in
+-- KEYS, so a script that reaches for an undeclared key fails loudly instead of working
+-- only on an open-source Cluster (proxies and managed variants refuse undeclared keys).
+-- A script that needs records it could not be given (other sessions of the user, found
+-- in the seat set) replies {-6, id, ...}: the caller runs it again with those records in
+-- KEYS. The sweep alone cannot know its keys in advance and says so (allow_undeclared).
 --
 -- Replies are arrays {code, ...}, decoded by ReplyCode in store/redis/reply.rs:
 --    0  done, the answer follows
@@ -17,6 +21,7 @@
 --   -3  limit reached: {-3, limit, record, record, ...}
 --   -4  stale generation
 --   -5  request_id reused for a different request
+--   -6  records needed: {-6, session id, ...}; nothing was written
 -- A record is a flat HGETALL array of the session hash (fields in store/redis/mod.rs).
 --
 -- Time is redis.call('TIME') only, never the caller's clock.
@@ -36,9 +41,27 @@ local END_EVENT = {
 }
 local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
 
-local DEADLINES = PREFIX .. 'deadlines'
-local EVENTS = PREFIX .. 'events'
+-- A shard channel, not a key: publishing to it needs no KEYS entry.
 local STOP_CHANNEL = PREFIX .. 'stop'
+
+local DECLARED = {}
+for _, key in ipairs(KEYS) do
+  DECLARED[key] = true
+end
+local undeclared_allowed = false
+
+-- The sweep's escape from the KEYS rule; see its header.
+local function allow_undeclared()
+  undeclared_allowed = true
+end
+
+-- key, after checking that the script was given it.
+local function declared(key)
+  if not undeclared_allowed and not DECLARED[key] then
+    error('usher: key not in KEYS: ' .. key)
+  end
+  return key
+end
 
 -- Integers as text without exponent, for scores, ranges and hash values.
 local function int(n)
@@ -51,11 +74,34 @@ local function now_ms()
 end
 
 local function session_key(sid)
-  return PREFIX .. 's:' .. sid
+  return declared(PREFIX .. 's:' .. sid)
 end
 
 local function user_key(user, what)
-  return PREFIX .. what .. ':' .. user
+  return declared(PREFIX .. what .. ':' .. user)
+end
+
+local function deadlines_key()
+  return declared(PREFIX .. 'deadlines')
+end
+
+local function events_key()
+  return declared(PREFIX .. 'events')
+end
+
+-- nil when the records of all ids are in KEYS; otherwise the {-6, id, ...} reply that
+-- asks for the missing ones.
+local function records_needed(ids)
+  local reply = {-6}
+  for _, sid in ipairs(ids) do
+    if not DECLARED[PREFIX .. 's:' .. sid] then
+      reply[#reply + 1] = sid
+    end
+  end
+  if #reply > 1 then
+    return reply
+  end
+  return nil
 end
 
 local function sweep_member(s)
@@ -101,7 +147,7 @@ local function append_event(kind, s, now)
       fields[#fields + 1] = v
     end
   end
-  redis.call('XADD', EVENTS, 'MAXLEN', '~', STREAM_MAXLEN, '*', unpack(fields))
+  redis.call('XADD', events_key(), 'MAXLEN', '~', STREAM_MAXLEN, '*', unpack(fields))
 end
 
 -- Ends a seat-holding session: releases its seat and device, keeps the record for the
@@ -117,7 +163,7 @@ local function end_session(s, state, reason, now)
   if redis.call('HGET', devices, s.d) == s.id then
     redis.call('HDEL', devices, s.d)
   end
-  redis.call('ZREM', DEADLINES, sweep_member(s))
+  redis.call('ZREM', deadlines_key(), sweep_member(s))
   append_event(END_EVENT[state], s, now)
   redis.call('SPUBLISH', STOP_CHANNEL, sweep_member(s))
 end
@@ -139,7 +185,7 @@ local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms,
   redis.call('HSET', key, 'dl', s.dl, 'dr', reason)
   redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
   redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
-  redis.call('ZADD', DEADLINES, s.dl, sweep_member(s))
+  redis.call('ZADD', deadlines_key(), s.dl, sweep_member(s))
   redis.call('PEXPIRE', gen_key, generation_ttl_ms)
 end
 

@@ -2,16 +2,19 @@
 -- Writes nothing: holders past their deadline are left out, not expired.
 --
 -- KEYS[1]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
---
--- Beyond KEYS it reads, under the same hash tag (built from ARGV[1]), the records of the
--- holders it finds in KEYS[1] (<prefix>s:<id>).
+-- KEYS[2..] <prefix>s:<session>     HASH the records of the live sessions in KEYS[1]; when
+--                                     one is missing the script replies {-6, id, ...}
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
 --
--- Returns {0, now in ms, holder record, ...}, oldest started first.
+-- Returns {0, now in ms, holder record, ...}, oldest started first, or {-6, id, ...}.
 
 local now = now_ms()
+local missing = records_needed(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. int(now), '+inf'))
+if missing then
+  return missing
+end
 local reply = {0, now}
 for _, s in ipairs(live_holders(ARGV[4], now)) do
   reply[#reply + 1] = flat(s)

@@ -6,13 +6,16 @@
 --
 -- This script cannot know its keys in advance: it ends sessions it finds in KEYS[1], so it
 -- touches their records (<prefix>s:<id>) and their users' seats and devices keys, all
--- under the partition's hash tag (built from ARGV[1]).
+-- under the partition's hash tag (built from ARGV[1]). It is the one script that calls
+-- allow_undeclared(); on a Redis that refuses undeclared keys, expiry still happens on
+-- each user's next create, read or device call, just not ahead of it.
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   at most this many sessions are looked at (bounds the script's work)
 --
 -- Returns {0, number of sessions expired}.
 
+allow_undeclared()
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', int(now), 'LIMIT', 0, tonumber(ARGV[4]))
 local expired = 0
