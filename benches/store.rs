@@ -19,6 +19,7 @@ mod redis;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use usher::deadline::Deadline;
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
 use usher::session::{ClientInfo, Device, DeviceType, PlaybackState};
 use usher::store::memory::MemoryStore;
@@ -118,7 +119,7 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
     for user in 0..IN_FLIGHT * 4 {
         names.push(
             store
-                .create_session(create(user))
+                .create_session(create(user), Deadline::NONE)
                 .await
                 .unwrap()
                 .session
@@ -141,7 +142,7 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
                     playback_state: PlaybackState::Playing,
                 },
             };
-            store.device_call(call).await.unwrap();
+            store.device_call(call, Deadline::NONE).await.unwrap();
         }
     })
     .await;
@@ -157,7 +158,10 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
         let store = first_store.clone();
         async move {
             // A fresh user each time: every create takes a free seat.
-            store.create_session(create(10_000_000 + i)).await.unwrap();
+            store
+                .create_session(create(10_000_000 + i), Deadline::NONE)
+                .await
+                .unwrap();
         }
     })
     .await;
@@ -169,7 +173,7 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
             new.device.id = DeviceId::parse("d", &format!("device-{i}")).unwrap();
             new.limit = 2;
             new.policy = OverLimitPolicy::StopOldest;
-            store.create_session(new).await.unwrap();
+            store.create_session(new, Deadline::NONE).await.unwrap();
         }
     })
     .await;
@@ -239,7 +243,10 @@ async fn run() {
     let store = redis_store(&fresh, "usher").await;
     let before = used_memory(&fresh);
     for user in 0..SESSIONS {
-        store.create_session(create(user)).await.unwrap();
+        store
+            .create_session(create(user), Deadline::NONE)
+            .await
+            .unwrap();
     }
     let after = used_memory(&fresh);
     let per_session = (after - before) as f64 / SESSIONS as f64;

@@ -1,21 +1,54 @@
 //! The caller's deadline, carried to the store. A call's `grpc-timeout` (bounded by
-//! `--request-timeout`) becomes a task-local deadline for the call's future; store calls
-//! wait at most until shortly before it, so a store outage is answered with UNAVAILABLE
-//! inside the caller's deadline instead of tonic's CANCELLED at it.
+//! `--request-timeout`) becomes the call's [`Deadline`], put in the request's extensions
+//! by [`DeadlineLayer`]; the transports hand it to the operations, which pass it to every
+//! store call. A store call waits at most until shortly before it, so a store outage is
+//! answered with UNAVAILABLE inside the caller's deadline instead of tonic's CANCELLED at
+//! it. A stream gives each of its messages a deadline of its own.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-tokio::task_local! {
-    static DEADLINE: Instant;
-}
-
 /// The longest time kept back from the deadline to answer in.
 const MAX_MARGIN: Duration = Duration::from_millis(50);
+
+/// When a call must be answered by, if the caller said.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deadline(Option<Instant>);
+
+impl Deadline {
+    /// No caller deadline: the store's own timeout bounds the call.
+    pub const NONE: Deadline = Deadline(None);
+
+    pub fn at(instant: Instant) -> Self {
+        Self(Some(instant))
+    }
+
+    pub fn after(timeout: Duration) -> Self {
+        Self::at(Instant::now() + timeout)
+    }
+
+    /// The deadline [`DeadlineLayer`] gave a request; `NONE` without the layer.
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Deadline>()
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// How long a store call may wait: its own timeout, or less when this deadline is
+    /// nearer (keeping a tenth of what remains, at most 50 ms, to answer in).
+    pub fn budget(self, store_timeout: Duration) -> Duration {
+        let Some(deadline) = self.0 else {
+            return store_timeout;
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let margin = (remaining / 10).min(MAX_MARGIN);
+        store_timeout.min(remaining.saturating_sub(margin))
+    }
+}
 
 /// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -33,22 +66,6 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
-}
-
-/// How long a store call may wait: its own timeout, or less when the caller's deadline
-/// is nearer (keeping a tenth of what remains, at most 50 ms, to answer in).
-pub fn budget(store_timeout: Duration) -> Duration {
-    let Ok(deadline) = DEADLINE.try_with(|deadline| *deadline) else {
-        return store_timeout;
-    };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let margin = (remaining / 10).min(MAX_MARGIN);
-    store_timeout.min(remaining.saturating_sub(margin))
-}
-
-/// Runs `future` with `deadline` as the caller's deadline.
-pub async fn scope<F: Future>(deadline: Instant, future: F) -> F::Output {
-    DEADLINE.scope(deadline, future).await
 }
 
 /// Sets each call's deadline from its `grpc-timeout`, bounded by the server's request
@@ -83,30 +100,25 @@ pub struct DeadlineService<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for DeadlineService<S>
 where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: tower::Service<http::Request<B>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let asked = request
             .headers()
             .get("grpc-timeout")
             .and_then(|value| value.to_str().ok())
             .and_then(parse_grpc_timeout);
         let timeout = asked.map_or(self.request_timeout, |t| t.min(self.request_timeout));
-        let deadline = Instant::now() + timeout;
-        // The clone is ready only if polled; take the polled one (tower's pattern).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(scope(deadline, async move { inner.call(request).await }))
+        request.extensions_mut().insert(Deadline::after(timeout));
+        self.inner.call(request)
     }
 }
 
@@ -128,20 +140,18 @@ mod tests {
     async fn the_budget_keeps_a_margin_before_the_deadline() {
         let store_timeout = Duration::from_secs(1);
         assert_eq!(
-            budget(store_timeout),
+            Deadline::NONE.budget(store_timeout),
             store_timeout,
             "no deadline: the store's own"
         );
-        let near = Instant::now() + Duration::from_millis(300);
-        let inside = scope(near, async { budget(store_timeout) }).await;
+        let near = Deadline::after(Duration::from_millis(300)).budget(store_timeout);
         assert!(
-            inside <= Duration::from_millis(270) && inside >= Duration::from_millis(200),
-            "{inside:?}"
+            near <= Duration::from_millis(270) && near >= Duration::from_millis(200),
+            "{near:?}"
         );
-        let far = Instant::now() + Duration::from_secs(10);
-        assert_eq!(
-            scope(far, async { budget(store_timeout) }).await,
-            store_timeout
-        );
+        let far = Deadline::after(Duration::from_secs(10));
+        assert_eq!(far.budget(store_timeout), store_timeout);
+        let passed = Deadline::at(Instant::now() - Duration::from_millis(1));
+        assert_eq!(passed.budget(store_timeout), Duration::ZERO);
     }
 }

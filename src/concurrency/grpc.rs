@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{Admission, AvailabilityQuery, ConcurrencyOps};
+use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::proto;
 use crate::proto::concurrency_service_server::ConcurrencyService;
@@ -26,9 +27,10 @@ impl ConcurrencyService for ConcurrencyGrpc {
         &self,
         request: Request<proto::GetConcurrencyRequest>,
     ) -> Result<Response<proto::GetConcurrencyResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let user = crate::ids::parse_concurrency_name("name", &request.into_inner().name)
             .map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let concurrency = self.ops.get(user).await?;
+        let concurrency = self.ops.get(user, deadline).await?;
         Ok(Response::new(proto::GetConcurrencyResponse {
             concurrency: Some(concurrency.to_proto()),
         }))
@@ -38,8 +40,9 @@ impl ConcurrencyService for ConcurrencyGrpc {
         &self,
         request: Request<proto::CheckAvailabilityRequest>,
     ) -> Result<Response<proto::CheckAvailabilityResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let query = AvailabilityQuery::try_from(request.into_inner())?;
-        let (admission, concurrency) = self.ops.check(query).await?;
+        let (admission, concurrency) = self.ops.check(query, deadline).await?;
         let (admitted, kind, denial) = match &admission {
             Admission::FreeSeat => (true, proto::Admission::FreeSeat, None),
             Admission::ReplacesDeviceSession(_) => {

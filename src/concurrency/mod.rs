@@ -6,6 +6,7 @@ pub mod grpc;
 
 use std::sync::Arc;
 
+use crate::deadline::Deadline;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Denial, Error, Violations};
 use crate::ids::region;
@@ -130,11 +131,11 @@ impl ConcurrencyOps {
     }
 
     /// The user's seats; a user the entitlement denies has a limit of 0.
-    pub async fn get(&self, user: UserId) -> Result<Concurrency, Error> {
+    pub async fn get(&self, user: UserId, deadline: Deadline) -> Result<Concurrency, Error> {
         let (limit, _) = self.limit(&user, None, None).await?;
         let seats = self
             .store
-            .seats(&user)
+            .seats(&user, deadline)
             .await
             .map_err(|e| e.into_error(|| crate::ids::concurrency_name(&user)))?;
         Ok(Concurrency {
@@ -145,13 +146,17 @@ impl ConcurrencyOps {
         })
     }
 
-    pub async fn check(&self, query: AvailabilityQuery) -> Result<(Admission, Concurrency), Error> {
+    pub async fn check(
+        &self,
+        query: AvailabilityQuery,
+        deadline: Deadline,
+    ) -> Result<(Admission, Concurrency), Error> {
         let (limit, denial) = self
             .limit(&query.user, query.content.as_ref(), query.region.as_deref())
             .await?;
         let (seats, preview) = self
             .store
-            .preview_create(&query.user, &query.device, limit, self.policy)
+            .preview_create(&query.user, &query.device, limit, self.policy, deadline)
             .await
             .map_err(|e| e.into_error(|| crate::ids::concurrency_name(&query.user)))?;
         let concurrency = Concurrency {

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::ops::{CreateSession, DeviceRequest, ListSessions, Sessions, TerminateSession};
 use crate::auth::Caller;
+use crate::deadline::Deadline;
 use crate::ids::SessionName;
 use crate::proto;
 use crate::proto::playback_session_service_server::PlaybackSessionService;
@@ -25,9 +26,13 @@ impl SessionGrpc {
     where
         DeviceRequest: TryFrom<T, Error = crate::error::Error>,
     {
+        let deadline = Deadline::of(&request);
         let caller = request.extensions().get::<Caller>().cloned();
         let request = DeviceRequest::try_from(request.into_inner())?;
-        let session = self.sessions.device_call(request, caller.as_ref()).await?;
+        let session = self
+            .sessions
+            .device_call(request, caller.as_ref(), deadline)
+            .await?;
         Ok(session.to_proto())
     }
 }
@@ -38,8 +43,9 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::CreateSessionRequest>,
     ) -> Result<Response<proto::CreateSessionResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let request = CreateSession::try_from(request.into_inner())?;
-        let started = self.sessions.create(request).await?;
+        let started = self.sessions.create(request, deadline).await?;
         let created = started.created;
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(created.session.to_proto()),
@@ -56,9 +62,10 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::GetSessionRequest>,
     ) -> Result<Response<proto::GetSessionResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let name = SessionName::parse("name", &request.into_inner().name)
             .map_err(|v| crate::error::Error::InvalidArgument(vec![v]))?;
-        let session = self.sessions.get(&name).await?;
+        let session = self.sessions.get(&name, deadline).await?;
         Ok(Response::new(proto::GetSessionResponse {
             session: Some(session.to_proto()),
         }))
@@ -68,8 +75,9 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::ListSessionsRequest>,
     ) -> Result<Response<proto::ListSessionsResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let request = ListSessions::try_from(request.into_inner())?;
-        let page = self.sessions.list(request).await?;
+        let page = self.sessions.list(request, deadline).await?;
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: page.sessions.iter().map(|s| s.to_proto()).collect(),
             next_page_token: page.next.map(|token| token.encode()).unwrap_or_default(),
@@ -121,13 +129,14 @@ impl PlaybackSessionService for SessionGrpc {
         &self,
         request: Request<proto::TerminateSessionRequest>,
     ) -> Result<Response<proto::TerminateSessionResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let by = request
             .extensions()
             .get::<Caller>()
             .map_or("unknown", Caller::name)
             .to_owned();
         let request = TerminateSession::try_from(request.into_inner())?;
-        let session = self.sessions.terminate(request, &by).await?;
+        let session = self.sessions.terminate(request, &by, deadline).await?;
         Ok(Response::new(proto::TerminateSessionResponse {
             session: Some(session.to_proto()),
         }))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination};
 use crate::auth::Caller;
+use crate::deadline::Deadline;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Error, FieldViolation, Violations};
 use crate::ids::{
@@ -436,7 +437,11 @@ impl Sessions {
         &self.policy
     }
 
-    pub async fn create(&self, request: CreateSession) -> Result<Started, Error> {
+    pub async fn create(
+        &self,
+        request: CreateSession,
+        deadline: Deadline,
+    ) -> Result<Started, Error> {
         let region = (!request.client.region.is_empty()).then_some(request.client.region.as_str());
         let entitlement = self
             .entitlements
@@ -458,16 +463,19 @@ impl Sessions {
         let resource = name.to_string();
         let created = self
             .store
-            .create_session(NewSession {
-                name,
-                profile: request.profile,
-                content: request.content,
-                device: request.device,
-                client: request.client,
-                request_id: request.request_id,
-                limit: seat_limit,
-                policy: self.policy.over_limit,
-            })
+            .create_session(
+                NewSession {
+                    name,
+                    profile: request.profile,
+                    content: request.content,
+                    device: request.device,
+                    client: request.client,
+                    request_id: request.request_id,
+                    limit: seat_limit,
+                    policy: self.policy.over_limit,
+                },
+                deadline,
+            )
             .await
             .map_err(|e| e.into_error(|| resource))?;
         if !created.replayed {
@@ -490,9 +498,9 @@ impl Sessions {
         Ok(Started { created, token })
     }
 
-    pub async fn get(&self, name: &SessionName) -> Result<Session, Error> {
+    pub async fn get(&self, name: &SessionName, deadline: Deadline) -> Result<Session, Error> {
         self.store
-            .get_session(name)
+            .get_session(name, deadline)
             .await
             .map_err(|e| e.into_error(|| name.to_string()))?
             .ok_or_else(|| Error::NotFound {
@@ -500,10 +508,14 @@ impl Sessions {
             })
     }
 
-    pub async fn list(&self, request: ListSessions) -> Result<SessionPage, Error> {
+    pub async fn list(
+        &self,
+        request: ListSessions,
+        deadline: Deadline,
+    ) -> Result<SessionPage, Error> {
         let seats = self
             .store
-            .seats(&request.user)
+            .seats(&request.user, deadline)
             .await
             .map_err(|e| e.into_error(|| request.user.to_string()))?;
         // Holders come oldest first, by (create time, id): the order the token keeps.
@@ -531,29 +543,38 @@ impl Sessions {
         &self,
         request: DeviceRequest,
         caller: Option<&Caller>,
+        deadline: Deadline,
     ) -> Result<Session, Error> {
         let mut call = request.0;
         let bound = bind_device(caller, &mut call)?;
         let name = call.name.clone();
-        self.store.device_call(call).await.map_err(|e| match e {
-            // A token of another generation is refused like a session that does not
-            // exist, so the generation cannot be probed.
-            StoreError::StaleGeneration if bound => Error::NotFound {
-                resource: name.to_string(),
-            },
-            other => other.into_error(|| name.to_string()),
-        })
+        self.store
+            .device_call(call, deadline)
+            .await
+            .map_err(|e| match e {
+                // A token of another generation is refused like a session that does not
+                // exist, so the generation cannot be probed.
+                StoreError::StaleGeneration if bound => Error::NotFound {
+                    resource: name.to_string(),
+                },
+                other => other.into_error(|| name.to_string()),
+            })
     }
 
     /// An operator ends a session; `by` is the acting caller's name.
-    pub async fn terminate(&self, request: TerminateSession, by: &str) -> Result<Session, Error> {
+    pub async fn terminate(
+        &self,
+        request: TerminateSession,
+        by: &str,
+        deadline: Deadline,
+    ) -> Result<Session, Error> {
         let termination = Termination {
             message: request.reason,
             by: by.to_owned(),
         };
         let session = self
             .store
-            .terminate(&request.name, &termination)
+            .terminate(&request.name, &termination, deadline)
             .await
             .map_err(|e| e.into_error(|| request.name.to_string()))?;
         tracing::info!(

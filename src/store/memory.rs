@@ -27,6 +27,7 @@ use super::{
     NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, parse_event_id,
     partition_of,
 };
+use crate::deadline::Deadline;
 use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
 use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 
@@ -752,13 +753,19 @@ fn sort_oldest_first(sessions: &mut [Session]) {
     });
 }
 
+// The memory store answers at once, under one short lock: the caller's deadline has
+// nothing to bound.
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError> {
+    async fn create_session(&self, new: NewSession, _: Deadline) -> Result<Created, StoreError> {
         self.with_state(|op| op.create(new))
     }
 
-    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
+    async fn get_session(
+        &self,
+        name: &SessionName,
+        _: Deadline,
+    ) -> Result<Option<Session>, StoreError> {
         Ok(self.with_state(|op| {
             // One answer everywhere: a session past its deadline (or without its seat)
             // ends now, as a device call on it would end it.
@@ -767,14 +774,14 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
+    async fn seats(&self, user: &UserId, _: Deadline) -> Result<Seats, StoreError> {
         Ok(self.with_state(|op| Seats {
             now_ms: op.now,
             holders: op.live_holders(user),
         }))
     }
 
-    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError> {
+    async fn device_call(&self, call: DeviceCall, _: Deadline) -> Result<Session, StoreError> {
         self.with_state(|op| op.device_call(call))
     }
 
@@ -782,6 +789,7 @@ impl Store for MemoryStore {
         &self,
         name: &SessionName,
         termination: &Termination,
+        _: Deadline,
     ) -> Result<Session, StoreError> {
         self.with_state(|op| op.terminate(name, termination))
     }
@@ -865,15 +873,30 @@ mod tests {
             position_ms: None,
             action: DeviceAction::Stop,
         };
-        let first = store.create_session(create(&user)).await.unwrap();
+        let first = store
+            .create_session(create(&user), Deadline::NONE)
+            .await
+            .unwrap();
         assert_eq!(first.session.generation, 1);
-        store.device_call(stop(first)).await.unwrap();
+        store
+            .device_call(stop(first), Deadline::NONE)
+            .await
+            .unwrap();
         clock.advance(Duration::from_secs(29 * 24 * 3600));
-        let second = store.create_session(create(&user)).await.unwrap();
+        let second = store
+            .create_session(create(&user), Deadline::NONE)
+            .await
+            .unwrap();
         assert_eq!(second.session.generation, 2, "remembered for 30 days");
-        store.device_call(stop(second)).await.unwrap();
+        store
+            .device_call(stop(second), Deadline::NONE)
+            .await
+            .unwrap();
         clock.advance(Duration::from_secs(31 * 24 * 3600));
-        let again = store.create_session(create(&user)).await.unwrap();
+        let again = store
+            .create_session(create(&user), Deadline::NONE)
+            .await
+            .unwrap();
         assert_eq!(again.session.generation, 1, "forgotten after 30 idle days");
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
 use crate::model::{
@@ -377,6 +378,10 @@ impl StoreError {
 /// Errors common to every method: `Unavailable` when the store cannot be reached within
 /// its timeout (nothing was changed, or the whole step was), `Corrupt` when it answers
 /// something that does not decode.
+///
+/// The calls that serve a request take the caller's [`Deadline`]: a store that waits
+/// (Redis) answers `Unavailable` shortly before it rather than after it. The background
+/// calls (sweep, events, the feed, ping) are bounded by the store's own timeout.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Atomically, in this order:
@@ -398,13 +403,21 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// The deadline is `heartbeat_timeout` from now. The record of an ended session
     /// expires after `ended_retention`.
-    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError>;
+    async fn create_session(
+        &self,
+        new: NewSession,
+        deadline: Deadline,
+    ) -> Result<Created, StoreError>;
 
     /// A session, live or ended (until `ended_retention` passes). A seat-holding session
     /// whose deadline has passed is expired by this call (`playback.expired`), and one
     /// whose seat was lost is evicted (`seat_lost`), exactly as a device call would: so
     /// every read agrees that it is over. Otherwise it writes nothing.
-    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError>;
+    async fn get_session(
+        &self,
+        name: &SessionName,
+        deadline: Deadline,
+    ) -> Result<Option<Session>, StoreError>;
 
     /// What `create_session` would do now for a new session of `user` on `device`, from
     /// one consistent read, writing nothing: holders past their deadline count as free
@@ -416,15 +429,16 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceId,
         limit: u32,
         policy: OverLimitPolicy,
+        deadline: Deadline,
     ) -> Result<(Seats, Preview), StoreError> {
-        let seats = self.seats(user).await?;
+        let seats = self.seats(user, deadline).await?;
         let previewed = preview(&seats.holders, device, limit, policy);
         Ok((seats, previewed))
     }
 
     /// The user's live holders and the store's clock, as one read. Holders past their
     /// deadline are left out but not evicted: reading changes nothing.
-    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError>;
+    async fn seats(&self, user: &UserId, deadline: Deadline) -> Result<Seats, StoreError>;
 
     /// A device's heartbeat, pause, resume or stop, atomically. Every device call proves
     /// liveness and moves the deadline to `heartbeat_timeout` from now (for a paused
@@ -435,7 +449,11 @@ pub trait Store: Send + Sync + 'static {
     /// expired now, with its event) or its seat was lost (it is evicted now, reason
     /// `seat_lost`). Pausing a paused session and resuming an active one change no
     /// state and append no event.
-    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError>;
+    async fn device_call(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Session, StoreError>;
 
     /// An operator ends a live session (`playback.terminated`, end reason
     /// `TerminatedByOperator`, with the operator's words and name). Errors: `NotFound`,
@@ -444,6 +462,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         name: &SessionName,
         termination: &Termination,
+        deadline: Deadline,
     ) -> Result<Session, StoreError>;
 
     /// Expires up to `max` sessions of `partition` whose deadline has passed. Returns how

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::ops::{TokenOps, Validity};
 use super::{DeviceToken, MAX_TOKEN_LEN, PlaybackClaims};
+use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::proto;
 use crate::proto::timestamp_seconds;
@@ -58,11 +59,12 @@ impl TokenService for TokenGrpc {
         &self,
         request: Request<proto::ValidateTokenRequest>,
     ) -> Result<Response<proto::ValidateTokenResponse>, Status> {
+        let deadline = Deadline::of(&request);
         let request = request.into_inner();
         required_token(&request.token)?;
         let response = match self
             .ops
-            .validate(&request.token, request.check_session)
+            .validate(&request.token, request.check_session, deadline)
             .await?
         {
             Validity::Valid(claims) => proto::ValidateTokenResponse {
@@ -83,6 +85,7 @@ impl TokenService for TokenGrpc {
         &self,
         request: Request<proto::RefreshTokenRequest>,
     ) -> Result<Response<proto::RefreshTokenResponse>, Status> {
+        let deadline = Deadline::of(&request);
         // A device may refresh only the token it authenticated with.
         let own_token = request
             .extensions()
@@ -93,7 +96,7 @@ impl TokenService for TokenGrpc {
         if own_token.is_some_and(|own| *own != *request.token) {
             return Err(Error::PermissionDenied.into());
         }
-        let issued = self.ops.refresh(&request.token).await?;
+        let issued = self.ops.refresh(&request.token, deadline).await?;
         Ok(Response::new(proto::RefreshTokenResponse {
             playback_token: issued.token,
             expire_time: Some(timestamp_seconds(issued.claims.exp)),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{IssuedToken, PlaybackClaims, TokenError, Tokens};
+use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::SessionName;
 use crate::model::{Session, holds_seat};
@@ -33,7 +34,11 @@ impl TokenOps {
     /// The session the token names, if it holds its seat with the token's generation
     /// now, by the store's clock: reading a session past its heartbeat deadline ends it
     /// (see `Store::get_session`). An ended session is `SessionEnded` with its state.
-    async fn live_session(&self, claims: &PlaybackClaims) -> Result<Session, Error> {
+    async fn live_session(
+        &self,
+        claims: &PlaybackClaims,
+        deadline: Deadline,
+    ) -> Result<Session, Error> {
         let name = SessionName::parse("sid", &claims.sid)
             .map_err(|_| Error::from(TokenError::Invalid("malformed sid")))?;
         if name.user.as_str() != claims.sub {
@@ -41,7 +46,7 @@ impl TokenOps {
         }
         let session = self
             .store
-            .get_session(&name)
+            .get_session(&name, deadline)
             .await
             .map_err(|e| e.into_error(|| name.to_string()))?;
         match session {
@@ -56,13 +61,18 @@ impl TokenOps {
         }
     }
 
-    pub async fn validate(&self, token: &str, check_session: bool) -> Result<Validity, Error> {
+    pub async fn validate(
+        &self,
+        token: &str,
+        check_session: bool,
+        deadline: Deadline,
+    ) -> Result<Validity, Error> {
         let claims = match self.tokens.verify(token) {
             Ok(claims) => claims,
             Err(error) => return Ok(Validity::Refused(error.reason())),
         };
         if check_session {
-            match self.live_session(&claims).await {
+            match self.live_session(&claims, deadline).await {
                 Ok(_) => {}
                 Err(Error::SessionEnded { .. }) => return Ok(Validity::Refused("SESSION_ENDED")),
                 Err(error @ (Error::TokenExpired | Error::TokenInvalid(_))) => {
@@ -76,9 +86,9 @@ impl TokenOps {
 
     /// A new token for the token's live session. Stateless, so concurrent refreshes of
     /// one token each get a valid token and change nothing else.
-    pub async fn refresh(&self, token: &str) -> Result<IssuedToken, Error> {
+    pub async fn refresh(&self, token: &str, deadline: Deadline) -> Result<IssuedToken, Error> {
         let claims = self.tokens.verify_for_refresh(token)?;
-        let session = self.live_session(&claims).await?;
+        let session = self.live_session(&claims, deadline).await?;
         self.tokens.issue(&session)
     }
 }

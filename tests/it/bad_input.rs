@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::Code;
+use usher::deadline::Deadline;
 use usher::proto;
 use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{OverLimitPolicy, Store};
@@ -226,7 +227,14 @@ async fn bad_input_on_the_memory_store_stores_nothing() {
     refuse_bad_creates_and_reads(&mut server).await;
     assert!(events(&store).await.is_empty());
     let victim = crate::support::user("victim");
-    assert!(store.seats(&victim).await.unwrap().holders.is_empty());
+    assert!(
+        store
+            .seats(&victim, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
 
     let session = start_victim(&mut server).await;
     let events_before = events(&store).await;

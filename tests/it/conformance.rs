@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use usher::deadline::Deadline;
 use usher::ids::SessionName;
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
@@ -53,10 +54,14 @@ pub async fn create_grants_a_seat_and_appends_started(kind: Kind) {
     assert!(created.replaced.is_empty() && !created.replayed);
     assert_eq!(s.deadline_ms, s.created_ms + 1500);
     assert_eq!(s.client.region, "US");
-    let seats = b.store.seats(&user).await.unwrap();
+    let seats = b.store.seats(&user, Deadline::NONE).await.unwrap();
     assert_eq!(seats.holders, vec![s.clone()]);
     assert_eq!(
-        b.store.get_session(&s.name).await.unwrap().as_ref(),
+        b.store
+            .get_session(&s.name, Deadline::NONE)
+            .await
+            .unwrap()
+            .as_ref(),
         Some(s)
     );
     assert_eq!(b.kinds_for(&s.name).await, [EventKind::Started]);
@@ -71,7 +76,7 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     let dump_before = b.dump();
     let third = new_session(&user, "c", 2, RejectNew);
     let third_name = third.name.clone();
-    match b.store.create_session(third).await {
+    match b.store.create_session(third, Deadline::NONE).await {
         Err(StoreError::LimitReached { limit, holders }) => {
             assert_eq!(limit, 2);
             let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
@@ -85,8 +90,22 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     }
     assert_eq!(b.events_of(&user).await.len(), events_before);
     assert_eq!(b.dump(), dump_before, "a rejected create writes nothing");
-    assert_eq!(b.store.get_session(&third_name).await.unwrap(), None);
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 2);
+    assert_eq!(
+        b.store
+            .get_session(&third_name, Deadline::NONE)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        2
+    );
 }
 
 pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
@@ -100,7 +119,7 @@ pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
     assert_eq!(third.replaced, std::slice::from_ref(&first.session.name));
     let evicted = b
         .store
-        .get_session(&first.session.name)
+        .get_session(&first.session.name, Deadline::NONE)
         .await
         .unwrap()
         .unwrap();
@@ -108,7 +127,7 @@ pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
     assert_eq!(evicted.end_reason, Some(EndReason::StopOldest));
     let holders: Vec<_> = b
         .store
-        .seats(&user)
+        .seats(&user, Deadline::NONE)
         .await
         .unwrap()
         .holders
@@ -131,17 +150,20 @@ pub async fn the_same_device_replaces_its_own_session(kind: Kind) {
     assert!(again.session.generation > first.session.generation);
     let old = b
         .store
-        .get_session(&first.session.name)
+        .get_session(&first.session.name, Deadline::NONE)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(old.state, SessionState::Evicted);
     assert_eq!(old.end_reason, Some(EndReason::ReplacedBySameDevice));
-    let holders = b.store.seats(&user).await.unwrap().holders;
+    let holders = b.store.seats(&user, Deadline::NONE).await.unwrap().holders;
     assert_eq!(holders.len(), 1);
     assert_eq!(holders[0].name, again.session.name);
     // The old session's device calls now say it has ended.
-    let refused = b.store.device_call(heartbeat(&first.session.name)).await;
+    let refused = b
+        .store
+        .device_call(heartbeat(&first.session.name), Deadline::NONE)
+        .await;
     assert!(
         matches!(refused, Err(StoreError::SessionEnded(s)) if s.state == SessionState::Evicted)
     );
@@ -152,19 +174,31 @@ pub async fn a_repeated_request_id_returns_the_first_answer(kind: Kind) {
     let user = fresh_user();
     let mut create = new_session(&user, "tv", 1, RejectNew);
     create.request_id = Some(usher::ids::RequestId::parse("r", "req-1").unwrap());
-    let first = b.store.create_session(create.clone()).await.unwrap();
+    let first = b
+        .store
+        .create_session(create.clone(), Deadline::NONE)
+        .await
+        .unwrap();
     let mut retry = create.clone();
     retry.name.session = usher::ids::SessionId::generate();
-    let second = b.store.create_session(retry).await.unwrap();
+    let second = b.store.create_session(retry, Deadline::NONE).await.unwrap();
     assert!(second.replayed);
     assert_eq!(second.session.name, first.session.name);
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
     assert_eq!(b.events_of(&user).await.len(), 1, "one started event only");
     let mut different = create.clone();
     different.name.session = usher::ids::SessionId::generate();
     different.device.id = usher::ids::DeviceId::parse("d", "phone").unwrap();
     assert!(matches!(
-        b.store.create_session(different).await,
+        b.store.create_session(different, Deadline::NONE).await,
         Err(StoreError::RequestIdReused)
     ));
 }
@@ -174,19 +208,31 @@ pub async fn a_replay_after_the_session_ended_returns_it_ended(kind: Kind) {
     let user = fresh_user();
     let mut create = new_session(&user, "tv", 1, RejectNew);
     create.request_id = Some(usher::ids::RequestId::parse("r", "req-2").unwrap());
-    let first = b.store.create_session(create.clone()).await.unwrap();
+    let first = b
+        .store
+        .create_session(create.clone(), Deadline::NONE)
+        .await
+        .unwrap();
     b.store
-        .device_call(call(&first.session.name, DeviceAction::Stop))
+        .device_call(
+            call(&first.session.name, DeviceAction::Stop),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     let mut retry = create;
     retry.name.session = usher::ids::SessionId::generate();
-    let replay = b.store.create_session(retry).await.unwrap();
+    let replay = b.store.create_session(retry, Deadline::NONE).await.unwrap();
     assert!(replay.replayed);
     assert_eq!(replay.session.name, first.session.name);
     assert_eq!(replay.session.state, SessionState::Stopped);
     assert!(
-        b.store.seats(&user).await.unwrap().holders.is_empty(),
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty(),
         "no seat taken"
     );
 }
@@ -197,7 +243,7 @@ pub async fn a_limit_of_zero_admits_nobody_and_writes_nothing(kind: Kind) {
     for policy in [RejectNew, StopOldest] {
         match b
             .store
-            .create_session(new_session(&user, "tv", 0, policy))
+            .create_session(new_session(&user, "tv", 0, policy), Deadline::NONE)
             .await
         {
             Err(StoreError::LimitReached { limit: 0, holders }) => assert!(holders.is_empty()),
@@ -229,7 +275,15 @@ pub async fn a_create_expires_at_most_the_configured_number_of_holders(kind: Kin
         expired, 1,
         "one eviction per create; the sweeper takes the rest"
     );
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
 }
 
 pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
@@ -240,17 +294,24 @@ pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     b.store
-        .device_call(call(&name, DeviceAction::Stop))
+        .device_call(call(&name, DeviceAction::Stop), Deadline::NONE)
         .await
         .unwrap();
     assert!(
-        b.store.get_session(&name).await.unwrap().is_some(),
+        b.store
+            .get_session(&name, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_some(),
         "kept a while"
     );
     b.advance(Duration::from_millis(1300)).await;
-    assert_eq!(b.store.get_session(&name).await.unwrap(), None);
+    assert_eq!(
+        b.store.get_session(&name, Deadline::NONE).await.unwrap(),
+        None
+    );
     assert!(matches!(
-        b.store.device_call(heartbeat(&name)).await,
+        b.store.device_call(heartbeat(&name), Deadline::NONE).await,
         Err(StoreError::NotFound)
     ));
 }
@@ -264,7 +325,7 @@ pub async fn an_expired_holder_never_blocks_a_create(kind: Kind) {
     assert!(fresh.replaced.is_empty());
     let expired = b
         .store
-        .get_session(&stale.session.name)
+        .get_session(&stale.session.name, Deadline::NONE)
         .await
         .unwrap()
         .unwrap();
@@ -292,12 +353,19 @@ pub async fn the_sweep_expires_overdue_sessions(kind: Kind) {
     while b.store.sweep(partition, 1000).await.unwrap() > 0 {}
     let swept = b
         .store
-        .get_session(&created.session.name)
+        .get_session(&created.session.name, Deadline::NONE)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(swept.state, SessionState::Expired);
-    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
     assert_eq!(
         b.kinds_for(&created.session.name).await,
         [EventKind::Started, EventKind::Expired]
@@ -331,13 +399,21 @@ pub async fn heartbeats_keep_the_seat(kind: Kind) {
         b.advance(Duration::from_millis(900)).await;
         let mut beat = heartbeat(&name);
         beat.position_ms = Some(42_000);
-        let session = b.store.device_call(beat).await.unwrap();
+        let session = b.store.device_call(beat, Deadline::NONE).await.unwrap();
         assert_eq!(session.state, SessionState::Active);
         assert_eq!(session.position_ms, 42_000);
         assert_eq!(session.playback_state, PlaybackState::Playing);
         assert_eq!(session.deadline_ms, session.last_heartbeat_ms + 1500);
     }
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
     let kinds = b.kinds_for(&name).await;
     assert_eq!(
         kinds,
@@ -355,14 +431,18 @@ pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
-    match b.store.device_call(heartbeat(&created.session.name)).await {
+    match b
+        .store
+        .device_call(heartbeat(&created.session.name), Deadline::NONE)
+        .await
+    {
         Err(StoreError::SessionEnded(s)) => assert_eq!(s.state, SessionState::Expired),
         other => panic!("expected SessionEnded, got {other:?}"),
     }
     // Refused again, without a second event.
     assert!(
         b.store
-            .device_call(heartbeat(&created.session.name))
+            .device_call(heartbeat(&created.session.name), Deadline::NONE)
             .await
             .is_err()
     );
@@ -370,7 +450,14 @@ pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
         b.kinds_for(&created.session.name).await,
         [EventKind::Started, EventKind::Expired]
     );
-    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
 }
 
 pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
@@ -380,7 +467,7 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     let name = created.session.name;
     let paused = b
         .store
-        .device_call(call(&name, DeviceAction::Pause))
+        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(paused.state, SessionState::Paused);
@@ -388,10 +475,21 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     // The maximum pause (0.8 s) caps the deadline even though heartbeats continue.
     assert_eq!(paused.deadline_ms, paused.paused_ms.unwrap() + 800);
     b.advance(Duration::from_millis(400)).await;
-    b.store.device_call(heartbeat(&name)).await.unwrap();
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 1);
+    b.store
+        .device_call(heartbeat(&name), Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
     b.advance(Duration::from_millis(600)).await;
-    match b.store.device_call(heartbeat(&name)).await {
+    match b.store.device_call(heartbeat(&name), Deadline::NONE).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Expired);
             assert_eq!(s.end_reason, Some(EndReason::MaxPauseExceeded));
@@ -406,25 +504,25 @@ pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
     b.store
-        .device_call(call(&name, DeviceAction::Pause))
+        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
         .await
         .unwrap();
     // Pausing a paused session changes nothing and appends nothing.
     let again = b
         .store
-        .device_call(call(&name, DeviceAction::Pause))
+        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(again.state, SessionState::Paused);
     let resumed = b
         .store
-        .device_call(call(&name, DeviceAction::Resume))
+        .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(resumed.state, SessionState::Active);
     assert_eq!(resumed.paused_ms, None);
     b.store
-        .device_call(call(&name, DeviceAction::Resume))
+        .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(
@@ -440,11 +538,18 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     let name = created.session.name;
     let mut stop = call(&name, DeviceAction::Stop);
     stop.position_ms = Some(3_600_000);
-    let stopped = b.store.device_call(stop).await.unwrap();
+    let stopped = b.store.device_call(stop, Deadline::NONE).await.unwrap();
     assert_eq!(stopped.state, SessionState::Stopped);
     assert_eq!(stopped.position_ms, 3_600_000);
     assert!(stopped.ended_ms.is_some());
-    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
     b.create(&user, "b", 1, RejectNew).await;
     let stop_event = b
         .events_of(&user)
@@ -455,7 +560,9 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     assert_eq!(stop_event.position_ms, 3_600_000);
     assert_eq!(stop_event.session, name);
     assert!(matches!(
-        b.store.device_call(call(&name, DeviceAction::Stop)).await,
+        b.store
+            .device_call(call(&name, DeviceAction::Stop), Deadline::NONE)
+            .await,
         Err(StoreError::SessionEnded(_))
     ));
 }
@@ -469,22 +576,35 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
         message: "stop_oldest".into(),
         by: "support-tool".into(),
     };
-    let ended = b.store.terminate(&name, &termination).await.unwrap();
+    let ended = b
+        .store
+        .terminate(&name, &termination, Deadline::NONE)
+        .await
+        .unwrap();
     assert_eq!(ended.state, SessionState::Terminated);
     // An operator's words that look like a system reason stay the operator's.
     assert_eq!(ended.end_reason, Some(EndReason::TerminatedByOperator));
     assert_eq!(ended.termination, termination);
     assert_eq!(
-        b.store.get_session(&name).await.unwrap(),
+        b.store.get_session(&name, Deadline::NONE).await.unwrap(),
         Some(ended.clone())
     );
-    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
     assert!(matches!(
-        b.store.terminate(&name, &termination).await,
+        b.store.terminate(&name, &termination, Deadline::NONE).await,
         Err(StoreError::SessionEnded(_))
     ));
     assert!(matches!(
-        b.store.device_call(call(&name, DeviceAction::Resume)).await,
+        b.store
+            .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
+            .await,
         Err(StoreError::SessionEnded(_))
     ));
     let events = b.events_of(&user).await;
@@ -504,12 +624,12 @@ pub async fn a_stale_generation_is_refused(kind: Kind) {
     let mut stale = heartbeat(&created.session.name);
     stale.generation = Some(created.session.generation + 1);
     assert!(matches!(
-        b.store.device_call(stale).await,
+        b.store.device_call(stale, Deadline::NONE).await,
         Err(StoreError::StaleGeneration)
     ));
     let mut current = heartbeat(&created.session.name);
     current.generation = Some(created.session.generation);
-    b.store.device_call(current).await.unwrap();
+    b.store.device_call(current, Deadline::NONE).await.unwrap();
 }
 
 pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
@@ -521,20 +641,29 @@ pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
         session: created.session.name.session.clone(),
     };
     assert!(matches!(
-        b.store.device_call(heartbeat(&foreign)).await,
+        b.store
+            .device_call(heartbeat(&foreign), Deadline::NONE)
+            .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        b.store.terminate(&foreign, &Termination::default()).await,
+        b.store
+            .terminate(&foreign, &Termination::default(), Deadline::NONE)
+            .await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(b.store.get_session(&foreign).await.unwrap(), None);
+    assert_eq!(
+        b.store.get_session(&foreign, Deadline::NONE).await.unwrap(),
+        None
+    );
     let unknown = SessionName {
         user: owner.clone(),
         session: usher::ids::SessionId::generate(),
     };
     assert!(matches!(
-        b.store.device_call(heartbeat(&unknown)).await,
+        b.store
+            .device_call(heartbeat(&unknown), Deadline::NONE)
+            .await,
         Err(StoreError::NotFound)
     ));
 }
@@ -544,7 +673,7 @@ pub async fn reading_seats_changes_nothing(kind: Kind) {
     let user = fresh_user();
     b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
-    let seats = b.store.seats(&user).await.unwrap();
+    let seats = b.store.seats(&user, Deadline::NONE).await.unwrap();
     assert!(seats.holders.is_empty(), "an overdue holder is not live");
     assert_eq!(
         b.events_of(&user).await.len(),
@@ -561,12 +690,24 @@ pub async fn sampled_heartbeat_events_are_rate_limited(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
-    b.store.device_call(heartbeat(&name)).await.unwrap();
-    b.store.device_call(heartbeat(&name)).await.unwrap();
+    b.store
+        .device_call(heartbeat(&name), Deadline::NONE)
+        .await
+        .unwrap();
+    b.store
+        .device_call(heartbeat(&name), Deadline::NONE)
+        .await
+        .unwrap();
     assert_eq!(b.kinds_for(&name).await, [EventKind::Started]);
     b.advance(Duration::from_millis(1100)).await;
-    b.store.device_call(heartbeat(&name)).await.unwrap();
-    b.store.device_call(heartbeat(&name)).await.unwrap();
+    b.store
+        .device_call(heartbeat(&name), Deadline::NONE)
+        .await
+        .unwrap();
+    b.store
+        .device_call(heartbeat(&name), Deadline::NONE)
+        .await
+        .unwrap();
     assert_eq!(
         b.kinds_for(&name).await,
         [EventKind::Started, EventKind::Heartbeat]
@@ -578,7 +719,10 @@ pub async fn events_carry_the_session_and_read_after_a_cursor(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     b.store
-        .device_call(call(&created.session.name, DeviceAction::Pause))
+        .device_call(
+            call(&created.session.name, DeviceAction::Pause),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     let events = b.events_of(&user).await;
@@ -615,18 +759,21 @@ pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
     let a = b.create(&user, "a", 1, StopOldest).await;
     let a = a.session.name;
     b.store
-        .device_call(call(&a, DeviceAction::Pause))
+        .device_call(call(&a, DeviceAction::Pause), Deadline::NONE)
         .await
         .unwrap();
     b.store
-        .device_call(call(&a, DeviceAction::Resume))
+        .device_call(call(&a, DeviceAction::Resume), Deadline::NONE)
         .await
         .unwrap();
-    b.store.device_call(heartbeat(&a)).await.unwrap();
+    b.store
+        .device_call(heartbeat(&a), Deadline::NONE)
+        .await
+        .unwrap();
     let c = b.create(&user, "c", 1, StopOldest).await;
     let c = c.session.name;
     b.store
-        .device_call(call(&c, DeviceAction::Stop))
+        .device_call(call(&c, DeviceAction::Stop), Deadline::NONE)
         .await
         .unwrap();
     let kinds: Vec<_> = b
@@ -655,7 +802,7 @@ pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
     let creates = (0..60).map(|i| {
         let store = b.store.clone();
         let create = new_session(&user, &format!("d{i}"), 3, RejectNew);
-        tokio::spawn(async move { store.create_session(create).await })
+        tokio::spawn(async move { store.create_session(create, Deadline::NONE).await })
     });
     let results = futures::future::join_all(creates).await;
     let admitted = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
@@ -664,7 +811,15 @@ pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
         .filter(|r| matches!(r, Ok(Err(StoreError::LimitReached { .. }))))
         .count();
     assert_eq!((admitted, refused), (3, 57));
-    assert_eq!(b.store.seats(&user).await.unwrap().holders.len(), 3);
+    assert_eq!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        3
+    );
 }
 
 /// One answer everywhere: reading a session past its deadline ends it then (with its one
@@ -675,27 +830,52 @@ pub async fn reading_a_session_past_its_deadline_shows_it_expired(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "tv", 2, RejectNew).await;
     let name = created.session.name;
-    let live = b.store.get_session(&name).await.unwrap().unwrap();
+    let live = b
+        .store
+        .get_session(&name, Deadline::NONE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(live.state, SessionState::Active, "not yet");
     b.advance(PAST_TIMEOUT).await;
-    let read = b.store.get_session(&name).await.unwrap().unwrap();
+    let read = b
+        .store
+        .get_session(&name, Deadline::NONE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(read.state, SessionState::Expired);
     assert_eq!(read.end_reason, Some(EndReason::HeartbeatTimeout));
     assert!(read.ended_ms.is_some());
-    let again = b.store.get_session(&name).await.unwrap().unwrap();
+    let again = b
+        .store
+        .get_session(&name, Deadline::NONE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again, read, "a second read gives the same answer");
     assert_eq!(
         b.kinds_for(&name).await,
         [EventKind::Started, EventKind::Expired],
         "exactly one expired event"
     );
-    assert!(b.store.seats(&user).await.unwrap().holders.is_empty());
+    assert!(
+        b.store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .is_empty()
+    );
     // A session of another user is not found, and a missing one is none.
     let foreign = SessionName {
         user: fresh_user(),
         session: name.session.clone(),
     };
-    assert_eq!(b.store.get_session(&foreign).await.unwrap(), None);
+    assert_eq!(
+        b.store.get_session(&foreign, Deadline::NONE).await.unwrap(),
+        None
+    );
 }
 
 /// Ids may hold `:` (MAC addresses, `vendor:id`): keys of different users and requests
@@ -714,11 +894,16 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
         .unwrap();
     let mut first = new_session(&plain, "3c:22:fb:01:02:03", 1, RejectNew);
     first.request_id = Some(usher::ids::RequestId::parse("r", "x:seats").unwrap());
-    let first = b.store.create_session(first).await.unwrap();
+    let first = b.store.create_session(first, Deadline::NONE).await.unwrap();
     let second = b.create(&tricky, "roku:1234", 1, RejectNew).await;
     assert!(!second.replayed, "another user's create is not a replay");
-    let plain_seats = b.store.seats(&plain).await.unwrap().holders;
-    let tricky_seats = b.store.seats(&tricky).await.unwrap().holders;
+    let plain_seats = b.store.seats(&plain, Deadline::NONE).await.unwrap().holders;
+    let tricky_seats = b
+        .store
+        .seats(&tricky, Deadline::NONE)
+        .await
+        .unwrap()
+        .holders;
     assert_eq!(plain_seats, vec![first.session.clone()]);
     assert_eq!(tricky_seats, vec![second.session.clone()]);
     assert_eq!(first.session.device.id.as_str(), "3c:22:fb:01:02:03");
@@ -726,7 +911,7 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
     for user in [&plain, &tricky] {
         assert!(matches!(
             b.store
-                .create_session(new_session(user, "phone", 1, RejectNew))
+                .create_session(new_session(user, "phone", 1, RejectNew), Deadline::NONE)
                 .await,
             Err(StoreError::LimitReached { .. })
         ));
@@ -746,20 +931,22 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
             .expect("the feed is open")
     };
     let create = |device: &str, limit| {
-        b.store
-            .create_session(new_session(&user, device, limit, StopOldest))
+        b.store.create_session(
+            new_session(&user, device, limit, StopOldest),
+            Deadline::NONE,
+        )
     };
     // Stopped by the device.
     let stopped = create("a", 3).await.unwrap().session.name;
     b.store
-        .device_call(call(&stopped, DeviceAction::Stop))
+        .device_call(call(&stopped, DeviceAction::Stop), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(next(&mut feed).await, stopped);
     // Terminated by an operator.
     let terminated = create("b", 3).await.unwrap().session.name;
     b.store
-        .terminate(&terminated, &Termination::default())
+        .terminate(&terminated, &Termination::default(), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(next(&mut feed).await, terminated);
@@ -789,7 +976,7 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     let mut late = b.store.ended_sessions().await.unwrap();
     let last = create("e", 3).await.unwrap().session.name;
     b.store
-        .device_call(call(&last, DeviceAction::Stop))
+        .device_call(call(&last, DeviceAction::Stop), Deadline::NONE)
         .await
         .unwrap();
     assert_eq!(next(&mut late).await, last);
@@ -807,7 +994,7 @@ pub async fn the_preview_is_what_a_create_then_does(kind: Kind) {
         let dump = b.dump();
         let (_, previewed) = b
             .store
-            .preview_create(&user, &device(id), limit, policy)
+            .preview_create(&user, &device(id), limit, policy, Deadline::NONE)
             .await
             .unwrap();
         assert_eq!(
@@ -833,7 +1020,7 @@ pub async fn the_preview_is_what_a_create_then_does(kind: Kind) {
     assert_eq!(preview("box", 2, RejectNew).await, Preview::LimitReached);
     assert!(matches!(
         b.store
-            .create_session(new_session(&user, "box", 2, RejectNew))
+            .create_session(new_session(&user, "box", 2, RejectNew), Deadline::NONE)
             .await,
         Err(StoreError::LimitReached { .. })
     ));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::Code;
+use usher::deadline::Deadline;
 use usher::proto;
 use usher::store::memory::{ManualClock, MemoryStore};
 use usher::store::{OverLimitPolicy, Store};
@@ -503,33 +504,38 @@ impl Store for BrokenPartitionZero {
     async fn create_session(
         &self,
         new: usher::store::NewSession,
+        deadline: Deadline,
     ) -> Result<usher::store::Created, usher::store::StoreError> {
-        self.0.create_session(new).await
+        self.0.create_session(new, deadline).await
     }
     async fn get_session(
         &self,
         name: &usher::ids::SessionName,
+        deadline: Deadline,
     ) -> Result<Option<usher::session::Session>, usher::store::StoreError> {
-        self.0.get_session(name).await
+        self.0.get_session(name, deadline).await
     }
     async fn seats(
         &self,
         user: &usher::ids::UserId,
+        deadline: Deadline,
     ) -> Result<usher::store::Seats, usher::store::StoreError> {
-        self.0.seats(user).await
+        self.0.seats(user, deadline).await
     }
     async fn device_call(
         &self,
         call: usher::store::DeviceCall,
+        deadline: Deadline,
     ) -> Result<usher::session::Session, usher::store::StoreError> {
-        self.0.device_call(call).await
+        self.0.device_call(call, deadline).await
     }
     async fn terminate(
         &self,
         name: &usher::ids::SessionName,
         termination: &usher::session::Termination,
+        deadline: Deadline,
     ) -> Result<usher::session::Session, usher::store::StoreError> {
-        self.0.terminate(name, termination).await
+        self.0.terminate(name, termination, deadline).await
     }
     async fn sweep(&self, partition: u32, max: u32) -> Result<u32, usher::store::StoreError> {
         if partition == 0 {

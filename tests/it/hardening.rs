@@ -11,6 +11,7 @@ use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use usher::deadline::Deadline;
 use usher::proto;
 use usher::store::memory::{MemoryLimits, MemoryStore};
 use usher::store::{OverLimitPolicy, Store, StoreError};
@@ -356,7 +357,15 @@ async fn regions_are_normalized_and_required_for_restricted_titles() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(reason(&status), "REGION_REQUIRED");
-    assert_eq!(store.seats(&user("sara")).await.unwrap().holders.len(), 1);
+    assert_eq!(
+        store
+            .seats(&user("sara"), Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
     unknown.client.as_mut().unwrap().region = "us".into();
     server.sessions.create_session(unknown).await.unwrap();
     server.running.shutdown().await.unwrap();
@@ -427,7 +436,10 @@ async fn the_embedded_store_is_bounded() {
     });
     let ann = user("ann");
     let first = store
-        .create_session(new_session(&ann, "a", 5, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&ann, "a", 5, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap()
         .session;
@@ -437,35 +449,62 @@ async fn the_embedded_store_is_bounded() {
         position_ms: None,
         action: usher::store::DeviceAction::Stop,
     };
-    store.device_call(stop).await.unwrap();
+    store.device_call(stop, Deadline::NONE).await.unwrap();
     for device in ["b", "c"] {
         store
-            .create_session(new_session(&ann, device, 5, OverLimitPolicy::RejectNew))
+            .create_session(
+                new_session(&ann, device, 5, OverLimitPolicy::RejectNew),
+                Deadline::NONE,
+            )
             .await
             .unwrap();
     }
     // Three records: one ended, two live. The next create forgets the ended one.
-    assert!(store.get_session(&first.name).await.unwrap().is_some());
+    assert!(
+        store
+            .get_session(&first.name, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_some()
+    );
     store
-        .create_session(new_session(&ann, "d", 5, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&ann, "d", 5, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     assert!(
-        store.get_session(&first.name).await.unwrap().is_none(),
+        store
+            .get_session(&first.name, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_none(),
         "forgotten"
     );
     // Three live sessions fill it: the fourth is refused and nothing changes.
     let partition = usher::store::partition_of(&ann, test_settings().partitions);
     let events_before = store.read_events(partition, None, 1000).await.unwrap();
     let refused = store
-        .create_session(new_session(&ann, "e", 5, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&ann, "e", 5, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await;
     assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
     assert_eq!(
         store.read_events(partition, None, 1000).await.unwrap(),
         events_before
     );
-    assert_eq!(store.seats(&ann).await.unwrap().holders.len(), 3);
+    assert_eq!(
+        store
+            .seats(&ann, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        3
+    );
     let status = tonic::Status::from(StoreError::Full("x".into()).into_error(String::new));
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(reason(&status), "STORE_FULL");
@@ -476,22 +515,23 @@ async fn the_embedded_store_is_bounded() {
         max_users: 2,
     });
     users
-        .create_session(new_session(&ann, "a", 2, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&ann, "a", 2, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     let bob = users
-        .create_session(new_session(
-            &user("bob"),
-            "a",
-            2,
-            OverLimitPolicy::RejectNew,
-        ))
+        .create_session(
+            new_session(&user("bob"), "a", 2, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap()
         .session;
     let carl = new_session(&user("carl"), "a", 2, OverLimitPolicy::RejectNew);
     assert!(matches!(
-        users.create_session(carl.clone()).await,
+        users.create_session(carl.clone(), Deadline::NONE).await,
         Err(StoreError::Full(_))
     ));
     let stop = usher::store::DeviceCall {
@@ -500,9 +540,17 @@ async fn the_embedded_store_is_bounded() {
         position_ms: None,
         action: usher::store::DeviceAction::Stop,
     };
-    users.device_call(stop).await.unwrap();
-    users.create_session(carl).await.unwrap();
-    assert_eq!(users.seats(&ann).await.unwrap().holders.len(), 1);
+    users.device_call(stop, Deadline::NONE).await.unwrap();
+    users.create_session(carl, Deadline::NONE).await.unwrap();
+    assert_eq!(
+        users
+            .seats(&ann, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
+        1
+    );
 }
 
 /// One unary call on loopback takes a millisecond or two. Without TCP_NODELAY on the

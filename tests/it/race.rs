@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tonic::Code;
+use usher::deadline::Deadline;
 use usher::store::memory::MemoryStore;
 use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{EventKind, OverLimitPolicy, Store, partition_of};
@@ -120,7 +121,12 @@ async fn one_instance_on_the_memory_store_admits_exactly_the_limit() {
         (LIMIT as usize, CREATES - LIMIT as usize)
     );
     assert_eq!(
-        store.seats(&user).await.unwrap().holders.len(),
+        store
+            .seats(&user, Deadline::NONE)
+            .await
+            .unwrap()
+            .holders
+            .len(),
         LIMIT as usize
     );
     server.running.shutdown().await.unwrap();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
+use usher::deadline::Deadline;
 use usher::proto;
 use usher::session::SessionState;
 use usher::store::redis::{RedisStore, RedisTarget};
@@ -126,7 +127,7 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
         answer.session.as_ref().unwrap().name
     );
     let user = crate::support::user("jan");
-    let holders = store.seats(&user).await.unwrap().holders;
+    let holders = store.seats(&user, Deadline::NONE).await.unwrap().holders;
     let phones = holders
         .iter()
         .filter(|h| h.device.id.as_str() == "phone")
@@ -150,7 +151,10 @@ async fn calls_survive_an_emptied_script_cache() {
     let store = connect(RedisTarget::Single { url: server.url() }, "flush").await;
     let user = fresh_user();
     let created = store
-        .create_session(new_session(&user, "tv", 1, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     assert_eq!(server.cli(&["script", "flush"]), "OK");
@@ -162,9 +166,9 @@ async fn calls_survive_an_emptied_script_cache() {
             playback_state: usher::session::PlaybackState::Playing,
         },
     };
-    store.device_call(beat).await.unwrap();
+    store.device_call(beat, Deadline::NONE).await.unwrap();
     assert_eq!(server.cli(&["script", "flush"]), "OK");
-    store.seats(&user).await.unwrap();
+    store.seats(&user, Deadline::NONE).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +178,10 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
     let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
     let user = fresh_user();
     let created = store
-        .create_session(new_session(&user, "tv", 1, OverLimitPolicy::RejectNew))
+        .create_session(
+            new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     // A failover that kept the session record but lost the seat grant.
@@ -192,7 +199,7 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
             playback_state: usher::session::PlaybackState::Playing,
         },
     };
-    match store.device_call(beat).await {
+    match store.device_call(beat, Deadline::NONE).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Evicted);
             assert_eq!(s.end_reason, Some(usher::session::EndReason::SeatLost));
@@ -224,7 +231,7 @@ async fn every_key_of_a_user_lives_in_one_cluster_slot() {
     let user = fresh_user();
     let mut create = new_session(&user, "tv", 2, OverLimitPolicy::RejectNew);
     create.request_id = Some(usher::ids::RequestId::parse("r", "r-1").unwrap());
-    store.create_session(create).await.unwrap();
+    store.create_session(create, Deadline::NONE).await.unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let keys = redis::keys_with_prefix(&ports, &format!("{prefix}:"));
     assert!(keys.len() >= 6, "{keys:?}");
@@ -467,19 +474,31 @@ async fn scripts_touch_only_the_keys_they_are_given() {
 
     let user = fresh_user();
     let stop_oldest = |device| new_session(&user, device, 2, OverLimitPolicy::StopOldest);
-    let tv = store.create_session(stop_oldest("tv")).await.unwrap();
+    let tv = store
+        .create_session(stop_oldest("tv"), Deadline::NONE)
+        .await
+        .unwrap();
     let mut phone = stop_oldest("phone");
     phone.request_id = Some(usher::ids::RequestId::parse("r", "r-1").unwrap());
     let phone = store
-        .create_session(phone.clone())
+        .create_session(phone.clone(), Deadline::NONE)
         .await
         .map(|_| phone)
         .unwrap();
-    store.create_session(phone.clone()).await.unwrap(); // replayed
-    store.create_session(stop_oldest("tablet")).await.unwrap(); // evicts tv
-    let tablet = store.create_session(stop_oldest("tablet")).await.unwrap(); // replaces
+    store
+        .create_session(phone.clone(), Deadline::NONE)
+        .await
+        .unwrap(); // replayed
+    store
+        .create_session(stop_oldest("tablet"), Deadline::NONE)
+        .await
+        .unwrap(); // evicts tv
+    let tablet = store
+        .create_session(stop_oldest("tablet"), Deadline::NONE)
+        .await
+        .unwrap(); // replaces
     let reject = new_session(&user, "laptop", 2, OverLimitPolicy::RejectNew);
-    assert!(store.create_session(reject).await.is_err());
+    assert!(store.create_session(reject, Deadline::NONE).await.is_err());
     for action in [
         DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
@@ -494,18 +513,30 @@ async fn scripts_touch_only_the_keys_they_are_given() {
             position_ms: Some(5),
             action,
         };
-        store.device_call(call).await.unwrap();
+        store.device_call(call, Deadline::NONE).await.unwrap();
     }
     let termination = usher::session::Termination {
         message: "fraud".into(),
         by: "ops".into(),
     };
-    store.terminate(&phone.name, &termination).await.unwrap();
-    store.get_session(&tv.session.name).await.unwrap();
-    store.seats(&user).await.unwrap();
+    store
+        .terminate(&phone.name, &termination, Deadline::NONE)
+        .await
+        .unwrap();
+    store
+        .get_session(&tv.session.name, Deadline::NONE)
+        .await
+        .unwrap();
+    store.seats(&user, Deadline::NONE).await.unwrap();
     let device = usher::ids::DeviceId::parse("d", "tv").unwrap();
     store
-        .preview_create(&user, &device, 2, OverLimitPolicy::RejectNew)
+        .preview_create(
+            &user,
+            &device,
+            2,
+            OverLimitPolicy::RejectNew,
+            Deadline::NONE,
+        )
         .await
         .unwrap();
     // A marker after the scenario: everything before it has been shown.

@@ -47,6 +47,7 @@ use super::{
     HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings,
     partition_of,
 };
+use crate::deadline::Deadline;
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
 use crate::model::{PlaybackState, Session, Termination};
 
@@ -505,21 +506,22 @@ impl RedisStore {
         Ok((subscriber, sender))
     }
 
-    /// A Redis command within the store's time budget (see [`Self::within`]).
+    /// A Redis command within the store's own timeout (no caller is waiting on it).
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        self.within(async { call.await.map_err(classify) }).await
+        self.within(async { call.await.map_err(classify) }, Deadline::NONE)
+            .await
     }
 
     /// `work` within the store's timeout, or less when the caller's deadline is nearer.
     async fn within<T>(
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
+        deadline: Deadline,
     ) -> Result<T, StoreError> {
-        let budget = crate::deadline::budget(self.options.timeout);
-        match tokio::time::timeout(budget, work).await {
+        match tokio::time::timeout(deadline.budget(self.options.timeout), work).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable("timed out".into())),
         }
@@ -551,6 +553,7 @@ impl RedisStore {
         keys: &Keys,
         mut key_list: Vec<String>,
         args: Vec<String>,
+        deadline: Deadline,
     ) -> Result<(ReplyCode, Vec<Value>), StoreError> {
         let rounds = async {
             for _ in 0..MAX_SCRIPT_ROUNDS {
@@ -576,7 +579,7 @@ impl RedisStore {
                 "the seat set changed under {MAX_SCRIPT_ROUNDS} runs in a row"
             )))
         };
-        self.within(rounds).await
+        self.within(rounds, deadline).await
     }
 
     fn session_keys(&self, name: &SessionName) -> (Keys, Vec<String>) {
@@ -594,7 +597,11 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create_session(&self, new: NewSession) -> Result<Created, StoreError> {
+    async fn create_session(
+        &self,
+        new: NewSession,
+        deadline: Deadline,
+    ) -> Result<Created, StoreError> {
         let user = &new.name.user;
         let keys = self.keys(user);
         let request_key = match &new.request_id {
@@ -639,7 +646,7 @@ impl Store for RedisStore {
             ms(GENERATION_IDLE_TTL),
         ]);
         let (code, reply) = self
-            .run(&self.scripts.create, &keys, key_list, args)
+            .run(&self.scripts.create, &keys, key_list, args, deadline)
             .await?;
         let replaced = (2..reply.len())
             .map(|i| {
@@ -659,18 +666,25 @@ impl Store for RedisStore {
         })
     }
 
-    async fn get_session(&self, name: &SessionName) -> Result<Option<Session>, StoreError> {
+    async fn get_session(
+        &self,
+        name: &SessionName,
+        deadline: Deadline,
+    ) -> Result<Option<Session>, StoreError> {
         let (keys, key_list) = self.session_keys(name);
         let mut args = self.common_args(&keys);
         args.extend([name.user.to_string(), name.session.to_string()]);
-        match self.run(&self.scripts.get, &keys, key_list, args).await {
+        match self
+            .run(&self.scripts.get, &keys, key_list, args, deadline)
+            .await
+        {
             Ok((_, reply)) => session_at(&reply, 1).map(Some),
             Err(StoreError::NotFound) => Ok(None),
             Err(error) => Err(error),
         }
     }
 
-    async fn seats(&self, user: &UserId) -> Result<Seats, StoreError> {
+    async fn seats(&self, user: &UserId, deadline: Deadline) -> Result<Seats, StoreError> {
         let keys = self.keys(user);
         let mut args = self.common_args(&keys);
         args.push(user.to_string());
@@ -680,6 +694,7 @@ impl Store for RedisStore {
                 &keys,
                 vec![keys.user(user, "seats")],
                 args,
+                deadline,
             )
             .await?;
         Ok(Seats {
@@ -691,7 +706,11 @@ impl Store for RedisStore {
         })
     }
 
-    async fn device_call(&self, call: DeviceCall) -> Result<Session, StoreError> {
+    async fn device_call(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Session, StoreError> {
         let (keys, mut key_list) = self.session_keys(&call.name);
         let (script, playback_state) = match call.action {
             DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
@@ -721,7 +740,7 @@ impl Store for RedisStore {
             ms(self.settings.heartbeat_event_interval),
             ms(GENERATION_IDLE_TTL),
         ]);
-        let (_, reply) = self.run(script, &keys, key_list, args).await?;
+        let (_, reply) = self.run(script, &keys, key_list, args, deadline).await?;
         session_at(&reply, 1)
     }
 
@@ -729,6 +748,7 @@ impl Store for RedisStore {
         &self,
         name: &SessionName,
         termination: &Termination,
+        deadline: Deadline,
     ) -> Result<Session, StoreError> {
         let (keys, key_list) = self.session_keys(name);
         let mut args = self.common_args(&keys);
@@ -739,7 +759,7 @@ impl Store for RedisStore {
             termination.by.clone(),
         ]);
         let (_, reply) = self
-            .run(&self.scripts.terminate, &keys, key_list, args)
+            .run(&self.scripts.terminate, &keys, key_list, args, deadline)
             .await?;
         session_at(&reply, 1)
     }
@@ -754,6 +774,7 @@ impl Store for RedisStore {
                 &keys,
                 vec![keys.deadlines(), keys.events()],
                 args,
+                Deadline::NONE,
             )
             .await?;
         u32::try_from(int_at(&reply, 1)?).map_err(|_| StoreError::Corrupt("sweep count".into()))

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use usher::auth::Credentials;
 use usher::config::Config;
+use usher::deadline::Deadline;
 use usher::entitlement::{EntitlementProvider, StaticPolicy};
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
 use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
@@ -144,7 +145,7 @@ impl Backend {
         policy: OverLimitPolicy,
     ) -> usher::store::Created {
         self.store
-            .create_session(new_session(user, device, limit, policy))
+            .create_session(new_session(user, device, limit, policy), Deadline::NONE)
             .await
             .expect("the create succeeds")
     }
