@@ -190,27 +190,7 @@ async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
 }
 
 async fn start_victim(server: &mut TestServer) -> proto::Session {
-    server
-        .sessions
-        .create_session(create_request("victim", "tv"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
-}
-
-async fn get(server: &mut TestServer, name: &str) -> proto::Session {
-    server
-        .sessions
-        .get_session(proto::GetSessionRequest {
-            name: name.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
+    server.start("victim", "tv").await
 }
 
 #[tokio::test]
@@ -240,7 +220,7 @@ async fn bad_input_on_the_memory_store_stores_nothing() {
     let events_before = events(&store).await;
     refuse_bad_calls_on(&mut server, &session.name).await;
     assert_eq!(
-        get(&mut server, &session.name).await,
+        server.get(&session.name).await.unwrap(),
         session,
         "the session is unchanged"
     );
@@ -276,6 +256,6 @@ async fn bad_input_on_redis_writes_nothing() {
     assert!(!before.is_empty());
     refuse_bad_calls_on(&mut server, &session.name).await;
     assert_eq!(dump(), before, "every key as it was");
-    assert_eq!(get(&mut server, &session.name).await, session);
+    assert_eq!(server.get(&session.name).await.unwrap(), session);
     server.running.shutdown().await.unwrap();
 }

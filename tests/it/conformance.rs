@@ -56,14 +56,7 @@ pub async fn create_grants_a_seat_and_appends_started(kind: Kind) {
     assert_eq!(s.client.region, "US");
     let seats = b.store.seats(&user, Deadline::NONE).await.unwrap();
     assert_eq!(seats.holders, vec![s.clone()]);
-    assert_eq!(
-        b.store
-            .get_session(&s.name, Deadline::NONE)
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(s)
-    );
+    assert_eq!(b.session(&s.name).await.as_ref(), Some(s));
     assert_eq!(b.kinds_for(&s.name).await, [EventKind::Started]);
 }
 
@@ -76,7 +69,7 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     let dump_before = b.dump();
     let third = new_session(&user, "c", 2, RejectNew);
     let third_name = third.name.clone();
-    match b.store.create_session(third, Deadline::NONE).await {
+    match b.try_create(third).await {
         Err(StoreError::LimitReached { limit, holders }) => {
             assert_eq!(limit, 2);
             let names: Vec<_> = holders.iter().map(|h| h.name.clone()).collect();
@@ -90,22 +83,8 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     }
     assert_eq!(b.events_of(&user).await.len(), events_before);
     assert_eq!(b.dump(), dump_before, "a rejected create writes nothing");
-    assert_eq!(
-        b.store
-            .get_session(&third_name, Deadline::NONE)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        2
-    );
+    assert_eq!(b.session(&third_name).await, None);
+    assert_eq!(b.holders(&user).await.len(), 2);
 }
 
 pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
@@ -117,23 +96,10 @@ pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
     b.advance(Duration::from_millis(5)).await;
     let third = b.create(&user, "c", 2, StopOldest).await;
     assert_eq!(third.replaced, std::slice::from_ref(&first.session.name));
-    let evicted = b
-        .store
-        .get_session(&first.session.name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let evicted = b.session(&first.session.name).await.unwrap();
     assert_eq!(evicted.state, SessionState::Evicted);
     assert_eq!(evicted.end_reason, Some(EndReason::StopOldest));
-    let holders: Vec<_> = b
-        .store
-        .seats(&user, Deadline::NONE)
-        .await
-        .unwrap()
-        .holders
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
+    let holders: Vec<_> = b.holders(&user).await.into_iter().map(|s| s.name).collect();
     assert_eq!(holders, [second.session.name, third.session.name.clone()]);
     assert_eq!(
         b.kinds_for(&first.session.name).await,
@@ -148,22 +114,14 @@ pub async fn the_same_device_replaces_its_own_session(kind: Kind) {
     let again = b.create(&user, "tv", 1, RejectNew).await;
     assert_eq!(again.replaced, std::slice::from_ref(&first.session.name));
     assert!(again.session.generation > first.session.generation);
-    let old = b
-        .store
-        .get_session(&first.session.name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = b.session(&first.session.name).await.unwrap();
     assert_eq!(old.state, SessionState::Evicted);
     assert_eq!(old.end_reason, Some(EndReason::ReplacedBySameDevice));
-    let holders = b.store.seats(&user, Deadline::NONE).await.unwrap().holders;
+    let holders = b.holders(&user).await;
     assert_eq!(holders.len(), 1);
     assert_eq!(holders[0].name, again.session.name);
     // The old session's device calls now say it has ended.
-    let refused = b
-        .store
-        .device_call(heartbeat(&first.session.name), Deadline::NONE)
-        .await;
+    let refused = b.call(heartbeat(&first.session.name)).await;
     assert!(
         matches!(refused, Err(StoreError::SessionEnded(s)) if s.state == SessionState::Evicted)
     );
@@ -174,31 +132,19 @@ pub async fn a_repeated_request_id_returns_the_first_answer(kind: Kind) {
     let user = fresh_user();
     let mut create = new_session(&user, "tv", 1, RejectNew);
     create.request_id = Some(usher::ids::RequestId::parse("r", "req-1").unwrap());
-    let first = b
-        .store
-        .create_session(create.clone(), Deadline::NONE)
-        .await
-        .unwrap();
+    let first = b.try_create(create.clone()).await.unwrap();
     let mut retry = create.clone();
     retry.name.session = usher::ids::SessionId::generate();
-    let second = b.store.create_session(retry, Deadline::NONE).await.unwrap();
+    let second = b.try_create(retry).await.unwrap();
     assert!(second.replayed);
     assert_eq!(second.session.name, first.session.name);
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        1
-    );
+    assert_eq!(b.holders(&user).await.len(), 1);
     assert_eq!(b.events_of(&user).await.len(), 1, "one started event only");
     let mut different = create.clone();
     different.name.session = usher::ids::SessionId::generate();
     different.device.id = usher::ids::DeviceId::parse("d", "phone").unwrap();
     assert!(matches!(
-        b.store.create_session(different, Deadline::NONE).await,
+        b.try_create(different).await,
         Err(StoreError::RequestIdReused)
     ));
 }
@@ -208,11 +154,7 @@ pub async fn a_replay_after_the_session_ended_returns_it_ended(kind: Kind) {
     let user = fresh_user();
     let mut create = new_session(&user, "tv", 1, RejectNew);
     create.request_id = Some(usher::ids::RequestId::parse("r", "req-2").unwrap());
-    let first = b
-        .store
-        .create_session(create.clone(), Deadline::NONE)
-        .await
-        .unwrap();
+    let first = b.try_create(create.clone()).await.unwrap();
     b.store
         .device_call(
             call(&first.session.name, DeviceAction::Stop),
@@ -222,30 +164,18 @@ pub async fn a_replay_after_the_session_ended_returns_it_ended(kind: Kind) {
         .unwrap();
     let mut retry = create;
     retry.name.session = usher::ids::SessionId::generate();
-    let replay = b.store.create_session(retry, Deadline::NONE).await.unwrap();
+    let replay = b.try_create(retry).await.unwrap();
     assert!(replay.replayed);
     assert_eq!(replay.session.name, first.session.name);
     assert_eq!(replay.session.state, SessionState::Stopped);
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty(),
-        "no seat taken"
-    );
+    assert!(b.holders(&user).await.is_empty(), "no seat taken");
 }
 
 pub async fn a_limit_of_zero_admits_nobody_and_writes_nothing(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
     for policy in [RejectNew, StopOldest] {
-        match b
-            .store
-            .create_session(new_session(&user, "tv", 0, policy), Deadline::NONE)
-            .await
-        {
+        match b.try_create(new_session(&user, "tv", 0, policy)).await {
             Err(StoreError::LimitReached { limit: 0, holders }) => assert!(holders.is_empty()),
             other => panic!("expected LimitReached, got {other:?}"),
         }
@@ -275,15 +205,7 @@ pub async fn a_create_expires_at_most_the_configured_number_of_holders(kind: Kin
         expired, 1,
         "one eviction per create; the sweeper takes the rest"
     );
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        1
-    );
+    assert_eq!(b.holders(&user).await.len(), 1);
 }
 
 pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
@@ -293,25 +215,12 @@ pub async fn ended_sessions_are_forgotten_after_the_retention(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
-    b.store
-        .device_call(call(&name, DeviceAction::Stop), Deadline::NONE)
-        .await
-        .unwrap();
-    assert!(
-        b.store
-            .get_session(&name, Deadline::NONE)
-            .await
-            .unwrap()
-            .is_some(),
-        "kept a while"
-    );
+    b.call(call(&name, DeviceAction::Stop)).await.unwrap();
+    assert!(b.session(&name).await.is_some(), "kept a while");
     b.advance(Duration::from_millis(1300)).await;
-    assert_eq!(
-        b.store.get_session(&name, Deadline::NONE).await.unwrap(),
-        None
-    );
+    assert_eq!(b.session(&name).await, None);
     assert!(matches!(
-        b.store.device_call(heartbeat(&name), Deadline::NONE).await,
+        b.call(heartbeat(&name)).await,
         Err(StoreError::NotFound)
     ));
 }
@@ -323,12 +232,7 @@ pub async fn an_expired_holder_never_blocks_a_create(kind: Kind) {
     b.advance(PAST_TIMEOUT).await;
     let fresh = b.create(&user, "b", 1, RejectNew).await;
     assert!(fresh.replaced.is_empty());
-    let expired = b
-        .store
-        .get_session(&stale.session.name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let expired = b.session(&stale.session.name).await.unwrap();
     assert_eq!(expired.state, SessionState::Expired);
     assert_eq!(expired.end_reason, Some(EndReason::HeartbeatTimeout));
     let kinds: Vec<_> = b
@@ -351,21 +255,9 @@ pub async fn the_sweep_expires_overdue_sessions(kind: Kind) {
     // Sweep everything overdue in this partition (other tests' too), then check ours.
     b.advance(PAST_TIMEOUT).await;
     while b.store.sweep(partition, 1000).await.unwrap() > 0 {}
-    let swept = b
-        .store
-        .get_session(&created.session.name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let swept = b.session(&created.session.name).await.unwrap();
     assert_eq!(swept.state, SessionState::Expired);
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty()
-    );
+    assert!(b.holders(&user).await.is_empty());
     assert_eq!(
         b.kinds_for(&created.session.name).await,
         [EventKind::Started, EventKind::Expired]
@@ -399,21 +291,13 @@ pub async fn heartbeats_keep_the_seat(kind: Kind) {
         b.advance(Duration::from_millis(900)).await;
         let mut beat = heartbeat(&name);
         beat.position_ms = Some(42_000);
-        let session = b.store.device_call(beat, Deadline::NONE).await.unwrap();
+        let session = b.call(beat).await.unwrap();
         assert_eq!(session.state, SessionState::Active);
         assert_eq!(session.position_ms, 42_000);
         assert_eq!(session.playback_state, PlaybackState::Playing);
         assert_eq!(session.deadline_ms, session.last_heartbeat_ms + 1500);
     }
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        1
-    );
+    assert_eq!(b.holders(&user).await.len(), 1);
     let kinds = b.kinds_for(&name).await;
     assert_eq!(
         kinds,
@@ -431,33 +315,17 @@ pub async fn a_heartbeat_after_the_deadline_is_refused_and_expires(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     b.advance(PAST_TIMEOUT).await;
-    match b
-        .store
-        .device_call(heartbeat(&created.session.name), Deadline::NONE)
-        .await
-    {
+    match b.call(heartbeat(&created.session.name)).await {
         Err(StoreError::SessionEnded(s)) => assert_eq!(s.state, SessionState::Expired),
         other => panic!("expected SessionEnded, got {other:?}"),
     }
     // Refused again, without a second event.
-    assert!(
-        b.store
-            .device_call(heartbeat(&created.session.name), Deadline::NONE)
-            .await
-            .is_err()
-    );
+    assert!(b.call(heartbeat(&created.session.name)).await.is_err());
     assert_eq!(
         b.kinds_for(&created.session.name).await,
         [EventKind::Started, EventKind::Expired]
     );
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty()
-    );
+    assert!(b.holders(&user).await.is_empty());
 }
 
 pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
@@ -465,31 +333,16 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
-    let paused = b
-        .store
-        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
-        .await
-        .unwrap();
+    let paused = b.call(call(&name, DeviceAction::Pause)).await.unwrap();
     assert_eq!(paused.state, SessionState::Paused);
     assert!(paused.paused_ms.is_some());
     // The maximum pause (0.8 s) caps the deadline even though heartbeats continue.
     assert_eq!(paused.deadline_ms, paused.paused_ms.unwrap() + 800);
     b.advance(Duration::from_millis(400)).await;
-    b.store
-        .device_call(heartbeat(&name), Deadline::NONE)
-        .await
-        .unwrap();
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        1
-    );
+    b.call(heartbeat(&name)).await.unwrap();
+    assert_eq!(b.holders(&user).await.len(), 1);
     b.advance(Duration::from_millis(600)).await;
-    match b.store.device_call(heartbeat(&name), Deadline::NONE).await {
+    match b.call(heartbeat(&name)).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Expired);
             assert_eq!(s.end_reason, Some(EndReason::MaxPauseExceeded));
@@ -503,28 +356,14 @@ pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
-    b.store
-        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&name, DeviceAction::Pause)).await.unwrap();
     // Pausing a paused session changes nothing and appends nothing.
-    let again = b
-        .store
-        .device_call(call(&name, DeviceAction::Pause), Deadline::NONE)
-        .await
-        .unwrap();
+    let again = b.call(call(&name, DeviceAction::Pause)).await.unwrap();
     assert_eq!(again.state, SessionState::Paused);
-    let resumed = b
-        .store
-        .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
-        .await
-        .unwrap();
+    let resumed = b.call(call(&name, DeviceAction::Resume)).await.unwrap();
     assert_eq!(resumed.state, SessionState::Active);
     assert_eq!(resumed.paused_ms, None);
-    b.store
-        .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&name, DeviceAction::Resume)).await.unwrap();
     assert_eq!(
         b.kinds_for(&name).await,
         [EventKind::Started, EventKind::Paused, EventKind::Resumed]
@@ -538,18 +377,11 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     let name = created.session.name;
     let mut stop = call(&name, DeviceAction::Stop);
     stop.position_ms = Some(3_600_000);
-    let stopped = b.store.device_call(stop, Deadline::NONE).await.unwrap();
+    let stopped = b.call(stop).await.unwrap();
     assert_eq!(stopped.state, SessionState::Stopped);
     assert_eq!(stopped.position_ms, 3_600_000);
     assert!(stopped.ended_ms.is_some());
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty()
-    );
+    assert!(b.holders(&user).await.is_empty());
     b.create(&user, "b", 1, RejectNew).await;
     let stop_event = b
         .events_of(&user)
@@ -560,9 +392,7 @@ pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     assert_eq!(stop_event.position_ms, 3_600_000);
     assert_eq!(stop_event.session, name);
     assert!(matches!(
-        b.store
-            .device_call(call(&name, DeviceAction::Stop), Deadline::NONE)
-            .await,
+        b.call(call(&name, DeviceAction::Stop)).await,
         Err(StoreError::SessionEnded(_))
     ));
 }
@@ -585,26 +415,14 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
     // An operator's words that look like a system reason stay the operator's.
     assert_eq!(ended.end_reason, Some(EndReason::TerminatedByOperator));
     assert_eq!(ended.termination, termination);
-    assert_eq!(
-        b.store.get_session(&name, Deadline::NONE).await.unwrap(),
-        Some(ended.clone())
-    );
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty()
-    );
+    assert_eq!(b.session(&name).await, Some(ended.clone()));
+    assert!(b.holders(&user).await.is_empty());
     assert!(matches!(
         b.store.terminate(&name, &termination, Deadline::NONE).await,
         Err(StoreError::SessionEnded(_))
     ));
     assert!(matches!(
-        b.store
-            .device_call(call(&name, DeviceAction::Resume), Deadline::NONE)
-            .await,
+        b.call(call(&name, DeviceAction::Resume)).await,
         Err(StoreError::SessionEnded(_))
     ));
     let events = b.events_of(&user).await;
@@ -624,12 +442,12 @@ pub async fn a_stale_generation_is_refused(kind: Kind) {
     let mut stale = heartbeat(&created.session.name);
     stale.generation = Some(created.session.generation + 1);
     assert!(matches!(
-        b.store.device_call(stale, Deadline::NONE).await,
+        b.call(stale).await,
         Err(StoreError::StaleGeneration)
     ));
     let mut current = heartbeat(&created.session.name);
     current.generation = Some(created.session.generation);
-    b.store.device_call(current, Deadline::NONE).await.unwrap();
+    b.call(current).await.unwrap();
 }
 
 pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
@@ -641,9 +459,7 @@ pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
         session: created.session.name.session.clone(),
     };
     assert!(matches!(
-        b.store
-            .device_call(heartbeat(&foreign), Deadline::NONE)
-            .await,
+        b.call(heartbeat(&foreign)).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
@@ -652,18 +468,13 @@ pub async fn unknown_and_foreign_sessions_are_not_found(kind: Kind) {
             .await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(
-        b.store.get_session(&foreign, Deadline::NONE).await.unwrap(),
-        None
-    );
+    assert_eq!(b.session(&foreign).await, None);
     let unknown = SessionName {
         user: owner.clone(),
         session: usher::ids::SessionId::generate(),
     };
     assert!(matches!(
-        b.store
-            .device_call(heartbeat(&unknown), Deadline::NONE)
-            .await,
+        b.call(heartbeat(&unknown)).await,
         Err(StoreError::NotFound)
     ));
 }
@@ -690,24 +501,12 @@ pub async fn sampled_heartbeat_events_are_rate_limited(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "a", 1, RejectNew).await;
     let name = created.session.name;
-    b.store
-        .device_call(heartbeat(&name), Deadline::NONE)
-        .await
-        .unwrap();
-    b.store
-        .device_call(heartbeat(&name), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(heartbeat(&name)).await.unwrap();
+    b.call(heartbeat(&name)).await.unwrap();
     assert_eq!(b.kinds_for(&name).await, [EventKind::Started]);
     b.advance(Duration::from_millis(1100)).await;
-    b.store
-        .device_call(heartbeat(&name), Deadline::NONE)
-        .await
-        .unwrap();
-    b.store
-        .device_call(heartbeat(&name), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(heartbeat(&name)).await.unwrap();
+    b.call(heartbeat(&name)).await.unwrap();
     assert_eq!(
         b.kinds_for(&name).await,
         [EventKind::Started, EventKind::Heartbeat]
@@ -758,24 +557,12 @@ pub async fn every_state_change_appends_exactly_one_event(kind: Kind) {
     let user = fresh_user();
     let a = b.create(&user, "a", 1, StopOldest).await;
     let a = a.session.name;
-    b.store
-        .device_call(call(&a, DeviceAction::Pause), Deadline::NONE)
-        .await
-        .unwrap();
-    b.store
-        .device_call(call(&a, DeviceAction::Resume), Deadline::NONE)
-        .await
-        .unwrap();
-    b.store
-        .device_call(heartbeat(&a), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&a, DeviceAction::Pause)).await.unwrap();
+    b.call(call(&a, DeviceAction::Resume)).await.unwrap();
+    b.call(heartbeat(&a)).await.unwrap();
     let c = b.create(&user, "c", 1, StopOldest).await;
     let c = c.session.name;
-    b.store
-        .device_call(call(&c, DeviceAction::Stop), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&c, DeviceAction::Stop)).await.unwrap();
     let kinds: Vec<_> = b
         .events_of(&user)
         .await
@@ -811,15 +598,7 @@ pub async fn concurrent_creates_never_exceed_the_limit(kind: Kind) {
         .filter(|r| matches!(r, Ok(Err(StoreError::LimitReached { .. }))))
         .count();
     assert_eq!((admitted, refused), (3, 57));
-    assert_eq!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .len(),
-        3
-    );
+    assert_eq!(b.holders(&user).await.len(), 3);
 }
 
 /// One answer everywhere: reading a session past its deadline ends it then (with its one
@@ -830,52 +609,27 @@ pub async fn reading_a_session_past_its_deadline_shows_it_expired(kind: Kind) {
     let user = fresh_user();
     let created = b.create(&user, "tv", 2, RejectNew).await;
     let name = created.session.name;
-    let live = b
-        .store
-        .get_session(&name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let live = b.session(&name).await.unwrap();
     assert_eq!(live.state, SessionState::Active, "not yet");
     b.advance(PAST_TIMEOUT).await;
-    let read = b
-        .store
-        .get_session(&name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let read = b.session(&name).await.unwrap();
     assert_eq!(read.state, SessionState::Expired);
     assert_eq!(read.end_reason, Some(EndReason::HeartbeatTimeout));
     assert!(read.ended_ms.is_some());
-    let again = b
-        .store
-        .get_session(&name, Deadline::NONE)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = b.session(&name).await.unwrap();
     assert_eq!(again, read, "a second read gives the same answer");
     assert_eq!(
         b.kinds_for(&name).await,
         [EventKind::Started, EventKind::Expired],
         "exactly one expired event"
     );
-    assert!(
-        b.store
-            .seats(&user, Deadline::NONE)
-            .await
-            .unwrap()
-            .holders
-            .is_empty()
-    );
+    assert!(b.holders(&user).await.is_empty());
     // A session of another user is not found, and a missing one is none.
     let foreign = SessionName {
         user: fresh_user(),
         session: name.session.clone(),
     };
-    assert_eq!(
-        b.store.get_session(&foreign, Deadline::NONE).await.unwrap(),
-        None
-    );
+    assert_eq!(b.session(&foreign).await, None);
 }
 
 /// Ids may hold `:` (MAC addresses, `vendor:id`): keys of different users and requests
@@ -894,25 +648,18 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
         .unwrap();
     let mut first = new_session(&plain, "3c:22:fb:01:02:03", 1, RejectNew);
     first.request_id = Some(usher::ids::RequestId::parse("r", "x:seats").unwrap());
-    let first = b.store.create_session(first, Deadline::NONE).await.unwrap();
+    let first = b.try_create(first).await.unwrap();
     let second = b.create(&tricky, "roku:1234", 1, RejectNew).await;
     assert!(!second.replayed, "another user's create is not a replay");
-    let plain_seats = b.store.seats(&plain, Deadline::NONE).await.unwrap().holders;
-    let tricky_seats = b
-        .store
-        .seats(&tricky, Deadline::NONE)
-        .await
-        .unwrap()
-        .holders;
+    let plain_seats = b.holders(&plain).await;
+    let tricky_seats = b.holders(&tricky).await;
     assert_eq!(plain_seats, vec![first.session.clone()]);
     assert_eq!(tricky_seats, vec![second.session.clone()]);
     assert_eq!(first.session.device.id.as_str(), "3c:22:fb:01:02:03");
     // Each user is at its limit of one on its own.
     for user in [&plain, &tricky] {
         assert!(matches!(
-            b.store
-                .create_session(new_session(user, "phone", 1, RejectNew), Deadline::NONE)
-                .await,
+            b.try_create(new_session(user, "phone", 1, RejectNew)).await,
             Err(StoreError::LimitReached { .. })
         ));
     }
@@ -938,10 +685,7 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     };
     // Stopped by the device.
     let stopped = create("a", 3).await.unwrap().session.name;
-    b.store
-        .device_call(call(&stopped, DeviceAction::Stop), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&stopped, DeviceAction::Stop)).await.unwrap();
     assert_eq!(next(&mut feed).await, stopped);
     // Terminated by an operator.
     let terminated = create("b", 3).await.unwrap().session.name;
@@ -975,10 +719,7 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     // A subscriber that comes later sees only what ends after it came.
     let mut late = b.store.ended_sessions().await.unwrap();
     let last = create("e", 3).await.unwrap().session.name;
-    b.store
-        .device_call(call(&last, DeviceAction::Stop), Deadline::NONE)
-        .await
-        .unwrap();
+    b.call(call(&last, DeviceAction::Stop)).await.unwrap();
     assert_eq!(next(&mut late).await, last);
     assert_eq!(next(&mut feed).await, last);
 }
@@ -1019,9 +760,7 @@ pub async fn the_preview_is_what_a_create_then_does(kind: Kind) {
     b.create(&user, "phone", 2, RejectNew).await;
     assert_eq!(preview("box", 2, RejectNew).await, Preview::LimitReached);
     assert!(matches!(
-        b.store
-            .create_session(new_session(&user, "box", 2, RejectNew), Deadline::NONE)
-            .await,
+        b.try_create(new_session(&user, "box", 2, RejectNew)).await,
         Err(StoreError::LimitReached { .. })
     ));
     let Preview::EvictsOldest(ended) = preview("box", 2, StopOldest).await else {

@@ -12,24 +12,7 @@ use usher::store::{OverLimitPolicy, Store};
 
 use crate::support::{TestServer, limit_detail, reason, serve, test_settings};
 
-pub fn create_request(user: &str, device: &str) -> proto::CreateSessionRequest {
-    proto::CreateSessionRequest {
-        parent: format!("users/{user}"),
-        profile_id: "profile-1".into(),
-        content_id: "title-1".into(),
-        device: Some(proto::Device {
-            id: device.into(),
-            r#type: proto::DeviceType::Tv as i32,
-            name: format!("{device} in the living room"),
-        }),
-        client: Some(proto::ClientInfo {
-            ip_address: "2001:db8::1".into(),
-            user_agent: "player/2.1".into(),
-            region: "DE".into(),
-        }),
-        request_id: String::new(),
-    }
-}
+pub use crate::support::create_request;
 
 async fn memory_server(limit: u32, policy: OverLimitPolicy) -> (TestServer, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
@@ -73,34 +56,10 @@ async fn a_session_lives_from_create_to_stop() {
         .into_inner();
     assert_eq!(beat.session.unwrap().position.unwrap().seconds, 95);
 
-    let paused = server
-        .sessions
-        .pause_session(proto::PauseSessionRequest {
-            name: session.name.clone(),
-            position: None,
-            generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        paused.session.unwrap().state,
-        proto::SessionState::Paused as i32
-    );
-    let resumed = server
-        .sessions
-        .resume_session(proto::ResumeSessionRequest {
-            name: session.name.clone(),
-            position: None,
-            generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        resumed.session.unwrap().state,
-        proto::SessionState::Active as i32
-    );
+    let paused = server.pause(&session.name).await.unwrap();
+    assert_eq!(paused.state, proto::SessionState::Paused as i32);
+    let resumed = server.resume(&session.name).await.unwrap();
+    assert_eq!(resumed.state, proto::SessionState::Active as i32);
 
     let listed = server
         .sessions
@@ -134,18 +93,8 @@ async fn a_session_lives_from_create_to_stop() {
     assert!(stopped.expire_time.is_none());
 
     // Ended sessions stay readable; device calls on them are refused.
-    let got = server
-        .sessions
-        .get_session(proto::GetSessionRequest {
-            name: session.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        got.session.unwrap().state,
-        proto::SessionState::Stopped as i32
-    );
+    let got = server.get(&session.name).await.unwrap();
+    assert_eq!(got.state, proto::SessionState::Stopped as i32);
     let refused = server
         .sessions
         .heartbeat(proto::HeartbeatRequest {
@@ -291,14 +240,7 @@ async fn the_sweeper_releases_seats_of_silent_devices() {
             .into_inner(),
     );
     tokio::time::sleep(Duration::from_millis(1900)).await;
-    let got = server
-        .sessions
-        .get_session(proto::GetSessionRequest { name: session.name })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let got = server.get(&session.name).await.unwrap();
     assert_eq!(
         got.state,
         proto::SessionState::Expired as i32,
@@ -581,14 +523,7 @@ async fn one_failing_partition_does_not_stop_the_sweep_of_the_others() {
             .into_inner(),
     );
     tokio::time::sleep(Duration::from_millis(1900)).await;
-    let got = server
-        .sessions
-        .get_session(proto::GetSessionRequest { name: session.name })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let got = server.get(&session.name).await.unwrap();
     assert_eq!(got.state, proto::SessionState::Expired as i32);
     server.running.shutdown().await.unwrap();
 }
@@ -617,14 +552,7 @@ async fn a_retry_of_a_create_whose_session_ended_says_so() {
         first.name,
         "a live session: the first answer"
     );
-    server
-        .sessions
-        .stop_session(proto::StopSessionRequest {
-            name: first.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    server.stop(&first.name).await.unwrap();
     let status = server.sessions.create_session(request).await.unwrap_err();
     assert_eq!(
         (status.code(), reason(&status).as_str()),

@@ -274,48 +274,14 @@ async fn pages_resume_by_position_and_are_bound_to_their_parent() {
 #[tokio::test]
 async fn pause_time_is_unset_unless_paused() {
     let mut server = memory(2).await;
-    let session = server
-        .sessions
-        .create_session(create_request("rosa", "tv"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
-    let paused = server
-        .sessions
-        .pause_session(proto::PauseSessionRequest {
-            name: session.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let session = server.start("rosa", "tv").await;
+    let paused = server.pause(&session.name).await.unwrap();
     assert!(paused.pause_time.is_some());
-    let stopped = server
-        .sessions
-        .stop_session(proto::StopSessionRequest {
-            name: session.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let stopped = server.stop(&session.name).await.unwrap();
     assert_eq!(stopped.state, proto::SessionState::Stopped as i32);
     assert_eq!(stopped.pause_time, None, "ended while paused");
     assert_eq!(stopped.end_reason, proto::EndReason::StoppedByDevice as i32);
-    let read = server
-        .sessions
-        .get_session(proto::GetSessionRequest { name: session.name })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let read = server.get(&session.name).await.unwrap();
     assert_eq!(read.pause_time, None);
     server.running.shutdown().await.unwrap();
 }

@@ -15,13 +15,16 @@ use usher::config::Config;
 use usher::deadline::Deadline;
 use usher::entitlement::{EntitlementProvider, StaticPolicy};
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
+use usher::proto;
 use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
 use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
 use usher::server::{Components, RunningServer};
-use usher::session::{ClientInfo, Device, DeviceType};
+use usher::session::{ClientInfo, Device, DeviceType, Session};
 use usher::store::memory::{ManualClock, MemoryStore};
 use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
-use usher::store::{Event, EventKind, NewSession, OverLimitPolicy, Store, StoreSettings};
+use usher::store::{
+    DeviceCall, Event, EventKind, NewSession, OverLimitPolicy, Store, StoreError, StoreSettings,
+};
 use usher::token::keys::KeyRing;
 use usher::token::{TokenSettings, Tokens};
 
@@ -150,6 +153,33 @@ impl Backend {
             .expect("the create succeeds")
     }
 
+    /// A create as given, with no caller deadline.
+    pub async fn try_create(&self, new: NewSession) -> Result<usher::store::Created, StoreError> {
+        self.store.create_session(new, Deadline::NONE).await
+    }
+
+    /// A device call, with no caller deadline.
+    pub async fn call(&self, call: DeviceCall) -> Result<Session, StoreError> {
+        self.store.device_call(call, Deadline::NONE).await
+    }
+
+    /// The session as the store shows it now (`None` once its record is gone).
+    pub async fn session(&self, name: &SessionName) -> Option<Session> {
+        self.store
+            .get_session(name, Deadline::NONE)
+            .await
+            .expect("the read succeeds")
+    }
+
+    /// The user's live holders, oldest first.
+    pub async fn holders(&self, user: &UserId) -> Vec<Session> {
+        self.store
+            .seats(user, Deadline::NONE)
+            .await
+            .expect("the read succeeds")
+            .holders
+    }
+
     /// Every event of the user's partition, oldest first.
     pub async fn events_of(&self, user: &UserId) -> Vec<Event> {
         let partition = usher::store::partition_of(user, self.store.settings().partitions);
@@ -210,6 +240,76 @@ pub struct TestServer {
     pub sessions: PlaybackSessionServiceClient<Channel>,
     pub concurrency: ConcurrencyServiceClient<Channel>,
     pub channel: Channel,
+}
+
+/// A CreateSession request of `user` on `device` (a TV in Germany).
+pub fn create_request(user: &str, device: &str) -> proto::CreateSessionRequest {
+    proto::CreateSessionRequest {
+        parent: format!("users/{user}"),
+        profile_id: "profile-1".into(),
+        content_id: "title-1".into(),
+        device: Some(proto::Device {
+            id: device.into(),
+            r#type: proto::DeviceType::Tv as i32,
+            name: format!("{device} in the living room"),
+        }),
+        client: Some(proto::ClientInfo {
+            ip_address: "2001:db8::1".into(),
+            user_agent: "player/2.1".into(),
+            region: "DE".into(),
+        }),
+        request_id: String::new(),
+    }
+}
+
+impl TestServer {
+    /// A create that must succeed: the new session.
+    pub async fn start(&mut self, user: &str, device: &str) -> proto::Session {
+        self.sessions
+            .create_session(create_request(user, device))
+            .await
+            .expect("the create succeeds")
+            .into_inner()
+            .session
+            .unwrap()
+    }
+
+    /// GetSession.
+    pub async fn get(&mut self, name: &str) -> Result<proto::Session, tonic::Status> {
+        let request = proto::GetSessionRequest { name: name.into() };
+        let answer = self.sessions.get_session(request).await?;
+        Ok(answer.into_inner().session.unwrap())
+    }
+
+    /// PauseSession with the name alone (no position, no generation check).
+    pub async fn pause(&mut self, name: &str) -> Result<proto::Session, tonic::Status> {
+        let request = proto::PauseSessionRequest {
+            name: name.into(),
+            ..Default::default()
+        };
+        let answer = self.sessions.pause_session(request).await?;
+        Ok(answer.into_inner().session.unwrap())
+    }
+
+    /// ResumeSession with the name alone.
+    pub async fn resume(&mut self, name: &str) -> Result<proto::Session, tonic::Status> {
+        let request = proto::ResumeSessionRequest {
+            name: name.into(),
+            ..Default::default()
+        };
+        let answer = self.sessions.resume_session(request).await?;
+        Ok(answer.into_inner().session.unwrap())
+    }
+
+    /// StopSession with the name alone.
+    pub async fn stop(&mut self, name: &str) -> Result<proto::Session, tonic::Status> {
+        let request = proto::StopSessionRequest {
+            name: name.into(),
+            ..Default::default()
+        };
+        let answer = self.sessions.stop_session(request).await?;
+        Ok(answer.into_inner().session.unwrap())
+    }
 }
 
 /// The config tests serve with: no drain delay, a given over-limit policy, and
