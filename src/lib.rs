@@ -30,7 +30,8 @@
 //! - [`ids`]: identifiers, resource names and shared field parsers, parsed at the edge.
 //! - [`proto`]: the generated `usher.v1` code, its descriptor set, and the time
 //!   conversions; [`codec`]: the protobuf codec (undecodable bodies are the caller's).
-//! - [`deadline`]: the caller's deadline, carried to store calls.
+//! - [`deadline`]: the caller's deadline, a value the transports hand to the operations
+//!   and the operations to every store call.
 //! - [`net`]: the accept loop: TCP_NODELAY, the connection cap, the handshake deadline.
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`); [`files`]: the
 //!   TOML files operators write, read in one place.

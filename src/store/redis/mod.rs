@@ -172,6 +172,23 @@ impl Scripts {
     }
 }
 
+/// The over-limit policy as createSession's ARGV[7] names it.
+fn policy_arg(policy: OverLimitPolicy) -> &'static str {
+    match policy {
+        OverLimitPolicy::RejectNew => "reject_new",
+        OverLimitPolicy::StopOldest => "stop_oldest",
+    }
+}
+
+/// The heartbeat event mode as the device calls' ARGV[11] names it.
+fn heartbeat_events_arg(mode: HeartbeatEvents) -> &'static str {
+    match mode {
+        HeartbeatEvents::Off => "off",
+        HeartbeatEvents::Sampled => "sampled",
+        HeartbeatEvents::All => "all",
+    }
+}
+
 /// How many times a script is run with more records before the call gives up: each run
 /// adds the records of sessions that were created since the last, so only a user whose
 /// devices start sessions faster than a round trip gets this far.
@@ -622,11 +639,7 @@ impl Store for RedisStore {
             user.to_string(),
             new.name.session.to_string(),
             new.limit.to_string(),
-            match new.policy {
-                OverLimitPolicy::RejectNew => "reject_new",
-                OverLimitPolicy::StopOldest => "stop_oldest",
-            }
-            .to_owned(),
+            policy_arg(new.policy).to_owned(),
             ms(self.settings.heartbeat_timeout),
             new.request_id
                 .as_ref()
@@ -731,12 +744,7 @@ impl Store for RedisStore {
             playback_state.code().to_string(),
             ms(self.settings.heartbeat_timeout),
             ms(self.settings.max_pause),
-            match self.settings.heartbeat_events {
-                HeartbeatEvents::Off => "off",
-                HeartbeatEvents::Sampled => "sampled",
-                HeartbeatEvents::All => "all",
-            }
-            .to_owned(),
+            heartbeat_events_arg(self.settings.heartbeat_events).to_owned(),
             ms(self.settings.heartbeat_event_interval),
             ms(GENERATION_IDLE_TTL),
         ]);
@@ -832,7 +840,37 @@ impl Store for RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{PlaybackState, SessionState};
+    use super::{HeartbeatEvents, OverLimitPolicy, heartbeat_events_arg, policy_arg};
+    use crate::model::{EndReason, PlaybackState, SessionState};
+
+    /// Every script's text, the prelude first.
+    fn all_scripts() -> String {
+        [
+            include_str!("scripts/prelude.lua"),
+            include_str!("scripts/createSession-7.lua"),
+            include_str!("scripts/readSeats-1.lua"),
+            include_str!("scripts/sweepExpired-2.lua"),
+            include_str!("scripts/terminateSession-5.lua"),
+        ]
+        .concat()
+    }
+
+    /// The names Rust sends in ARGV are the ones the scripts compare with, and every
+    /// `EndReason` is written by some script under its stored name (one the scripts write
+    /// that `EndReason` does not read fails the conformance suite as `Corrupt`).
+    #[test]
+    fn the_scripts_use_the_names_rust_sends_and_reads() {
+        let scripts = all_scripts();
+        let quoted = |name: &str| scripts.contains(&format!("'{name}'"));
+        // Any other policy name is refused over the limit, as reject_new is.
+        assert!(quoted(policy_arg(OverLimitPolicy::StopOldest)));
+        for mode in [HeartbeatEvents::Sampled, HeartbeatEvents::All] {
+            assert!(quoted(heartbeat_events_arg(mode)), "{mode:?}");
+        }
+        for reason in EndReason::ALL {
+            assert!(quoted(reason.as_str()), "{reason:?} is never written");
+        }
+    }
 
     /// The prelude restates the stored codes of the states; they must be model.rs's.
     #[test]
