@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "usher/v1/session.proto",
     "usher/v1/concurrency.proto",
     "usher/v1/token.proto",
+    "usher/v1/streaming.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

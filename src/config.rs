@@ -15,6 +15,7 @@ use crate::store::{
     DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, HeartbeatEvents, OverLimitPolicy,
     StoreSettings,
 };
+use crate::streaming::StreamSettings;
 use crate::token::TokenSettings;
 use crate::token::keys::KeyAlgorithm;
 
@@ -35,6 +36,45 @@ pub enum Command {
     /// Manage token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Play the device's side of a session's stream: heartbeat with its playback token
+    /// and print every message usher sends (one JSON line each) until usher stops it.
+    Device(DeviceArgs),
+}
+
+/// `usher device` flags.
+#[derive(Clone, Debug, Args)]
+pub struct DeviceArgs {
+    /// The server.
+    #[arg(long, env = "USHER_DEVICE_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+
+    /// The session's playback token (CreateSession's playback_token).
+    #[arg(long, env = "USHER_DEVICE_TOKEN")]
+    pub token: String,
+
+    /// The playback position to start at.
+    #[arg(long, env = "USHER_DEVICE_POSITION", default_value = "0s", value_parser = duration)]
+    pub position: Duration,
+
+    /// Heartbeat at this interval instead of the one usher acknowledges with.
+    #[arg(long, env = "USHER_DEVICE_INTERVAL", value_parser = duration)]
+    pub interval: Option<Duration>,
+
+    /// Send stop after this long (the seat is released at once).
+    #[arg(long, env = "USHER_DEVICE_STOP_AFTER", value_parser = duration)]
+    pub stop_after: Option<Duration>,
+
+    /// Report the player as paused in every heartbeat.
+    #[arg(long, env = "USHER_DEVICE_PAUSED")]
+    pub paused: bool,
+
+    /// For a TLS listener: the CA (PEM) that signed the server's certificate.
+    #[arg(long, env = "USHER_DEVICE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// For a TLS listener: the name the server's certificate is for.
+    #[arg(long, env = "USHER_DEVICE_TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +337,33 @@ pub struct ServeArgs {
     )]
     pub max_health_watches_per_connection: usize,
 
+    /// Most device streams (StreamingService) open at once on this instance.
+    #[arg(long, env = "USHER_MAX_STREAMS", default_value_t = 100_000)]
+    pub max_streams: usize,
+
+    /// Most device streams open at once on one connection.
+    #[arg(
+        long,
+        env = "USHER_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1_000
+    )]
+    pub max_streams_per_connection: usize,
+
+    /// A device stream writes to the store at most once per this interval: faster
+    /// heartbeats are acknowledged and their latest position and state written later.
+    #[arg(long, env = "USHER_STREAM_MIN_WRITE_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub stream_min_write_interval: Duration,
+
+    /// A device stream gets a fresh playback token this long before its token expires
+    /// (shorter than --token-ttl).
+    #[arg(long, env = "USHER_TOKEN_PUSH_BEFORE", default_value = "2m", value_parser = duration)]
+    pub token_push_before: Duration,
+
+    /// On SIGINT/SIGTERM device streams are told to reconnect after a delay spread at
+    /// random over this window, so they do not all arrive at once elsewhere.
+    #[arg(long, env = "USHER_RECONNECT_SPREAD", default_value = "5s", value_parser = duration)]
+    pub reconnect_spread: Duration,
+
     /// HTTP/2 concurrent streams per connection.
     #[arg(long, env = "USHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -404,6 +471,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
     pub limits: ServerLimits,
+    pub streams: StreamSettings,
     pub tokens: TokenSettings,
     pub credentials: Option<PathBuf>,
     pub insecure_dev: bool,
@@ -534,6 +602,12 @@ impl ServeArgs {
                 "must be shorter than --heartbeat-timeout",
             ));
         }
+        if self.token_push_before >= self.token_ttl {
+            return Err(ConfigError::new(
+                "--token-push-before",
+                "must be shorter than --token-ttl",
+            ));
+        }
         if self.ended_retention < self.request_id_ttl {
             // A replayed request_id must find its session's record.
             return Err(ConfigError::new(
@@ -614,6 +688,11 @@ impl ServeArgs {
             ("--memory-max-users", self.memory_max_users),
             ("--max-connections", self.max_connections),
             ("--max-health-watches", self.max_health_watches),
+            ("--max-streams", self.max_streams),
+            (
+                "--max-streams-per-connection",
+                self.max_streams_per_connection,
+            ),
             (
                 "--max-health-watches-per-connection",
                 self.max_health_watches_per_connection,
@@ -675,6 +754,16 @@ impl ServeArgs {
                 drain_delay: self.drain_delay,
                 shutdown_timeout: self.shutdown_timeout,
             },
+            streams: StreamSettings {
+                heartbeat_interval: self.heartbeat_interval,
+                heartbeat_timeout: self.heartbeat_timeout,
+                min_write_interval: self.stream_min_write_interval,
+                max_streams: self.max_streams,
+                max_streams_per_connection: self.max_streams_per_connection,
+                token_push_before: self.token_push_before,
+                reconnect_spread: self.reconnect_spread,
+                call_timeout: self.request_timeout,
+            },
             tokens: TokenSettings {
                 issuer: self.token_issuer,
                 audience: self.token_audience,
@@ -701,7 +790,9 @@ impl Config {
             Command::Serve(args) => args
                 .into_config()
                 .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}")),
-            Command::Health(_) | Command::Keys(_) => unreachable!("parsed `usher serve`"),
+            Command::Health(_) | Command::Keys(_) | Command::Device(_) => {
+                unreachable!("parsed `usher serve`")
+            }
         }
     }
 }
@@ -718,7 +809,9 @@ mod tests {
             .command
         {
             Command::Serve(args) => args.into_config().map_err(|e| e.to_string()),
-            Command::Health(_) | Command::Keys(_) => Err("parsed another command".into()),
+            Command::Health(_) | Command::Keys(_) | Command::Device(_) => {
+                Err("parsed another command".into())
+            }
         }
     }
 
@@ -824,6 +917,7 @@ mod readme {
         let subcommands = [
             command.find_subcommand("serve"),
             command.find_subcommand("health"),
+            command.find_subcommand("device"),
             keys.find_subcommand("generate"),
             keys.find_subcommand("rotate"),
         ];

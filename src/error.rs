@@ -85,6 +85,8 @@ pub enum Error {
     StoreFull(String),
     #[error("too many health watch streams on this {0}: close one, or poll with Check")]
     TooManyWatches(&'static str),
+    #[error("too many device streams on this {scope} (at most {limit}): try again later")]
+    TooManyStreams { limit: usize, scope: &'static str },
     #[error("entitlement provider unavailable: {0}")]
     EntitlementUnavailable(String),
     #[error("deadline exceeded")]
@@ -125,6 +127,7 @@ impl Error {
             Error::Unavailable(_) => (Code::Unavailable, "STORE_UNAVAILABLE"),
             Error::StoreFull(_) => (Code::ResourceExhausted, "STORE_FULL"),
             Error::TooManyWatches(_) => (Code::ResourceExhausted, "TOO_MANY_WATCHES"),
+            Error::TooManyStreams { .. } => (Code::ResourceExhausted, "TOO_MANY_STREAMS"),
             Error::EntitlementUnavailable(_) => (Code::Unavailable, "ENTITLEMENT_UNAVAILABLE"),
             Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Error::Cancelled => (Code::Cancelled, "CANCELLED"),
@@ -210,6 +213,10 @@ impl From<Error> for Status {
             Error::SessionEnded { state: None } => {}
             Error::NotFound { resource } => {
                 metadata.insert("resource".to_owned(), resource.clone());
+            }
+            Error::TooManyStreams { limit, scope } => {
+                metadata.insert("limit".to_owned(), limit.to_string());
+                metadata.insert("scope".to_owned(), (*scope).to_owned());
             }
             Error::Denied(_)
             | Error::MalformedRequest(_)

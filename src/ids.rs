@@ -203,6 +203,30 @@ impl fmt::Display for SessionName {
     }
 }
 
+/// Longest position accepted: a week of playback.
+const MAX_POSITION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// A playback position: not negative, at most a week, in milliseconds.
+pub fn position(
+    field: &str,
+    value: Option<&prost_types::Duration>,
+) -> Result<Option<u64>, FieldViolation> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.seconds < 0 || value.nanos < 0 {
+        return Err(FieldViolation::new(field, "must not be negative"));
+    }
+    if value.nanos >= 1_000_000_000 {
+        return Err(FieldViolation::new(field, "nanos must be below 1e9"));
+    }
+    let d = std::time::Duration::new(value.seconds as u64, value.nanos as u32);
+    if d > MAX_POSITION {
+        return Err(FieldViolation::new(field, "must be at most 168h"));
+    }
+    Ok(Some(d.as_millis() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,5 +68,6 @@ pub mod proto;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod streaming;
 pub mod telemetry;
 pub mod token;

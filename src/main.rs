@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use usher::config::{Cli, Command, HealthArgs, KeysCommand, ServeArgs};
+use usher::config::{Cli, Command, DeviceArgs, HealthArgs, KeysCommand, ServeArgs};
 use usher::token::keys::{KeyError, KeySet};
 
 #[tokio::main]
@@ -10,6 +10,38 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(*args).await,
         Command::Health(args) => health(args).await,
         Command::Keys(command) => keys(command),
+        Command::Device(args) => device(args).await,
+    }
+}
+
+async fn device(args: DeviceArgs) -> ExitCode {
+    let tls = match &args.tls_ca {
+        Some(path) => match std::fs::read(path) {
+            Ok(ca) => Some((ca, args.tls_domain.clone())),
+            Err(error) => {
+                eprintln!("usher device: {}: {error}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let options = usher::streaming::device::DeviceOptions {
+        url: format!("{scheme}://{}", args.addr),
+        token: args.token,
+        position: args.position,
+        interval: args.interval,
+        stop_after: args.stop_after,
+        paused: args.paused,
+        tls,
+    };
+    let printed = usher::streaming::device::run(options, |line| println!("{line}")).await;
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("usher device: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

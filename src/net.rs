@@ -62,6 +62,8 @@ struct ConnectionState {
     served: AtomicBool,
     /// `Health/Watch` streams open on this connection.
     health_watches: AtomicUsize,
+    /// Device streams open on this connection.
+    device_streams: Arc<AtomicUsize>,
 }
 
 /// The connect info of an accepted connection (see the module docs).
@@ -89,6 +91,11 @@ impl ConnectionInfo {
     /// `Health/Watch` streams open on this connection.
     pub fn health_watches(&self) -> &AtomicUsize {
         &self.state.health_watches
+    }
+
+    /// Device streams open on this connection.
+    pub fn device_streams(&self) -> &Arc<AtomicUsize> {
+        &self.state.device_streams
     }
 
     pub fn remote_addr(&self) -> Option<SocketAddr> {

@@ -41,9 +41,15 @@ pub enum Access {
     /// RefreshToken: a service key with the method in a role, or the playback token being
     /// refreshed (a device refreshing its own token).
     Refresh,
+    /// The device stream: the playback token alone, which names the session (no
+    /// service acts for a device on it, and `--insecure-dev` does not waive it).
+    Stream,
     /// Everything else: a service key or client certificate whose roles allow it.
     Internal,
 }
+
+/// The device stream's path, without the leading `/`.
+pub const STREAM_METHOD: &str = "usher.v1.StreamingService/StreamHeartbeats";
 
 const DEVICE_METHODS: [&str; 4] = [
     "usher.v1.PlaybackSessionService/Heartbeat",
@@ -63,6 +69,8 @@ pub fn access_of(path: &str) -> Access {
         Access::Public
     } else if DEVICE_METHODS.contains(&method) {
         Access::Device
+    } else if method == STREAM_METHOD {
+        Access::Stream
     } else if method == "usher.v1.TokenService/RefreshToken" {
         Access::Refresh
     } else {
@@ -395,6 +403,17 @@ impl Authenticator {
                 }
                 None if self.insecure_dev => Ok(Caller::Development),
                 None => Err(unauthenticated("no playback token")),
+            },
+            Access::Stream => match bearer {
+                Some(token) if looks_like_jwt(token) => self.device(self.tokens.verify(token)),
+                Some(_) => {
+                    self.principal(bearer, subjects)?;
+                    Err(Refusal {
+                        error: Error::PlaybackTokenRequired,
+                        cause: "a service credential on the device stream",
+                    })
+                }
+                None => Err(unauthenticated("no playback token on the device stream")),
             },
             Access::Refresh => match bearer {
                 Some(token) if looks_like_jwt(token) => {

@@ -14,6 +14,7 @@ use crate::session::ops::{SessionPolicy, Sessions};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
+use crate::streaming::Streams;
 use crate::token::Tokens;
 use crate::token::ops::TokenOps;
 
@@ -88,6 +89,7 @@ pub struct App {
     pub sessions: Arc<Sessions>,
     pub concurrency: Arc<ConcurrencyOps>,
     pub token_ops: Arc<TokenOps>,
+    pub streams: Arc<Streams>,
 }
 
 impl App {
@@ -112,8 +114,15 @@ impl App {
         ));
         let concurrency = Arc::new(ConcurrencyOps::new(
             store.clone(),
-            entitlements,
+            entitlements.clone(),
             config.over_limit_policy,
+        ));
+        let streams = Arc::new(Streams::new(
+            sessions.clone(),
+            store.clone(),
+            tokens.clone(),
+            entitlements,
+            config.streams.clone(),
         ));
         let token_ops = Arc::new(TokenOps::new(tokens.clone(), store.clone()));
         let authenticator = Arc::new(Authenticator::new(
@@ -128,6 +137,7 @@ impl App {
             sessions,
             concurrency,
             token_ops,
+            streams,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The gRPC transport: the three services over the [`App`]'s operations, health
+//! The gRPC transport: the four services over the [`App`]'s operations, health
 //! (per service, following the store's readiness, NOT_SERVING while draining),
 //! reflection v1 and v1alpha, the transport limits and request layers, and TLS.
 
@@ -19,8 +19,10 @@ use crate::config::Config;
 use crate::net::Incoming;
 use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
 use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
+use crate::proto::streaming_service_server::StreamingServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::session::grpc::SessionGrpc;
+use crate::streaming::grpc::StreamingGrpc;
 use crate::token::grpc::TokenGrpc;
 
 fn tls_config(
@@ -56,6 +58,12 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(
             <TokenServiceServer<TokenGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <StreamingServiceServer<StreamingGrpc> as NamedService>::NAME,
             status,
         )
         .await;
@@ -120,10 +128,14 @@ pub(super) fn serve(
     let token_service = TokenServiceServer::new(TokenGrpc::new(app.token_ops.clone()))
         .max_decoding_message_size(size)
         .max_encoding_message_size(size);
+    let streaming_service = StreamingServiceServer::new(StreamingGrpc::new(app.streams.clone()))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
 
     let mut drained = stop.clone();
     let drain_health = health.clone();
     let drain_delay = limits.drain_delay;
+    let streams = app.streams.clone();
     let drain = async move {
         let _ = drained.wait_for(|stopping| *stopping).await;
         // The follower must be gone before NOT_SERVING is set, or it could overwrite it.
@@ -134,6 +146,8 @@ pub(super) fn serve(
         }
         set_all(&drain_health, ServingStatus::NotServing).await;
         tracing::info!(delay = ?drain_delay, "draining: reporting NOT_SERVING");
+        // Devices reconnect elsewhere; their sessions and seats go on there.
+        streams.drain();
         tokio::time::sleep(drain_delay).await;
         tracing::info!("closing the listener");
     };
@@ -161,7 +175,8 @@ pub(super) fn serve(
         .add_service(reflection_v1alpha)
         .add_service(session_service)
         .add_service(concurrency_service)
-        .add_service(token_service);
+        .add_service(token_service)
+        .add_service(streaming_service);
     let shutdown_timeout = limits.shutdown_timeout;
     Ok(tokio::spawn(async move {
         let serving = router.serve_with_incoming_shutdown(incoming, drain);

@@ -97,9 +97,11 @@ pub async fn start(
         app.authenticator.clone(),
         config.credentials.clone(),
     );
+    let fanout = tokio::spawn(app.streams.clone().run_fanout());
     let background = [
         Some(probe),
         Some(sweeper),
+        Some(fanout),
         app.tokens.spawn_reloader(),
         hangup,
     ]

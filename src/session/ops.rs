@@ -10,6 +10,7 @@ use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::{Error, FieldViolation, Violations};
+use crate::ids::position;
 use crate::ids::{
     ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
 };
@@ -23,32 +24,8 @@ use crate::token::{IssuedToken, Tokens};
 const MAX_NAME_LEN: usize = 128;
 const MAX_USER_AGENT_LEN: usize = 512;
 const MAX_REASON_LEN: usize = 256;
-/// Longest position accepted: a week of playback.
-const MAX_POSITION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 100;
-
-/// A playback position: not negative, at most a week, in milliseconds.
-fn position(
-    field: &str,
-    value: Option<&prost_types::Duration>,
-) -> Result<Option<u64>, FieldViolation> {
-    let Some(value) = value else {
-        return Ok(None);
-    };
-    if value.seconds < 0 || value.nanos < 0 {
-        return Err(FieldViolation::new(field, "must not be negative"));
-    }
-    if value.nanos >= 1_000_000_000 {
-        return Err(FieldViolation::new(field, "nanos must be below 1e9"));
-    }
-    let d = Duration::new(value.seconds as u64, value.nanos as u32);
-    if d > MAX_POSITION {
-        return Err(FieldViolation::new(field, "must be at most 168h"));
-    }
-    Ok(Some(d.as_millis() as u64))
-}
-
 fn known_enum<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, FieldViolation> {
     E::try_from(value).map_err(|_| FieldViolation::new(field, format!("unknown value {value}")))
 }

@@ -642,17 +642,20 @@ impl Op<'_> {
                 if playback_state != PlaybackState::Unspecified {
                     record.session.playback_state = playback_state;
                 }
-                let due = match mode {
-                    HeartbeatEvents::Off => false,
-                    HeartbeatEvents::All => true,
-                    HeartbeatEvents::Sampled => {
-                        now.saturating_sub(record.last_heartbeat_event_ms) >= interval
-                    }
-                };
-                if due {
-                    record.last_heartbeat_event_ms = now;
+                // A reported PAUSED pauses and PLAYING resumes, as the explicit calls do.
+                let state = session.state;
+                if playback_state == PlaybackState::Paused && state == SessionState::Active {
+                    record.session.state = SessionState::Paused;
+                    record.session.paused_ms = Some(now);
+                    Some(EventKind::Paused)
+                } else if playback_state == PlaybackState::Playing && state == SessionState::Paused
+                {
+                    record.session.state = SessionState::Active;
+                    record.session.paused_ms = None;
+                    Some(EventKind::Resumed)
+                } else {
+                    sampled_heartbeat(record, mode, now, interval)
                 }
-                due.then_some(EventKind::Heartbeat)
             }
             DeviceAction::Pause if session.state == SessionState::Active => {
                 record.session.state = SessionState::Paused;
@@ -751,6 +754,24 @@ fn sort_oldest_first(sessions: &mut [Session]) {
     sessions.sort_by(|a, b| {
         (a.created_ms, a.name.session.as_str()).cmp(&(b.created_ms, b.name.session.as_str()))
     });
+}
+
+/// The heartbeat event of a plain heartbeat, if the mode says one is due now.
+fn sampled_heartbeat(
+    record: &mut Record,
+    mode: HeartbeatEvents,
+    now: u64,
+    interval: u64,
+) -> Option<EventKind> {
+    let due = match mode {
+        HeartbeatEvents::Off => false,
+        HeartbeatEvents::All => true,
+        HeartbeatEvents::Sampled => now.saturating_sub(record.last_heartbeat_event_ms) >= interval,
+    };
+    if due {
+        record.last_heartbeat_event_ms = now;
+    }
+    due.then_some(EventKind::Heartbeat)
 }
 
 // The memory store answers at once, under one short lock: the caller's deadline has

@@ -370,6 +370,52 @@ pub async fn pause_and_resume_append_one_event_each(kind: Kind) {
     );
 }
 
+/// A heartbeat that reports PAUSED pauses the session and one that reports PLAYING
+/// resumes it, with the same events as the explicit calls; repeating either changes
+/// nothing more.
+pub async fn a_reported_playback_state_pauses_and_resumes(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "a", 1, RejectNew).await.session.name;
+    let beat = |state| {
+        call(
+            &name,
+            DeviceAction::Heartbeat {
+                playback_state: state,
+            },
+        )
+    };
+    let paused = b.call(beat(PlaybackState::Paused)).await.unwrap();
+    assert_eq!(paused.state, SessionState::Paused);
+    assert!(paused.paused_ms.is_some());
+    let still = b.call(beat(PlaybackState::Paused)).await.unwrap();
+    assert_eq!(
+        (still.state, still.paused_ms),
+        (paused.state, paused.paused_ms)
+    );
+    let buffering = b.call(beat(PlaybackState::Buffering)).await.unwrap();
+    assert_eq!(
+        buffering.state,
+        SessionState::Paused,
+        "only PLAYING resumes"
+    );
+    let resumed = b.call(beat(PlaybackState::Playing)).await.unwrap();
+    assert_eq!(
+        (resumed.state, resumed.paused_ms),
+        (SessionState::Active, None)
+    );
+    let kinds: Vec<_> = b
+        .kinds_for(&name)
+        .await
+        .into_iter()
+        .filter(|k| *k != EventKind::Heartbeat)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Started, EventKind::Paused, EventKind::Resumed]
+    );
+}
+
 pub async fn stop_releases_the_seat_at_once(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
@@ -809,6 +855,7 @@ macro_rules! conformance_suite {
                     a_heartbeat_after_the_deadline_is_refused_and_expires,
                     pause_keeps_the_seat_up_to_the_maximum_pause,
                     pause_and_resume_append_one_event_each,
+                    a_reported_playback_state_pauses_and_resumes,
                     stop_releases_the_seat_at_once,
                     terminate_ends_a_session_with_the_reason,
                     a_stale_generation_is_refused,

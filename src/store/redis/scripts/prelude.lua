@@ -281,8 +281,16 @@ local function device_call(action)
     if ARGV[8] ~= '0' then
       s.ps = ARGV[8]
     end
+    -- A reported PAUSED pauses and PLAYING resumes, as the explicit calls do.
+    local reported = tonumber(ARGV[8])
     local mode = ARGV[11]
-    if mode == 'all' or (mode == 'sampled' and now - tonumber(s.he) >= tonumber(ARGV[12])) then
+    if reported == PLAYBACK_PAUSED and state == ACTIVE then
+      s.st, s.pt = tostring(PAUSED), int(now)
+      event = 'playback.paused'
+    elseif reported == PLAYBACK_PLAYING and state == PAUSED then
+      s.st, s.pt = tostring(ACTIVE), ''
+      event = 'playback.resumed'
+    elseif mode == 'all' or (mode == 'sampled' and now - tonumber(s.he) >= tonumber(ARGV[12])) then
       s.he = int(now)
       event = 'playback.heartbeat'
     end
