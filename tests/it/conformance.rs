@@ -336,13 +336,22 @@ pub async fn pause_keeps_the_seat_up_to_the_maximum_pause(kind: Kind) {
     let paused = b.call(call(&name, DeviceAction::Pause)).await.unwrap();
     assert_eq!(paused.state, SessionState::Paused);
     assert!(paused.paused_ms.is_some());
-    // The maximum pause (0.8 s) caps the deadline even though heartbeats continue.
+    // The maximum pause (0.8 s) caps the deadline even though heartbeats continue (a
+    // paused player reports PAUSED; one reporting PLAYING would resume).
     assert_eq!(paused.deadline_ms, paused.paused_ms.unwrap() + 800);
+    let still_paused = || {
+        call(
+            &name,
+            DeviceAction::Heartbeat {
+                playback_state: PlaybackState::Paused,
+            },
+        )
+    };
     b.advance(Duration::from_millis(400)).await;
-    b.call(heartbeat(&name)).await.unwrap();
+    b.call(still_paused()).await.unwrap();
     assert_eq!(b.holders(&user).await.len(), 1);
     b.advance(Duration::from_millis(600)).await;
-    match b.call(heartbeat(&name)).await {
+    match b.call(still_paused()).await {
         Err(StoreError::SessionEnded(s)) => {
             assert_eq!(s.state, SessionState::Expired);
             assert_eq!(s.end_reason, Some(EndReason::MaxPauseExceeded));
