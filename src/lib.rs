@@ -15,6 +15,9 @@
 //!   the embedded static policy).
 //! - [`token`]: playback tokens: key sets and rotation, issue and verify (with a cache of
 //!   verified tokens), and `TokenService`.
+//! - [`streaming`]: the device stream, `StreamingService`: heartbeats in, acks, "stop
+//!   now", tokens and reconnects out; the fan-out of the store's ended-session feed; and
+//!   `usher device`, a small client of it.
 //!
 //! Cross-cutting:
 //!
@@ -44,6 +47,7 @@
 //!
 //! ```text
 //! server, config
+//!   streaming                     (the device stream, over the session operations)
 //!   session, concurrency          (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
 //!       token                     (issue, verify, TokenService)

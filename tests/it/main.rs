@@ -9,4 +9,5 @@ mod python;
 mod race;
 mod redis_only;
 mod security;
+mod streaming;
 mod support;

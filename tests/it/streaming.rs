@@ -1,0 +1,741 @@
+//! The device stream through the real server: acks, "stop now" from anywhere (another
+//! instance, eviction, replacement, the sweeper, a lost notice), reconnects, token
+//! pushes, coalescing, refusals, caps, draining, and `usher device`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use usher::config::Config;
+use usher::deadline::Deadline;
+use usher::entitlement::StaticPolicy;
+use usher::proto;
+use usher::proto::stream_heartbeats_request::Kind as In;
+use usher::proto::stream_heartbeats_response::Kind as Out;
+use usher::proto::streaming_service_client::StreamingServiceClient;
+use usher::store::memory::MemoryStore;
+use usher::store::redis::{RedisStore, RedisTarget};
+use usher::store::{OverLimitPolicy, Store};
+use usher::token::keys::KeyRing;
+use usher::token::{TokenSettings, Tokens};
+
+use crate::support::{
+    TestServer, components, create_request, reason, redis, redis_options, serve_components,
+    test_config, test_settings, unique_prefix,
+};
+
+/// Stream timings short enough for tests: heartbeat every 500 ms (the store's timeout
+/// is 1.5 s), writes at most every 100 ms.
+fn stream_config(policy: OverLimitPolicy) -> Config {
+    let mut config = test_config(policy);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.streams.heartbeat_interval = Duration::from_millis(500);
+    config.streams.heartbeat_timeout = test_settings().heartbeat_timeout;
+    config.streams.min_write_interval = Duration::from_millis(100);
+    config
+}
+
+async fn server_on(store: Arc<dyn Store>, config: &Config) -> TestServer {
+    let entitlements = Arc::new(StaticPolicy::open(2).unwrap());
+    serve_components(config, components(store, entitlements)).await
+}
+
+fn memory_store() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new(test_settings()))
+}
+
+/// A device's open stream: what it sends, what it gets.
+struct Device {
+    sender: mpsc::Sender<proto::StreamHeartbeatsRequest>,
+    answers: tonic::Streaming<proto::StreamHeartbeatsResponse>,
+}
+
+fn beat(seconds: i64, state: proto::PlaybackState) -> proto::StreamHeartbeatsRequest {
+    proto::StreamHeartbeatsRequest {
+        kind: Some(In::Heartbeat(proto::StreamHeartbeat {
+            position: Some(prost_types::Duration { seconds, nanos: 0 }),
+            playback_state: state as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+fn playing(seconds: i64) -> proto::StreamHeartbeatsRequest {
+    beat(seconds, proto::PlaybackState::Playing)
+}
+
+/// Opens a stream on `server` with `token` (sending `first` at once, as devices do).
+async fn try_open(
+    server: &TestServer,
+    token: &str,
+    first: proto::StreamHeartbeatsRequest,
+) -> Result<Device, tonic::Status> {
+    let (sender, requests) = mpsc::channel(1024);
+    sender.send(first).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    let answers = StreamingServiceClient::new(server.channel.clone())
+        .stream_heartbeats(request)
+        .await?
+        .into_inner();
+    Ok(Device { sender, answers })
+}
+
+async fn open(server: &TestServer, token: &str) -> Device {
+    try_open(server, token, playing(1))
+        .await
+        .expect("stream opens")
+}
+
+impl Device {
+    /// The next message, within `within`.
+    async fn next(&mut self, within: Duration) -> Out {
+        tokio::time::timeout(within, self.answers.message())
+            .await
+            .expect("a message in time")
+            .expect("no stream error")
+            .expect("the stream is open")
+            .kind
+            .expect("a kind")
+    }
+
+    /// Messages until a stop, which it returns with how long it took.
+    async fn until_stop(&mut self, within: Duration) -> (proto::StopPlayback, Duration) {
+        let started = Instant::now();
+        loop {
+            let left = within.saturating_sub(started.elapsed());
+            if let Out::Stop(stop) = self.next(left).await {
+                return (stop, started.elapsed());
+            }
+        }
+    }
+
+    /// Heartbeats every `every` until a stop arrives (within `within`).
+    async fn beating_until_stop(
+        &mut self,
+        every: Duration,
+        within: Duration,
+    ) -> proto::StopPlayback {
+        let started = Instant::now();
+        loop {
+            assert!(started.elapsed() < within, "no stop within {within:?}");
+            let _ = self.sender.send(playing(5)).await;
+            let Ok(message) = tokio::time::timeout(every, self.answers.message()).await else {
+                continue;
+            };
+            if let Some(Out::Stop(stop)) = message.unwrap().and_then(|m| m.kind) {
+                return stop;
+            }
+        }
+    }
+}
+
+/// Starts a session on `server`: its name and token.
+async fn start(server: &mut TestServer, user: &str, device: &str) -> (String, String) {
+    let created = server
+        .sessions
+        .create_session(create_request(user, device))
+        .await
+        .expect("create")
+        .into_inner();
+    (created.session.unwrap().name, created.playback_token)
+}
+
+fn stop_reason(stop: &proto::StopPlayback) -> proto::StopReason {
+    proto::StopReason::try_from(stop.reason).unwrap()
+}
+
+#[tokio::test]
+async fn acks_carry_the_deadline_and_a_jittered_interval() {
+    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (_, token) = start(&mut server, "ada", "tv").await;
+    let mut device = open(&server, &token).await;
+    let mut intervals = Vec::new();
+    for i in 0..6 {
+        let Out::Ack(ack) = device.next(Duration::from_secs(2)).await else {
+            panic!("expected an ack");
+        };
+        assert!(ack.expire_time.is_some() && ack.server_time.is_some());
+        assert_eq!(ack.state, proto::SessionState::Active as i32);
+        let interval = Duration::try_from(ack.next_interval.unwrap()).unwrap();
+        assert!(
+            interval <= Duration::from_millis(500) && interval >= Duration::from_millis(400),
+            "{interval:?}"
+        );
+        intervals.push(interval);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        device.sender.send(playing(10 + i)).await.unwrap();
+    }
+    intervals.dedup();
+    assert!(intervals.len() > 1, "jittered: {intervals:?}");
+    server.running.shutdown().await.unwrap();
+}
+
+/// Two instances over one store: a TerminateSession on B reaches the stream held by A
+/// in under a second, for every one of `count` sessions. Returns the delays.
+async fn terminate_on_b_reaches_a(store_a: Arc<dyn Store>, store_b: Arc<dyn Store>, count: usize) {
+    let config = stream_config(OverLimitPolicy::RejectNew);
+    let mut a = server_on(store_a, &config).await;
+    let mut b = server_on(store_b, &config).await;
+    let mut delays = Vec::new();
+    for i in 0..count {
+        let user = format!("u{}-{i}", unique_prefix());
+        let (name, token) = start(&mut a, &user, "tv").await;
+        let mut device = open(&a, &token).await;
+        assert!(matches!(
+            device.next(Duration::from_secs(2)).await,
+            Out::Ack(_)
+        ));
+        let started = Instant::now();
+        b.sessions
+            .terminate_session(proto::TerminateSessionRequest {
+                name: name.clone(),
+                reason: "account sharing".into(),
+            })
+            .await
+            .unwrap();
+        let (stop, _) = device.until_stop(Duration::from_secs(1)).await;
+        delays.push(started.elapsed());
+        assert_eq!(stop_reason(&stop), proto::StopReason::Terminated);
+        assert_eq!(stop.message, "account sharing");
+        assert_eq!(stop.state, proto::SessionState::Terminated as i32);
+        assert_eq!(stop.session, name);
+    }
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "stop across instances, {count} stops: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        delays.last().unwrap()
+    );
+    assert!(*delays.last().unwrap() < Duration::from_secs(1));
+    a.running.shutdown().await.unwrap();
+    b.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_on_another_instance_stops_the_stream_in_memory() {
+    let store = memory_store();
+    terminate_on_b_reaches_a(store.clone(), store, 20).await;
+}
+
+async fn redis_pair(target: impl Fn() -> RedisTarget) -> (Arc<dyn Store>, Arc<dyn Store>) {
+    let prefix = unique_prefix();
+    let connect = |target| {
+        let prefix = prefix.clone();
+        async move {
+            Arc::new(
+                RedisStore::connect(redis_options(target, &prefix), test_settings())
+                    .await
+                    .unwrap(),
+            ) as Arc<dyn Store>
+        }
+    };
+    (connect(target()).await, connect(target()).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_on_another_instance_stops_the_stream_on_redis() {
+    let url = redis::shared_redis().url();
+    let (a, b) = redis_pair(|| RedisTarget::Single { url: url.clone() }).await;
+    terminate_on_b_reaches_a(a, b, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_on_another_instance_stops_the_stream_on_a_cluster() {
+    let nodes = redis::shared_cluster().node_list();
+    let (a, b) = redis_pair(|| RedisTarget::Cluster {
+        nodes: nodes.clone(),
+    })
+    .await;
+    terminate_on_b_reaches_a(a, b, 20).await;
+}
+
+#[tokio::test]
+async fn eviction_and_replacement_reach_the_streams_they_end() {
+    let config = stream_config(OverLimitPolicy::StopOldest);
+    let mut server = server_on(memory_store(), &config).await;
+    let (_, tv_token) = start(&mut server, "eve", "tv").await;
+    let mut tv = open(&server, &tv_token).await;
+    let (_, phone_token) = start(&mut server, "eve", "phone").await;
+    let mut phone = open(&server, &phone_token).await;
+    // A third device: stop-oldest evicts the TV.
+    start(&mut server, "eve", "tablet").await;
+    let (stop, _) = tv.until_stop(Duration::from_secs(1)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Evicted);
+    assert_eq!(stop.state, proto::SessionState::Evicted as i32);
+    // The phone starts again: its old session is replaced.
+    start(&mut server, "eve", "phone").await;
+    let (stop, _) = phone.until_stop(Duration::from_secs(1)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Replaced);
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_stops_a_stream_that_went_silent() {
+    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (name, token) = start(&mut server, "sid", "tv").await;
+    let mut device = open(&server, &token).await;
+    // Nothing more is sent: the deadline (1.5 s) passes, the sweeper or the stream's own
+    // silence check ends it.
+    let (stop, waited) = device.until_stop(Duration::from_secs(4)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Expired);
+    assert_eq!(stop.state, proto::SessionState::Expired as i32);
+    assert!(waited >= Duration::from_millis(1300), "{waited:?}");
+    assert_eq!(
+        server.get(&name).await.unwrap().state,
+        proto::SessionState::Expired as i32
+    );
+    server.running.shutdown().await.unwrap();
+}
+
+/// The guaranteed path: a session that ends with no notice (a failover lost its seat)
+/// is stopped at the next heartbeat; and with the subscriber's connection killed, a
+/// termination still reaches the stream within a heartbeat interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
+    let server_redis = redis::RedisServer::start();
+    let prefix = unique_prefix();
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(
+            redis_options(
+                RedisTarget::Single {
+                    url: server_redis.url(),
+                },
+                &prefix,
+            ),
+            test_settings(),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
+
+    let (name, token) = start(&mut server, "gus", "tv").await;
+    let mut device = open(&server, &token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    let session = usher::ids::SessionName::parse("n", &name).unwrap();
+    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let seats = format!("{prefix}:{{{partition}}}:seats:{}", session.user);
+    assert_eq!(
+        server_redis.cli(&["zrem", &seats, session.session.as_str()]),
+        "1"
+    );
+    let stop = device
+        .beating_until_stop(Duration::from_millis(150), Duration::from_secs(2))
+        .await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Expired);
+    assert_eq!(stop.state, proto::SessionState::Evicted as i32);
+
+    let (name, token) = start(&mut server, "gus", "phone").await;
+    let mut device = open(&server, &token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    let killed = server_redis.cli(&["client", "kill", "type", "pubsub"]);
+    assert_ne!(killed, "0", "the subscriber's connection was there to kill");
+    let termination = usher::session::Termination {
+        message: "ops".into(),
+        by: "test".into(),
+    };
+    store
+        .terminate(
+            &usher::ids::SessionName::parse("n", &name).unwrap(),
+            &termination,
+            Deadline::NONE,
+        )
+        .await
+        .unwrap();
+    let stop = device
+        .beating_until_stop(Duration::from_millis(500), Duration::from_secs(2))
+        .await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Terminated);
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_comes_back_to_the_same_session_or_frees_the_seat() {
+    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (name, token) = start(&mut server, "hal", "tv").await;
+    let before = server.get(&name).await.unwrap();
+    let device = open(&server, &token).await;
+    drop(device);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Within the deadline: the same session, seat and generation go on.
+    let mut again = open(&server, &token).await;
+    let Out::Ack(ack) = again.next(Duration::from_secs(2)).await else {
+        panic!("expected an ack");
+    };
+    assert_eq!(ack.state, proto::SessionState::Active as i32);
+    let after = server.get(&name).await.unwrap();
+    assert_eq!(
+        (after.generation, after.state),
+        (before.generation, proto::SessionState::Active as i32)
+    );
+    let seats = server
+        .concurrency
+        .get_concurrency(proto::GetConcurrencyRequest {
+            name: "users/hal/concurrency".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seats.concurrency.unwrap().in_use, 1);
+    // Dropped for good: the seat is freed after the deadline.
+    drop(again);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        server.get(&name).await.unwrap().state,
+        proto::SessionState::Expired as i32
+    );
+    server.start("hal", "phone").await;
+    server.start("hal", "tablet").await;
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fresh_token_arrives_before_expiry_and_the_old_one_keeps_working() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.token_push_before = Duration::from_secs(2);
+    let tokens = Arc::new(Tokens::new(
+        TokenSettings {
+            ttl: Duration::from_secs(3),
+            ..TokenSettings::default()
+        },
+        KeyRing::ephemeral().unwrap(),
+    ));
+    let mut parts = components(memory_store(), Arc::new(StaticPolicy::open(2).unwrap()));
+    parts.tokens = tokens;
+    let mut server = serve_components(&config, parts).await;
+    let (_, token) = start(&mut server, "ivy", "tv").await;
+    let mut device = open(&server, &token).await;
+    let started = Instant::now();
+    let fresh = loop {
+        if let Out::Token(fresh) = device.next(Duration::from_secs(3)).await {
+            break fresh;
+        }
+        device.sender.send(playing(3)).await.unwrap();
+    };
+    let pushed_after = started.elapsed();
+    assert!(pushed_after < Duration::from_secs(2), "{pushed_after:?}");
+    assert_ne!(fresh.playback_token, token);
+    let mut tokens_client =
+        proto::token_service_client::TokenServiceClient::new(server.channel.clone());
+    for t in [&token, &fresh.playback_token] {
+        let answer = tokens_client
+            .validate_token(proto::ValidateTokenRequest {
+                token: t.clone(),
+                check_session: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.valid, "{}", answer.reason);
+    }
+    // The fresh token opens a stream too (it supersedes this one).
+    let _second = open(&server, &fresh.playback_token).await;
+    let (stop, _) = device.until_stop(Duration::from_secs(2)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Superseded);
+    assert_eq!(stop.state, 0, "the session goes on");
+    server.running.shutdown().await.unwrap();
+}
+
+/// 1,000 heartbeats in a second on one stream: every one acked, a handful written (each
+/// write appends a heartbeat event: the test store records all of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_flood_is_coalesced() {
+    let store = memory_store();
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.min_write_interval = Duration::from_secs(1);
+    let mut server = server_on(store.clone(), &config).await;
+    let (name, token) = start(&mut server, "joy", "tv").await;
+    let mut device = open(&server, &token).await;
+    let flood_start = Instant::now();
+    for i in 0..1000 {
+        device.sender.send(playing(i)).await.unwrap();
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(90)).await;
+        }
+    }
+    let mut acks = 0;
+    while acks < 1001 {
+        if let Out::Ack(_) = device.next(Duration::from_secs(3)).await {
+            acks += 1;
+        }
+    }
+    let flood = flood_start.elapsed();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let session = usher::ids::SessionName::parse("n", &name).unwrap();
+    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let writes = store
+        .read_events(partition, None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.session == session && e.kind == usher::store::EventKind::Heartbeat)
+        .count();
+    assert!(
+        (1..=4).contains(&writes),
+        "{writes} writes for 1001 heartbeats in {flood:?}"
+    );
+    // The last position was written by the flush.
+    assert_eq!(
+        server.get(&name).await.unwrap().position.unwrap().seconds,
+        999
+    );
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_are_refused_like_the_unary_device_calls() {
+    let tokens = Arc::new(Tokens::new(
+        TokenSettings::default(),
+        KeyRing::ephemeral().unwrap(),
+    ));
+    let store = memory_store();
+    let mut parts = components(store.clone(), Arc::new(StaticPolicy::open(2).unwrap()));
+    parts.tokens = tokens.clone();
+    let mut server = serve_components(&stream_config(OverLimitPolicy::RejectNew), parts).await;
+    let refused = |status: tonic::Status| (status.code(), reason(&status));
+
+    // No token, even in --insecure-dev: the token names the session.
+    let mut client = StreamingServiceClient::new(server.channel.clone());
+    let (sender, requests) = mpsc::channel(1);
+    sender.send(playing(1)).await.unwrap();
+    let status = client
+        .stream_heartbeats(ReceiverStream::new(requests))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused(status),
+        (Code::Unauthenticated, "UNAUTHENTICATED".into())
+    );
+
+    // An ended session's token.
+    let (name, token) = start(&mut server, "kim", "tv").await;
+    server.stop(&name).await.unwrap();
+    let status = try_open(&server, &token, playing(1)).await.err().unwrap();
+    assert_eq!(
+        refused(status),
+        (Code::FailedPrecondition, "SESSION_ENDED".into())
+    );
+
+    // A token of an older seat generation of a live session: NOT_FOUND.
+    let (name, _) = start(&mut server, "kim", "phone").await;
+    let session = usher::ids::SessionName::parse("n", &name).unwrap();
+    let mut older = store
+        .get_session(&session, Deadline::NONE)
+        .await
+        .unwrap()
+        .unwrap();
+    older.generation -= 1;
+    let forged = tokens.issue(&older).unwrap().token;
+    let status = try_open(&server, &forged, playing(1)).await.err().unwrap();
+    assert_eq!(refused(status), (Code::NotFound, "NOT_FOUND".into()));
+
+    // Another session's id under the token's own user.
+    let mut other = older.clone();
+    other.generation += 1;
+    other.name.session = usher::ids::SessionId::generate();
+    let forged = tokens.issue(&other).unwrap().token;
+    let status = try_open(&server, &forged, playing(1)).await.err().unwrap();
+    assert_eq!(refused(status), (Code::NotFound, "NOT_FOUND".into()));
+
+    // A malformed message ends the stream with INVALID_ARGUMENT naming the field.
+    let (_, token) = start(&mut server, "lou", "tv").await;
+    let empty = proto::StreamHeartbeatsRequest { kind: None };
+    let mut device = try_open(&server, &token, empty).await.unwrap();
+    let status = device.answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(crate::support::bad_fields(&status), ["kind"]);
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.max_streams_per_connection = 2;
+    let mut server = server_on(memory_store(), &config).await;
+    let mut devices = Vec::new();
+    for device in ["a", "b"] {
+        let (_, token) = start(&mut server, "max", device).await;
+        devices.push(open(&server, &token).await);
+    }
+    let (_, token) = start(&mut server, "mia", "c").await;
+    let status = try_open(&server, &token, playing(1)).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "TOO_MANY_STREAMS");
+    // One closes: there is room again.
+    drop(devices.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    open(&server, &token).await;
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn stop_on_the_stream_releases_the_seat_and_paused_pauses() {
+    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (name, token) = start(&mut server, "ned", "tv").await;
+    let mut device = open(&server, &token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    device
+        .sender
+        .send(beat(30, proto::PlaybackState::Paused))
+        .await
+        .unwrap();
+    let Out::Ack(ack) = device.next(Duration::from_secs(2)).await else {
+        panic!("expected an ack");
+    };
+    assert_eq!(ack.state, proto::SessionState::Paused as i32);
+    // The unary heartbeat reporting PLAYING resumes it.
+    let resumed = server
+        .sessions
+        .heartbeat(proto::HeartbeatRequest {
+            name: name.clone(),
+            playback_state: proto::PlaybackState::Playing as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(resumed.state, proto::SessionState::Active as i32);
+    let stop = proto::StreamHeartbeatsRequest {
+        kind: Some(In::Stop(proto::StreamStop {
+            position: Some(prost_types::Duration {
+                seconds: 42,
+                nanos: 0,
+            }),
+        })),
+    };
+    device.sender.send(stop).await.unwrap();
+    let (stop, _) = device.until_stop(Duration::from_secs(2)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Stopped);
+    assert_eq!(stop.state, proto::SessionState::Stopped as i32);
+    let read = server.get(&name).await.unwrap();
+    assert_eq!(read.position.unwrap().seconds, 42);
+    // The seats are free at once.
+    server.start("ned", "phone").await;
+    server.start("ned", "tablet").await;
+    assert!(device.answers.message().await.unwrap().is_none(), "closed");
+    server.running.shutdown().await.unwrap();
+}
+
+/// SIGTERM's drain: NOT_SERVING, `reconnect` to every stream; the device reconnects to
+/// another instance with its token and the session, seat and generation go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_sends_reconnect_and_the_session_survives() {
+    let store = memory_store();
+    let config = stream_config(OverLimitPolicy::RejectNew);
+    // Two instances of one deployment: one store, one key set.
+    let entitlements = Arc::new(StaticPolicy::open(2).unwrap());
+    let a_parts = components(store.clone(), entitlements.clone());
+    let mut b_parts = components(store.clone(), entitlements);
+    b_parts.tokens = a_parts.tokens.clone();
+    let mut a = serve_components(&config, a_parts).await;
+    let b = serve_components(&config, b_parts).await;
+    let (name, token) = start(&mut a, "oli", "tv").await;
+    let before = a.get(&name).await.unwrap();
+    let mut device = open(&a, &token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    let stopping = tokio::spawn(a.running.shutdown());
+    let Out::Reconnect(reconnect) = device.next(Duration::from_secs(2)).await else {
+        panic!("expected reconnect");
+    };
+    let delay = Duration::try_from(reconnect.delay.unwrap()).unwrap();
+    assert!(delay <= config.streams.reconnect_spread, "{delay:?}");
+    stopping.await.unwrap().unwrap();
+    let mut again = open(&b, &token).await;
+    let Out::Ack(ack) = again.next(Duration::from_secs(2)).await else {
+        panic!("expected an ack");
+    };
+    assert_eq!(ack.state, proto::SessionState::Active as i32);
+    let mut b = b;
+    let after = b.get(&name).await.unwrap();
+    assert_eq!(after.generation, before.generation);
+    let seats = store
+        .seats(
+            &usher::ids::SessionName::parse("n", &name).unwrap().user,
+            Deadline::NONE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(seats.holders.len(), 1, "no second session");
+    b.running.shutdown().await.unwrap();
+}
+
+/// `usher device`, the binary, against a real server: it heartbeats, prints the acks,
+/// and exits 0 after the stop an operator's termination sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usher_device_prints_what_usher_sends_until_stop() {
+    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (name, token) = start(&mut server, "pat", "tv").await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args([
+            "device",
+            "--addr",
+            &server.running.addr.to_string(),
+            "--token",
+            &token,
+            "--interval",
+            "200ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    server
+        .sessions
+        .terminate_session(proto::TerminateSessionRequest {
+            name,
+            reason: "support".into(),
+        })
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("usher device exits after stop")
+        .unwrap();
+    assert!(status.success());
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().filter(|l| l.get("ack").is_some()).count() >= 2,
+        "{out}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["stop"]["reason"], "STOP_REASON_TERMINATED", "{out}");
+    assert_eq!(last["stop"]["message"], "support");
+    server.running.shutdown().await.unwrap();
+}
