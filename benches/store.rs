@@ -15,6 +15,7 @@
 #[path = "../tests/it/support/redis.rs"]
 #[expect(dead_code, reason = "shared with the tests; the bench uses part of it")]
 mod redis;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,22 +90,6 @@ where
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// CPU seconds a process has used (user + system), from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
-}
-
 /// The rates of one store.
 struct Rates {
     heartbeats: f64,
@@ -128,7 +113,7 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
     }
     let names = Arc::new(names);
     let heartbeat_store = store.clone();
-    let cpu_before = pid.map(cpu_seconds);
+    let cpu_before = pid.map(support::cpu_seconds);
     let wall = Instant::now();
     let heartbeats = rate(move |i| {
         let store = heartbeat_store.clone();
@@ -148,7 +133,7 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
     .await;
     let per_cpu_second = match (pid, cpu_before) {
         (Some(pid), Some(before)) => {
-            let used = cpu_seconds(pid) - before;
+            let used = support::cpu_seconds(pid) - before;
             heartbeats * wall.elapsed().as_secs_f64() / used.max(0.01)
         }
         _ => f64::NAN,

@@ -203,6 +203,16 @@ impl fmt::Display for SessionName {
     }
 }
 
+impl SessionName {
+    /// Whether `name` is this session's resource name, without building it.
+    pub fn is(&self, name: &str) -> bool {
+        name.strip_prefix("users/")
+            .and_then(|rest| rest.strip_prefix(self.user.as_str()))
+            .and_then(|rest| rest.strip_prefix("/sessions/"))
+            .is_some_and(|rest| rest == self.session.as_str())
+    }
+}
+
 /// Longest position accepted: a week of playback.
 const MAX_POSITION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -237,6 +247,17 @@ mod tests {
         assert_eq!(name.user.as_str(), "u-1");
         assert_eq!(name.session.as_str(), "s.2");
         assert_eq!(name.to_string(), "users/u-1/sessions/s.2");
+        assert!(name.is("users/u-1/sessions/s.2"));
+        for other in [
+            "users/u-1/sessions/s.22",
+            "users/u-1/sessions/s",
+            "users/u-12/sessions/s.2",
+            "users/u-1/session/s.2",
+            "users/u-1sessions/s.2",
+            "",
+        ] {
+            assert!(!name.is(other), "{other}");
+        }
     }
 
     #[test]

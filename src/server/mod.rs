@@ -97,7 +97,8 @@ pub async fn start(
         app.authenticator.clone(),
         config.credentials.clone(),
     );
-    let fanout = tokio::spawn(app.streams.clone().run_fanout());
+    let feed = app.store.ended_sessions().await?;
+    let fanout = tokio::spawn(app.streams.clone().run_fanout(feed));
     let background = [
         Some(probe),
         Some(sweeper),

@@ -359,7 +359,7 @@ fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, E
     };
     match caller {
         Some(Caller::Device { claims, .. }) => {
-            if claims.sid != call.name.to_string() {
+            if !call.name.is(&claims.sid) {
                 return Err(not_found());
             }
             if call.generation.is_some_and(|g| g != claims.r#gen) {

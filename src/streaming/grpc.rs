@@ -105,16 +105,11 @@ fn outbound(message: Outbound) -> proto::StreamHeartbeatsResponse {
             state: state.to_proto() as i32,
             coalesced,
         }),
-        Outbound::Stop {
-            reason,
-            message,
-            state,
-            session,
-        } => Out::Stop(proto::StopPlayback {
-            reason: stop_reason(reason) as i32,
-            message,
-            state: state.map_or(0, |s| s.to_proto() as i32),
-            session: session.to_string(),
+        Outbound::Stop(stopped) => Out::Stop(proto::StopPlayback {
+            reason: stop_reason(stopped.reason) as i32,
+            message: stopped.message,
+            state: stopped.state.map_or(0, |s| s.to_proto() as i32),
+            session: stopped.session.to_string(),
         }),
         Outbound::Token(issued) => Out::Token(proto::TokenRefresh {
             playback_token: issued.token,
@@ -162,7 +157,7 @@ impl StreamingService for StreamingGrpc {
             )
             .boxed();
         let (out, outgoing) = mpsc::channel(16);
-        let (errors, failed) = mpsc::channel(1);
+        let (error, failed) = tokio::sync::oneshot::channel();
         let streams = self.streams.clone();
         tokio::spawn(async move {
             let ended = streams.run(opened, messages, out).await;
@@ -174,12 +169,15 @@ impl StreamingService for StreamingGrpc {
                 }
                 (Ok(()), _) => return,
             };
-            let _ = errors.send(status).await;
+            let _ = error.send(status);
         });
         // The stream's own messages, then the error that ended it, if any.
         let answers = ReceiverStream::new(outgoing)
             .map(|message| Ok(outbound(message)))
-            .chain(ReceiverStream::new(failed).map(Err));
+            .chain(
+                futures::stream::once(failed)
+                    .filter_map(|ended| async move { ended.ok().map(Err) }),
+            );
         Ok(Response::new(Box::pin(answers)))
     }
 }

@@ -35,7 +35,7 @@ use crate::error::Error;
 use crate::ids::SessionName;
 use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 use crate::session::ops::{DeviceRequest, Sessions};
-use crate::store::{DeviceAction, DeviceCall, Store, StoreError};
+use crate::store::{DeviceAction, DeviceCall, EndedFeed, Store, StoreError};
 use crate::token::{IssuedToken, PlaybackClaims, Tokens};
 
 /// The limits and timings of device streams.
@@ -136,15 +136,22 @@ pub enum Outbound {
         state: SessionState,
         coalesced: bool,
     },
-    Stop {
-        reason: StopReason,
-        message: String,
-        /// The final state; `None` when superseded (the session goes on elsewhere).
-        state: Option<SessionState>,
-        session: SessionName,
-    },
-    Token(IssuedToken),
+    /// Boxed, as is the token: a stream's outgoing queue holds a block of these, so
+    /// the enum stays small.
+    Stop(Box<Stopped>),
+    Token(Box<IssuedToken>),
     Reconnect(Duration),
+}
+
+/// Why and how a stream's session is over.
+#[derive(Clone, Debug)]
+pub struct Stopped {
+    pub reason: StopReason,
+    /// The operator's words, if an operator ended it.
+    pub message: String,
+    /// The final state; `None` when superseded (the session goes on elsewhere).
+    pub state: Option<SessionState>,
+    pub session: SessionName,
 }
 
 /// A signal to one stream from outside it.
@@ -217,16 +224,37 @@ pub struct Streams {
     next_id: AtomicU64,
     open: Arc<AtomicUsize>,
     draining: std::sync::atomic::AtomicBool,
+    jitter: Jitter,
 }
 
-/// A random duration in `[0, max)`.
-fn random_below(max: Duration) -> Duration {
-    let mut bytes = [0u8; 8];
-    if getrandom::getrandom(&mut bytes).is_err() || max.is_zero() {
-        return Duration::ZERO;
+/// Jitter: a small xorshift generator shared by the streams of an instance, seeded from
+/// the OS once. Not for secrets; it only spreads devices' heartbeats and reconnects.
+struct Jitter(AtomicU64);
+
+impl Jitter {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = getrandom::getrandom(&mut seed);
+        Self(AtomicU64::new(u64::from_le_bytes(seed) | 1))
     }
-    let nanos = u64::from_le_bytes(bytes) % (max.as_nanos().min(u128::from(u64::MAX)) as u64);
-    Duration::from_nanos(nanos)
+
+    fn next(&self) -> u64 {
+        let mut x = self.0.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0.store(x, Ordering::Relaxed);
+        x
+    }
+
+    /// A random duration in `[0, max)`.
+    fn below(&self, max: Duration) -> Duration {
+        let max = max.as_nanos().min(u128::from(u64::MAX)) as u64;
+        if max == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next() % max)
+    }
 }
 
 fn unix_now() -> Duration {
@@ -253,6 +281,7 @@ impl Streams {
             next_id: AtomicU64::new(1),
             open: Arc::new(AtomicUsize::new(0)),
             draining: std::sync::atomic::AtomicBool::new(false),
+            jitter: Jitter::new(),
         }
     }
 
@@ -268,7 +297,7 @@ impl Streams {
     /// The next ack's interval: the heartbeat interval, up to a fifth less at random.
     fn next_interval(&self) -> Duration {
         let interval = self.settings.heartbeat_interval;
-        interval - random_below(interval / 5)
+        interval - self.jitter.below(interval / 5)
     }
 
     /// Opens a stream for the caller's session: the caller must be a device with its
@@ -354,18 +383,10 @@ impl Streams {
         })
     }
 
-    /// Reads the store's feed of ended sessions and signals the streams this instance
-    /// holds, until the feed ends. One task per instance.
-    pub async fn run_fanout(self: Arc<Self>) {
-        let mut feed = loop {
-            match self.store.ended_sessions().await {
-                Ok(feed) => break feed,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot subscribe to ended sessions; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
+    /// Reads `feed`, the store's ended sessions, and signals the streams this instance
+    /// holds, until the feed ends. One task per instance, subscribed before the server
+    /// accepts its first call, so no stream can open before its stop could reach it.
+    pub async fn run_fanout(self: Arc<Self>, mut feed: EndedFeed) {
         while let Some(name) = feed.next().await {
             let noticed = Instant::now();
             if let Some(entry) = self.lock().get(&name) {
@@ -383,7 +404,7 @@ impl Streams {
             "telling device streams to reconnect"
         );
         for entry in registry.values() {
-            let delay = random_below(self.settings.reconnect_spread);
+            let delay = self.jitter.below(self.settings.reconnect_spread);
             let _ = entry.signals.try_send(Signal::Reconnect(delay));
         }
     }
@@ -418,17 +439,32 @@ impl Streams {
             last_write: None,
             pending: None,
             heard: Instant::now(),
-            token_exp: opened.claims.exp,
+            token_due: Instant::now(),
         };
+        run.learn_token(opened.claims.exp);
         let mut inbound = inbound;
+        // Three timers, armed once and moved only when their instant changes: a timer
+        // registered per message would cost every heartbeat a trip to the timer wheel.
+        let timeout = self.settings.heartbeat_timeout;
+        let idle = sleep_until(run.heard + timeout);
+        let flush = sleep_until(run.heard + FAR);
+        let mut token_at = run.token_due();
+        let token = sleep_until(token_at);
+        tokio::pin!(idle, flush, token);
+        let mut flush_armed = false;
         loop {
-            let flush_at = run
-                .pending
-                .as_ref()
-                .and(run.last_write)
-                .map(|t| t + self.settings.min_write_interval);
-            let idle_at = run.heard + self.settings.heartbeat_timeout;
-            let token_at = run.token_due();
+            if run.pending.is_some() != flush_armed {
+                flush_armed = run.pending.is_some();
+                let at = match (flush_armed, run.last_write) {
+                    (true, Some(written)) => written + self.settings.min_write_interval,
+                    _ => Instant::now() + FAR,
+                };
+                flush.as_mut().reset(at);
+            }
+            if run.token_due() != token_at {
+                token_at = run.token_due();
+                token.as_mut().reset(token_at);
+            }
             tokio::select! {
                 biased;
                 signal = opened.signals.recv() => match signal {
@@ -458,25 +494,35 @@ impl Streams {
                         }
                     }
                 },
-                () = sleep_until(flush_at.unwrap_or(idle_at)), if flush_at.is_some() => {
+                () = &mut flush, if flush_armed => {
                     if run.flush().await? {
                         return Ok(());
                     }
                 }
-                () = sleep_until(idle_at) => {
-                    if run.idle().await? {
+                () = &mut idle => {
+                    // Heard from since it was armed: move it, lazily.
+                    if run.heard + timeout > Instant::now() {
+                        idle.as_mut().reset(run.heard + timeout);
+                    } else if run.idle().await? {
                         return Ok(());
+                    } else {
+                        idle.as_mut().reset(run.heard + timeout);
                     }
                 }
-                () = sleep_until(token_at) => {
+                () = &mut token => {
                     if run.push_token().await? {
                         return Ok(());
                     }
+                    token_at = run.token_due();
+                    token.as_mut().reset(token_at);
                 }
             }
         }
     }
 }
+
+/// An instant no timer of a stream reaches: a year.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A heartbeat waiting for the write interval.
 struct Pending {
@@ -495,8 +541,8 @@ struct Run<'a> {
     pending: Option<Pending>,
     /// When the device last sent anything.
     heard: Instant,
-    /// The newest token's expiry, seconds since the epoch.
-    token_exp: u64,
+    /// When the next token is due.
+    token_due: Instant,
 }
 
 impl Run<'_> {
@@ -508,11 +554,15 @@ impl Run<'_> {
         Deadline::after(self.settings().call_timeout)
     }
 
-    /// When the next token is due: `token_push_before` ahead of the newest one's expiry.
+    /// When the next token is due: `token_push_before` ahead of the newest one's expiry
+    /// (computed when that token is learnt, so it does not drift between calls).
     fn token_due(&self) -> Instant {
-        let expires = Duration::from_secs(self.token_exp);
-        let left = expires.saturating_sub(unix_now());
-        Instant::now() + left.saturating_sub(self.settings().token_push_before)
+        self.token_due
+    }
+
+    fn learn_token(&mut self, exp: u64) {
+        let left = Duration::from_secs(exp).saturating_sub(unix_now());
+        self.token_due = Instant::now() + left.saturating_sub(self.settings().token_push_before);
     }
 
     async fn send(&self, message: Outbound) {
@@ -520,14 +570,14 @@ impl Run<'_> {
     }
 
     async fn stop(&self, reason: StopReason, ended: Option<&Session>) {
-        self.send(Outbound::Stop {
+        self.send(Outbound::Stop(Box::new(Stopped {
             reason,
             message: ended
                 .map(|s| s.termination.message.clone())
                 .unwrap_or_default(),
             state: ended.map(|s| s.state),
             session: self.name.clone(),
-        })
+        })))
         .await;
     }
 
@@ -738,8 +788,8 @@ impl Run<'_> {
             return Ok(true);
         }
         let issued = self.streams.tokens.issue(&self.session)?;
-        self.token_exp = issued.claims.exp;
-        self.send(Outbound::Token(issued)).await;
+        self.learn_token(issued.claims.exp);
+        self.send(Outbound::Token(Box::new(issued))).await;
         Ok(false)
     }
 }
