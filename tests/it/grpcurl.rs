@@ -580,3 +580,57 @@ fn silent_connections_cannot_exhaust_the_server() {
     drop(silent);
     assert!(usher.terminate().success());
 }
+
+/// The README's stream example: grpcurl drives StreamHeartbeats from stdin with the
+/// playback token, and prints an ack for the heartbeat, an ack for the pause, and the
+/// stop that answers the device's stop.
+#[test]
+fn grpcurl_drives_the_device_stream_from_stdin() {
+    use std::io::Write;
+
+    if !grpcurl_available() {
+        return;
+    }
+    let usher = Usher::start(&["--stream-min-write-interval", "10ms"]);
+    let created = usher.call("usher.v1.PlaybackSessionService/CreateSession", CREATE);
+    let token = created["playbackToken"].as_str().unwrap().to_owned();
+    let mut grpcurl = Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-H",
+            &format!("authorization: Bearer {token}"),
+        ])
+        .args([
+            "-d",
+            "@",
+            &usher.addr,
+            "usher.v1.StreamingService/StreamHeartbeats",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("grpcurl");
+    let mut stdin = grpcurl.stdin.take().unwrap();
+    for message in [
+        r#"{"heartbeat": {"position": "61.5s", "playback_state": "PLAYBACK_STATE_PLAYING"}}"#,
+        r#"{"pause": {"position": "63s"}}"#,
+        r#"{"stop": {"position": "63s"}}"#,
+    ] {
+        writeln!(stdin, "{message}").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(stdin);
+    let output = grpcurl.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    let answers: Vec<Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(answers.len(), 3, "{out}");
+    assert_eq!(answers[0]["ack"]["state"], "SESSION_STATE_ACTIVE");
+    assert_eq!(answers[1]["ack"]["state"], "SESSION_STATE_PAUSED");
+    assert_eq!(answers[2]["stop"]["reason"], "STOP_REASON_STOPPED");
+    assert_eq!(answers[2]["stop"]["state"], "SESSION_STATE_STOPPED");
+}

@@ -278,13 +278,14 @@ async fn eviction_and_replacement_reach_the_streams_they_end() {
     server.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sweeper_stops_a_stream_that_went_silent() {
-    let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
+/// A stream that stopped sending is stopped once its deadline passes: by the sweeper's
+/// notice (here the stream's own silence check waits 10 s), or by that silence check
+/// (here the sweeper does not run).
+async fn a_silent_stream_is_stopped(config: Config) {
+    let mut server = server_on(memory_store(), &config).await;
     let (name, token) = start(&mut server, "sid", "tv").await;
     let mut device = open(&server, &token).await;
-    // Nothing more is sent: the deadline (1.5 s) passes, the sweeper or the stream's own
-    // silence check ends it.
+    // Nothing more is sent: the deadline is 1.5 s away.
     let (stop, waited) = device.until_stop(Duration::from_secs(4)).await;
     assert_eq!(stop_reason(&stop), proto::StopReason::Expired);
     assert_eq!(stop.state, proto::SessionState::Expired as i32);
@@ -294,6 +295,20 @@ async fn the_sweeper_stops_a_stream_that_went_silent() {
         proto::SessionState::Expired as i32
     );
     server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_stops_a_stream_that_went_silent() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.heartbeat_timeout = Duration::from_secs(10);
+    a_silent_stream_is_stopped(config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_closed_at_its_deadline_without_the_sweeper() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.sweep_interval = Duration::from_secs(3600);
+    a_silent_stream_is_stopped(config).await;
 }
 
 /// The guaranteed path: a session that ends with no notice (a failover lost its seat)
@@ -552,6 +567,21 @@ async fn streams_are_refused_like_the_unary_device_calls() {
     let status = try_open(&server, &forged, playing(1)).await.err().unwrap();
     assert_eq!(refused(status), (Code::NotFound, "NOT_FOUND".into()));
 
+    // An oversized message ends the stream with RESOURCE_EXHAUSTED.
+    let (_, token) = start(&mut server, "lou", "phone").await;
+    let huge = proto::StreamHeartbeatsRequest {
+        kind: Some(In::Heartbeat(proto::StreamHeartbeat {
+            resolution: "x".repeat(2 * 1024 * 1024),
+            ..Default::default()
+        })),
+    };
+    let mut device = try_open(&server, &token, huge).await.unwrap();
+    let status = device.answers.message().await.unwrap_err();
+    assert_eq!(
+        refused(status),
+        (Code::ResourceExhausted, "MESSAGE_TOO_LARGE".into())
+    );
+
     // A malformed message ends the stream with INVALID_ARGUMENT naming the field.
     let (_, token) = start(&mut server, "lou", "tv").await;
     let empty = proto::StreamHeartbeatsRequest { kind: None };
@@ -580,6 +610,26 @@ async fn streams_per_connection_are_capped() {
     drop(devices.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     open(&server, &token).await;
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_per_instance_are_capped() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.max_streams = 1;
+    let mut server = server_on(memory_store(), &config).await;
+    let (_, first) = start(&mut server, "nia", "a").await;
+    let _held = open(&server, &first).await;
+    let (_, second) = start(&mut server, "nia", "b").await;
+    let status = try_open(&server, &second, playing(1)).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "TOO_MANY_STREAMS");
+    assert_eq!(
+        crate::support::error_metadata(&status)
+            .get("scope")
+            .map(String::as_str),
+        Some("instance")
+    );
     server.running.shutdown().await.unwrap();
 }
 
