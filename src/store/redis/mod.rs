@@ -189,6 +189,18 @@ fn heartbeat_events_arg(mode: HeartbeatEvents) -> &'static str {
     }
 }
 
+/// The subscription to the stop channels: the client, the feed's sender, and the keeper
+/// task's lifeline (dropped with the store, which ends the keeper).
+struct StopSubscription {
+    _subscriber: SubscriberClient,
+    sender: broadcast::Sender<SessionName>,
+    _keeper: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How often the subscriber subscribes again to every stop channel (see
+/// `subscribe_stop_channels`).
+const RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(15);
+
 /// How many times a script is run with more records before the call gives up: each run
 /// adds the records of sessions that were created since the last, so only a user whose
 /// devices start sessions faster than a round trip gets this far.
@@ -233,7 +245,7 @@ pub struct RedisStore {
     scripts: Scripts,
     /// The notification feed, made on first use: a subscriber connection (one per shard
     /// on a Cluster) on every partition's stop channel, fanned out in process.
-    ended: tokio::sync::OnceCell<(SubscriberClient, broadcast::Sender<SessionName>)>,
+    ended: tokio::sync::OnceCell<StopSubscription>,
 }
 
 fn unavailable(error: &fred::error::Error) -> StoreError {
@@ -479,9 +491,7 @@ impl RedisStore {
     /// publish `<user>/<session>` of each session they end, and forwards the notices.
     /// fred re-subscribes after a reconnection; what is published meanwhile is missed,
     /// which the next device call covers.
-    async fn subscribe_stop_channels(
-        &self,
-    ) -> Result<(SubscriberClient, broadcast::Sender<SessionName>), StoreError> {
+    async fn subscribe_stop_channels(&self) -> Result<StopSubscription, StoreError> {
         let timeout = self.options.timeout;
         let subscriber = builder(self.config.clone(), timeout)
             .build_subscriber_client()
@@ -510,7 +520,37 @@ impl RedisStore {
                 }
             }
         });
+        // After a reconnect fred subscribes again. A slot that migrates to another shard
+        // ends its shard channel's subscription with an unsolicited SUNSUBSCRIBE, which
+        // fred drops: so subscribe again on every topology change fred sees, and every
+        // RESUBSCRIBE_INTERVAL (SSUBSCRIBE is idempotent; a MOVED sends it to the new
+        // owner). Until then the next heartbeat still ends a stream.
         let _resubscriber = subscriber.manage_subscriptions();
+        let keeper = subscriber.clone();
+        let mut topology = subscriber.cluster_change_rx();
+        // The keeper holds a clone of the client: it stops when the store is dropped.
+        let (store_alive, mut store_dropped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut store_dropped => return,
+                    () = tokio::time::sleep(RESUBSCRIBE_INTERVAL) => {}
+                    changed = topology.recv() => {
+                        if matches!(changed, Err(broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                }
+                if !keeper.is_connected() {
+                    continue;
+                }
+                match tokio::time::timeout(timeout * 3, keeper.resubscribe_all()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "resubscribing the stop channels"),
+                    Err(_) => tracing::warn!("resubscribing the stop channels timed out"),
+                }
+            }
+        });
         let channels: Vec<String> = (0..self.settings.partitions)
             .map(|partition| Keys::new(&self.options.key_prefix, partition).stop_channel())
             .collect();
@@ -520,7 +560,11 @@ impl RedisStore {
                 .map_err(|_| StoreError::Unavailable("SSUBSCRIBE timed out".into()))?
                 .map_err(classify)?;
         }
-        Ok((subscriber, sender))
+        Ok(StopSubscription {
+            _subscriber: subscriber,
+            sender,
+            _keeper: store_alive,
+        })
     }
 
     /// A Redis command within the store's own timeout (no caller is waiting on it).
@@ -812,11 +856,11 @@ impl Store for RedisStore {
     }
 
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
-        let (_, sender) = self
+        let subscription = self
             .ended
             .get_or_try_init(|| self.subscribe_stop_channels())
             .await?;
-        Ok(EndedFeed::new(sender.subscribe()))
+        Ok(EndedFeed::new(subscription.sender.subscribe()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
