@@ -474,7 +474,7 @@ impl Streams {
                         }
                     }
                     Some(Signal::Superseded) => {
-                        run.stop(StopReason::Superseded, None).await;
+                        run.stop(StopReason::Superseded, None, "superseded").await;
                         return Ok(());
                     }
                     Some(Signal::Reconnect(delay)) => {
@@ -569,7 +569,19 @@ impl Run<'_> {
         let _ = self.out.send(message).await;
     }
 
-    async fn stop(&self, reason: StopReason, ended: Option<&Session>) {
+    /// Tells the device its session is over here, and logs it: the session, the reason,
+    /// the path the news came by, and how long it took from the session's end.
+    async fn stop(&self, reason: StopReason, ended: Option<&Session>, path: &'static str) {
+        let since_end_ms = ended
+            .and_then(|s| s.ended_ms)
+            .map(|ms| unix_now().as_millis().saturating_sub(u128::from(ms)));
+        tracing::info!(
+            session = %self.name,
+            reason = reason.as_str(),
+            path,
+            since_end_ms,
+            "stop sent to the device"
+        );
         self.send(Outbound::Stop(Box::new(Stopped {
             reason,
             message: ended
@@ -581,20 +593,9 @@ impl Run<'_> {
         .await;
     }
 
-    /// Sends the stop of an ended session, with how long it took from its end.
+    /// Sends the stop of an ended session.
     async fn stop_ended(&self, ended: &Session, path: &'static str) {
-        let reason = StopReason::of(ended);
-        let since_end = ended
-            .ended_ms
-            .map(|ms| unix_now().as_millis().saturating_sub(u128::from(ms)));
-        tracing::info!(
-            session = %self.name,
-            reason = reason.as_str(),
-            path,
-            since_end_ms = since_end,
-            "stop sent to the device"
-        );
-        self.stop(reason, Some(ended)).await;
+        self.stop(StopReason::of(ended), Some(ended), path).await;
     }
 
     /// The feed says the session ended: read it and tell the device.
@@ -613,7 +614,7 @@ impl Run<'_> {
             }
             Some(_) => Ok(false),
             None => {
-                self.stop(StopReason::Expired, None).await;
+                self.stop(StopReason::Expired, None, "notice").await;
                 Ok(true)
             }
         }
@@ -656,7 +657,7 @@ impl Run<'_> {
                     .flatten();
                 match ended {
                     Some(ended) => self.stop_ended(&ended, "heartbeat").await,
-                    None => self.stop(StopReason::Expired, None).await,
+                    None => self.stop(StopReason::Expired, None, "heartbeat").await,
                 }
                 Ok(true)
             }
@@ -744,7 +745,7 @@ impl Run<'_> {
                 Ok(true)
             }
             None => {
-                self.stop(StopReason::Expired, None).await;
+                self.stop(StopReason::Expired, None, "silence").await;
                 Ok(true)
             }
         }
@@ -783,8 +784,8 @@ impl Run<'_> {
                 }
                 Err(error) => return Err(error.into_error(|| self.name.to_string())),
             };
-            tracing::info!(session = %self.name, "stop sent to the device: entitlement lost");
-            self.stop(StopReason::EntitlementLost, Some(&ended)).await;
+            self.stop(StopReason::EntitlementLost, Some(&ended), "token")
+                .await;
             return Ok(true);
         }
         let issued = self.streams.tokens.issue(&self.session)?;

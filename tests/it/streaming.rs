@@ -789,3 +789,57 @@ async fn usher_device_prints_what_usher_sends_until_stop() {
     assert_eq!(last["stop"]["message"], "support");
     server.running.shutdown().await.unwrap();
 }
+
+/// An entitlement that can be withdrawn while the user plays.
+struct Withdrawable(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl usher::entitlement::EntitlementProvider for Withdrawable {
+    async fn check(
+        &self,
+        _: usher::entitlement::EntitlementQuery<'_>,
+    ) -> Result<usher::entitlement::Entitlement, usher::error::Error> {
+        use usher::entitlement::Entitlement;
+        Ok(if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Entitlement::Allowed { seat_limit: 2 }
+        } else {
+            Entitlement::Denied(usher::error::Denial::Content)
+        })
+    }
+}
+
+/// When the next token is due and the entitlement is gone, the session ends and the
+/// stream is told ENTITLEMENT_LOST instead of getting a token.
+#[tokio::test]
+async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.token_push_before = Duration::from_secs(2);
+    let entitlement = Arc::new(Withdrawable(std::sync::atomic::AtomicBool::new(true)));
+    let mut parts = components(memory_store(), entitlement.clone());
+    parts.tokens = Arc::new(Tokens::new(
+        TokenSettings {
+            ttl: Duration::from_secs(3),
+            ..TokenSettings::default()
+        },
+        KeyRing::ephemeral().unwrap(),
+    ));
+    let mut server = serve_components(&config, parts).await;
+    let (name, token) = start(&mut server, "qua", "tv").await;
+    let mut device = open(&server, &token).await;
+    entitlement
+        .0
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (stop, waited) = device.until_stop(Duration::from_secs(3)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::EntitlementLost);
+    assert_eq!(stop.state, proto::SessionState::Terminated as i32);
+    assert!(
+        stop.message.contains("CONTENT_UNAVAILABLE"),
+        "{}",
+        stop.message
+    );
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let ended = server.get(&name).await.unwrap();
+    assert_eq!(ended.state, proto::SessionState::Terminated as i32);
+    assert_eq!(ended.ended_by, "usher");
+    server.running.shutdown().await.unwrap();
+}
