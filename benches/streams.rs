@@ -1,5 +1,5 @@
-//! The device stream's numbers: `cargo bench --bench streams`. Each beside its reference,
-//! measured in the same run; nothing here fails on a timing.
+//! The device stream's numbers: `cargo bench --bench streams [stops|heartbeats|held]`.
+//! Each beside its reference, measured in the same run; nothing here fails on a timing.
 //!
 //! 1. Stop propagation across two instances on one Redis (a redis-server started here):
 //!    TerminateSession on B until the `stop` reaches the stream on A, over STOPS stops,
@@ -38,10 +38,15 @@ use usher::store::{DeviceAction, DeviceCall, Store, StoreSettings};
 use usher::token::keys::KeyRing;
 use usher::token::{TokenSettings, Tokens};
 
+/// The usher binary's allocator (src/main.rs), so the in-process parts measure what it
+/// runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const STOPS: usize = 1_000;
 const STREAMS: usize = 20_000;
 const CONNECTIONS: usize = 200;
-const BEATING_STREAMS: usize = 64;
+const BEATING_STREAMS: usize = 256;
 const RUN: Duration = Duration::from_secs(3);
 
 fn request(user: &str, device: &str) -> proto::CreateSessionRequest {
@@ -410,13 +415,25 @@ async fn heartbeat_rates(server: &redis::RedisServer) {
     usher.shutdown().await.unwrap();
 }
 
+/// Runs the parts named on the command line (`stops`, `heartbeats`, `held`), or all.
 async fn run() {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |part: &str| named.is_empty() || named.iter().any(|n| n == part);
     let server = redis::RedisServer::start();
-    stop_propagation(&server).await;
-    println!();
-    heartbeat_rates(&server).await;
-    println!();
-    streams_held().await;
+    if wanted("stops") {
+        stop_propagation(&server).await;
+        println!();
+    }
+    if wanted("heartbeats") {
+        heartbeat_rates(&server).await;
+        println!();
+    }
+    if wanted("held") {
+        streams_held().await;
+    }
 }
 
 fn main() {

@@ -4,6 +4,10 @@ use clap::Parser;
 use usher::config::{Cli, Command, DeviceArgs, HealthArgs, KeysCommand, ServeArgs};
 use usher::token::keys::{KeyError, KeySet};
 
+/// See Cargo.toml: the allocator the benchmarks measure with too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {

@@ -612,10 +612,13 @@ impl RedisStore {
         &self,
         script: &Script,
         keys: &Keys,
-        mut key_list: Vec<String>,
+        key_list: Vec<String>,
         args: Vec<String>,
         deadline: Deadline,
     ) -> Result<(ReplyCode, Vec<Value>), StoreError> {
+        // Converted once: a further round clones reference-counted bytes, not strings.
+        let mut key_list: Vec<fred::types::Key> = key_list.into_iter().map(Into::into).collect();
+        let args: Vec<Value> = args.into_iter().map(Value::from).collect();
         let rounds = async {
             for _ in 0..MAX_SCRIPT_ROUNDS {
                 let reply: Value = script
@@ -633,7 +636,7 @@ impl RedisStore {
                     let id = text_at(&reply, i)?;
                     let session = SessionId::parse("session", &id)
                         .map_err(|_| StoreError::Corrupt(format!("bad session id {id}")))?;
-                    key_list.push(keys.session(&session));
+                    key_list.push(keys.session(&session).into());
                 }
             }
             Err(StoreError::Unavailable(format!(
