@@ -24,7 +24,6 @@ use usher::deadline::Deadline;
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
 use usher::session::{ClientInfo, Device, DeviceType, PlaybackState};
 use usher::store::memory::MemoryStore;
-use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use usher::store::{
     DeviceAction, DeviceCall, HeartbeatEvents, NewSession, OverLimitPolicy, Store, StoreSettings,
 };
@@ -180,13 +179,7 @@ fn used_memory(server: &redis::RedisServer) -> u64 {
 }
 
 async fn redis_store(server: &redis::RedisServer, prefix: &str) -> Arc<dyn Store> {
-    let options = RedisOptions {
-        target: RedisTarget::Single { url: server.url() },
-        key_prefix: prefix.to_owned(),
-        timeout: Duration::from_secs(2),
-        allow_eviction: false,
-    };
-    Arc::new(RedisStore::connect(options, settings()).await.unwrap())
+    support::redis_store(server.url(), prefix, settings()).await
 }
 
 async fn run() {

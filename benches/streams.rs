@@ -33,7 +33,6 @@ use usher::proto::stream_heartbeats_request::Kind as In;
 use usher::proto::stream_heartbeats_response::Kind as Out;
 use usher::proto::streaming_service_client::StreamingServiceClient;
 use usher::server::{Components, RunningServer};
-use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use usher::store::{DeviceAction, DeviceCall, Store, StoreSettings};
 use usher::token::keys::KeyRing;
 use usher::token::{TokenSettings, Tokens};
@@ -79,17 +78,7 @@ fn heartbeat(seconds: i64) -> proto::StreamHeartbeatsRequest {
 }
 
 async fn redis_store(server: &redis::RedisServer, prefix: &str) -> Arc<dyn Store> {
-    let options = RedisOptions {
-        target: RedisTarget::Single { url: server.url() },
-        key_prefix: prefix.to_owned(),
-        timeout: Duration::from_secs(2),
-        allow_eviction: false,
-    };
-    Arc::new(
-        RedisStore::connect(options, StoreSettings::default())
-            .await
-            .unwrap(),
-    )
+    support::redis_store(server.url(), prefix, StoreSettings::default()).await
 }
 
 fn config() -> Config {

@@ -1,5 +1,22 @@
 //! What the benchmarks share beyond the tests' Redis helpers.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
+use usher::store::{Store, StoreSettings};
+
+/// A Redis store on `url` under `prefix`.
+pub async fn redis_store(url: String, prefix: &str, settings: StoreSettings) -> Arc<dyn Store> {
+    let options = RedisOptions {
+        target: RedisTarget::Single { url },
+        key_prefix: prefix.to_owned(),
+        timeout: Duration::from_secs(2),
+        allow_eviction: false,
+    };
+    Arc::new(RedisStore::connect(options, settings).await.unwrap())
+}
+
 /// CPU seconds a process has used (user + system), from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

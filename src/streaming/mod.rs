@@ -598,14 +598,18 @@ impl Run<'_> {
         self.stop(StopReason::of(ended), Some(ended), path).await;
     }
 
-    /// The feed says the session ended: read it and tell the device.
-    async fn ended_by_notice(&mut self, noticed: Instant) -> Result<bool, Error> {
-        let read = self
-            .streams
+    /// The session as the store has it now (a read ends it if it is overdue).
+    async fn read(&self) -> Result<Option<Session>, Error> {
+        self.streams
             .store
             .get_session(&self.name, self.deadline())
             .await
-            .map_err(|e| e.into_error(|| self.name.to_string()))?;
+            .map_err(|e| e.into_error(|| self.name.to_string()))
+    }
+
+    /// The feed says the session ended: read it and tell the device.
+    async fn ended_by_notice(&mut self, noticed: Instant) -> Result<bool, Error> {
+        let read = self.read().await?;
         match read {
             Some(ended) if !holds_seat(ended.state) => {
                 tracing::debug!(waited = ?noticed.elapsed(), "read the ended session");
@@ -648,13 +652,7 @@ impl Run<'_> {
             }
             Err(Error::SessionEnded { .. }) => {
                 // The guaranteed path: the store refused the write because it is over.
-                let ended = self
-                    .streams
-                    .store
-                    .get_session(&self.name, self.deadline())
-                    .await
-                    .ok()
-                    .flatten();
+                let ended = self.read().await.ok().flatten();
                 match ended {
                     Some(ended) => self.stop_ended(&ended, "heartbeat").await,
                     None => self.stop(StopReason::Expired, None, "heartbeat").await,
@@ -727,12 +725,7 @@ impl Run<'_> {
 
     /// Nothing heard for a heartbeat timeout: the session is over, or nearly.
     async fn idle(&mut self) -> Result<bool, Error> {
-        let read = self
-            .streams
-            .store
-            .get_session(&self.name, self.deadline())
-            .await
-            .map_err(|e| e.into_error(|| self.name.to_string()))?;
+        let read = self.read().await?;
         match read {
             Some(session) if holds_seat(session.state) => {
                 // The store's clock has not passed the deadline yet; look again soon.
