@@ -548,6 +548,7 @@ pub fn parse_store(
             key_prefix: key_prefix.to_owned(),
             timeout,
             allow_eviction,
+            resubscribe_interval: crate::store::redis::RESUBSCRIBE_INTERVAL,
         })
     };
     if value == "memory" {

@@ -13,6 +13,7 @@ pub async fn redis_store(url: String, prefix: &str, settings: StoreSettings) -> 
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_secs(2),
         allow_eviction: false,
+        resubscribe_interval: usher::store::redis::RESUBSCRIBE_INTERVAL,
     };
     Arc::new(RedisStore::connect(options, settings).await.unwrap())
 }

@@ -843,3 +843,148 @@ async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
     assert_eq!(ended.ended_by, "usher");
     server.running.shutdown().await.unwrap();
 }
+
+/// The master that serves `slot`: its port and node id.
+fn owner_of(cluster: &redis::RedisCluster, slot: u16) -> (u16, String) {
+    let nodes = redis::redis_cli(cluster.nodes[0].port, &["cluster", "nodes"]);
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let serves = fields.iter().skip(8).any(|range| {
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            match (from.parse::<u16>(), to.parse::<u16>()) {
+                (Ok(from), Ok(to)) => (from..=to).contains(&slot),
+                _ => false,
+            }
+        });
+        if serves {
+            let port = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            return (port, fields[0].to_owned());
+        }
+    }
+    panic!("no master serves slot {slot}: {nodes}");
+}
+
+/// Moves `slot`, with its keys, from its master to another one.
+fn migrate(cluster: &redis::RedisCluster, slot: u16) -> u16 {
+    let (from, from_id) = owner_of(cluster, slot);
+    let to = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| *p != from)
+        .unwrap();
+    let to_id = redis::redis_cli(to, &["cluster", "myid"]);
+    let slot = slot.to_string();
+    let cli = |port: u16, args: &[&str]| {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        cli(to, &["cluster", "setslot", &slot, "importing", &from_id]),
+        "OK"
+    );
+    assert_eq!(
+        cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]),
+        "OK"
+    );
+    loop {
+        let keys = cli(from, &["cluster", "getkeysinslot", &slot, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let mut args = vec!["migrate", "127.0.0.1"];
+        let to_port = to.to_string();
+        args.extend([to_port.as_str(), "", "0", "5000", "KEYS"]);
+        args.extend(keys);
+        assert_eq!(cli(from, &args), "OK");
+    }
+    for node in &cluster.nodes {
+        assert_eq!(
+            cli(node.port, &["cluster", "setslot", &slot, "node", &to_id]),
+            "OK"
+        );
+    }
+    to
+}
+
+/// A slot that migrates to another master ends its shard channel's subscription; the
+/// stop-channel subscriber follows it, and a termination after the move still reaches
+/// the stream, with no heartbeat to carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_channel_follows_a_migrated_slot() {
+    let cluster = redis::RedisCluster::start();
+    let prefix = unique_prefix();
+    let store = |interval| {
+        let mut options = redis_options(
+            RedisTarget::Cluster {
+                nodes: cluster.node_list(),
+            },
+            &prefix,
+        );
+        options.resubscribe_interval = interval;
+        // The device sends nothing after its first heartbeat: a deadline well beyond the
+        // migration keeps the session live until the termination.
+        let mut settings = test_settings();
+        settings.heartbeat_timeout = Duration::from_secs(30);
+        async move { Arc::new(RedisStore::connect(options, settings).await.unwrap()) as Arc<dyn Store> }
+    };
+    let a = store(Duration::from_millis(300)).await;
+    let b = store(usher::store::redis::RESUBSCRIBE_INTERVAL).await;
+    let mut config = stream_config(OverLimitPolicy::RejectNew);
+    config.streams.heartbeat_timeout = Duration::from_secs(30);
+    let mut server = server_on(a, &config).await;
+    let (name, token) = start(&mut server, "ray", "tv").await;
+    let mut device = open(&server, &token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+
+    let session = usher::ids::SessionName::parse("n", &name).unwrap();
+    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let channel = format!("{prefix}:{{{partition}}}:stop");
+    let slot: u16 = redis::redis_cli(cluster.nodes[0].port, &["cluster", "keyslot", &channel])
+        .parse()
+        .unwrap();
+    let to = migrate(&cluster, slot);
+    // The new owner gets the subscription back within a few resubscribe intervals.
+    let started = Instant::now();
+    loop {
+        let counts = redis::redis_cli(to, &["pubsub", "shardnumsub", &channel]);
+        if counts.lines().nth(1).is_some_and(|n| n.trim() != "0") {
+            break;
+        }
+        let everywhere: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| redis::redis_cli(n.port, &["pubsub", "shardnumsub", &channel]))
+            .collect();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no subscriber on the new owner {to}: {counts}; all: {everywhere:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let termination = usher::session::Termination {
+        message: "moved".into(),
+        by: "test".into(),
+    };
+    // B's client may need a moment to learn the new owner (UNAVAILABLE meanwhile).
+    let started = Instant::now();
+    while let Err(error) = b.terminate(&session, &termination, Deadline::NONE).await {
+        assert!(
+            matches!(error, usher::store::StoreError::Unavailable(_)),
+            "{error:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{error:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (stop, _) = device.until_stop(Duration::from_secs(1)).await;
+    assert_eq!(stop_reason(&stop), proto::StopReason::Terminated);
+    server.running.shutdown().await.unwrap();
+}

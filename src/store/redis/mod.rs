@@ -75,6 +75,9 @@ pub struct RedisOptions {
     /// Run even when Redis may evict keys (`maxmemory-policy` other than `noeviction`).
     /// An evicted seat set silently breaks the seat limit, so this is off by default.
     pub allow_eviction: bool,
+    /// How often the stop-channel subscriber subscribes again, to follow slot
+    /// migrations ([`RESUBSCRIBE_INTERVAL`] unless a test needs it shorter).
+    pub resubscribe_interval: Duration,
 }
 
 /// The version of the key layout in the module docs, recorded in `<base>:meta`.
@@ -199,7 +202,7 @@ struct StopSubscription {
 
 /// How often the subscriber subscribes again to every stop channel (see
 /// `subscribe_stop_channels`).
-const RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(15);
+pub const RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// How many times a script is run with more records before the call gives up: each run
 /// adds the records of sessions that were created since the last, so only a user whose
@@ -288,6 +291,8 @@ fn classify(error: fred::error::Error) -> StoreError {
                 "BUSY",
                 "MISCONF",
                 "NOREPLICAS",
+                // fred gave up redirecting or reconnecting (a slot moving, a node gone).
+                "Too many failed write attempts",
             ]
             .iter()
             .any(|code| details.starts_with(code))
@@ -523,10 +528,11 @@ impl RedisStore {
         // After a reconnect fred subscribes again. A slot that migrates to another shard
         // ends its shard channel's subscription with an unsolicited SUNSUBSCRIBE, which
         // fred drops: so subscribe again on every topology change fred sees, and every
-        // RESUBSCRIBE_INTERVAL (SSUBSCRIBE is idempotent; a MOVED sends it to the new
+        // `resubscribe_interval` (SSUBSCRIBE is idempotent; a MOVED sends it to the new
         // owner). Until then the next heartbeat still ends a stream.
         let _resubscriber = subscriber.manage_subscriptions();
         let keeper = subscriber.clone();
+        let every = self.options.resubscribe_interval;
         let mut topology = subscriber.cluster_change_rx();
         // The keeper holds a clone of the client: it stops when the store is dropped.
         let (store_alive, mut store_dropped) = tokio::sync::oneshot::channel::<()>();
@@ -534,7 +540,7 @@ impl RedisStore {
             loop {
                 tokio::select! {
                     _ = &mut store_dropped => return,
-                    () = tokio::time::sleep(RESUBSCRIBE_INTERVAL) => {}
+                    () = tokio::time::sleep(every) => {}
                     changed = topology.recv() => {
                         if matches!(changed, Err(broadcast::error::RecvError::Closed)) {
                             return;
@@ -544,7 +550,14 @@ impl RedisStore {
                 if !keeper.is_connected() {
                     continue;
                 }
-                match tokio::time::timeout(timeout * 3, keeper.resubscribe_all()).await {
+                let again = async {
+                    // The slot map first: SSUBSCRIBE goes to the owner fred believes in.
+                    if keeper.is_clustered() {
+                        keeper.sync_cluster().await?;
+                    }
+                    keeper.resubscribe_all().await
+                };
+                match tokio::time::timeout(timeout * 3, again).await {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => tracing::warn!(%error, "resubscribing the stop channels"),
                     Err(_) => tracing::warn!("resubscribing the stop channels timed out"),

@@ -71,6 +71,7 @@ pub fn redis_options(target: RedisTarget, prefix: &str) -> RedisOptions {
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_millis(500),
         allow_eviction: false,
+        resubscribe_interval: usher::store::redis::RESUBSCRIBE_INTERVAL,
     }
 }
 
