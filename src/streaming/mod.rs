@@ -758,32 +758,44 @@ impl Run<'_> {
                 content: Some(&session.content),
                 region,
             })
-            .await?;
-        if let Entitlement::Denied(denial) = entitlement {
-            let termination = Termination {
-                message: format!("the entitlement was withdrawn: {}", denial.reason()),
-                by: "usher".to_owned(),
-            };
-            let ended = self
-                .streams
-                .store
-                .terminate(&self.name, &termination, self.deadline())
-                .await;
-            let ended = match ended {
-                Ok(ended) => ended,
-                Err(StoreError::SessionEnded(ended)) => {
-                    self.stop_ended(&ended, "token").await;
-                    return Ok(true);
-                }
-                Err(error) => return Err(error.into_error(|| self.name.to_string())),
-            };
-            self.stop(StopReason::EntitlementLost, Some(&ended), "token")
-                .await;
-            return Ok(true);
+            .await;
+        match entitlement {
+            Ok(Entitlement::Allowed { .. }) => {}
+            // A provider that cannot answer does not stop an admitted session: the token
+            // is pushed, and the next one asks again.
+            Err(error) => {
+                tracing::warn!(session = %self.name, %error, "entitlement unknown at token time");
+            }
+            Ok(Entitlement::Denied(denial)) => return self.entitlement_lost(denial).await,
         }
         let issued = self.streams.tokens.issue(&self.session)?;
         self.learn_token(issued.claims.exp);
         self.send(Outbound::Token(Box::new(issued))).await;
         Ok(false)
+    }
+
+    /// The entitlement was withdrawn: the session ends (an operator's termination by
+    /// usher, with the denial in its message) and the device is told.
+    async fn entitlement_lost(&mut self, denial: crate::error::Denial) -> Result<bool, Error> {
+        let termination = Termination {
+            message: format!("the entitlement was withdrawn: {}", denial.reason()),
+            by: "usher".to_owned(),
+        };
+        let ended = self
+            .streams
+            .store
+            .terminate(&self.name, &termination, self.deadline())
+            .await;
+        let ended = match ended {
+            Ok(ended) => ended,
+            Err(StoreError::SessionEnded(ended)) => {
+                self.stop_ended(&ended, "token").await;
+                return Ok(true);
+            }
+            Err(error) => return Err(error.into_error(|| self.name.to_string())),
+        };
+        self.stop(StopReason::EntitlementLost, Some(&ended), "token")
+            .await;
+        Ok(true)
     }
 }

@@ -790,8 +790,12 @@ async fn usher_device_prints_what_usher_sends_until_stop() {
     server.running.shutdown().await.unwrap();
 }
 
-/// An entitlement that can be withdrawn while the user plays.
-struct Withdrawable(std::sync::atomic::AtomicBool);
+/// An entitlement that can be withdrawn while the user plays, or become unreachable.
+struct Withdrawable(std::sync::atomic::AtomicU8);
+
+const ALLOWED: u8 = 0;
+const WITHDRAWN: u8 = 1;
+const UNREACHABLE: u8 = 2;
 
 #[async_trait::async_trait]
 impl usher::entitlement::EntitlementProvider for Withdrawable {
@@ -800,22 +804,19 @@ impl usher::entitlement::EntitlementProvider for Withdrawable {
         _: usher::entitlement::EntitlementQuery<'_>,
     ) -> Result<usher::entitlement::Entitlement, usher::error::Error> {
         use usher::entitlement::Entitlement;
-        Ok(if self.0.load(std::sync::atomic::Ordering::SeqCst) {
-            Entitlement::Allowed { seat_limit: 2 }
-        } else {
-            Entitlement::Denied(usher::error::Denial::Content)
-        })
+        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            ALLOWED => Ok(Entitlement::Allowed { seat_limit: 2 }),
+            WITHDRAWN => Ok(Entitlement::Denied(usher::error::Denial::Content)),
+            _ => Err(usher::error::Error::EntitlementUnavailable("down".into())),
+        }
     }
 }
 
-/// When the next token is due and the entitlement is gone, the session ends and the
-/// stream is told ENTITLEMENT_LOST instead of getting a token.
-#[tokio::test]
-async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
+/// A server whose tokens live 3 s and are pushed 2 s before expiry, over `entitlement`.
+async fn short_token_server(entitlement: Arc<Withdrawable>) -> TestServer {
     let mut config = stream_config(OverLimitPolicy::RejectNew);
     config.streams.token_push_before = Duration::from_secs(2);
-    let entitlement = Arc::new(Withdrawable(std::sync::atomic::AtomicBool::new(true)));
-    let mut parts = components(memory_store(), entitlement.clone());
+    let mut parts = components(memory_store(), entitlement);
     parts.tokens = Arc::new(Tokens::new(
         TokenSettings {
             ttl: Duration::from_secs(3),
@@ -823,12 +824,40 @@ async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
         },
         KeyRing::ephemeral().unwrap(),
     ));
-    let mut server = serve_components(&config, parts).await;
+    serve_components(&config, parts).await
+}
+
+/// When the next token is due and the entitlement is gone, the session ends and the
+/// stream is told ENTITLEMENT_LOST instead of getting a token; when the provider cannot
+/// answer, the admitted session goes on and the token is pushed.
+#[tokio::test]
+async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
+    let entitlement = Arc::new(Withdrawable(std::sync::atomic::AtomicU8::new(ALLOWED)));
+    let mut server = short_token_server(entitlement.clone()).await;
     let (name, token) = start(&mut server, "qua", "tv").await;
     let mut device = open(&server, &token).await;
+    // The device keeps beating, so only the entitlement can end the session.
+    let beats = device.sender.clone();
+    let beating = tokio::spawn(async move {
+        while beats.send(playing(7)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+
     entitlement
         .0
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+        .store(UNREACHABLE, std::sync::atomic::Ordering::SeqCst);
+    loop {
+        match device.next(Duration::from_secs(3)).await {
+            Out::Token(_) => break,
+            Out::Stop(stop) => panic!("stopped while the provider was down: {stop:?}"),
+            _ => {}
+        }
+    }
+
+    entitlement
+        .0
+        .store(WITHDRAWN, std::sync::atomic::Ordering::SeqCst);
     let (stop, waited) = device.until_stop(Duration::from_secs(3)).await;
     assert_eq!(stop_reason(&stop), proto::StopReason::EntitlementLost);
     assert_eq!(stop.state, proto::SessionState::Terminated as i32);
@@ -837,10 +866,11 @@ async fn a_withdrawn_entitlement_stops_the_stream_when_a_token_is_due() {
         "{}",
         stop.message
     );
-    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
     let ended = server.get(&name).await.unwrap();
     assert_eq!(ended.state, proto::SessionState::Terminated as i32);
     assert_eq!(ended.ended_by, "usher");
+    beating.abort();
     server.running.shutdown().await.unwrap();
 }
 
