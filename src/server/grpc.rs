@@ -1,4 +1,5 @@
-//! The gRPC transport: the four services over the [`App`]'s operations, health
+//! The gRPC transport (and, on the same listener, the plain HTTP routes of `http.rs`):
+//! the four services over the [`App`]'s operations, health
 //! (per service, following the store's readiness, NOT_SERVING while draining),
 //! reflection v1 and v1alpha, the transport limits and request layers, and TLS.
 
@@ -105,6 +106,11 @@ pub(super) fn serve(
 ) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, StartError> {
     let limits = config.limits.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
+    let plain_http = super::http::HttpLayer::new(super::http::HttpState {
+        tokens: app.tokens.clone(),
+        readiness: readiness.clone(),
+        stopping: stop.clone(),
+    });
     let follower = spawn_health_follower(health.clone(), readiness);
     // Both reflection versions: grpcurl 1.8.6 speaks only v1alpha. The google.rpc
     // descriptors let grpcurl render ErrorInfo and BadRequest details.
@@ -157,6 +163,8 @@ pub(super) fn serve(
         builder = builder.tls_config(tls_config(files)?)?;
     }
     let router = builder
+        // HTTP/1.1 too, for the plain HTTP routes (curl, load balancers' probes).
+        .accept_http1(true)
         // Every log line inside a call names the call.
         .trace_fn(|request| tracing::info_span!("call", method = %request.uri().path()))
         .timeout(limits.request_timeout)
@@ -168,6 +176,9 @@ pub(super) fn serve(
             limits.max_health_watches,
             limits.max_health_watches_per_connection,
         ))
+        // Inside the connection layer (an HTTP request ends the handshake deadline too),
+        // outside deadlines and authentication (its routes are public).
+        .layer(plain_http)
         .layer(crate::deadline::DeadlineLayer::new(limits.request_timeout))
         .layer(AuthLayer::new(Arc::clone(&app.authenticator)))
         .add_service(health_service)

@@ -5,6 +5,7 @@
 
 mod app;
 mod grpc;
+mod http;
 mod layers;
 mod tasks;
 

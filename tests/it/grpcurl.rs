@@ -313,6 +313,12 @@ async fn sighup_reloads_the_token_keys_of_the_running_binary() {
             .len()
     };
     assert_eq!(key_count().await, 1);
+    // The same set over plain HTTP, for edges and CDNs (curl, no credentials).
+    let (etag, keys_over_http) = curl_jwks(&usher.addr, None);
+    assert_eq!(
+        (keys_over_http, curl_jwks(&usher.addr, Some(&etag)).1),
+        (1, 0)
+    );
 
     // Rotate with the CLI, as an operator would.
     let rotated = Command::new(env!("CARGO_BIN_EXE_usher"))
@@ -337,10 +343,37 @@ async fn sighup_reloads_the_token_keys_of_the_running_binary() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The ETag changed with the keys: the old one no longer matches.
+    let (rotated_etag, keys_over_http) = curl_jwks(&usher.addr, Some(&etag));
+    assert_ne!(rotated_etag, etag);
+    assert_eq!(keys_over_http, 2);
     assert!(
         usher.terminate().success(),
         "usher survives SIGHUP and stops on SIGTERM"
     );
+}
+
+/// `GET /.well-known/jwks.json` with curl: the ETag and the number of keys (0 for a 304).
+fn curl_jwks(addr: &str, if_none_match: Option<&str>) -> (String, usize) {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-i", &format!("http://{addr}/.well-known/jwks.json")]);
+    if let Some(etag) = if_none_match {
+        curl.args(["-H", &format!("If-None-Match: {etag}")]);
+    }
+    let output = curl.output().expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout).replace("\r", "");
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an etag")
+        .to_owned();
+    if head.starts_with("HTTP/1.1 304") {
+        return (etag, 0);
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let keys: Value = serde_json::from_str(body).unwrap();
+    (etag, keys["keys"].as_array().unwrap().len())
 }
 
 /// The README's secured setup, as written: keys, a hashed service key, grpcurl with

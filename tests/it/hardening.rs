@@ -140,7 +140,7 @@ impl Codec for RawCodec {
     }
 }
 
-async fn raw_call(
+pub(crate) async fn raw_call(
     channel: tonic::transport::Channel,
     path: &'static str,
     body: Vec<u8>,

@@ -5,6 +5,7 @@ mod conformance;
 mod e2e;
 mod grpcurl;
 mod hardening;
+mod http;
 mod python;
 mod race;
 mod redis_only;

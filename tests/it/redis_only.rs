@@ -257,12 +257,13 @@ async fn health_turns_not_serving_while_redis_is_down() {
     usher.running.shutdown().await.unwrap();
 }
 
-/// Health of `usher`, polled until it is `wanted` (8 s at most).
+/// Health of `usher`, gRPC and `/readyz`, polled until both say `wanted` (8 s at most).
 async fn health_becomes(
     usher: &TestServer,
     wanted: tonic_health::pb::health_check_response::ServingStatus,
 ) {
     use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let mut health = HealthClient::new(usher.channel.clone());
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -275,10 +276,17 @@ async fn health_becomes(
             .unwrap()
             .into_inner()
             .status;
-        if status == wanted as i32 {
+        // /readyz on the same port agrees with gRPC health.
+        let ready = crate::support::http(usher.running.addr, "GET", "/readyz", &[]).await;
+        let agrees = (ready.status == 200) == (wanted == ServingStatus::Serving);
+        if status == wanted as i32 && agrees {
             return;
         }
-        assert!(Instant::now() < deadline, "health never became {wanted:?}");
+        assert!(
+            Instant::now() < deadline,
+            "health never became {wanted:?} (/readyz {})",
+            ready.status
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
