@@ -110,6 +110,7 @@ pub(super) fn serve(
         tokens: app.tokens.clone(),
         readiness: readiness.clone(),
         stopping: stop.clone(),
+        rest: Arc::new(super::http::Rest::new(limits.max_message_size)),
     });
     let follower = spawn_health_follower(health.clone(), readiness);
     // Both reflection versions: grpcurl 1.8.6 speaks only v1alpha. The google.rpc

@@ -7,15 +7,20 @@
 //! - `GET /.well-known/jwks.json`: the key set of `TokenService.GetJwks` (the route in
 //!   `token.proto`), with `Cache-Control` and an `ETag` that changes when keys rotate; a
 //!   matching `If-None-Match` is 304.
+//! - A path of a `google.api.http` rule: the REST shim (`rest.rs`), through the gRPC
+//!   stack below this layer.
 //! - Anything else: 404 (405 for another method on a known path) with a
 //!   `google.rpc.Status` JSON body, as grpc-gateway answers.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use prost_reflect::DescriptorPool;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -31,6 +36,32 @@ pub struct HttpState {
     pub readiness: watch::Receiver<Option<bool>>,
     /// Turns true when the server starts draining.
     pub stopping: watch::Receiver<bool>,
+    /// The REST shim's rules and the types it converts.
+    pub rest: Arc<Rest>,
+}
+
+/// The REST shim's tables, built once from the descriptor sets.
+pub struct Rest {
+    pool: DescriptorPool,
+    routes: Vec<super::rest::Route>,
+    /// Largest request body, bytes (413 past it).
+    max_body: usize,
+}
+
+impl Rest {
+    pub fn new(max_body: usize) -> Self {
+        let mut pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("the compiled descriptor set decodes");
+        // google.rpc.Status and its details, to render refusals.
+        pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .expect("tonic-types' descriptor set decodes");
+        let routes = super::rest::routes(&pool);
+        Self {
+            pool,
+            routes,
+            max_body,
+        }
+    }
 }
 
 /// See the module docs.
@@ -118,22 +149,26 @@ fn jwks(tokens: &Tokens) -> String {
     json!({ "keys": keys }).to_string()
 }
 
+/// The fixed routes; `None` for any other path.
 fn route(
     state: &HttpState,
     method: &Method,
     path: &str,
     headers: &http::HeaderMap,
-) -> Response<Body> {
+) -> Option<Response<Body>> {
     let known = ["/healthz", "/readyz", "/.well-known/jwks.json"];
-    if known.contains(&path) && method != Method::GET && method != Method::HEAD {
-        return status_body(
+    if !known.contains(&path) {
+        return None;
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Some(status_body(
             StatusCode::METHOD_NOT_ALLOWED,
             tonic::Code::Unimplemented,
             "METHOD_NOT_ALLOWED",
             &format!("{path} answers GET only"),
-        );
+        ));
     }
-    match path {
+    Some(match path {
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => {
             let draining = *state.stopping.borrow();
@@ -178,46 +213,137 @@ fn route(
             }
             response
         }
-        _ => status_body(
-            StatusCode::NOT_FOUND,
-            tonic::Code::NotFound,
-            "NOT_FOUND",
-            &format!("no route for {method} {path}"),
-        ),
+        _ => unreachable!("a known path"),
+    })
+}
+
+/// A REST request through the gRPC stack `inner`, answered as JSON.
+async fn transcode<S>(rest: Arc<Rest>, mut inner: S, request: http::Request<Body>) -> Response<Body>
+where
+    S: tower::Service<http::Request<Body>, Response = Response<Body>>,
+{
+    use super::rest::{find, grpc_body, grpc_headers, grpc_outcome, json_answer, status_json};
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let (route, bound) = match find(&rest.routes, &parts.method, path) {
+        Ok(found) => found,
+        Err(true) => {
+            return status_body(
+                StatusCode::METHOD_NOT_ALLOWED,
+                tonic::Code::Unimplemented,
+                "METHOD_NOT_ALLOWED",
+                &format!("{path} does not answer {}", parts.method),
+            );
+        }
+        Err(false) => {
+            return status_body(
+                StatusCode::NOT_FOUND,
+                tonic::Code::NotFound,
+                "NOT_FOUND",
+                &format!("no route for {} {path}", parts.method),
+            );
+        }
+    };
+    let body = match Limited::new(body, rest.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return status_body(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                tonic::Code::ResourceExhausted,
+                "MESSAGE_TOO_LARGE",
+                &format!("the body is larger than {} bytes", rest.max_body),
+            );
+        }
+    };
+    let framed = match grpc_body(route, bound, parts.uri.query(), &body) {
+        Ok(framed) => framed,
+        Err(refused) => {
+            return status_body(
+                refused.status,
+                refused.code,
+                "INVALID_ARGUMENT",
+                &refused.message,
+            );
+        }
+    };
+    let mut call = http::Request::new(Body::new(Full::new(framed)));
+    *call.method_mut() = Method::POST;
+    *call.uri_mut() = route.grpc_path.parse().expect("a method path");
+    *call.version_mut() = http::Version::HTTP_2;
+    *call.headers_mut() = grpc_headers(&parts.headers);
+    *call.extensions_mut() = parts.extensions;
+    let internal = |message: String| {
+        status_body(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            tonic::Code::Internal,
+            "INTERNAL",
+            &message,
+        )
+    };
+    let Ok(answer) = inner.call(call).await else {
+        return internal("the gRPC stack failed".into());
+    };
+    let (head, body) = answer.into_parts();
+    let collected = match body.collect().await {
+        Ok(collected) => collected,
+        Err(status) => return internal(status.message().to_owned()),
+    };
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let outcome = grpc_outcome(&trailers).or_else(|| grpc_outcome(&head.headers));
+    let Some((code, message, details)) = outcome else {
+        return internal("the answer has no grpc-status".into());
+    };
+    if code == 0 {
+        return match json_answer(route, collected.to_bytes()) {
+            Ok(json) => respond(StatusCode::OK, "application/json", json),
+            Err(error) => internal(error),
+        };
     }
+    let code = tonic::Code::from_i32(code);
+    let status = StatusCode::from_u16(crate::error::http_status(code))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    respond(
+        status,
+        "application/json",
+        status_json(&rest.pool, code as i32, &message, details.as_deref()),
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl<S, B> tower::Service<http::Request<B>> for HttpService<S>
+impl<S> tower::Service<http::Request<Body>> for HttpService<S>
 where
-    S: tower::Service<http::Request<B>, Response = Response<Body>>,
+    S: tower::Service<http::Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        futures::future::Ready<Result<Response<Body>, S::Error>>,
-    >;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if is_grpc(&request) {
-            return futures::future::Either::Left(self.inner.call(request));
+            return Box::pin(self.inner.call(request));
         }
-        let response = route(
+        let fixed = route(
             &self.state,
             request.method(),
             request.uri().path(),
             request.headers(),
         );
-        futures::future::Either::Right(futures::future::ready(Ok(response)))
+        if let Some(response) = fixed {
+            return Box::pin(futures::future::ready(Ok(response)));
+        }
+        // The clone is ready only once polled; take the polled one (tower's pattern).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let rest = self.state.rest.clone();
+        Box::pin(async move { Ok(transcode(rest, inner, request).await) })
     }
 }

@@ -7,6 +7,7 @@ mod app;
 mod grpc;
 mod http;
 mod layers;
+mod rest;
 mod tasks;
 
 pub use app::{App, Components, open_components, open_entitlements, open_store};

@@ -127,3 +127,170 @@ async fn readiness_turns_503_while_draining() {
     assert_eq!(http(addr, "GET", "/healthz", &[]).await.status, 200);
     stopping.await.unwrap().unwrap();
 }
+
+fn json(answer: &crate::support::HttpAnswer) -> Value {
+    serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.body))
+}
+
+const CREATE: &str = r#"{"profileId": "main", "content_id": "big-buck-bunny",
+  "device": {"id": "tv", "type": "DEVICE_TYPE_TV"}, "client": {"region": "US"}}"#;
+
+/// The session lifecycle over HTTP/JSON from the google.api.http rules: every
+/// annotated method answers, in canonical JSON, through the same authentication and
+/// validation as gRPC; refusals are google.rpc.Status with their details.
+#[tokio::test]
+async fn the_rest_shim_serves_every_annotated_method() {
+    use crate::support::http_json;
+    let server = serve(memory_store(), 1, OverLimitPolicy::RejectNew).await;
+    let addr = server.running.addr;
+
+    let created = http_json(addr, "POST", "/v1/users/roku%3A1/sessions", &[], CREATE).await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let created = json(&created);
+    let name = created["session"]["name"].as_str().unwrap().to_owned();
+    assert!(name.starts_with("users/roku:1/sessions/"), "{name}");
+    assert_eq!(created["session"]["generation"], "1", "uint64 as a string");
+    assert!(
+        created["session"]["createTime"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_eq!(created["heartbeat"]["interval"], "20s");
+    let token = created["playbackToken"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+
+    let got = json(&http(addr, "GET", &format!("/v1/{name}"), &[]).await);
+    assert_eq!(got["session"]["state"], "SESSION_STATE_ACTIVE");
+    let beat = http_json(
+        addr,
+        "POST",
+        &format!("/v1/{name}:heartbeat"),
+        &auth,
+        r#"{"position": "61.5s", "playbackState": "PLAYBACK_STATE_PLAYING"}"#,
+    )
+    .await;
+    assert_eq!(json(&beat)["session"]["position"], "61.500s");
+    for (verb, state) in [
+        ("pause", "SESSION_STATE_PAUSED"),
+        ("resume", "SESSION_STATE_ACTIVE"),
+    ] {
+        let answer = http_json(addr, "POST", &format!("/v1/{name}:{verb}"), &auth, "{}").await;
+        assert_eq!(json(&answer)["session"]["state"], state, "{verb}");
+    }
+    let listed = json(&http(addr, "GET", "/v1/users/roku:1/sessions?pageSize=10", &[]).await);
+    assert_eq!(listed["sessions"][0]["name"], name.as_str());
+    let seats = json(&http(addr, "GET", "/v1/users/roku:1/concurrency", &[]).await);
+    assert_eq!(seats["concurrency"]["inUse"], 1);
+    let check = http_json(
+        addr,
+        "POST",
+        "/v1/users/roku:1/concurrency:checkAvailability",
+        &[],
+        r#"{"deviceId": "phone"}"#,
+    )
+    .await;
+    assert_eq!(json(&check)["admitted"], false);
+    let validated = http_json(
+        addr,
+        "POST",
+        "/v1/tokens:validate",
+        &[],
+        &format!(r#"{{"token": "{token}", "checkSession": true}}"#),
+    )
+    .await;
+    assert_eq!(json(&validated)["valid"], true);
+    let refreshed = http_json(
+        addr,
+        "POST",
+        "/v1/tokens:refresh",
+        &[],
+        &format!(r#"{{"token": "{token}"}}"#),
+    )
+    .await;
+    assert!(json(&refreshed)["playbackToken"].as_str().is_some());
+
+    // Over the limit: 429 with the holders in the details.
+    let phone = CREATE.replace("\"tv\"", "\"phone\"");
+    let refused = http_json(addr, "POST", "/v1/users/roku:1/sessions", &[], &phone).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let status = json(&refused);
+    assert_eq!(status["code"], 8);
+    let details = status["details"].as_array().unwrap();
+    assert!(
+        details
+            .iter()
+            .any(|d| d["reason"] == "CONCURRENCY_LIMIT_REACHED")
+    );
+    assert!(details.iter().any(|d| d["@type"]
+        == "type.googleapis.com/usher.v1.ConcurrencyLimitDetail"
+        && d["holders"][0]["device"]["id"] == "tv"));
+
+    // Another session's token on a device call: 404, as over gRPC.
+    let other = http_json(addr, "POST", "/v1/users/zed/sessions", &[], CREATE).await;
+    let other_name = json(&other)["session"]["name"].as_str().unwrap().to_owned();
+    let crossed = http_json(addr, "POST", &format!("/v1/{other_name}:stop"), &auth, "{}").await;
+    assert_eq!(crossed.status, 404, "{}", crossed.body);
+
+    // Bad input: 400 naming the problem; unknown routes and methods.
+    for (body, expected) in [
+        ("{bad", "malformed JSON"),
+        (r#"{"nope": 1}"#, "nope"),
+        (r#"{"device": {"id": 5}}"#, "invalid request"),
+    ] {
+        let answer = http_json(addr, "POST", "/v1/users/a/sessions", &[], body).await;
+        assert_eq!(answer.status, 400, "{body}");
+        assert!(
+            json(&answer)["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{}",
+            answer.body
+        );
+    }
+    let missing_type = http_json(
+        addr,
+        "POST",
+        "/v1/users/a/sessions",
+        &[],
+        r#"{"profileId": "p", "contentId": "c", "device": {"id": "tv"}}"#,
+    )
+    .await;
+    assert_eq!(missing_type.status, 400);
+    let status = json(&missing_type);
+    assert!(
+        status["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |d| d["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+                    && d["fieldViolations"][0]["field"] == "device.type"
+            )
+    );
+    assert_eq!(
+        http(addr, "DELETE", &format!("/v1/{name}"), &[])
+            .await
+            .status,
+        405
+    );
+    assert_eq!(
+        http(addr, "GET", "/v1/users/a/b/c/d", &[]).await.status,
+        404
+    );
+
+    let stopped = http_json(addr, "POST", &format!("/v1/{name}:stop"), &auth, "{}").await;
+    assert_eq!(json(&stopped)["session"]["state"], "SESSION_STATE_STOPPED");
+    let terminated = http_json(
+        addr,
+        "POST",
+        &format!("/v1/{other_name}:terminate"),
+        &[],
+        r#"{"reason": "support"}"#,
+    )
+    .await;
+    assert_eq!(json(&terminated)["session"]["endMessage"], "support");
+    server.running.shutdown().await.unwrap();
+}

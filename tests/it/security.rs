@@ -1118,3 +1118,46 @@ async fn refresh_of_an_ended_session_says_its_state() {
     );
     s.server.running.shutdown().await.unwrap();
 }
+
+/// REST calls are decided by the same authentication as gRPC: none is UNAUTHENTICATED
+/// (401), a key whose roles do not allow the method PERMISSION_DENIED (403), the right
+/// role gets through; the device's token works on its own session's device calls.
+#[tokio::test]
+async fn rest_calls_meet_the_same_authentication() {
+    use crate::support::http_json;
+    let s = secured(KeyAlgorithm::Eddsa).await;
+    let addr = s.server.running.addr;
+    let body = r#"{"profileId": "p", "contentId": "c", "device": {"id": "tv", "type": "DEVICE_TYPE_TV"}, "client": {"region": "US"}}"#;
+    let none = http_json(addr, "POST", "/v1/users/una/sessions", &[], body).await;
+    assert_eq!(none.status, 401, "{}", none.body);
+    let edge = format!("Bearer {EDGE_KEY}");
+    let wrong = http_json(
+        addr,
+        "POST",
+        "/v1/users/una/sessions",
+        &[("authorization", &edge)],
+        body,
+    )
+    .await;
+    assert_eq!(wrong.status, 403, "{}", wrong.body);
+    let playback = format!("Bearer {PLAYBACK_KEY}");
+    let created = http_json(
+        addr,
+        "POST",
+        "/v1/users/una/sessions",
+        &[("authorization", &playback)],
+        body,
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let created: serde_json::Value = serde_json::from_str(&created.body).unwrap();
+    let name = created["session"]["name"].as_str().unwrap();
+    let device = format!("Bearer {}", created["playbackToken"].as_str().unwrap());
+    let path = format!("/v1/{name}:heartbeat");
+    let beat = http_json(addr, "POST", &path, &[("authorization", &device)], "{}").await;
+    assert_eq!(beat.status, 200, "{}", beat.body);
+    let service_on_device =
+        http_json(addr, "POST", &path, &[("authorization", &playback)], "{}").await;
+    assert_eq!(service_on_device.status, 403, "{}", service_on_device.body);
+    assert!(service_on_device.body.contains("PLAYBACK_TOKEN_REQUIRED"));
+}
