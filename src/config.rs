@@ -428,6 +428,11 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_INSECURE_DEV")]
     pub insecure_dev: bool,
 
+    /// An origin (`https://player.example.com`) whose browser pages may call the REST
+    /// routes (CORS); repeat the flag, or comma-separate in the variable. None by default.
+    #[arg(long, env = "USHER_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
     /// TLS certificate chain (PEM) of the gRPC listener.
     #[arg(long, env = "USHER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -475,6 +480,7 @@ pub struct Config {
     pub tokens: TokenSettings,
     pub credentials: Option<PathBuf>,
     pub insecure_dev: bool,
+    pub cors_origins: Vec<String>,
     pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
     pub log: String,
@@ -602,6 +608,17 @@ impl ServeArgs {
                 "--heartbeat-interval",
                 "must be shorter than --heartbeat-timeout",
             ));
+        }
+        for origin in &self.cors_origin {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            if rest.is_none_or(|host| host.is_empty() || host.contains(['/', '*', ' '])) {
+                return Err(ConfigError::new(
+                    "--cors-origin",
+                    format!("{origin:?} is not an origin like https://player.example.com"),
+                ));
+            }
         }
         if self.token_push_before >= self.token_ttl {
             return Err(ConfigError::new(
@@ -777,6 +794,7 @@ impl ServeArgs {
             },
             credentials: self.credentials,
             insecure_dev: self.insecure_dev,
+            cors_origins: self.cors_origin,
             tls,
             log_format: self.log_format,
             log: self.log,

@@ -111,6 +111,7 @@ pub(super) fn serve(
         readiness: readiness.clone(),
         stopping: stop.clone(),
         rest: Arc::new(super::http::Rest::new(limits.max_message_size)),
+        cors_origins: Arc::new(config.cors_origins.clone()),
     });
     let follower = spawn_health_follower(health.clone(), readiness);
     // Both reflection versions: grpcurl 1.8.6 speaks only v1alpha. The google.rpc

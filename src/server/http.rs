@@ -11,6 +11,11 @@
 //!   stack below this layer.
 //! - Anything else: 404 (405 for another method on a known path) with a
 //!   `google.rpc.Status` JSON body, as grpc-gateway answers.
+//!
+//! CORS: a request from an origin named by `--cors-origin` gets
+//! `Access-Control-Allow-Origin` for it, and its preflight (`OPTIONS` with
+//! `Access-Control-Request-Method`) is answered 204 with the methods and headers usher
+//! reads. Other origins get no CORS headers, so browsers refuse them.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,6 +43,8 @@ pub struct HttpState {
     pub stopping: watch::Receiver<bool>,
     /// The REST shim's rules and the types it converts.
     pub rest: Arc<Rest>,
+    /// Origins whose browser pages may call (CORS); empty: none.
+    pub cors_origins: Arc<Vec<String>>,
 }
 
 /// The REST shim's tables, built once from the descriptor sets.
@@ -321,7 +328,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Future = Answer<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -331,6 +338,70 @@ where
         if is_grpc(&request) {
             return Box::pin(self.inner.call(request));
         }
+        let origin = allowed_origin(&self.state.cors_origins, request.headers());
+        if request.method() == Method::OPTIONS
+            && request
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            let mut response = respond(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+            if let Some(origin) = origin {
+                preflight(response.headers_mut(), origin);
+            }
+            return Box::pin(futures::future::ready(Ok(response)));
+        }
+        let answer = self.answer(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Some(origin) = origin {
+                let headers = response.headers_mut();
+                headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                headers.append(header::VARY, HeaderValue::from_static("origin"));
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The future of an answer.
+pub type Answer<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+/// The request's `Origin`, if CORS allows it.
+fn allowed_origin(allowed: &[String], headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    allowed.iter().any(|o| o == text).then(|| origin.clone())
+}
+
+/// The answer to an allowed origin's preflight.
+fn preflight(headers: &mut http::HeaderMap, origin: HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, grpc-timeout, x-request-id"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
+}
+
+impl<S> HttpService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    /// A non-gRPC request's answer: a fixed route, or the REST shim.
+    fn answer(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> Answer<S::Error> {
         let fixed = route(
             &self.state,
             request.method(),

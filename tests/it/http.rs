@@ -294,3 +294,59 @@ async fn the_rest_shim_serves_every_annotated_method() {
     assert_eq!(json(&terminated)["session"]["endMessage"], "support");
     server.running.shutdown().await.unwrap();
 }
+
+/// CORS for the origins `--cors-origin` names, and none for others; a body over the
+/// message size limit is 413.
+#[tokio::test]
+async fn browsers_of_allowed_origins_may_call_and_bodies_are_bounded() {
+    use crate::support::http_json;
+    let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
+    config.cors_origins = vec!["https://player.example.com".into()];
+    config.limits.max_message_size = 4096;
+    let server = crate::support::serve_with(
+        &config,
+        memory_store(),
+        std::sync::Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
+    )
+    .await;
+    let addr = server.running.addr;
+    let preflight = [
+        ("origin", "https://player.example.com"),
+        ("access-control-request-method", "POST"),
+        (
+            "access-control-request-headers",
+            "authorization, content-type",
+        ),
+    ];
+    let answer = http(addr, "OPTIONS", "/v1/users/ann/sessions", &preflight).await;
+    assert_eq!(answer.status, 204);
+    assert_eq!(
+        answer.headers["access-control-allow-origin"],
+        "https://player.example.com"
+    );
+    assert!(answer.headers["access-control-allow-headers"].contains("authorization"));
+    let elsewhere = [
+        ("origin", "https://evil.example.com"),
+        ("access-control-request-method", "POST"),
+    ];
+    let answer = http(addr, "OPTIONS", "/v1/users/ann/sessions", &elsewhere).await;
+    assert!(!answer.headers.contains_key("access-control-allow-origin"));
+    let created = http_json(
+        addr,
+        "POST",
+        "/v1/users/ann/sessions",
+        &[("origin", "https://player.example.com")],
+        CREATE,
+    )
+    .await;
+    assert_eq!(created.status, 200);
+    assert_eq!(
+        created.headers["access-control-allow-origin"],
+        "https://player.example.com"
+    );
+    let huge = format!(r#"{{"profileId": "{}"}}"#, "x".repeat(8192));
+    let too_large = http_json(addr, "POST", "/v1/users/ann/sessions", &[], &huge).await;
+    assert_eq!(too_large.status, 413, "{}", too_large.body);
+    assert!(too_large.body.contains("MESSAGE_TOO_LARGE"));
+    server.running.shutdown().await.unwrap();
+}
