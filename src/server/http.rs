@@ -398,10 +398,7 @@ where
     S::Error: Send + 'static,
 {
     /// A non-gRPC request's answer: a fixed route, or the REST shim.
-    fn answer(
-        &mut self,
-        request: http::Request<Body>,
-    ) -> Answer<S::Error> {
+    fn answer(&mut self, request: http::Request<Body>) -> Answer<S::Error> {
         let fixed = route(
             &self.state,
             request.method(),
