@@ -4,6 +4,10 @@
 //! client, REST as `GET /v1/{name}` answered in JSON. It reports numbers; it never fails
 //! on a timing.
 
+#[path = "support/mod.rs"]
+#[expect(dead_code, reason = "shared by the benches; this one uses part of it")]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,9 +142,5 @@ async fn run() {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run());
+    support::block_on(run());
 }

@@ -6,6 +6,19 @@ use std::time::Duration;
 use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use usher::store::{Store, StoreSettings};
 
+/// Runs a benchmark's `run` on a multi-threaded runtime (nothing for `--list`, which
+/// `cargo test --benches` asks: there are no tests).
+pub fn block_on(run: impl std::future::Future<Output = ()>) {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run);
+}
+
 /// A Redis store on `url` under `prefix`.
 pub async fn redis_store(url: String, prefix: &str, settings: StoreSettings) -> Arc<dyn Store> {
     let options = RedisOptions {

@@ -15,6 +15,16 @@ fn memory_store() -> std::sync::Arc<dyn usher::store::Store> {
     ))
 }
 
+/// A server as `config` says, over a memory store, everyone with two seats.
+async fn serve_config(config: &usher::config::Config) -> crate::support::TestServer {
+    crate::support::serve_with(
+        config,
+        memory_store(),
+        std::sync::Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn plain_http_routes_answer_beside_grpc() {
     let server = serve(memory_store(), 2, OverLimitPolicy::RejectNew).await;
@@ -113,12 +123,7 @@ async fn plain_http_routes_answer_beside_grpc() {
 async fn readiness_turns_503_while_draining() {
     let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
     config.limits.drain_delay = Duration::from_millis(800);
-    let server = crate::support::serve_with(
-        &config,
-        memory_store(),
-        std::sync::Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
-    )
-    .await;
+    let server = serve_config(&config).await;
     let addr = server.running.addr;
     let stopping = tokio::spawn(server.running.shutdown());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -303,12 +308,7 @@ async fn browsers_of_allowed_origins_may_call_and_bodies_are_bounded() {
     let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
     config.cors_origins = vec!["https://player.example.com".into()];
     config.limits.max_message_size = 4096;
-    let server = crate::support::serve_with(
-        &config,
-        memory_store(),
-        std::sync::Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
-    )
-    .await;
+    let server = serve_config(&config).await;
     let addr = server.running.addr;
     let preflight = [
         ("origin", "https://player.example.com"),

@@ -93,6 +93,23 @@ async fn open(server: &TestServer, token: &str) -> Device {
         .expect("stream opens")
 }
 
+/// A stream whose first heartbeat has been acked: it is registered.
+async fn open_acked(server: &TestServer, token: &str) -> Device {
+    let mut device = open(server, token).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    device
+}
+
+/// A session's name and its partition under the test settings.
+fn partition_of(name: &str) -> (usher::ids::SessionName, u32) {
+    let session = usher::ids::SessionName::parse("n", name).unwrap();
+    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    (session, partition)
+}
+
 impl Device {
     /// The next message, within `within`.
     async fn next(&mut self, within: Duration) -> Out {
@@ -334,13 +351,8 @@ async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
     let mut server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
 
     let (name, token) = start(&mut server, "gus", "tv").await;
-    let mut device = open(&server, &token).await;
-    assert!(matches!(
-        device.next(Duration::from_secs(2)).await,
-        Out::Ack(_)
-    ));
-    let session = usher::ids::SessionName::parse("n", &name).unwrap();
-    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let mut device = open_acked(&server, &token).await;
+    let (session, partition) = partition_of(&name);
     let seats = format!("{prefix}:{{{partition}}}:seats:{}", session.user);
     assert_eq!(
         server_redis.cli(&["zrem", &seats, session.session.as_str()]),
@@ -353,11 +365,7 @@ async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
     assert_eq!(stop.state, proto::SessionState::Evicted as i32);
 
     let (name, token) = start(&mut server, "gus", "phone").await;
-    let mut device = open(&server, &token).await;
-    assert!(matches!(
-        device.next(Duration::from_secs(2)).await,
-        Out::Ack(_)
-    ));
+    let mut device = open_acked(&server, &token).await;
     let killed = server_redis.cli(&["client", "kill", "type", "pubsub"]);
     assert_ne!(killed, "0", "the subscriber's connection was there to kill");
     let termination = usher::session::Termination {
@@ -491,8 +499,7 @@ async fn a_heartbeat_flood_is_coalesced() {
     }
     let flood = flood_start.elapsed();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let session = usher::ids::SessionName::parse("n", &name).unwrap();
-    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let (session, partition) = partition_of(&name);
     let writes = store
         .read_events(partition, None, 10_000)
         .await
@@ -637,11 +644,7 @@ async fn streams_per_instance_are_capped() {
 async fn stop_on_the_stream_releases_the_seat_and_paused_pauses() {
     let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;
     let (name, token) = start(&mut server, "ned", "tv").await;
-    let mut device = open(&server, &token).await;
-    assert!(matches!(
-        device.next(Duration::from_secs(2)).await,
-        Out::Ack(_)
-    ));
+    let mut device = open_acked(&server, &token).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     device
         .sender
@@ -969,14 +972,9 @@ async fn the_stop_channel_follows_a_migrated_slot() {
     config.streams.heartbeat_timeout = Duration::from_secs(30);
     let mut server = server_on(a, &config).await;
     let (name, token) = start(&mut server, "ray", "tv").await;
-    let mut device = open(&server, &token).await;
-    assert!(matches!(
-        device.next(Duration::from_secs(2)).await,
-        Out::Ack(_)
-    ));
+    let mut device = open_acked(&server, &token).await;
 
-    let session = usher::ids::SessionName::parse("n", &name).unwrap();
-    let partition = usher::store::partition_of(&session.user, test_settings().partitions);
+    let (session, partition) = partition_of(&name);
     let channel = format!("{prefix}:{{{partition}}}:stop");
     let slot: u16 = redis::redis_cli(cluster.nodes[0].port, &["cluster", "keyslot", &channel])
         .parse()
