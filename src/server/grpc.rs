@@ -167,8 +167,8 @@ pub(super) fn serve(
     let router = builder
         // HTTP/1.1 too, for the plain HTTP routes (curl, load balancers' probes).
         .accept_http1(true)
-        // Every log line inside a call names the call.
-        .trace_fn(|request| tracing::info_span!("call", method = %request.uri().path()))
+        // Every log line inside a call names the call (and the caller's W3C trace).
+        .trace_fn(crate::telemetry::call_span)
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))

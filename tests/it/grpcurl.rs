@@ -667,3 +667,70 @@ fn grpcurl_drives_the_device_stream_from_stdin() {
     assert_eq!(answers[2]["stop"]["reason"], "STOP_REASON_STOPPED");
     assert_eq!(answers[2]["stop"]["state"], "SESSION_STATE_STOPPED");
 }
+
+/// A caller's W3C traceparent reaches usher's logs: the JSON log line of the session it
+/// started names the caller's trace id, over gRPC and over the REST shim.
+#[test]
+fn a_callers_trace_id_is_in_the_logs_of_its_call() {
+    if !grpcurl_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("usher.log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args([
+            "serve",
+            "--insecure-dev",
+            "--listen",
+            &addr,
+            "--log-format",
+            "json",
+        ])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while TcpStream::connect(&addr).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "usher did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grpc_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let rest_trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = |trace: &str| format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+    let grpc = Command::new("grpcurl")
+        .args(["-plaintext", "-H", &traceparent(grpc_trace), "-d", CREATE])
+        .args([&addr, "usher.v1.PlaybackSessionService/CreateSession"])
+        .output()
+        .unwrap();
+    assert!(grpc.status.success(), "{grpc:?}");
+    let rest = Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "-X",
+            "POST",
+            "-H",
+            &traceparent(rest_trace),
+            "-d",
+            CREATE,
+        ])
+        .arg(format!("http://{addr}/v1/users/bob/sessions"))
+        .output()
+        .unwrap();
+    assert!(rest.status.success(), "{rest:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    for trace in [grpc_trace, rest_trace] {
+        let line = logs
+            .lines()
+            .filter(|l| l.contains("session started"))
+            .find(|l| l.contains(trace));
+        assert!(line.is_some(), "no session log with trace {trace}:\n{logs}");
+    }
+}
