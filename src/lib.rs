@@ -35,6 +35,7 @@
 //!   conversions; [`codec`]: the protobuf codec (undecodable bodies are the caller's).
 //! - [`deadline`]: the caller's deadline, a value the transports hand to the operations
 //!   and the operations to every store call.
+//! - [`observe`]: the Prometheus metrics, named in one place.
 //! - [`net`]: the accept loop: TCP_NODELAY, the connection cap, the handshake deadline.
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`); [`files`]: the
 //!   TOML files operators write, read in one place.
@@ -53,7 +54,7 @@
 //!       token                     (issue, verify, TokenService)
 //!         store                   (the Store trait, memory, Redis)
 //!           model, codec          (the domain records; the protobuf codec)
-//!             error, deadline, net, files
+//!             error, deadline, net, files, observe
 //!               ids, proto        (the bottom: they import no feature)
 //! ```
 
@@ -68,6 +69,7 @@ pub mod files;
 pub mod ids;
 pub mod model;
 pub mod net;
+pub mod observe;
 pub mod proto;
 pub mod server;
 pub mod session;

@@ -102,6 +102,8 @@ impl App {
             credentials,
         } = components;
         announce_auth(config, &credentials);
+        // Every store call the operations make is timed (crate::observe).
+        let store: Arc<dyn Store> = Arc::new(crate::store::metered::Metered(store));
         let sessions = Arc::new(Sessions::new(
             store.clone(),
             entitlements.clone(),

@@ -181,6 +181,8 @@ pub(super) fn serve(
         // Inside the connection layer (an HTTP request ends the handshake deadline too),
         // outside deadlines and authentication (its routes are public).
         .layer(plain_http)
+        // Inside the HTTP layer: gRPC calls and the REST shim's calls are both counted.
+        .layer(super::metered::MeteredLayer::new())
         .layer(crate::deadline::DeadlineLayer::new(limits.request_timeout))
         .layer(AuthLayer::new(Arc::clone(&app.authenticator)))
         .add_service(health_service)

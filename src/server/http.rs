@@ -2,6 +2,7 @@
 //! `application/grpc*` is answered here, before the gRPC layers.
 //!
 //! - `GET /healthz`: 200 while the process runs.
+//! - `GET /metrics`: the Prometheus text format (see `crate::observe`).
 //! - `GET /readyz`: 200 while the store answers and the server is not draining, 503
 //!   otherwise; it follows the same readiness as the gRPC health service.
 //! - `GET /.well-known/jwks.json`: the key set of `TokenService.GetJwks` (the route in
@@ -163,7 +164,7 @@ fn route(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Option<Response<Body>> {
-    let known = ["/healthz", "/readyz", "/.well-known/jwks.json"];
+    let known = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"];
     if !known.contains(&path) {
         return None;
     }
@@ -177,6 +178,11 @@ fn route(
     }
     Some(match path {
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::observe::render(),
+        ),
         "/readyz" => {
             let draining = *state.stopping.borrow();
             let store_ready = *state.readiness.borrow() == Some(true);
@@ -279,6 +285,7 @@ where
     *call.version_mut() = http::Version::HTTP_2;
     *call.headers_mut() = grpc_headers(&parts.headers);
     *call.extensions_mut() = parts.extensions;
+    call.extensions_mut().insert(super::metered::ViaRest);
     let internal = |message: String| {
         status_body(
             StatusCode::INTERNAL_SERVER_ERROR,

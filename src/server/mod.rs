@@ -7,6 +7,7 @@ mod app;
 mod grpc;
 mod http;
 mod layers;
+mod metered;
 mod rest;
 mod tasks;
 
@@ -90,6 +91,7 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
+    crate::observe::install();
     let app = App::assemble(config, components);
     let (shutdown, stop) = watch::channel(false);
     let (readiness, probe) = tasks::spawn_store_probe(app.store.clone(), stop.clone());

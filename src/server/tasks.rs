@@ -66,27 +66,33 @@ pub(super) fn spawn_sweeper(
                 _ = stop.changed() => return,
             }
             let budget = tokio::time::Instant::now() + every;
+            let mut expired = 0;
             for partition in 0..partitions {
-                sweep_partition(store.as_ref(), partition, budget).await;
+                expired += sweep_partition(store.as_ref(), partition, budget).await;
             }
+            crate::observe::sweep(expired);
+            crate::observe::sessions_ended("expired_by_sweeper", expired);
         }
     })
 }
 
 /// Sweeps one partition until it has nothing overdue, fails, or the budget is spent.
-async fn sweep_partition(store: &dyn Store, partition: u32, budget: tokio::time::Instant) {
+/// Returns how many sessions it expired.
+async fn sweep_partition(store: &dyn Store, partition: u32, budget: tokio::time::Instant) -> u64 {
+    let mut total = 0;
     loop {
         match store.sweep(partition, SWEEP_BATCH).await {
-            Ok(0) => return,
+            Ok(0) => return total,
             Ok(expired) => {
                 tracing::info!(partition, expired, "expired sessions swept");
+                total += u64::from(expired);
                 if expired < SWEEP_BATCH || tokio::time::Instant::now() >= budget {
-                    return;
+                    return total;
                 }
             }
             Err(error) => {
                 tracing::warn!(partition, %error, "sweep failed");
-                return;
+                return total;
             }
         }
     }

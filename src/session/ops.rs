@@ -431,7 +431,10 @@ impl Sessions {
             .await?;
         let seat_limit = match entitlement {
             Entitlement::Allowed { seat_limit } => seat_limit,
-            Entitlement::Denied(denial) => return Err(Error::Denied(denial)),
+            Entitlement::Denied(denial) => {
+                crate::observe::session_denied(denial.reason());
+                return Err(Error::Denied(denial));
+            }
         };
         let name = SessionName {
             user: request.user,
@@ -454,8 +457,19 @@ impl Sessions {
                 deadline,
             )
             .await
-            .map_err(|e| e.into_error(|| resource))?;
+            .map_err(|e| e.into_error(|| resource));
+        let created = match created {
+            Ok(created) => created,
+            Err(error) => {
+                if let Error::ConcurrencyLimitReached { .. } = error {
+                    crate::observe::session_denied(error.code_and_reason().1);
+                }
+                return Err(error);
+            }
+        };
         if !created.replayed {
+            crate::observe::session_created();
+            crate::observe::sessions_ended("evicted_by_create", created.replaced.len() as u64);
             tracing::info!(
                 session = %created.session.name,
                 generation = created.session.generation,
@@ -525,7 +539,9 @@ impl Sessions {
         let mut call = request.0;
         let bound = bind_device(caller, &mut call)?;
         let name = call.name.clone();
-        self.store
+        let stops = call.action == DeviceAction::Stop;
+        let session = self
+            .store
             .device_call(call, deadline)
             .await
             .map_err(|e| match e {
@@ -535,7 +551,11 @@ impl Sessions {
                     resource: name.to_string(),
                 },
                 other => other.into_error(|| name.to_string()),
-            })
+            })?;
+        if stops {
+            crate::observe::sessions_ended(crate::model::EndReason::StoppedByDevice.as_str(), 1);
+        }
+        Ok(session)
     }
 
     /// An operator ends a session; `by` is the acting caller's name.
@@ -560,6 +580,7 @@ impl Sessions {
             reason = %termination.message,
             "session terminated"
         );
+        crate::observe::sessions_ended(crate::model::EndReason::TerminatedByOperator.as_str(), 1);
         Ok(session)
     }
 }

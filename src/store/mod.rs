@@ -11,6 +11,7 @@
 //! logic (validation, entitlement, mapping) sits once above it in `session::ops`.
 
 pub mod memory;
+pub mod metered;
 pub mod redis;
 
 use std::fmt;

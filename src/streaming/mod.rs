@@ -203,6 +203,7 @@ pub struct Opened {
 
 impl Drop for Opened {
     fn drop(&mut self) {
+        crate::observe::streams_open(-1.0);
         let mut registry = self.streams.lock();
         if registry
             .get(&self.session.name)
@@ -372,6 +373,7 @@ impl Streams {
         if let Some(previous) = previous {
             let _ = previous.signals.try_send(Signal::Superseded);
         }
+        crate::observe::streams_open(1.0);
         Ok(Opened {
             streams: self.clone(),
             id,
@@ -575,6 +577,9 @@ impl Run<'_> {
         let since_end_ms = ended
             .and_then(|s| s.ended_ms)
             .map(|ms| unix_now().as_millis().saturating_sub(u128::from(ms)));
+        if let Some(ms) = since_end_ms {
+            crate::observe::stop_propagation(path, ms as f64 / 1000.0);
+        }
         tracing::info!(
             session = %self.name,
             reason = reason.as_str(),

@@ -262,17 +262,36 @@ impl Tokens {
         self.verify_with_grace(token, self.settings.refresh_grace)
     }
 
+    /// Verifies a token, counting the result and whether the cache knew it.
     fn verify_with_grace(
         &self,
         token: &str,
         grace: Duration,
+    ) -> Result<Arc<PlaybackClaims>, TokenError> {
+        let mut cache_hit = false;
+        let verified = self.verify_counted(token, grace, &mut cache_hit);
+        let result = verified
+            .as_ref()
+            .map_or_else(TokenError::reason, |_| "valid");
+        crate::observe::token_validation(result, cache_hit);
+        verified
+    }
+
+    fn verify_counted(
+        &self,
+        token: &str,
+        grace: Duration,
+        cache_hit: &mut bool,
     ) -> Result<Arc<PlaybackClaims>, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Invalid("too long"));
         }
         let ring = self.ring.load_full();
         let verified = match self.cache.get(token) {
-            Some(verified) if verified.epoch == ring.epoch => verified,
+            Some(verified) if verified.epoch == ring.epoch => {
+                *cache_hit = true;
+                verified
+            }
             _ => {
                 let verified = Arc::new(self.verify_signed(token, &ring)?);
                 self.cache.insert(Arc::from(token), verified.clone());

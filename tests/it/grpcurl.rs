@@ -734,3 +734,91 @@ fn a_callers_trace_id_is_in_the_logs_of_its_call() {
         assert!(line.is_some(), "no session log with trace {trace}:\n{logs}");
     }
 }
+
+/// The value of the Prometheus sample `name{labels}` in `text` (0 when absent).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(series, _)| {
+            series
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// After a known sequence of calls on a fresh binary, /metrics counts exactly them.
+#[test]
+fn metrics_count_a_known_sequence_of_calls() {
+    if !grpcurl_available() {
+        return;
+    }
+    let usher = Usher::start(&[]);
+    let curl = |args: &[&str]| {
+        let output = Command::new("curl").arg("-s").args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let sessions = format!("http://{}/v1/users/meg/sessions", usher.addr);
+    let mut names = Vec::new();
+    for device in ["tv", "phone", "tablet"] {
+        let body = CREATE.replace("living-room-tv", device);
+        let answer: Value =
+            serde_json::from_str(&curl(&["-X", "POST", &sessions, "-d", &body])).unwrap();
+        if let Some(name) = answer["session"]["name"].as_str() {
+            names.push(name.to_owned());
+        }
+    }
+    assert_eq!(names.len(), 2, "the third is over the limit of 2");
+    for _ in 0..2 {
+        curl(&[&format!("http://{}/v1/{}", usher.addr, names[0])]);
+    }
+    usher.call(
+        "usher.v1.PlaybackSessionService/StopSession",
+        &format!(r#"{{"name":"{}"}}"#, names[1]),
+    );
+    let metrics = curl(&[&format!("http://{}/metrics", usher.addr)]);
+    let rpc = |method: &str, code: &str, transport: &str| {
+        sample(
+            &metrics,
+            "usher_rpc_requests_total",
+            &[("method", method), ("code", code), ("transport", transport)],
+        )
+    };
+    assert_eq!(rpc("CreateSession", "OK", "http"), 2.0, "{metrics}");
+    assert_eq!(rpc("CreateSession", "RESOURCE_EXHAUSTED", "http"), 1.0);
+    assert_eq!(rpc("GetSession", "OK", "http"), 2.0);
+    assert_eq!(rpc("StopSession", "OK", "grpc"), 1.0);
+    assert_eq!(sample(&metrics, "usher_sessions_created_total", &[]), 2.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            "usher_sessions_denied_total",
+            &[("reason", "CONCURRENCY_LIMIT_REACHED")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "usher_sessions_ended_total",
+            &[("reason", "stopped_by_device")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "usher_store_call_duration_seconds_count",
+            &[("operation", "create_session")]
+        ),
+        3.0
+    );
+    assert!(metrics.contains("usher_rpc_duration_seconds_bucket"));
+    assert!(!metrics.contains("meg"), "no label takes a user id");
+    assert!(usher.terminate().success());
+}

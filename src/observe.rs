@@ -1,0 +1,128 @@
+//! Prometheus metrics, named in one place. The recorder is process-wide (the `metrics`
+//! facade); `GET /metrics` renders it. No label takes a user, session or device id:
+//! every label value comes from a fixed set (method names from the descriptor set, gRPC
+//! codes, end reasons, store operations).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `usher_rpc_requests_total` | counter | `service`, `method`, `code`, `transport` (`grpc` or `http`) |
+//! | `usher_rpc_duration_seconds` | histogram | `service`, `method`, `transport` |
+//! | `usher_sessions_created_total` | counter | |
+//! | `usher_sessions_denied_total` | counter | `reason` (the refusal's ErrorInfo reason) |
+//! | `usher_sessions_ended_total` | counter | `reason` (stored end reason), for ends this instance caused |
+//! | `usher_store_call_duration_seconds` | histogram | `operation` |
+//! | `usher_store_errors_total` | counter | `operation`, `kind` |
+//! | `usher_token_validations_total` | counter | `result` (`valid` or the refusal reason), `cache` (`hit` or `miss`) |
+//! | `usher_sweeper_runs_total` | counter | |
+//! | `usher_sweeper_expired_total` | counter | |
+//! | `usher_streams_open` | gauge | |
+//! | `usher_stop_propagation_seconds` | histogram | `path` (how the stop reached the stream) |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, seconds: 100 µs to 10 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder, once; later calls (more servers in one process,
+/// as in the tests) share it. `None` if another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+pub fn rpc(
+    service: &'static str,
+    method: &'static str,
+    code: tonic::Code,
+    transport: &'static str,
+    seconds: f64,
+) {
+    let code = code_name(code);
+    metrics::counter!("usher_rpc_requests_total", "service" => service, "method" => method, "code" => code, "transport" => transport).increment(1);
+    metrics::histogram!("usher_rpc_duration_seconds", "service" => service, "method" => method, "transport" => transport).record(seconds);
+}
+
+pub fn session_created() {
+    metrics::counter!("usher_sessions_created_total").increment(1);
+}
+
+pub fn session_denied(reason: &'static str) {
+    metrics::counter!("usher_sessions_denied_total", "reason" => reason).increment(1);
+}
+
+pub fn sessions_ended(reason: &'static str, count: u64) {
+    metrics::counter!("usher_sessions_ended_total", "reason" => reason).increment(count);
+}
+
+pub fn store_call(operation: &'static str, seconds: f64, error: Option<&'static str>) {
+    metrics::histogram!("usher_store_call_duration_seconds", "operation" => operation)
+        .record(seconds);
+    if let Some(kind) = error {
+        metrics::counter!("usher_store_errors_total", "operation" => operation, "kind" => kind)
+            .increment(1);
+    }
+}
+
+pub fn token_validation(result: &'static str, cache_hit: bool) {
+    let cache = if cache_hit { "hit" } else { "miss" };
+    metrics::counter!("usher_token_validations_total", "result" => result, "cache" => cache)
+        .increment(1);
+}
+
+pub fn sweep(expired: u64) {
+    metrics::counter!("usher_sweeper_runs_total").increment(1);
+    metrics::counter!("usher_sweeper_expired_total").increment(expired);
+}
+
+pub fn streams_open(delta: f64) {
+    metrics::gauge!("usher_streams_open").increment(delta);
+}
+
+pub fn stop_propagation(path: &'static str, seconds: f64) {
+    metrics::histogram!("usher_stop_propagation_seconds", "path" => path).record(seconds);
+}
+
+/// A gRPC code's name, as Prometheus label values usually are.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

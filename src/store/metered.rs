@@ -1,0 +1,120 @@
+//! A store that times every call by operation and counts the store's own failures
+//! (unreachable, full, corrupt), around any [`Store`]. The answers a store gives about
+//! sessions (not found, ended, over the limit) are not failures.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{
+    Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview, Seats, Store,
+    StoreError, StoreSettings,
+};
+use crate::deadline::Deadline;
+use crate::ids::{DeviceId, SessionName, UserId};
+use crate::model::{Session, Termination};
+
+/// See the module docs.
+pub struct Metered(pub Arc<dyn Store>);
+
+/// Records one call of `operation` that started at `started`.
+fn record<T>(operation: &'static str, started: Instant, result: &Result<T, StoreError>) {
+    let failure = match result {
+        Err(StoreError::Unavailable(_)) => Some("unavailable"),
+        Err(StoreError::Full(_)) => Some("full"),
+        Err(StoreError::Corrupt(_)) => Some("corrupt"),
+        Err(StoreError::Refused(_)) => Some("refused"),
+        _ => None,
+    };
+    crate::observe::store_call(operation, started.elapsed().as_secs_f64(), failure);
+}
+
+/// Runs `call`, recording it as `operation`.
+macro_rules! metered {
+    ($operation:literal, $call:expr) => {{
+        let started = Instant::now();
+        let result = $call.await;
+        record($operation, started, &result);
+        result
+    }};
+}
+
+#[async_trait]
+impl Store for Metered {
+    async fn create_session(
+        &self,
+        new: NewSession,
+        deadline: Deadline,
+    ) -> Result<Created, StoreError> {
+        metered!("create_session", self.0.create_session(new, deadline))
+    }
+
+    async fn get_session(
+        &self,
+        name: &SessionName,
+        deadline: Deadline,
+    ) -> Result<Option<Session>, StoreError> {
+        metered!("get_session", self.0.get_session(name, deadline))
+    }
+
+    async fn preview_create(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        limit: u32,
+        policy: OverLimitPolicy,
+        deadline: Deadline,
+    ) -> Result<(Seats, Preview), StoreError> {
+        metered!(
+            "preview_create",
+            self.0.preview_create(user, device, limit, policy, deadline)
+        )
+    }
+
+    async fn seats(&self, user: &UserId, deadline: Deadline) -> Result<Seats, StoreError> {
+        metered!("seats", self.0.seats(user, deadline))
+    }
+
+    async fn device_call(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Session, StoreError> {
+        metered!("device_call", self.0.device_call(call, deadline))
+    }
+
+    async fn terminate(
+        &self,
+        name: &SessionName,
+        termination: &Termination,
+        deadline: Deadline,
+    ) -> Result<Session, StoreError> {
+        metered!("terminate", self.0.terminate(name, termination, deadline))
+    }
+
+    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+        metered!("sweep", self.0.sweep(partition, max))
+    }
+
+    async fn read_events(
+        &self,
+        partition: u32,
+        after: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        metered!("read_events", self.0.read_events(partition, after, count))
+    }
+
+    async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
+        self.0.ended_sessions().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        metered!("ping", self.0.ping())
+    }
+
+    fn settings(&self) -> &StoreSettings {
+        self.0.settings()
+    }
+}
