@@ -350,3 +350,36 @@ async fn browsers_of_allowed_origins_may_call_and_bodies_are_bounded() {
     assert!(too_large.body.contains("MESSAGE_TOO_LARGE"));
     server.running.shutdown().await.unwrap();
 }
+
+/// gRPC and HTTP/JSON on one port under concurrent load of both: every call answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_rest_share_one_port_under_load() {
+    let mut server = serve(memory_store(), 2, OverLimitPolicy::RejectNew).await;
+    let addr = server.running.addr;
+    let session = server.start("lena", "tv").await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..16 {
+        let mut sessions = server.sessions.clone();
+        let name = session.name.clone();
+        tasks.spawn(async move {
+            for _ in 0..25 {
+                if task % 2 == 0 {
+                    let got = sessions
+                        .get_session(proto::GetSessionRequest { name: name.clone() })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(got.session.unwrap().name, name);
+                } else {
+                    let got = http(addr, "GET", &format!("/v1/{name}"), &[]).await;
+                    assert_eq!(got.status, 200, "{}", got.body);
+                    assert!(got.body.contains(&name));
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    server.running.shutdown().await.unwrap();
+}
