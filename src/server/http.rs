@@ -3,6 +3,7 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /metrics`: the Prometheus text format (see `crate::observe`).
+//! - `GET /openapi.json`: the OpenAPI 3 document of the REST routes, from the protos.
 //! - `GET /readyz`: 200 while the store answers and the server is not draining, 503
 //!   otherwise; it follows the same readiness as the gRPC health service.
 //! - `GET /.well-known/jwks.json`: the key set of `TokenService.GetJwks` (the route in
@@ -52,6 +53,8 @@ pub struct HttpState {
 pub struct Rest {
     pool: DescriptorPool,
     routes: Vec<super::rest::Route>,
+    /// The OpenAPI document of the routes, rendered once.
+    openapi: String,
     /// Largest request body, bytes (413 past it).
     max_body: usize,
 }
@@ -64,9 +67,11 @@ impl Rest {
         pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .expect("tonic-types' descriptor set decodes");
         let routes = super::rest::routes(&pool);
+        let openapi = super::rest::openapi(&pool, &routes).to_string();
         Self {
             pool,
             routes,
+            openapi,
             max_body,
         }
     }
@@ -164,7 +169,13 @@ fn route(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Option<Response<Body>> {
-    let known = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"];
+    let known = [
+        "/healthz",
+        "/readyz",
+        "/.well-known/jwks.json",
+        "/metrics",
+        "/openapi.json",
+    ];
     if !known.contains(&path) {
         return None;
     }
@@ -178,6 +189,11 @@ fn route(
     }
     Some(match path {
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/openapi.json" => respond(
+            StatusCode::OK,
+            "application/json",
+            state.rest.openapi.clone(),
+        ),
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",

@@ -455,6 +455,223 @@ pub fn grpc_headers(from: &HeaderMap) -> HeaderMap {
     headers
 }
 
+/// The comment above the proto element at `path` of `file`, from its source info.
+fn doc(file: &prost_reflect::FileDescriptor, path: &[i32]) -> String {
+    file.file_descriptor_proto()
+        .source_code_info
+        .as_ref()
+        .and_then(|info| info.location.iter().find(|l| l.path == path))
+        .and_then(|l| l.leading_comments.as_ref())
+        .map(|c| c.trim().replace('\n', " ").replace("  ", " "))
+        .unwrap_or_default()
+}
+
+/// The JSON schema of one field's value in canonical proto3 JSON.
+fn field_schema(field: &prost_reflect::FieldDescriptor) -> Value {
+    let value = match field.kind() {
+        Kind::Bool => serde_json::json!({"type": "boolean"}),
+        Kind::String => serde_json::json!({"type": "string"}),
+        Kind::Bytes => serde_json::json!({"type": "string", "format": "byte"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            serde_json::json!({"type": "integer", "format": "int32"})
+        }
+        Kind::Uint32 | Kind::Fixed32 => {
+            serde_json::json!({"type": "integer", "format": "int64", "minimum": 0})
+        }
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            serde_json::json!({"type": "string", "format": "int64"})
+        }
+        Kind::Uint64 | Kind::Fixed64 => serde_json::json!({"type": "string", "format": "uint64"}),
+        Kind::Float | Kind::Double => serde_json::json!({"type": "number"}),
+        Kind::Enum(e) => serde_json::json!({
+            "type": "string",
+            "enum": e.values().map(|v| v.name().to_owned()).collect::<Vec<_>>(),
+        }),
+        Kind::Message(m) => message_ref(&m),
+    };
+    let value = if field.is_map() {
+        let entry = match field.kind() {
+            Kind::Message(m) => m,
+            _ => unreachable!("a map field's kind is its entry"),
+        };
+        let values = entry.map_entry_value_field();
+        serde_json::json!({"type": "object", "additionalProperties": field_schema(&values)})
+    } else if field.is_list() {
+        serde_json::json!({"type": "array", "items": value})
+    } else {
+        value
+    };
+    let description = doc(&field.parent_file(), field.path());
+    match (value, description.is_empty()) {
+        (Value::Object(mut object), false) if !object.contains_key("$ref") => {
+            object.insert("description".into(), Value::String(description));
+            Value::Object(object)
+        }
+        (value, _) => value,
+    }
+}
+
+/// A message's schema reference; the well-known types are strings in JSON.
+fn message_ref(message: &MessageDescriptor) -> Value {
+    match message.full_name() {
+        "google.protobuf.Timestamp" => serde_json::json!({"type": "string", "format": "date-time"}),
+        "google.protobuf.Duration" => {
+            serde_json::json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$"})
+        }
+        "google.protobuf.Any" => serde_json::json!({
+            "type": "object",
+            "properties": {"@type": {"type": "string"}},
+            "additionalProperties": true,
+        }),
+        name => serde_json::json!({"$ref": format!("#/components/schemas/{name}")}),
+    }
+}
+
+/// Every message reachable from `message`, into `schemas`.
+fn collect_schemas(message: &MessageDescriptor, schemas: &mut Map<String, Value>) {
+    let name = message.full_name();
+    if name.starts_with("google.protobuf.") || schemas.contains_key(name) {
+        return;
+    }
+    schemas.insert(name.to_owned(), Value::Null);
+    let mut properties = Map::new();
+    for field in message.fields() {
+        properties.insert(field.json_name().to_owned(), field_schema(&field));
+        let nested = match field.kind() {
+            Kind::Message(m) if field.is_map() => Some(m.map_entry_value_field().kind()),
+            kind => Some(kind),
+        };
+        if let Some(Kind::Message(inner)) = nested {
+            collect_schemas(&inner, schemas);
+        }
+    }
+    let mut schema = serde_json::json!({"type": "object", "properties": properties});
+    let description = doc(&message.parent_file(), message.path());
+    if !description.is_empty() {
+        schema["description"] = Value::String(description);
+    }
+    schemas.insert(name.to_owned(), schema);
+}
+
+/// The OpenAPI path of a template: each `*` of a variable becomes a parameter named
+/// after the literal before it (`users/*` → `{user}`), so every parameter is one path
+/// segment. Returns the path and its parameters.
+fn openapi_path(route: &Route) -> (String, Vec<String>) {
+    let mut path = String::new();
+    let mut parameters = Vec::new();
+    for segment in &route.segments {
+        match segment {
+            Segment::Literal(literal) => {
+                path.push('/');
+                path.push_str(literal);
+            }
+            Segment::Variable { field, pattern, .. } => {
+                let mut previous = field.join(".");
+                for part in pattern {
+                    path.push('/');
+                    match part {
+                        Some(literal) => {
+                            path.push_str(literal);
+                            previous = literal.trim_end_matches('s').to_owned();
+                        }
+                        None => {
+                            path.push_str(&format!("{{{previous}}}"));
+                            parameters.push(previous.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(verb) = &route.verb {
+        path.push(':');
+        path.push_str(verb);
+    }
+    (path, parameters)
+}
+
+/// The OpenAPI 3 document of the REST shim: every route, its request and answer
+/// schemas (canonical proto3 JSON, the proto comments as descriptions), the
+/// `google.rpc.Status` error body, and the bearer security scheme.
+pub fn openapi(pool: &DescriptorPool, routes: &[Route]) -> Value {
+    let mut schemas = Map::new();
+    let mut paths = Map::new();
+    if let Some(status) = pool.get_message_by_name("google.rpc.Status") {
+        collect_schemas(&status, &mut schemas);
+    }
+    for route in routes {
+        collect_schemas(&route.input, &mut schemas);
+        collect_schemas(&route.output, &mut schemas);
+        let (path, parameters) = openapi_path(route);
+        let method = pool
+            .services()
+            .flat_map(|s| s.methods().collect::<Vec<_>>())
+            .find(|m| {
+                format!("/{}/{}", m.parent_service().full_name(), m.name()) == route.grpc_path
+            });
+        let description = method
+            .as_ref()
+            .map(|m| doc(&m.parent_file(), m.path()))
+            .unwrap_or_default();
+        let mut operation = serde_json::json!({
+            "operationId": route.grpc_path.trim_start_matches('/').replace('/', "."),
+            "description": description,
+            "parameters": parameters.iter().map(|name| serde_json::json!({
+                "name": name, "in": "path", "required": true,
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+            })).collect::<Vec<_>>(),
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": message_ref(&route.output)}},
+                },
+                "default": {
+                    "description": "An error: the gRPC status as JSON, the HTTP status from its code",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}},
+                },
+            },
+        });
+        if !route.body.is_empty() {
+            let schema = if route.body == "*" {
+                message_ref(&route.input)
+            } else {
+                route
+                    .input
+                    .get_field_by_name(&route.body)
+                    .map(|f| field_schema(&f))
+                    .unwrap_or(Value::Null)
+            };
+            operation["requestBody"] = serde_json::json!({
+                "required": true,
+                "content": {"application/json": {"schema": schema}},
+            });
+        }
+        let entry = paths
+            .entry(path)
+            .or_insert_with(|| Value::Object(Map::new()));
+        entry[route.method.as_str().to_ascii_lowercase()] = operation;
+    }
+    serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "usher",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The REST shim of usher's gRPC services: the google.api.http rules of proto/usher/v1, in canonical proto3 JSON.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "A service key, or a device's playback token on device calls",
+                },
+            },
+        },
+        "security": [{"bearer": []}],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -822,3 +822,59 @@ fn metrics_count_a_known_sequence_of_calls() {
     assert!(!metrics.contains("meg"), "no label takes a user id");
     assert!(usher.terminate().success());
 }
+
+/// schemathesis (PyPI) reads /openapi.json from the running binary and sends bounded
+/// generated requests to every operation: no server error, every status code and
+/// response body as the document says. `.ci/run` installs it; skipped without it
+/// outside CI.
+#[test]
+fn schemathesis_finds_nothing_against_the_openapi_document() {
+    let found = Command::new("schemathesis")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "schemathesis is required under CI (pip install schemathesis)"
+        );
+        eprintln!("skipped: pip install schemathesis");
+        return;
+    }
+    let usher = Usher::start(&["--default-seat-limit", "100"]);
+    let document: Value = serde_json::from_str(&String::from_utf8_lossy(
+        &Command::new("curl")
+            .args(["-s", &format!("http://{}/openapi.json", usher.addr)])
+            .output()
+            .unwrap()
+            .stdout,
+    ))
+    .unwrap();
+    let operations: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|methods| methods.as_object().unwrap().len())
+        .sum();
+    assert_eq!(operations, 13, "every annotated unary method");
+    let output = Command::new("timeout")
+        .arg("300")
+        .arg("schemathesis")
+        .args(["run", &format!("http://{}/openapi.json", usher.addr)])
+        .args(["--max-examples", "20", "--seed", "1"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("schemathesis");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+    assert!(usher.terminate().success());
+}
