@@ -428,6 +428,11 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_INSECURE_DEV")]
     pub insecure_dev: bool,
 
+    /// Serve `GET /metrics` on this address instead of on the main listener (which then
+    /// answers 404 for it), so the metrics need not be public.
+    #[arg(long, env = "USHER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// An origin (`https://player.example.com`) whose browser pages may call the REST
     /// routes (CORS); repeat the flag, or comma-separate in the variable. None by default.
     #[arg(long, env = "USHER_CORS_ORIGIN", value_delimiter = ',')]
@@ -481,6 +486,7 @@ pub struct Config {
     pub credentials: Option<PathBuf>,
     pub insecure_dev: bool,
     pub cors_origins: Vec<String>,
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
     pub log: String,
@@ -795,6 +801,7 @@ impl ServeArgs {
             credentials: self.credentials,
             insecure_dev: self.insecure_dev,
             cors_origins: self.cors_origin,
+            metrics_listen: self.metrics_listen,
             tls,
             log_format: self.log_format,
             log: self.log,

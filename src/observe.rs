@@ -30,15 +30,40 @@ const BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often recorded histogram samples are folded into their buckets when nobody
+/// scrapes (the exporter keeps them until then).
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder, once; later calls (more servers in one process,
-/// as in the tests) share it. `None` if another recorder was installed first.
-pub fn install() -> Option<&'static PrometheusHandle> {
+/// as in the tests) share it. With `listen`, the exporter also serves `GET /metrics` on
+/// that address (`--metrics-listen`). `None` if another recorder was installed first or
+/// the listener cannot be made. Call from inside the runtime.
+pub fn install(listen: Option<std::net::SocketAddr>) -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(BUCKETS)
-                .ok()?
-                .build_recorder();
+            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            let recorder = match listen {
+                Some(addr) => {
+                    let (recorder, exporter) = builder.with_http_listener(addr).build().ok()?;
+                    tokio::spawn(async move {
+                        if let Err(error) = exporter.await {
+                            tracing::error!(?error, "the metrics listener stopped");
+                        }
+                    });
+                    recorder
+                }
+                None => {
+                    let recorder = builder.build_recorder();
+                    let upkeep = recorder.handle();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(UPKEEP).await;
+                            upkeep.run_upkeep();
+                        }
+                    });
+                    recorder
+                }
+            };
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             Some(handle)
@@ -48,7 +73,11 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
-    install().map(PrometheusHandle::render).unwrap_or_default()
+    HANDLE
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
 }
 
 pub fn rpc(

@@ -112,6 +112,7 @@ pub(super) fn serve(
         stopping: stop.clone(),
         rest: Arc::new(super::http::Rest::new(limits.max_message_size)),
         cors_origins: Arc::new(config.cors_origins.clone()),
+        serve_metrics: config.metrics_listen.is_none(),
     });
     let follower = spawn_health_follower(health.clone(), readiness);
     // Both reflection versions: grpcurl 1.8.6 speaks only v1alpha. The google.rpc

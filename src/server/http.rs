@@ -47,6 +47,8 @@ pub struct HttpState {
     pub rest: Arc<Rest>,
     /// Origins whose browser pages may call (CORS); empty: none.
     pub cors_origins: Arc<Vec<String>>,
+    /// Whether `/metrics` is served here (not when `--metrics-listen` moves it).
+    pub serve_metrics: bool,
 }
 
 /// The REST shim's tables, built once from the descriptor sets.
@@ -176,7 +178,7 @@ fn route(
         "/metrics",
         "/openapi.json",
     ];
-    if !known.contains(&path) {
+    if !known.contains(&path) || (path == "/metrics" && !state.serve_metrics) {
         return None;
     }
     if method != Method::GET && method != Method::HEAD {

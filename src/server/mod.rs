@@ -52,6 +52,8 @@ pub enum StartError {
     Transport(#[from] tonic::transport::Error),
     #[error("server task stopped: {0}")]
     Stopped(String),
+    #[error("--metrics-listen {0}: cannot serve metrics there (address in use?)")]
+    Metrics(SocketAddr),
 }
 
 /// A server running in the background.
@@ -91,7 +93,12 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
-    crate::observe::install();
+    // The first server of a process installs the recorder (and the metrics listener).
+    if crate::observe::install(config.metrics_listen).is_none()
+        && let Some(addr) = config.metrics_listen
+    {
+        return Err(StartError::Metrics(addr));
+    }
     let app = App::assemble(config, components);
     let (shutdown, stop) = watch::channel(false);
     let (readiness, probe) = tasks::spawn_store_probe(app.store.clone(), stop.clone());

@@ -878,3 +878,28 @@ fn schemathesis_finds_nothing_against_the_openapi_document() {
     assert!(report.contains("passed"), "{report}");
     assert!(usher.terminate().success());
 }
+
+/// `--metrics-listen` moves /metrics off the main listener to its own address.
+#[test]
+fn metrics_can_be_served_on_their_own_address() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let usher = Usher::start(&["--metrics-listen", &metrics_addr]);
+    let curl = |url: String| {
+        let output = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", &url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let started = Instant::now();
+    let mut served = curl(format!("http://{metrics_addr}/metrics"));
+    while !served.ends_with("200") {
+        assert!(started.elapsed() < Duration::from_secs(5), "{served}");
+        std::thread::sleep(Duration::from_millis(50));
+        served = curl(format!("http://{metrics_addr}/metrics"));
+    }
+    assert!(served.contains("usher_sweeper_runs_total"), "{served}");
+    let main = curl(format!("http://{}/metrics", usher.addr));
+    assert!(main.ends_with("404"), "{main}");
+    assert!(usher.terminate().success());
+}
