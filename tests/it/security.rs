@@ -1161,3 +1161,35 @@ async fn rest_calls_meet_the_same_authentication() {
     assert_eq!(service_on_device.status, 403, "{}", service_on_device.body);
     assert!(service_on_device.body.contains("PLAYBACK_TOKEN_REQUIRED"));
 }
+
+/// A token issued over REST verifies against the JWK Set served over plain HTTP, with
+/// jsonwebtoken's own JWK parsing: what an edge does with nothing but the URL.
+#[tokio::test]
+async fn a_token_issued_over_rest_verifies_against_the_jwks_over_http() {
+    use crate::support::{http, http_json};
+    let s = secured(KeyAlgorithm::Eddsa).await;
+    let addr = s.server.running.addr;
+    let playback = format!("Bearer {PLAYBACK_KEY}");
+    let body = r#"{"profileId": "p", "contentId": "c", "device": {"id": "tv", "type": "DEVICE_TYPE_TV"}, "client": {"region": "US"}}"#;
+    let created = http_json(
+        addr,
+        "POST",
+        "/v1/users/vera/sessions",
+        &[("authorization", &playback)],
+        body,
+    )
+    .await;
+    let created: Value = serde_json::from_str(&created.body).unwrap();
+    let token = created["playbackToken"].as_str().unwrap();
+    let jwks = http(addr, "GET", "/.well-known/jwks.json", &[]).await;
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks.body).unwrap();
+    let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let jwk = set.find(&kid).expect("the token's key is in the set");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::EdDSA);
+    validation.set_audience(&["usher-playback"]);
+    validation.set_issuer(&["usher"]);
+    let data = jsonwebtoken::decode::<Value>(token, &key, &validation).unwrap();
+    assert_eq!(data.claims["sid"], created["session"]["name"]);
+    s.server.running.shutdown().await.unwrap();
+}
