@@ -16,6 +16,7 @@
 //! | `usher_sweeper_runs_total` | counter | |
 //! | `usher_sweeper_expired_total` | counter | |
 //! | `usher_streams_open` | gauge | |
+//! | `usher_seats_in_use` | gauge | | (every user's, from the store, about every 16 s)
 //! | `usher_stop_propagation_seconds` | histogram | `path` (how the stop reached the stream) |
 
 use std::sync::OnceLock;
@@ -122,6 +123,10 @@ pub fn token_validation(result: &'static str, cache_hit: bool) {
 pub fn sweep(expired: u64) {
     metrics::counter!("usher_sweeper_runs_total").increment(1);
     metrics::counter!("usher_sweeper_expired_total").increment(expired);
+}
+
+pub fn seats_in_use(count: u64) {
+    metrics::gauge!("usher_seats_in_use").set(count as f64);
 }
 
 pub fn streams_open(delta: f64) {

@@ -15,6 +15,8 @@ use crate::token::Tokens;
 const SWEEP_BATCH: u32 = 500;
 /// How often the store is pinged for readiness.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// The seats-in-use gauge is refreshed every this many probes (about 16 s).
+const SEATS_EVERY: u64 = 8;
 
 /// Pings the store (a write: see `Store::ping`) every `HEALTH_PROBE_INTERVAL` and
 /// publishes whether it is ready on a `watch` channel, which gRPC health follows (and a
@@ -25,6 +27,7 @@ pub(super) fn spawn_store_probe(
 ) -> (watch::Receiver<Option<bool>>, JoinHandle<()>) {
     let (ready, readiness) = watch::channel(None);
     let task = tokio::spawn(async move {
+        let mut probes = 0u64;
         loop {
             let answer = match store.ping().await {
                 Ok(()) => true,
@@ -38,6 +41,14 @@ pub(super) fn spawn_store_probe(
                 *last = Some(answer);
                 changed
             });
+            // Every SEATS_EVERY probes, the seats-in-use gauge (it reads every partition).
+            probes += 1;
+            if answer && probes % SEATS_EVERY == 1 {
+                match store.seats_in_use().await {
+                    Ok(count) => crate::observe::seats_in_use(count),
+                    Err(error) => tracing::warn!(%error, "counting seats in use failed"),
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(HEALTH_PROBE_INTERVAL) => {}
                 _ = stop.changed() => return,

@@ -846,6 +846,16 @@ impl Store for MemoryStore {
         Ok(EndedFeed::new(self.ended.subscribe()))
     }
 
+    async fn seats_in_use(&self) -> Result<u64, StoreError> {
+        Ok(self.with_state(|op| {
+            op.state
+                .partitions
+                .iter()
+                .map(|p| p.deadlines.len() as u64)
+                .sum()
+        }))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -110,6 +110,10 @@ impl Store for Metered {
         self.0.ended_sessions().await
     }
 
+    async fn seats_in_use(&self) -> Result<u64, StoreError> {
+        metered!("seats_in_use", self.0.seats_in_use())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         metered!("ping", self.0.ping())
     }

@@ -484,6 +484,11 @@ pub trait Store: Send + Sync + 'static {
     /// change is made. Errors: `Unavailable` when the subscription cannot be made.
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError>;
 
+    /// How many sessions hold a seat, across all users: the entries of the partitions'
+    /// sweep indexes (a session past its deadline counts until it is expired). For the
+    /// seats-in-use gauge; it reads every partition.
+    async fn seats_in_use(&self) -> Result<u64, StoreError>;
+
     /// Round trip to the store, for health and readiness: succeeds only while the
     /// store accepts writes (a Redis that answers PING but refuses writes, out of memory
     /// for example, is `Unavailable`).

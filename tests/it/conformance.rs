@@ -722,6 +722,29 @@ pub async fn ids_with_colons_never_share_state(kind: Kind) {
 
 /// Every way a session ends reaches the notification feed ("stop now" for the device's
 /// stream on whichever instance holds it), once per session, after the change.
+/// Seats in use across all users: live sessions count, stopped ones not, and one past
+/// its deadline until the sweep expires it.
+pub async fn seats_in_use_counts_every_users_held_seats(kind: Kind) {
+    let b = open(kind).await;
+    let count = || async { b.store.seats_in_use().await.unwrap() };
+    assert_eq!(count().await, 0);
+    let (ann, bob) = (fresh_user(), fresh_user());
+    let first = b.create(&ann, "tv", 2, RejectNew).await;
+    b.create(&ann, "phone", 2, RejectNew).await;
+    b.create(&bob, "tv", 2, RejectNew).await;
+    assert_eq!(count().await, 3);
+    b.call(call(&first.session.name, DeviceAction::Stop))
+        .await
+        .unwrap();
+    assert_eq!(count().await, 2);
+    b.advance(Duration::from_millis(1600)).await;
+    assert_eq!(count().await, 2, "overdue, not yet swept");
+    for partition in 0..b.store.settings().partitions {
+        b.store.sweep(partition, 100).await.unwrap();
+    }
+    assert_eq!(count().await, 0);
+}
+
 pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     let b = open(kind).await;
     let mut feed = b.store.ended_sessions().await.unwrap();
@@ -878,6 +901,7 @@ macro_rules! conformance_suite {
                     ids_with_colons_never_share_state,
                     ending_a_session_notifies_subscribers,
                     the_preview_is_what_a_create_then_does,
+                    seats_in_use_counts_every_users_held_seats,
                 );
             }
         )*

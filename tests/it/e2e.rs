@@ -496,6 +496,9 @@ impl Store for BrokenPartitionZero {
     async fn ended_sessions(&self) -> Result<usher::store::EndedFeed, usher::store::StoreError> {
         self.0.ended_sessions().await
     }
+    async fn seats_in_use(&self) -> Result<u64, usher::store::StoreError> {
+        self.0.seats_in_use().await
+    }
     async fn ping(&self) -> Result<(), usher::store::StoreError> {
         self.0.ping().await
     }

@@ -879,6 +879,15 @@ impl Store for RedisStore {
         Ok(EndedFeed::new(subscription.sender.subscribe()))
     }
 
+    async fn seats_in_use(&self) -> Result<u64, StoreError> {
+        let counts = (0..self.settings.partitions).map(|partition| {
+            let key = Keys::new(&self.options.key_prefix, partition).deadlines();
+            self.client.zcard::<u64, _>(key)
+        });
+        let counts = self.bounded(futures::future::try_join_all(counts)).await?;
+        Ok(counts.into_iter().sum())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         // A write, not PING: a Redis out of memory (OOM) or unable to persist (MISCONF)
         // still answers PING but refuses every state change.
