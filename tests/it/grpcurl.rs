@@ -857,7 +857,10 @@ fn schemathesis_finds_nothing_against_the_openapi_document() {
         .map(|methods| methods.as_object().unwrap().len())
         .sum();
     assert_eq!(operations, 13, "every annotated unary method");
+    // schemathesis keeps a cache in its working directory: a temporary one.
+    let scratch = tempfile::tempdir().unwrap();
     let output = Command::new("timeout")
+        .current_dir(scratch.path())
         .arg("300")
         .arg("schemathesis")
         .args(["run", &format!("http://{}/openapi.json", usher.addr)])
