@@ -4,6 +4,9 @@ WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
+# Cargo reads every target the manifest declares, so the benches must be there (a release
+# build does not compile them).
+COPY benches benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
