@@ -1,8 +1,9 @@
 //! Counts and times every call (gRPC, and REST through the shim) by service, method,
 //! gRPC code and transport. The code is read where gRPC puts it: the response headers of
-//! a trailers-only answer, else the trailers; a call whose body ends without either is
-//! counted as UNKNOWN. Paths that name no method of the descriptor sets are counted under
-//! `unknown`, so a caller cannot grow the label set.
+//! a trailers-only answer, else the trailers (UNKNOWN when they hold none). A call whose
+//! answer is dropped before its trailers (the caller reset it, or closed a stream) counts
+//! as CANCELLED. Paths that name no method of the descriptor sets count as `unknown`, so
+//! a caller cannot grow the label set.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -144,9 +145,10 @@ impl HttpBody for MeteredBody {
 }
 
 impl Drop for MeteredBody {
+    /// Dropped before its trailers: the caller went away (a reset or a closed stream).
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            call.record(tonic::Code::Unknown);
+            call.record(tonic::Code::Cancelled);
         }
     }
 }
