@@ -12,7 +12,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode, header};
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions,
+    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor,
+    SerializeOptions,
 };
 use serde_json::{Map, Value};
 
@@ -39,8 +40,8 @@ pub struct Route {
     response_body: String,
     /// `/package.Service/Method`.
     pub grpc_path: String,
-    input: MessageDescriptor,
-    output: MessageDescriptor,
+    /// The method: its input and output types, and its documentation.
+    rpc: MethodDescriptor,
 }
 
 /// The path variables a route bound: each field path and its (decoded) value.
@@ -217,8 +218,7 @@ pub fn routes(pool: &DescriptorPool) -> Vec<Route> {
                     body: text("body"),
                     response_body: text("response_body"),
                     grpc_path: format!("/{}/{}", service.full_name(), method.name()),
-                    input: method.input(),
-                    output: method.output(),
+                    rpc: method.clone(),
                 });
             }
         }
@@ -342,12 +342,12 @@ pub fn grpc_body(
                     "unknown query parameter {key:?}: this method takes its fields in the body"
                 )));
             }
-            let value = query_value(&route.input, &path, &text)?;
+            let value = query_value(&route.rpc.input(), &path, &text)?;
             set_path(&mut object, &path, value);
         }
     }
     let message = DynamicMessage::deserialize_with_options(
-        route.input.clone(),
+        route.rpc.input(),
         Value::Object(object),
         &DeserializeOptions::new(),
     )
@@ -367,8 +367,7 @@ pub fn json_answer(route: &Route, mut framed: Bytes) -> Result<String, String> {
         return Err("the answer has no message".into());
     }
     framed.advance(5);
-    let message =
-        DynamicMessage::decode(route.output.clone(), framed).map_err(|e| e.to_string())?;
+    let message = DynamicMessage::decode(route.rpc.output(), framed).map_err(|e| e.to_string())?;
     // `response_body` names the field to answer with (a message field in every rule
     // that uses it); otherwise the whole message.
     let answer = match message.get_field_by_name(&route.response_body) {
@@ -600,19 +599,10 @@ pub fn openapi(pool: &DescriptorPool, routes: &[Route]) -> Value {
         collect_schemas(&status, &mut schemas);
     }
     for route in routes {
-        collect_schemas(&route.input, &mut schemas);
-        collect_schemas(&route.output, &mut schemas);
+        collect_schemas(&route.rpc.input(), &mut schemas);
+        collect_schemas(&route.rpc.output(), &mut schemas);
         let (path, parameters) = openapi_path(route);
-        let method = pool
-            .services()
-            .flat_map(|s| s.methods().collect::<Vec<_>>())
-            .find(|m| {
-                format!("/{}/{}", m.parent_service().full_name(), m.name()) == route.grpc_path
-            });
-        let description = method
-            .as_ref()
-            .map(|m| doc(&m.parent_file(), m.path()))
-            .unwrap_or_default();
+        let description = doc(&route.rpc.parent_file(), route.rpc.path());
         let mut operation = serde_json::json!({
             "operationId": route.grpc_path.trim_start_matches('/').replace('/', "."),
             "description": description,
@@ -623,7 +613,7 @@ pub fn openapi(pool: &DescriptorPool, routes: &[Route]) -> Value {
             "responses": {
                 "200": {
                     "description": "OK",
-                    "content": {"application/json": {"schema": message_ref(&route.output)}},
+                    "content": {"application/json": {"schema": message_ref(&route.rpc.output())}},
                 },
                 "default": {
                     "description": "An error: the gRPC status as JSON, the HTTP status from its code",
@@ -633,10 +623,11 @@ pub fn openapi(pool: &DescriptorPool, routes: &[Route]) -> Value {
         });
         if !route.body.is_empty() {
             let schema = if route.body == "*" {
-                message_ref(&route.input)
+                message_ref(&route.rpc.input())
             } else {
                 route
-                    .input
+                    .rpc
+                    .input()
                     .get_field_by_name(&route.body)
                     .map(|f| field_schema(&f))
                     .unwrap_or(Value::Null)
