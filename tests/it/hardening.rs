@@ -391,6 +391,17 @@ async fn the_limit_detail_stays_small_at_the_largest_limit() {
     server.running.shutdown().await.unwrap();
 }
 
+/// A create on the embedded `store` with no caller deadline, over the reject-new policy.
+async fn create(
+    store: &MemoryStore,
+    user: &usher::ids::UserId,
+    device: &str,
+    limit: u32,
+) -> Result<usher::store::Created, StoreError> {
+    let new = new_session(user, device, limit, OverLimitPolicy::RejectNew);
+    store.create_session(new, Deadline::NONE).await
+}
+
 /// The embedded store is bounded: past its session cap the oldest ended sessions are
 /// forgotten first; when live sessions alone fill it, a create is refused (STORE_FULL)
 /// and writes nothing. Past its user cap the longest idle users go first.
@@ -401,14 +412,7 @@ async fn the_embedded_store_is_bounded() {
         max_users: 2,
     });
     let ann = user("ann");
-    let first = store
-        .create_session(
-            new_session(&ann, "a", 5, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap()
-        .session;
+    let first = create(&store, &ann, "a", 5).await.unwrap().session;
     let stop = usher::store::DeviceCall {
         name: first.name.clone(),
         generation: None,
@@ -417,13 +421,7 @@ async fn the_embedded_store_is_bounded() {
     };
     store.device_call(stop, Deadline::NONE).await.unwrap();
     for device in ["b", "c"] {
-        store
-            .create_session(
-                new_session(&ann, device, 5, OverLimitPolicy::RejectNew),
-                Deadline::NONE,
-            )
-            .await
-            .unwrap();
+        create(&store, &ann, device, 5).await.unwrap();
     }
     // Three records: one ended, two live. The next create forgets the ended one.
     assert!(
@@ -433,13 +431,7 @@ async fn the_embedded_store_is_bounded() {
             .unwrap()
             .is_some()
     );
-    store
-        .create_session(
-            new_session(&ann, "d", 5, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap();
+    create(&store, &ann, "d", 5).await.unwrap();
     assert!(
         store
             .get_session(&first.name, Deadline::NONE)
@@ -451,12 +443,7 @@ async fn the_embedded_store_is_bounded() {
     // Three live sessions fill it: the fourth is refused and nothing changes.
     let partition = usher::store::partition_of(&ann, test_settings().partitions);
     let events_before = store.read_events(partition, None, 1000).await.unwrap();
-    let refused = store
-        .create_session(
-            new_session(&ann, "e", 5, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await;
+    let refused = create(&store, &ann, "e", 5).await;
     assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
     assert_eq!(
         store.read_events(partition, None, 1000).await.unwrap(),
@@ -480,21 +467,8 @@ async fn the_embedded_store_is_bounded() {
         max_sessions: 100,
         max_users: 2,
     });
-    users
-        .create_session(
-            new_session(&ann, "a", 2, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap();
-    let bob = users
-        .create_session(
-            new_session(&user("bob"), "a", 2, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap()
-        .session;
+    create(&users, &ann, "a", 2).await.unwrap();
+    let bob = create(&users, &user("bob"), "a", 2).await.unwrap().session;
     let carl = new_session(&user("carl"), "a", 2, OverLimitPolicy::RejectNew);
     assert!(matches!(
         users.create_session(carl.clone(), Deadline::NONE).await,
