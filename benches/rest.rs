@@ -82,21 +82,7 @@ async fn run() {
         .unwrap();
     let mut sessions = PlaybackSessionServiceClient::new(channel.clone());
     let created = sessions
-        .create_session(proto::CreateSessionRequest {
-            parent: "users/bench".into(),
-            profile_id: "main".into(),
-            content_id: "title".into(),
-            device: Some(proto::Device {
-                id: "tv".into(),
-                r#type: proto::DeviceType::Tv as i32,
-                name: "TV".into(),
-            }),
-            client: Some(proto::ClientInfo {
-                region: "US".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
+        .create_session(support::create_request("bench", "tv"))
         .await
         .unwrap()
         .into_inner();

@@ -48,25 +48,6 @@ const CONNECTIONS: usize = 200;
 const BEATING_STREAMS: usize = 256;
 const RUN: Duration = Duration::from_secs(3);
 
-fn request(user: &str, device: &str) -> proto::CreateSessionRequest {
-    proto::CreateSessionRequest {
-        parent: format!("users/{user}"),
-        profile_id: "main".into(),
-        content_id: "title-000042".into(),
-        device: Some(proto::Device {
-            id: device.into(),
-            r#type: proto::DeviceType::Tv as i32,
-            name: "Living room TV".into(),
-        }),
-        client: Some(proto::ClientInfo {
-            ip_address: "192.0.2.10".into(),
-            user_agent: "player/2.1".into(),
-            region: "US".into(),
-        }),
-        request_id: String::new(),
-    }
-}
-
 fn heartbeat(seconds: i64) -> proto::StreamHeartbeatsRequest {
     proto::StreamHeartbeatsRequest {
         kind: Some(In::Heartbeat(proto::StreamHeartbeat {
@@ -160,7 +141,7 @@ async fn stop_propagation(server: &redis::RedisServer) {
     let (mut stops, mut round_trips) = (Vec::new(), Vec::new());
     for i in 0..STOPS {
         let created = a_sessions
-            .create_session(request(&format!("stop-{i}"), "tv"))
+            .create_session(support::create_request(&format!("stop-{i}"), "tv"))
             .await
             .unwrap()
             .into_inner();
@@ -243,7 +224,7 @@ async fn streams_held() {
             let mut tokens = Vec::new();
             for i in (chunk..STREAMS).step_by(CONNECTIONS) {
                 let created = sessions
-                    .create_session(request(&format!("held-{i}"), "tv"))
+                    .create_session(support::create_request(&format!("held-{i}"), "tv"))
                     .await
                     .unwrap()
                     .into_inner();
@@ -357,7 +338,7 @@ async fn heartbeat_rates(server: &redis::RedisServer) {
     let mut streams = Vec::new();
     for i in 0..BEATING_STREAMS {
         let created = sessions
-            .create_session(request(&format!("streamed-{i}"), "tv"))
+            .create_session(support::create_request(&format!("streamed-{i}"), "tv"))
             .await
             .unwrap()
             .into_inner();

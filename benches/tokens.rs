@@ -8,6 +8,10 @@
 //!
 //! It reports numbers and ratios; it never fails on a timing.
 
+#[path = "support/mod.rs"]
+#[expect(dead_code, reason = "shared by the benches; this one uses part of it")]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,17 +158,7 @@ async fn through_the_server() {
                 .await
                 .unwrap();
             let created = PlaybackSessionServiceClient::new(channel.clone())
-                .create_session(proto::CreateSessionRequest {
-                    parent: "users/bench".into(),
-                    profile_id: "main".into(),
-                    content_id: "title".into(),
-                    device: Some(proto::Device {
-                        id: "tv".into(),
-                        r#type: proto::DeviceType::Tv as i32,
-                        name: "TV".into(),
-                    }),
-                    ..Default::default()
-                })
+                .create_session(support::create_request("bench", "tv"))
                 .await
                 .unwrap()
                 .into_inner();
