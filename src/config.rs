@@ -16,6 +16,7 @@ use crate::store::{
     StoreSettings,
 };
 use crate::streaming::StreamSettings;
+use crate::telemetry::LogFormat;
 use crate::token::TokenSettings;
 use crate::token::keys::KeyAlgorithm;
 
@@ -147,12 +148,6 @@ pub struct HealthArgs {
     pub tls_domain: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Pretty,
-    Json,
-}
-
 /// The command-line names of the domain's enums: clap stays here, so no other module
 /// derives a CLI trait. Each entry is `Type { Variant => "name": "help", ... }`.
 macro_rules! cli_values {
@@ -192,6 +187,10 @@ cli_values! {
     KeyAlgorithm {
         Eddsa => "eddsa": "Ed25519: the default; verifiable offline from the public JWKS",
         Hs256 => "hs256": "HMAC-SHA256 with a shared secret, for verifiers that share it",
+    }
+    LogFormat {
+        Pretty => "pretty": "for people: one coloured line per event with its spans",
+        Json => "json": "for machines: one JSON object per line, span fields included",
     }
 }
 
@@ -458,6 +457,13 @@ pub struct ServeArgs {
     /// Log filter, in tracing's EnvFilter syntax.
     #[arg(long, env = "USHER_LOG", default_value = "info")]
     pub log: String,
+
+    /// Export the spans of calls and store operations to this OpenTelemetry collector,
+    /// over OTLP/gRPC (`http://127.0.0.1:4317`). Off by default. Batching follows the
+    /// standard `OTEL_BSP_*` variables; the service name is `usher` unless
+    /// `OTEL_SERVICE_NAME` is set.
+    #[arg(long, env = "USHER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Where state is kept.
@@ -490,6 +496,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
     pub log: String,
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The listener's TLS material.
@@ -623,6 +630,20 @@ impl ServeArgs {
                 return Err(ConfigError::new(
                     "--cors-origin",
                     format!("{origin:?} is not an origin like https://player.example.com"),
+                ));
+            }
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let host = endpoint
+                .strip_prefix("http://")
+                .map(|rest| rest.trim_end_matches('/'));
+            if host.is_none_or(|host| host.is_empty() || host.contains(['/', ' '])) {
+                return Err(ConfigError::new(
+                    "--otlp-endpoint",
+                    format!(
+                        "{endpoint:?} is not a collector's OTLP/gRPC address like \
+                         http://127.0.0.1:4317 (plain gRPC: run the collector beside usher)"
+                    ),
                 ));
             }
         }
@@ -805,6 +826,7 @@ impl ServeArgs {
             tls,
             log_format: self.log_format,
             log: self.log,
+            otlp_endpoint: self.otlp_endpoint,
         })
     }
 }

@@ -99,6 +99,8 @@ fn keys(command: KeysCommand) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
+    // First: a SIGTERM from now on drains the server instead of killing the process.
+    let signal = usher::server::shutdown_signal();
     let config = match args.into_config() {
         Ok(config) => config,
         Err(error) => {
@@ -106,17 +108,26 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(error) = usher::telemetry::init(config.log_format, &config.log) {
-        eprintln!("usher serve: {error}");
-        return ExitCode::from(2);
-    }
-    match usher::server::serve(config, usher::server::shutdown_signal()).await {
+    let telemetry = match usher::telemetry::init(
+        config.log_format,
+        &config.log,
+        config.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("usher serve: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match usher::server::serve(config, signal).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "usher could not start");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 async fn health(args: HealthArgs) -> ExitCode {

@@ -440,3 +440,97 @@ where
         Box::pin(async move { Ok(transcode(rest, inner, request).await) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    /// Every gRPC code a method can answer reaches the REST caller as grpc-gateway's HTTP
+    /// status, with the `google.rpc.Status` body and its details. The table is written
+    /// out here, not derived from `crate::error::http_status`, so it checks that too.
+    #[tokio::test]
+    async fn every_grpc_code_is_answered_with_its_http_status_and_status_body() {
+        use tonic::Code as C;
+        let table = [
+            (C::Cancelled, 499),
+            (C::Unknown, 500),
+            (C::InvalidArgument, 400),
+            (C::DeadlineExceeded, 504),
+            (C::NotFound, 404),
+            (C::AlreadyExists, 409),
+            (C::PermissionDenied, 403),
+            (C::ResourceExhausted, 429),
+            (C::FailedPrecondition, 400),
+            (C::Aborted, 409),
+            (C::OutOfRange, 400),
+            (C::Unimplemented, 501),
+            (C::Internal, 500),
+            (C::Unavailable, 503),
+            (C::DataLoss, 500),
+            (C::Unauthenticated, 401),
+        ];
+        let rest = Arc::new(Rest::new(4096));
+        for (code, http_status) in table {
+            let refusal = tonic::Status::with_error_details(
+                code,
+                format!("refused: {code:?}"),
+                ErrorDetails::with_error_info("SOME_REASON", "usher.video", []),
+            );
+            let inner = tower::service_fn(move |_: http::Request<Body>| {
+                futures::future::ready(Ok::<_, std::convert::Infallible>(
+                    refusal.clone().into_http::<Body>(),
+                ))
+            });
+            let request = http::Request::get("/v1/users/alice/sessions/s-1")
+                .body(Body::empty())
+                .unwrap();
+            let answer = transcode(rest.clone(), inner, request).await;
+            assert_eq!(answer.status().as_u16(), http_status, "{code:?}");
+            assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(status["code"], code as i32, "{code:?}");
+            assert_eq!(status["message"], format!("refused: {code:?}"));
+            assert_eq!(
+                status["details"][0]["@type"],
+                "type.googleapis.com/google.rpc.ErrorInfo"
+            );
+            assert_eq!(status["details"][0]["reason"], "SOME_REASON", "{status}");
+        }
+        // OK is the method's answer itself.
+        let ok = tower::service_fn(|_: http::Request<Body>| {
+            futures::future::ready(Ok::<_, std::convert::Infallible>(ok_answer()))
+        });
+        let request = http::Request::get("/v1/users/alice/sessions/s-1")
+            .body(Body::empty())
+            .unwrap();
+        let answer = transcode(rest, ok, request).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let session: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(session["session"]["name"], "users/alice/sessions/s-1");
+    }
+
+    /// A gRPC answer with one `GetSessionResponse` message and grpc-status 0.
+    fn ok_answer() -> Response<Body> {
+        use prost::Message as _;
+        let message = crate::proto::GetSessionResponse {
+            session: Some(crate::proto::Session {
+                name: "users/alice/sessions/s-1".into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend((message.len() as u32).to_be_bytes());
+        framed.extend(message);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body = http_body_util::StreamBody::new(futures::stream::iter([
+            Ok::<_, tonic::Status>(http_body::Frame::data(Bytes::from(framed))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]));
+        Response::new(Body::new(body))
+    }
+}

@@ -89,10 +89,14 @@ struct Call {
     labels: Labels,
     transport: &'static str,
     started: Instant,
+    /// The call's span when spans are exported: held until the code is known, so the
+    /// span of a streaming call lasts as long as the stream.
+    span: tracing::Span,
 }
 
 impl Call {
     fn record(&self, code: tonic::Code) {
+        crate::telemetry::end_call(&self.span, code);
         let (service, method) = self.labels;
         crate::observe::rpc(
             service,
@@ -181,9 +185,21 @@ where
                 "grpc"
             },
             started: Instant::now(),
+            span: tracing::Span::none(),
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
+            // Polled within the call's span (tonic's trace_fn).
+            let (service, method) = call.labels;
+            crate::telemetry::name_call(service, method, call.transport);
+            let call = Call {
+                span: if crate::telemetry::exporting() {
+                    tracing::Span::current()
+                } else {
+                    tracing::Span::none()
+                },
+                ..call
+            };
             let response = answer.await?;
             if let Some(code) = grpc_code(response.headers()) {
                 call.record(code);

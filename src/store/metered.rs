@@ -18,8 +18,14 @@ use crate::model::{Session, Termination};
 /// See the module docs.
 pub struct Metered(pub Arc<dyn Store>);
 
-/// Records one call of `operation` that started at `started`.
-fn record<T>(operation: &'static str, started: Instant, result: &Result<T, StoreError>) {
+/// Records one call of `operation` that started at `started`, and marks its span when
+/// the store failed.
+fn record<T>(
+    operation: &'static str,
+    started: Instant,
+    result: &Result<T, StoreError>,
+    span: &tracing::Span,
+) {
     let failure = match result {
         Err(StoreError::Unavailable(_)) => Some("unavailable"),
         Err(StoreError::Full(_)) => Some("full"),
@@ -28,14 +34,28 @@ fn record<T>(operation: &'static str, started: Instant, result: &Result<T, Store
         _ => None,
     };
     crate::observe::store_call(operation, started.elapsed().as_secs_f64(), failure);
+    if failure.is_some() {
+        span.record("otel.status_code", "error");
+    }
 }
 
-/// Runs `call`, recording it as `operation`.
+/// Runs `call`, recording it as `operation`. Within a call, when spans are exported
+/// (`--otlp-endpoint`), it runs in a child span of the call's; background work (the
+/// sweeper, the store probe) makes no traces of its own.
 macro_rules! metered {
     ($operation:literal, $call:expr) => {{
+        let span = if crate::telemetry::exporting() && !tracing::Span::current().is_none() {
+            tracing::debug_span!(
+                "store",
+                otel.name = concat!("store.", $operation),
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
-        let result = $call.await;
-        record($operation, started, &result);
+        let result = tracing::Instrument::instrument($call, span.clone()).await;
+        record($operation, started, &result, &span);
         result
     }};
 }

@@ -42,17 +42,27 @@ pub(crate) struct Usher {
 impl Usher {
     /// `usher serve` in development mode (no credentials needed).
     pub(crate) fn start(extra: &[&str]) -> Usher {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// `usher serve` in development mode, with `env` in its environment.
+    pub(crate) fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Usher {
         let mut args = vec!["--insecure-dev"];
         args.extend(extra);
-        Self::start_secured(&args)
+        Self::launch(&args, env)
     }
 
     /// `usher serve` with exactly `extra` as further flags.
     fn start_secured(extra: &[&str]) -> Usher {
+        Self::launch(extra, &[])
+    }
+
+    fn launch(extra: &[&str], env: &[(&str, &str)]) -> Usher {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_usher"))
             .args(["serve", "--listen", &addr, "--drain-delay", "0s"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -853,7 +863,10 @@ fn schemathesis_finds_nothing_against_the_openapi_document() {
         .values()
         .map(|methods| methods.as_object().unwrap().len())
         .sum();
-    assert_eq!(operations, 13, "every annotated unary method");
+    assert_eq!(
+        operations, 14,
+        "every binding of every annotated unary method"
+    );
     // schemathesis keeps a cache in its working directory: a temporary one.
     let scratch = tempfile::tempdir().unwrap();
     let output = Command::new("timeout")
@@ -877,6 +890,18 @@ fn schemathesis_finds_nothing_against_the_openapi_document() {
     );
     assert!(report.contains("passed"), "{report}");
     assert!(usher.terminate().success());
+}
+
+/// A SIGTERM that arrives the moment the server listens (a supervisor stopping it as it
+/// starts) drains it: exit 0, never the signal's default action (killed, 143).
+#[test]
+fn sigterm_as_the_server_starts_drains_it() {
+    for _ in 0..20 {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let usher = Usher::start(&["--metrics-listen", &metrics_addr]);
+        let status = usher.terminate();
+        assert!(status.success(), "{status:?}");
+    }
 }
 
 /// `--metrics-listen` moves /metrics off the main listener to its own address.

@@ -197,6 +197,30 @@ async fn the_rest_shim_serves_every_annotated_method() {
     )
     .await;
     assert_eq!(json(&check)["admitted"], false);
+    // The same method through its additional binding: a GET with the query string.
+    let by_get = http(
+        addr,
+        "GET",
+        "/v1/users/roku:1/concurrency:checkAvailability?deviceId=phone&region=DE",
+        &[],
+    )
+    .await;
+    assert_eq!(by_get.status, 200, "{}", by_get.body);
+    assert_eq!(json(&by_get), json(&check));
+    let unknown = http(
+        addr,
+        "GET",
+        "/v1/users/roku:1/concurrency:checkAvailability?deviceId=phone&seats=3",
+        &[],
+    )
+    .await;
+    assert_eq!(unknown.status, 400);
+    assert!(
+        json(&unknown)["message"]
+            .as_str()
+            .unwrap()
+            .contains("seats")
+    );
     let validated = http_json(
         addr,
         "POST",

@@ -6,6 +6,7 @@ mod e2e;
 mod grpcurl;
 mod hardening;
 mod http;
+mod otlp;
 mod python;
 mod race;
 mod redis_only;
