@@ -82,6 +82,51 @@ fn in_process() {
     }
 }
 
+/// Signing, in process: usher's signer (the key parsed once) beside `jsonwebtoken::encode`
+/// with the same Ed25519 key as PKCS#8 (parsed again for every token, as usher signed
+/// before), on the same claims. Both tokens verify with usher's verifier.
+fn signing() {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+    let set = KeySet::generate(KeyAlgorithm::Eddsa).unwrap();
+    let tokens = Tokens::new(
+        TokenSettings::default(),
+        KeyRing::from_set(&set, Duration::ZERO).unwrap(),
+    );
+    let issued = tokens.issue(&sample_session()).unwrap();
+    let seed: [u8; 32] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(set.keys[0].d.as_ref().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let der = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .to_pkcs8_der()
+        .unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.typ = Some(usher::token::TOKEN_TYPE.to_owned());
+    header.kid = Some(set.keys[0].kid.clone());
+    let reparsed = jsonwebtoken::encode(&header, &issued.claims, &encoding).unwrap();
+    tokens
+        .verify(&reparsed)
+        .expect("the PKCS#8 path's token verifies too");
+    let time = |sign: &dyn Fn() -> String| {
+        let started = Instant::now();
+        for _ in 0..IN_PROCESS {
+            std::hint::black_box(sign());
+        }
+        started.elapsed().as_nanos() as f64 / f64::from(IN_PROCESS)
+    };
+    let signer = &tokens;
+    let ours = time(&|| signer.issue(&sample_session()).unwrap().token);
+    let theirs = time(&|| jsonwebtoken::encode(&header, &issued.claims, &encoding).unwrap());
+    println!("signing, {IN_PROCESS} EdDSA tokens each (ns per token)");
+    println!(
+        "   issue (key parsed once) {ours:>8.0}   jsonwebtoken::encode from PKCS#8 {theirs:>8.0}   ratio {:.2}x",
+        theirs / ours
+    );
+}
+
 /// Calls per second of ValidateToken from CLIENTS concurrent clients for RUN.
 async fn throughput(
     client: TokenServiceClient<tonic::transport::Channel>,
@@ -188,6 +233,7 @@ fn main() {
         return;
     }
     in_process();
+    signing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -40,6 +40,77 @@ pub enum Command {
     /// Play the device's side of a session's stream: heartbeat with its playback token
     /// and print every message usher sends (one JSON line each) until usher stops it.
     Device(DeviceArgs),
+    /// Measure the hot paths side by side in one run: creates, unary and streamed
+    /// heartbeats, ValidateToken and an empty RPC through usher, and (given the Redis it
+    /// uses) the same store scripts driven straight at Redis, with CPU and memory per call.
+    Bench(Box<BenchArgs>),
+}
+
+/// `usher bench` flags.
+#[derive(Clone, Debug, Args)]
+pub struct BenchArgs {
+    /// A running usher to measure. Without it, bench starts its own (this binary's
+    /// `serve`, development mode, on a free loopback port) on `--store`.
+    #[arg(long, env = "USHER_BENCH_TARGET")]
+    pub target: Option<SocketAddr>,
+
+    /// The store of the usher bench starts: `memory` or `redis://host:port` (its keys
+    /// under a prefix of this run's own, deleted at the end).
+    #[arg(long, env = "USHER_BENCH_STORE", default_value = "memory")]
+    pub store: String,
+
+    /// The Redis the measured usher uses (`redis://host:port`): adds the scripts' own
+    /// ceiling on it, redis-server's CPU per call (when it runs on this machine) and Redis
+    /// memory per session. Defaults to `--store` when that is Redis.
+    #[arg(long, env = "USHER_BENCH_REDIS")]
+    pub redis: Option<String>,
+
+    /// The process id of the `--target` usher, for its CPU per call (read from /proc).
+    #[arg(long, env = "USHER_BENCH_USHER_PID")]
+    pub usher_pid: Option<u32>,
+
+    /// How long each measurement runs.
+    #[arg(long, env = "USHER_BENCH_DURATION", default_value = "3s", value_parser = duration)]
+    pub duration: Duration,
+
+    /// At most this many calls per measurement.
+    #[arg(long, env = "USHER_BENCH_MAX_CALLS", default_value_t = 2_000_000)]
+    pub max_calls: u64,
+
+    /// Closed loop: this many calls in flight (each starts when one ends).
+    #[arg(long, env = "USHER_BENCH_IN_FLIGHT", default_value_t = 64)]
+    pub in_flight: usize,
+
+    /// Open loop instead: start this many calls per second, whatever the answers do
+    /// (latency counted from when each call was due).
+    #[arg(long, env = "USHER_BENCH_RATE")]
+    pub rate: Option<u32>,
+
+    /// Sessions the heartbeat measurements beat on (one stream each for streams).
+    #[arg(long, env = "USHER_BENCH_SESSIONS", default_value_t = 256)]
+    pub sessions: usize,
+
+    /// Which measurements, comma-separated: health, validate, create, heartbeat, stream.
+    #[arg(
+        long,
+        env = "USHER_BENCH_ONLY",
+        value_delimiter = ',',
+        default_value = "health,validate,create,heartbeat,stream"
+    )]
+    pub only: Vec<String>,
+
+    /// A service key (`Bearer` credential with the admin role) for a `--target` that
+    /// requires credentials; devices use the playback tokens their creates return.
+    #[arg(long, env = "USHER_BENCH_SERVICE_KEY")]
+    pub service_key: Option<String>,
+
+    /// Allow a target or Redis that is not on loopback (bench sends real load).
+    #[arg(long, env = "USHER_BENCH_ALLOW_REMOTE")]
+    pub allow_remote: bool,
+
+    /// Print one JSON document instead of the table.
+    #[arg(long, env = "USHER_BENCH_JSON")]
+    pub json: bool,
 }
 
 /// `usher device` flags.
@@ -838,7 +909,7 @@ impl Config {
             Command::Serve(args) => args
                 .into_config()
                 .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}")),
-            Command::Health(_) | Command::Keys(_) | Command::Device(_) => {
+            Command::Health(_) | Command::Keys(_) | Command::Device(_) | Command::Bench(_) => {
                 unreachable!("parsed `usher serve`")
             }
         }
@@ -857,7 +928,7 @@ mod tests {
             .command
         {
             Command::Serve(args) => args.into_config().map_err(|e| e.to_string()),
-            Command::Health(_) | Command::Keys(_) | Command::Device(_) => {
+            Command::Health(_) | Command::Keys(_) | Command::Device(_) | Command::Bench(_) => {
                 Err("parsed another command".into())
             }
         }
@@ -966,6 +1037,7 @@ mod readme {
             command.find_subcommand("serve"),
             command.find_subcommand("health"),
             command.find_subcommand("device"),
+            command.find_subcommand("bench"),
             keys.find_subcommand("generate"),
             keys.find_subcommand("rotate"),
         ];

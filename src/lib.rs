@@ -40,6 +40,7 @@
 //! - [`config`]: the one entry point for configuration (clap, `USHER_*`); [`files`]: the
 //!   TOML files operators write, read in one place.
 //! - [`server`]: assembles services, health, reflection, limits, the sweeper, signals.
+//! - [`bench`]: `usher bench`, the hot paths measured against their ceiling in one run.
 //!
 //! # Layers
 //!
@@ -47,7 +48,7 @@
 //! has no cycle (`../shared/hooks/module_cycles.py src` checks it):
 //!
 //! ```text
-//! server, config
+//! server, config, bench
 //!   streaming                     (the device stream, over the session operations)
 //!   session, concurrency          (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
@@ -59,6 +60,7 @@
 //! ```
 
 pub mod auth;
+pub mod bench;
 pub mod codec;
 pub mod concurrency;
 pub mod config;

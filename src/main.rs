@@ -15,6 +15,25 @@ async fn main() -> ExitCode {
         Command::Health(args) => health(args).await,
         Command::Keys(command) => keys(command),
         Command::Device(args) => device(args).await,
+        Command::Bench(args) => bench(*args).await,
+    }
+}
+
+async fn bench(args: usher::config::BenchArgs) -> ExitCode {
+    let json = args.json;
+    match usher::bench::run(args).await {
+        Ok(report) if json => {
+            println!("{:#}", report.json());
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("usher bench: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

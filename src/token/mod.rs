@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
 
 use self::keys::{KeyError, KeyRing, KeySet, PublicJwk};
@@ -240,12 +240,12 @@ impl Tokens {
             exp: now + self.settings.ttl.as_secs(),
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        let ring = self.ring.load();
-        let signer = &ring.keys.signer;
-        let mut header = Header::new(signer.algorithm);
-        header.typ = Some(TOKEN_TYPE.to_owned());
-        header.kid = Some(signer.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &signer.key)
+        let token = self
+            .ring
+            .load()
+            .keys
+            .signer
+            .sign(&claims)
             .map_err(|e| Error::Internal(format!("signing a token: {e}")))?;
         Ok(IssuedToken { token, claims })
     }

@@ -1,6 +1,7 @@
 //! usher's integration tests: one binary, every test against real servers on loopback.
 
 mod bad_input;
+mod bench;
 mod conformance;
 mod e2e;
 mod grpcurl;

@@ -1,0 +1,1083 @@
+//! `usher bench`: the hot paths measured side by side in one run, against a running usher
+//! (`--target`) or one bench starts itself (this binary's `serve`, in development mode,
+//! on a free loopback port, as its own process so its CPU is its own).
+//!
+//! Through usher: an empty unary RPC (`grpc.health.v1.Health/Check`, the floor of any
+//! call), `ValidateToken` (the same token: the verified-token cache), `CreateSession`
+//! (a new user each call), unary `Heartbeat` and stream heartbeats (every one written:
+//! the usher bench starts does not coalesce them). Each is calls per second with p50, p99
+//! and p999 latency, closed loop (`--in-flight` calls at a time) or open loop (`--rate`
+//! calls started per second, latency counted from when each was due).
+//!
+//! Given the Redis usher uses (`--redis`, or `--store redis://…`): the same create and
+//! heartbeat scripts driven straight at that Redis from this process through the store
+//! client (EVALSHA on real keys, pipelined, the same number in flight), the ratio of
+//! usher's rate to that ceiling, the CPU seconds per call of usher and of redis-server
+//! (from /proc, when they run here), and Redis memory per created session.
+//!
+//! Bench sends real load: loopback only unless `--allow-remote`, and every measurement is
+//! bounded by `--duration` and `--max-calls`. The keys it creates on Redis are under a
+//! prefix of its own run and deleted at the end; it touches nothing else.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fred::interfaces::{ClientLike as _, KeysInterface as _};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::config::{BenchArgs, StoreConfig, parse_store};
+use crate::deadline::Deadline;
+use crate::ids::{ContentId, DeviceId, FieldViolation, ProfileId, SessionId, SessionName, UserId};
+use crate::model::{ClientInfo, Device, DeviceType, PlaybackState};
+use crate::proto;
+use crate::proto::playback_session_service_client::PlaybackSessionServiceClient;
+use crate::proto::stream_heartbeats_request::Kind as In;
+use crate::proto::stream_heartbeats_response::Kind as Out;
+use crate::proto::streaming_service_client::StreamingServiceClient;
+use crate::proto::token_service_client::TokenServiceClient;
+use crate::store::redis::RedisStore;
+use crate::store::{DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreSettings};
+
+/// Why a bench could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
+    #[error("starting usher: {0}")]
+    Start(String),
+    #[error("{0}")]
+    Call(String),
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+fn flag(flag: &'static str, message: impl Into<String>) -> BenchError {
+    BenchError::Flag {
+        flag,
+        message: message.into(),
+    }
+}
+
+/// What one measurement saw.
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    pub name: &'static str,
+    pub calls: u64,
+    pub errors: u64,
+    /// Open loop: calls not started because `--in-flight` × 16 were outstanding.
+    pub skipped: u64,
+    pub elapsed: Duration,
+    /// Sorted.
+    latencies: Vec<Duration>,
+    pub first_error: Option<String>,
+    /// CPU seconds used during it, when the process is known and local.
+    pub usher_cpu: Option<f64>,
+    pub redis_cpu: Option<f64>,
+}
+
+impl Measured {
+    pub fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        let last = self.latencies.len().checked_sub(1)?;
+        Some(self.latencies[(last as f64 * q).round() as usize])
+    }
+
+    fn per_call_us(&self, cpu: Option<f64>) -> Option<f64> {
+        cpu.map(|seconds| seconds * 1e6 / self.calls.max(1) as f64)
+    }
+
+    fn json(&self) -> Value {
+        let ms = |q| self.percentile(q).map(|d| d.as_secs_f64() * 1e3);
+        json!({
+            "name": self.name,
+            "calls": self.calls,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "seconds": self.elapsed.as_secs_f64(),
+            "per_second": self.rate(),
+            "p50_ms": ms(0.5),
+            "p99_ms": ms(0.99),
+            "p999_ms": ms(0.999),
+            "usher_cpu_us_per_call": self.per_call_us(self.usher_cpu),
+            "redis_cpu_us_per_call": self.per_call_us(self.redis_cpu),
+            "first_error": self.first_error,
+        })
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub mode: String,
+    pub through_usher: Vec<Measured>,
+    /// The store scripts straight at Redis, by the name of the usher measurement they
+    /// are the ceiling of.
+    pub raw: Vec<Measured>,
+    /// Redis `used_memory` growth per session created through usher.
+    pub redis_bytes_per_session: Option<f64>,
+}
+
+impl Report {
+    fn raw_for(&self, name: &str) -> Option<&Measured> {
+        self.raw.iter().find(|m| m.name == name)
+    }
+
+    pub fn json(&self) -> Value {
+        let ratios: serde_json::Map<String, Value> = self
+            .through_usher
+            .iter()
+            .filter_map(|m| {
+                let raw = self.raw_for(raw_name(m.name)?)?;
+                Some((m.name.to_owned(), json!(m.rate() / raw.rate().max(1e-9))))
+            })
+            .collect();
+        json!({
+            "mode": self.mode,
+            "through_usher": self.through_usher.iter().map(Measured::json).collect::<Vec<_>>(),
+            "raw_redis": self.raw.iter().map(Measured::json).collect::<Vec<_>>(),
+            "ratio_to_raw": ratios,
+            "redis_bytes_per_session": self.redis_bytes_per_session,
+        })
+    }
+
+    /// The table a person reads.
+    pub fn table(&self) -> String {
+        let mut out = format!("usher bench ({})\n", self.mode);
+        out.push_str(&format!(
+            "{:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12} {:>8}\n",
+            "",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "errors",
+            "usher us/call",
+            "redis us/call",
+            "vs raw"
+        ));
+        let row = |m: &Measured, ratio: Option<f64>| {
+            let ms = |q| {
+                m.percentile(q)
+                    .map_or("-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3))
+            };
+            let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            format!(
+                "{:<22} {:>10.0} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12} {:>8}\n",
+                m.name,
+                m.rate(),
+                ms(0.5),
+                ms(0.99),
+                ms(0.999),
+                m.errors,
+                us(m.per_call_us(m.usher_cpu)),
+                us(m.per_call_us(m.redis_cpu)),
+                ratio.map_or("-".to_owned(), |r| format!("{r:.2}x")),
+            )
+        };
+        for m in &self.through_usher {
+            let ratio = raw_name(m.name)
+                .and_then(|raw| self.raw_for(raw))
+                .map(|raw| m.rate() / raw.rate().max(1e-9));
+            out.push_str(&row(m, ratio));
+        }
+        for m in &self.raw {
+            out.push_str(&row(m, None));
+        }
+        if let Some(bytes) = self.redis_bytes_per_session {
+            out.push_str(&format!(
+                "Redis memory per session created (its keys and events): {bytes:.0} bytes\n"
+            ));
+        }
+        let failed: Vec<String> = self
+            .through_usher
+            .iter()
+            .chain(&self.raw)
+            .filter_map(|m| Some(format!("{}: {}", m.name, m.first_error.as_ref()?)))
+            .collect();
+        for failure in failed {
+            out.push_str(&format!("first error of {failure}\n"));
+        }
+        out
+    }
+}
+
+/// The raw measurement a through-usher one is compared with.
+fn raw_name(name: &str) -> Option<&'static str> {
+    match name {
+        "create" => Some("raw create script"),
+        "heartbeat (unary)" | "heartbeat (stream)" => Some("raw heartbeat script"),
+        _ => None,
+    }
+}
+
+/// How calls are driven.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Closed {
+        in_flight: usize,
+    },
+    Open {
+        per_second: u32,
+        max_outstanding: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    duration: Duration,
+    max_calls: u64,
+}
+
+/// Drives `call(i)` as `mode` says within `bounds`. A call answers `Err` with what
+/// went wrong; it counts as an error, not as a call.
+async fn drive<F, Fut>(name: &'static str, mode: Mode, bounds: Bounds, call: F) -> Measured
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let started = Instant::now();
+    let until = started + bounds.duration;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut measured = Measured {
+        name,
+        ..Measured::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    match mode {
+        Mode::Closed { in_flight } => {
+            for _ in 0..in_flight.max(1) {
+                let (call, next) = (call.clone(), next.clone());
+                tasks.spawn(async move {
+                    let mut seen = Seen::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= bounds.max_calls || Instant::now() >= until {
+                            return seen;
+                        }
+                        let began = Instant::now();
+                        seen.record(call(i).await, began);
+                    }
+                });
+            }
+        }
+        Mode::Open {
+            per_second,
+            max_outstanding,
+        } => {
+            let period = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
+            let outstanding = Arc::new(AtomicU64::new(0));
+            let mut due = started;
+            let mut i = 0u64;
+            while due < until && i < bounds.max_calls {
+                tokio::time::sleep_until(due.into()).await;
+                // Every call due by now starts now; latency counts from when it was due.
+                while due <= Instant::now() && due < until && i < bounds.max_calls {
+                    if outstanding.load(Ordering::Relaxed) >= max_outstanding as u64 {
+                        measured.skipped += 1;
+                    } else {
+                        outstanding.fetch_add(1, Ordering::Relaxed);
+                        let (call, outstanding, began) = (call.clone(), outstanding.clone(), due);
+                        tasks.spawn(async move {
+                            let mut seen = Seen::default();
+                            seen.record(call(i).await, began);
+                            outstanding.fetch_sub(1, Ordering::Relaxed);
+                            seen
+                        });
+                    }
+                    i += 1;
+                    due += period;
+                }
+            }
+        }
+    }
+    while let Some(seen) = tasks.join_next().await {
+        let seen = seen.unwrap_or_default();
+        measured.calls += seen.calls;
+        measured.errors += seen.errors;
+        measured.latencies.extend(seen.latencies);
+        if measured.first_error.is_none() {
+            measured.first_error = seen.first_error;
+        }
+    }
+    measured.elapsed = started.elapsed();
+    measured.latencies.sort_unstable();
+    measured
+}
+
+#[derive(Default)]
+struct Seen {
+    calls: u64,
+    errors: u64,
+    latencies: Vec<Duration>,
+    first_error: Option<String>,
+}
+
+impl Seen {
+    fn record(&mut self, result: Result<(), String>, began: Instant) {
+        match result {
+            Ok(()) => {
+                self.calls += 1;
+                self.latencies.push(began.elapsed());
+            }
+            Err(error) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(error);
+            }
+        }
+    }
+}
+
+/// CPU seconds a local process has used (user + system), from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum::<Option<f64>>()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
+/// CPU counters read before and after a measurement.
+#[derive(Clone, Copy)]
+struct Processes {
+    usher: Option<u32>,
+    redis: Option<u32>,
+}
+
+impl Processes {
+    fn read(&self) -> (Option<f64>, Option<f64>) {
+        (
+            self.usher.and_then(cpu_seconds),
+            self.redis.and_then(cpu_seconds),
+        )
+    }
+
+    async fn measure(&self, run: impl Future<Output = Measured>) -> Measured {
+        let before = self.read();
+        let mut measured = run.await;
+        let after = self.read();
+        let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        measured.usher_cpu = delta(before.0, after.0);
+        measured.redis_cpu = delta(before.1, after.1);
+        measured
+    }
+
+    /// Like `measure`, for work that does not go through usher (its CPU is not asked).
+    async fn measure_redis(&self, run: impl Future<Output = Measured>) -> Measured {
+        Processes {
+            usher: None,
+            redis: self.redis,
+        }
+        .measure(run)
+        .await
+    }
+}
+
+/// The usher being measured.
+struct Target {
+    addr: SocketAddr,
+    pid: Option<u32>,
+    /// The one bench started, stopped at the end.
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// The host of a `redis://[user:pass@]host:port[/db]` URL is on loopback.
+fn redis_on_loopback(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Starts this binary's `serve` on a free loopback port, keys under `prefix`.
+fn start_usher(store: &str, prefix: &str) -> Result<Target, BenchError> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| BenchError::Start(e.to_string()))?
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let exe = std::env::current_exe().map_err(|e| BenchError::Start(e.to_string()))?;
+    let child = Command::new(exe)
+        .args(["serve", "--insecure-dev", "--listen", &addr.to_string()])
+        .args(["--store", store, "--redis-key-prefix", prefix])
+        // Every streamed heartbeat is written, as the raw script it is compared with.
+        .args(["--stream-min-write-interval", "0s"])
+        .args(["--drain-delay", "0s", "--log", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::Start(e.to_string()))?;
+    Ok(Target {
+        addr,
+        pid: Some(child.id()),
+        child: Some(child),
+    })
+}
+
+/// A channel to `addr` once its health service answers SERVING (10 s at most).
+async fn connect(addr: SocketAddr) -> Result<Channel, BenchError> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+            .expect("a valid URI")
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            match health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+            {
+                Ok(answer) if answer.get_ref().status == 1 => return Ok(channel),
+                Ok(answer) => last = format!("status {}", answer.get_ref().status),
+                Err(status) => last = status.message().to_owned(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::Start(format!(
+        "{addr} is not SERVING after 10 s ({last})"
+    )))
+}
+
+/// Adds `authorization: Bearer <credential>` when there is one.
+fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(credential) = credential
+        && let Ok(value) = MetadataValue::try_from(format!("Bearer {credential}"))
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// A CreateSession of `user` on a living-room TV in the US.
+fn create_request(user: &str) -> proto::CreateSessionRequest {
+    proto::CreateSessionRequest {
+        parent: format!("users/{user}"),
+        profile_id: "main".into(),
+        content_id: "title-000042".into(),
+        device: Some(proto::Device {
+            id: "living-room-tv".into(),
+            r#type: proto::DeviceType::Tv as i32,
+            name: "Living room TV".into(),
+        }),
+        client: Some(proto::ClientInfo {
+            ip_address: "192.0.2.10".into(),
+            user_agent: "player/2.1 (smart-tv)".into(),
+            region: "US".into(),
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// A created session: its name and playback token.
+#[derive(Clone)]
+struct Playing {
+    name: String,
+    token: String,
+}
+
+async fn create(
+    channel: &Channel,
+    user: &str,
+    credential: Option<&str>,
+) -> Result<Playing, String> {
+    let answer = PlaybackSessionServiceClient::new(channel.clone())
+        .create_session(authorized(create_request(user), credential))
+        .await
+        .map_err(|s| format!("CreateSession: {:?} {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(Playing {
+        name: answer.session.map(|s| s.name).unwrap_or_default(),
+        token: answer.playback_token,
+    })
+}
+
+fn position(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+fn stream_heartbeat(ms: u64) -> proto::StreamHeartbeatsRequest {
+    proto::StreamHeartbeatsRequest {
+        kind: Some(In::Heartbeat(proto::StreamHeartbeat {
+            position: position(ms),
+            playback_state: proto::PlaybackState::Playing as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A unique name for this run's users and keys.
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("bench-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// The Redis usher uses: a client of its own, its process, and the store client the raw
+/// scripts are driven through (keys under `prefix`).
+struct RedisSide {
+    client: fred::clients::Client,
+    pid: Option<u32>,
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl RedisSide {
+    async fn open(url: &str, prefix: String) -> Result<Self, BenchError> {
+        let redis = |e: fred::error::Error| BenchError::Redis(e.to_string());
+        let config = fred::types::config::Config::from_url(url).map_err(redis)?;
+        let client = fred::types::Builder::from_config(config)
+            .build()
+            .map_err(redis)?;
+        client.init().await.map_err(redis)?;
+        let info: String = client
+            .info(Some(fred::types::InfoKind::Server))
+            .await
+            .map_err(redis)?;
+        let pid = info_field(&info, "process_id")
+            .and_then(|p| p.parse::<u32>().ok())
+            // Only a redis-server on this machine: /proc of another host's pid is not it.
+            .filter(|pid| {
+                redis_on_loopback(url)
+                    && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|name| name.starts_with("redis"))
+            });
+        let StoreConfig::Redis(options) = parse_store(url, &prefix, Duration::from_secs(2), false)
+            .map_err(|e| flag("--redis", e.to_string()))?
+        else {
+            return Err(flag("--redis", "expected redis://host:port"));
+        };
+        let store = RedisStore::connect(options, StoreSettings::default())
+            .await
+            .map_err(|e| BenchError::Redis(e.to_string()))?;
+        Ok(Self {
+            client,
+            pid,
+            store: Arc::new(store),
+            prefix,
+        })
+    }
+
+    async fn used_memory(&self) -> Option<u64> {
+        let info: String = self
+            .client
+            .info(Some(fred::types::InfoKind::Memory))
+            .await
+            .ok()?;
+        info_field(&info, "used_memory")?.parse().ok()
+    }
+
+    /// Deletes every key under `prefix` (this run's own).
+    async fn delete_keys(&self, prefix: &str) {
+        let mut cursor = "0".to_owned();
+        loop {
+            let page: Result<(String, Vec<String>), _> = self
+                .client
+                .custom(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone(),
+                        "MATCH".into(),
+                        format!("{prefix}:*"),
+                        "COUNT".into(),
+                        "1000".into(),
+                    ],
+                )
+                .await;
+            let Ok((next, keys)) = page else { return };
+            if !keys.is_empty() {
+                let _: Result<i64, _> = self.client.unlink(keys).await;
+            }
+            if next == "0" {
+                return;
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// A session created straight through the store, for the raw heartbeat script.
+fn new_session(user: &str) -> Result<NewSession, String> {
+    let id = |v: FieldViolation| format!("{}: {}", v.field, v.description);
+    Ok(NewSession {
+        name: SessionName {
+            user: UserId::parse("user", user).map_err(id)?,
+            session: SessionId::generate(),
+        },
+        profile: ProfileId::parse("profile", "main").map_err(id)?,
+        content: ContentId::parse("content", "title-000042").map_err(id)?,
+        device: Device {
+            id: DeviceId::parse("device", "living-room-tv").map_err(id)?,
+            kind: DeviceType::Tv,
+            name: "Living room TV".into(),
+        },
+        client: ClientInfo {
+            ip_address: "192.0.2.10".into(),
+            user_agent: "player/2.1 (smart-tv)".into(),
+            region: "US".into(),
+        },
+        request_id: None,
+        limit: 2,
+        policy: OverLimitPolicy::RejectNew,
+    })
+}
+
+const SCENARIOS: [&str; 5] = ["health", "validate", "create", "heartbeat", "stream"];
+
+/// Runs the measurements `args` asks for.
+pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
+    for name in &args.only {
+        if !SCENARIOS.contains(&name.as_str()) {
+            return Err(flag(
+                "--only",
+                format!("{name:?}: expected some of {}", SCENARIOS.join(", ")),
+            ));
+        }
+    }
+    if args.sessions == 0 || args.in_flight == 0 || args.max_calls == 0 {
+        return Err(flag(
+            "--sessions, --in-flight, --max-calls",
+            "must be more than 0",
+        ));
+    }
+    if args.rate == Some(0) {
+        return Err(flag("--rate", "must be more than 0"));
+    }
+    let redis_url = args.redis.clone().or_else(|| {
+        args.store
+            .starts_with("redis://")
+            .then(|| args.store.clone())
+    });
+    if !args.allow_remote {
+        if let Some(target) = &args.target
+            && !loopback(target)
+        {
+            return Err(flag(
+                "--target",
+                format!("{target} is not on loopback (--allow-remote to measure it anyway)"),
+            ));
+        }
+        if let Some(url) = &redis_url
+            && !redis_on_loopback(url)
+        {
+            return Err(flag(
+                "--redis",
+                "not on loopback (--allow-remote to measure it anyway)",
+            ));
+        }
+    }
+    if args.store != "memory" && !args.store.starts_with("redis://") {
+        return Err(flag(
+            "--store",
+            format!("{:?}: expected memory or redis://host:port", args.store),
+        ));
+    }
+    let run_id = run_id();
+    let target = match args.target {
+        Some(addr) => Target {
+            addr,
+            pid: args.usher_pid,
+            child: None,
+        },
+        None => start_usher(&args.store, &format!("usher-{run_id}"))?,
+    };
+    let redis = match &redis_url {
+        Some(url) => Some(RedisSide::open(url, format!("usher-{run_id}-raw")).await?),
+        None => None,
+    };
+    let channel = connect(target.addr).await?;
+    let processes = Processes {
+        usher: target.pid,
+        redis: redis.as_ref().and_then(|r| r.pid),
+    };
+    let mode = match args.rate {
+        Some(per_second) => Mode::Open {
+            per_second,
+            max_outstanding: args.in_flight * 16,
+        },
+        None => Mode::Closed {
+            in_flight: args.in_flight,
+        },
+    };
+    let bounds = Bounds {
+        duration: args.duration,
+        max_calls: args.max_calls,
+    };
+    let credential: Option<Arc<str>> = args.service_key.as_deref().map(Arc::from);
+    let wanted = |name: &str| args.only.iter().any(|n| n == name);
+    let mut report = Report {
+        mode: match mode {
+            Mode::Closed { in_flight } => format!(
+                "closed loop, {in_flight} in flight, {:?} or {} calls each",
+                args.duration, args.max_calls
+            ),
+            Mode::Open { per_second, .. } => format!(
+                "open loop, {per_second} calls/s, {:?} or {} calls each",
+                args.duration, args.max_calls
+            ),
+        },
+        ..Report::default()
+    };
+
+    if wanted("health") {
+        let channel = channel.clone();
+        report.through_usher.push(
+            processes
+                .measure(drive("health check", mode, bounds, move |_| {
+                    let mut client =
+                        tonic_health::pb::health_client::HealthClient::new(channel.clone());
+                    async move {
+                        client
+                            .check(tonic_health::pb::HealthCheckRequest::default())
+                            .await
+                            .map(|_| ())
+                            .map_err(|s| format!("{:?} {}", s.code(), s.message()))
+                    }
+                }))
+                .await,
+        );
+    }
+    if wanted("validate") {
+        let playing = create(&channel, &format!("{run_id}-v"), credential.as_deref())
+            .await
+            .map_err(BenchError::Call)?;
+        let (channel, credential) = (channel.clone(), credential.clone());
+        report.through_usher.push(
+            processes
+                .measure(drive("validate (cached)", mode, bounds, move |_| {
+                    let mut client = TokenServiceClient::new(channel.clone());
+                    let request = authorized(
+                        proto::ValidateTokenRequest {
+                            token: playing.token.clone(),
+                            check_session: false,
+                        },
+                        credential.as_deref(),
+                    );
+                    async move {
+                        match client.validate_token(request).await {
+                            Ok(answer) if answer.get_ref().valid => Ok(()),
+                            Ok(answer) => Err(format!("not valid: {}", answer.get_ref().reason)),
+                            Err(s) => Err(format!("{:?} {}", s.code(), s.message())),
+                        }
+                    }
+                }))
+                .await,
+        );
+    }
+    if wanted("create") {
+        let before = match &redis {
+            Some(redis) => redis.used_memory().await,
+            None => None,
+        };
+        let (channel, credential, users) = (channel.clone(), credential.clone(), run_id.clone());
+        let measured = processes
+            .measure(drive("create", mode, bounds, move |i| {
+                let (channel, credential, user) =
+                    (channel.clone(), credential.clone(), format!("{users}-c{i}"));
+                async move {
+                    create(&channel, &user, credential.as_deref())
+                        .await
+                        .map(|_| ())
+                }
+            }))
+            .await;
+        if let (Some(redis), Some(before)) = (&redis, before)
+            && let Some(after) = redis.used_memory().await
+            && measured.calls > 0
+        {
+            report.redis_bytes_per_session =
+                Some((after as f64 - before as f64) / measured.calls as f64);
+        }
+        report.through_usher.push(measured);
+    }
+    if wanted("heartbeat") || wanted("stream") {
+        let mut pool = Vec::with_capacity(args.sessions);
+        for i in 0..args.sessions {
+            let user = format!("{run_id}-h{i}");
+            pool.push(
+                create(&channel, &user, credential.as_deref())
+                    .await
+                    .map_err(BenchError::Call)?,
+            );
+        }
+        let pool = Arc::new(pool);
+        if wanted("heartbeat") {
+            let (channel, pool) = (channel.clone(), pool.clone());
+            report.through_usher.push(
+                processes
+                    .measure(drive("heartbeat (unary)", mode, bounds, move |i| {
+                        let playing = &pool[(i % pool.len() as u64) as usize];
+                        let request = authorized(
+                            proto::HeartbeatRequest {
+                                name: playing.name.clone(),
+                                position: position(i),
+                                playback_state: proto::PlaybackState::Playing as i32,
+                                generation: 0,
+                            },
+                            Some(&playing.token),
+                        );
+                        let mut client = PlaybackSessionServiceClient::new(channel.clone());
+                        async move {
+                            client
+                                .heartbeat(request)
+                                .await
+                                .map(|_| ())
+                                .map_err(|s| format!("{:?} {}", s.code(), s.message()))
+                        }
+                    }))
+                    .await,
+            );
+        }
+        if wanted("stream") {
+            // As many streams as calls in flight elsewhere, so the rows compare.
+            let beating = &pool[..pool.len().min(args.in_flight)];
+            report
+                .through_usher
+                .push(processes.measure(streams(&channel, beating, bounds)).await);
+        }
+    }
+    if let Some(redis) = &redis {
+        if wanted("create") {
+            let (store, users) = (redis.store.clone(), run_id.clone());
+            report.raw.push(
+                processes
+                    .measure_redis(drive("raw create script", mode, bounds, move |i| {
+                        let (store, user) = (store.clone(), format!("{users}-rc{i}"));
+                        async move {
+                            store
+                                .create_session(new_session(&user)?, Deadline::NONE)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }
+                    }))
+                    .await,
+            );
+        }
+        if wanted("heartbeat") || wanted("stream") {
+            let mut names = Vec::with_capacity(args.sessions);
+            for i in 0..args.sessions {
+                let created = redis
+                    .store
+                    .create_session(
+                        new_session(&format!("{run_id}-rh{i}")).map_err(BenchError::Call)?,
+                        Deadline::NONE,
+                    )
+                    .await
+                    .map_err(|e| BenchError::Redis(e.to_string()))?;
+                names.push(created.session.name);
+            }
+            let (store, names) = (redis.store.clone(), Arc::new(names));
+            report.raw.push(
+                processes
+                    .measure_redis(drive("raw heartbeat script", mode, bounds, move |i| {
+                        let call = DeviceCall {
+                            name: names[(i % names.len() as u64) as usize].clone(),
+                            generation: None,
+                            position_ms: Some(i),
+                            action: DeviceAction::Heartbeat {
+                                playback_state: PlaybackState::Playing,
+                            },
+                        };
+                        let store = store.clone();
+                        async move {
+                            store
+                                .device_call(call, Deadline::NONE)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }
+                    }))
+                    .await,
+            );
+        }
+        redis.delete_keys(&redis.prefix).await;
+        if target.child.is_some() {
+            redis.delete_keys(&format!("usher-{run_id}")).await;
+        }
+    }
+    drop(target);
+    Ok(report)
+}
+
+/// Stream heartbeats: one stream per session of `pool`, each sending its next heartbeat
+/// when the last is acknowledged (closed loop in either mode), for `bounds`. Coalesced acks (a server that does not
+/// write every heartbeat) are errors here: they are not the work being measured.
+async fn streams(channel: &Channel, pool: &[Playing], bounds: Bounds) -> Measured {
+    let mut opened = Vec::with_capacity(pool.len());
+    let mut measured = Measured {
+        name: "heartbeat (stream)",
+        ..Measured::default()
+    };
+    for playing in pool {
+        let (sender, requests) = mpsc::channel(4);
+        let _ = sender.send(stream_heartbeat(0)).await;
+        let request = authorized(ReceiverStream::new(requests), Some(&playing.token));
+        match StreamingServiceClient::new(channel.clone())
+            .stream_heartbeats(request)
+            .await
+        {
+            Ok(answer) => {
+                let mut answers = answer.into_inner();
+                // The first heartbeat's ack.
+                let _ = answers.message().await;
+                opened.push((sender, answers));
+            }
+            Err(status) => {
+                measured.errors += 1;
+                measured.first_error.get_or_insert(format!(
+                    "{:?} {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+        }
+    }
+    let started = Instant::now();
+    let until = started + bounds.duration;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sender, mut answers) in opened {
+        let next = next.clone();
+        tasks.spawn(async move {
+            let mut seen = Seen::default();
+            let mut ms = 1000;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= bounds.max_calls || Instant::now() >= until {
+                    return seen;
+                }
+                let began = Instant::now();
+                ms += 1000;
+                if sender.send(stream_heartbeat(ms)).await.is_err() {
+                    seen.record(Err("the stream closed".into()), began);
+                    return seen;
+                }
+                let result = match answers.message().await {
+                    Ok(Some(proto::StreamHeartbeatsResponse {
+                        kind: Some(Out::Ack(ack)),
+                    })) if !ack.coalesced => Ok(()),
+                    Ok(Some(proto::StreamHeartbeatsResponse {
+                        kind: Some(Out::Ack(_)),
+                    })) => Err("coalesced: the server does not write every heartbeat".into()),
+                    Ok(Some(other)) => Err(format!("not an ack: {other:?}")),
+                    Ok(None) => Err("the stream ended".into()),
+                    Err(s) => Err(format!("{:?} {}", s.code(), s.message())),
+                };
+                let failed = result.is_err();
+                seen.record(result, began);
+                if failed {
+                    return seen;
+                }
+            }
+        });
+    }
+    while let Some(seen) = tasks.join_next().await {
+        let seen = seen.unwrap_or_default();
+        measured.calls += seen.calls;
+        measured.errors += seen.errors;
+        measured.latencies.extend(seen.latencies);
+        if measured.first_error.is_none() {
+            measured.first_error = seen.first_error;
+        }
+    }
+    measured.elapsed = started.elapsed();
+    measured.latencies.sort_unstable();
+    measured
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls_on_loopback_are_told_apart() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost:6379/0",
+            "redis://user:secret@[::1]:6380",
+            "rediss://127.0.0.2",
+        ] {
+            assert!(redis_on_loopback(url), "{url}");
+        }
+        for url in ["redis://10.0.0.5:6379", "redis://cache.internal:6379"] {
+            assert!(!redis_on_loopback(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn percentiles_come_from_the_sorted_latencies() {
+        let measured = Measured {
+            latencies: (1..=1000).map(Duration::from_micros).collect(),
+            calls: 1000,
+            elapsed: Duration::from_secs(2),
+            ..Measured::default()
+        };
+        assert_eq!(measured.percentile(0.5), Some(Duration::from_micros(501)));
+        assert_eq!(measured.percentile(0.999), Some(Duration::from_micros(999)));
+        assert_eq!(measured.rate(), 500.0);
+        assert_eq!(Measured::default().percentile(0.5), None);
+    }
+}
