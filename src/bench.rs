@@ -81,6 +81,10 @@ pub struct Measured {
     /// CPU seconds used during it, when the process is known and local.
     pub usher_cpu: Option<f64>,
     pub redis_cpu: Option<f64>,
+    /// Redis' own timing of the scripts run during it (INFO commandstats): microseconds
+    /// per EVALSHA, and of those, the Redis commands the scripts called.
+    pub script_us: Option<f64>,
+    pub script_commands_us: Option<f64>,
 }
 
 impl Measured {
@@ -111,6 +115,8 @@ impl Measured {
             "p999_ms": ms(0.999),
             "usher_cpu_us_per_call": self.per_call_us(self.usher_cpu),
             "redis_cpu_us_per_call": self.per_call_us(self.redis_cpu),
+            "script_us": self.script_us,
+            "script_commands_us": self.script_commands_us,
             "first_error": self.first_error,
         })
     }
@@ -126,6 +132,9 @@ pub struct Report {
     pub raw: Vec<Measured>,
     /// Redis `used_memory` growth per session created through usher.
     pub redis_bytes_per_session: Option<f64>,
+    /// The measured usher's resident memory growth per session it created (its
+    /// embedded store's share, when that is where sessions live).
+    pub usher_bytes_per_session: Option<f64>,
 }
 
 impl Report {
@@ -148,15 +157,14 @@ impl Report {
             "raw_redis": self.raw.iter().map(Measured::json).collect::<Vec<_>>(),
             "ratio_to_raw": ratios,
             "redis_bytes_per_session": self.redis_bytes_per_session,
+            "usher_bytes_per_session": self.usher_bytes_per_session,
         })
     }
 
     /// The table a person reads.
     pub fn table(&self) -> String {
         let mut out = format!("usher bench ({})\n", self.mode);
-        out.push_str(&format!(
-            "{:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12} {:>8}\n",
-            "",
+        let header = [
             "calls/s",
             "p50 ms",
             "p99 ms",
@@ -164,26 +172,41 @@ impl Report {
             "errors",
             "usher us/call",
             "redis us/call",
-            "vs raw"
-        ));
+            "script us (cmds)",
+            "vs raw",
+        ];
+        out.push_str(&format!("{:<22}", ""));
+        for (column, width) in header.iter().zip(WIDTHS) {
+            out.push_str(&format!(" {column:>width$}"));
+        }
+        out.push('\n');
         let row = |m: &Measured, ratio: Option<f64>| {
             let ms = |q| {
                 m.percentile(q)
                     .map_or("-".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1e3))
             };
             let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-            format!(
-                "{:<22} {:>10.0} {:>9} {:>9} {:>9} {:>8} {:>12} {:>12} {:>8}\n",
-                m.name,
-                m.rate(),
+            let script = match (m.script_us, m.script_commands_us) {
+                (Some(all), Some(commands)) => format!("{all:.1} ({commands:.1})"),
+                _ => "-".to_owned(),
+            };
+            let cells = [
+                format!("{:.0}", m.rate()),
                 ms(0.5),
                 ms(0.99),
                 ms(0.999),
-                m.errors,
+                m.errors.to_string(),
                 us(m.per_call_us(m.usher_cpu)),
                 us(m.per_call_us(m.redis_cpu)),
+                script,
                 ratio.map_or("-".to_owned(), |r| format!("{r:.2}x")),
-            )
+            ];
+            let mut line = format!("{:<22}", m.name);
+            for (cell, width) in cells.iter().zip(WIDTHS) {
+                line.push_str(&format!(" {cell:>width$}"));
+            }
+            line.push('\n');
+            line
         };
         for m in &self.through_usher {
             let ratio = raw_name(m.name)
@@ -199,6 +222,11 @@ impl Report {
                 "Redis memory per session created (its keys and events): {bytes:.0} bytes\n"
             ));
         }
+        if let Some(bytes) = self.usher_bytes_per_session {
+            out.push_str(&format!(
+                "usher resident memory per session created: {bytes:.0} bytes\n"
+            ));
+        }
         let failed: Vec<String> = self
             .through_usher
             .iter()
@@ -212,11 +240,15 @@ impl Report {
     }
 }
 
+/// The widths of the table's columns after the name.
+const WIDTHS: [usize; 9] = [10, 9, 9, 9, 7, 13, 13, 16, 7];
+
 /// The raw measurement a through-usher one is compared with.
 fn raw_name(name: &str) -> Option<&'static str> {
     match name {
         "create" => Some("raw create script"),
-        "heartbeat (unary)" | "heartbeat (stream)" => Some("raw heartbeat script"),
+        "heartbeat (unary)" => Some("raw heartbeat script"),
+        "heartbeat (stream)" => Some("raw heartbeat script (brief)"),
         _ => None,
     }
 }
@@ -338,6 +370,20 @@ impl Seen {
     }
 }
 
+/// Resident memory of a local process, bytes, from /proc.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// CPU seconds a local process has used (user + system), from /proc.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -352,12 +398,17 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// CPU counters read before and after a measurement.
-#[derive(Clone, Copy)]
+/// The counters read before and after a measurement: CPU of the processes, and Redis'
+/// command statistics.
+#[derive(Clone)]
 struct Processes {
     usher: Option<u32>,
     redis: Option<u32>,
+    redis_client: Option<fred::clients::Client>,
 }
+
+/// Calls and microseconds by command, from INFO commandstats.
+type CommandStats = std::collections::HashMap<String, (u64, u64)>;
 
 impl Processes {
     fn read(&self) -> (Option<f64>, Option<f64>) {
@@ -367,13 +418,41 @@ impl Processes {
         )
     }
 
+    async fn command_stats(&self) -> Option<CommandStats> {
+        let info: String = self
+            .redis_client
+            .as_ref()?
+            .info(Some(fred::types::InfoKind::CommandStats))
+            .await
+            .ok()?;
+        Some(parse_command_stats(&info))
+    }
+
     async fn measure(&self, run: impl Future<Output = Measured>) -> Measured {
+        let stats = self.command_stats().await;
         let before = self.read();
         let mut measured = run.await;
         let after = self.read();
         let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
         measured.usher_cpu = delta(before.0, after.0);
         measured.redis_cpu = delta(before.1, after.1);
+        if let (Some(before), Some(after)) = (stats, self.command_stats().await) {
+            let changed = |name: &str| {
+                let (calls, usec) = after.get(name).copied().unwrap_or_default();
+                let (calls0, usec0) = before.get(name).copied().unwrap_or_default();
+                (calls.saturating_sub(calls0), usec.saturating_sub(usec0))
+            };
+            let (scripts, script_usec) = changed("evalsha");
+            if scripts > 0 {
+                let inside: u64 = after
+                    .keys()
+                    .filter(|name| !matches!(name.as_str(), "evalsha" | "eval" | "info"))
+                    .map(|name| changed(name).1)
+                    .sum();
+                measured.script_us = Some(script_usec as f64 / scripts as f64);
+                measured.script_commands_us = Some(inside as f64 / scripts as f64);
+            }
+        }
         measured
     }
 
@@ -381,11 +460,28 @@ impl Processes {
     async fn measure_redis(&self, run: impl Future<Output = Measured>) -> Measured {
         Processes {
             usher: None,
-            redis: self.redis,
+            ..self.clone()
         }
         .measure(run)
         .await
     }
+}
+
+/// `cmdstat_<name>:calls=N,usec=U,...` lines, by command name.
+fn parse_command_stats(info: &str) -> CommandStats {
+    info.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |wanted: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(wanted)?.strip_prefix('='))?
+                    .parse::<u64>()
+                    .ok()
+            };
+            Some((name.to_owned(), (field("calls")?, field("usec")?)))
+        })
+        .collect()
 }
 
 /// The usher being measured.
@@ -751,6 +847,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let processes = Processes {
         usher: target.pid,
         redis: redis.as_ref().and_then(|r| r.pid),
+        redis_client: redis.as_ref().map(|r| r.client.clone()),
     };
     let mode = match args.rate {
         Some(per_second) => Mode::Open {
@@ -831,6 +928,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             Some(redis) => redis.used_memory().await,
             None => None,
         };
+        let resident_before = target.pid.and_then(resident_bytes);
         let (channel, credential, users) = (channel.clone(), credential.clone(), run_id.clone());
         let measured = processes
             .measure(drive("create", mode, bounds, move |i| {
@@ -848,6 +946,12 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             && measured.calls > 0
         {
             report.redis_bytes_per_session =
+                Some((after as f64 - before as f64) / measured.calls as f64);
+        }
+        if let (Some(before), Some(after)) = (resident_before, target.pid.and_then(resident_bytes))
+            && measured.calls > 0
+        {
+            report.usher_bytes_per_session =
                 Some((after as f64 - before as f64) / measured.calls as f64);
         }
         report.through_usher.push(measured);
@@ -929,29 +1033,45 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                     .map_err(|e| BenchError::Redis(e.to_string()))?;
                 names.push(created.session.name);
             }
-            let (store, names) = (redis.store.clone(), Arc::new(names));
-            report.raw.push(
-                processes
-                    .measure_redis(drive("raw heartbeat script", mode, bounds, move |i| {
-                        let call = DeviceCall {
-                            name: names[(i % names.len() as u64) as usize].clone(),
-                            generation: None,
-                            position_ms: Some(i),
-                            action: DeviceAction::Heartbeat {
-                                playback_state: PlaybackState::Playing,
-                            },
-                        };
-                        let store = store.clone();
-                        async move {
-                            store
-                                .device_call(call, Deadline::NONE)
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        }
-                    }))
-                    .await,
-            );
+            let names = Arc::new(names);
+            // The unary call answers the whole session; a stream's heartbeat only what
+            // it changed (Store::device_call_brief): each is compared with its own.
+            let wants = [
+                ("heartbeat", "raw heartbeat script", false),
+                ("stream", "raw heartbeat script (brief)", true),
+            ];
+            for (wanted_by, name, brief) in wants {
+                if !wanted(wanted_by) {
+                    continue;
+                }
+                let (store, names) = (redis.store.clone(), names.clone());
+                report.raw.push(
+                    processes
+                        .measure_redis(drive(name, mode, bounds, move |i| {
+                            let call = DeviceCall {
+                                name: names[(i % names.len() as u64) as usize].clone(),
+                                generation: None,
+                                position_ms: Some(i),
+                                action: DeviceAction::Heartbeat {
+                                    playback_state: PlaybackState::Playing,
+                                },
+                            };
+                            let store = store.clone();
+                            async move {
+                                let answer = if brief {
+                                    store
+                                        .device_call_brief(call, Deadline::NONE)
+                                        .await
+                                        .map(|_| ())
+                                } else {
+                                    store.device_call(call, Deadline::NONE).await.map(|_| ())
+                                };
+                                answer.map_err(|e| e.to_string())
+                            }
+                        }))
+                        .await,
+                );
+            }
         }
         redis.delete_keys(&redis.prefix).await;
         if target.child.is_some() {
@@ -963,8 +1083,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
 }
 
 /// Stream heartbeats: one stream per session of `pool`, each sending its next heartbeat
-/// when the last is acknowledged (closed loop in either mode), for `bounds`. Coalesced acks (a server that does not
-/// write every heartbeat) are errors here: they are not the work being measured.
+/// when the last is acknowledged (closed loop in either mode), for `bounds`. Coalesced
+/// acks (a server that does not write every heartbeat) are errors here: they are not the
+/// work being measured.
 async fn streams(channel: &Channel, pool: &[Playing], bounds: Bounds) -> Measured {
     let mut opened = Vec::with_capacity(pool.len());
     let mut measured = Measured {
@@ -1065,6 +1186,17 @@ mod tests {
         for url in ["redis://10.0.0.5:6379", "redis://cache.internal:6379"] {
             assert!(!redis_on_loopback(url), "{url}");
         }
+    }
+
+    #[test]
+    fn command_stats_are_read_by_name() {
+        let info = "# Commandstats\r\n\
+            cmdstat_evalsha:calls=10,usec=300,usec_per_call=30.00,rejected_calls=0\r\n\
+            cmdstat_hset:calls=20,usec=40,usec_per_call=2.00,rejected_calls=0\r\n";
+        let stats = parse_command_stats(info);
+        assert_eq!(stats["evalsha"], (10, 300));
+        assert_eq!(stats["hset"], (20, 40));
+        assert_eq!(stats.len(), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::ids::{
 };
 use crate::proto;
 use crate::store::{
-    Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
+    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
 };
 use crate::token::{IssuedToken, Tokens};
 
@@ -536,26 +536,55 @@ impl Sessions {
         caller: Option<&Caller>,
         deadline: Deadline,
     ) -> Result<Session, Error> {
+        let (call, bound) = Self::bound_call(request, caller)?;
+        let (name, action) = (call.name.clone(), call.action);
+        let answer = self.store.device_call(call, deadline).await;
+        Self::answered(answer, &name, action, bound)
+    }
+
+    /// [`Sessions::device_call`], answered with what the call changed (a device's stream
+    /// needs no more, and the store may send less).
+    pub async fn device_call_brief(
+        &self,
+        request: DeviceRequest,
+        caller: Option<&Caller>,
+        deadline: Deadline,
+    ) -> Result<Beat, Error> {
+        let (call, bound) = Self::bound_call(request, caller)?;
+        let (name, action) = (call.name.clone(), call.action);
+        let answer = self.store.device_call_brief(call, deadline).await;
+        Self::answered(answer, &name, action, bound)
+    }
+
+    /// The call as the caller may make it, and whether a playback token bound it.
+    fn bound_call(
+        request: DeviceRequest,
+        caller: Option<&Caller>,
+    ) -> Result<(DeviceCall, bool), Error> {
         let mut call = request.0;
         let bound = bind_device(caller, &mut call)?;
-        let name = call.name.clone();
-        let stops = call.action == DeviceAction::Stop;
-        let session = self
-            .store
-            .device_call(call, deadline)
-            .await
-            .map_err(|e| match e {
-                // A token of another generation is refused like a session that does not
-                // exist, so the generation cannot be probed.
-                StoreError::StaleGeneration if bound => Error::NotFound {
-                    resource: name.to_string(),
-                },
-                other => other.into_error(|| name.to_string()),
-            })?;
-        if stops {
+        Ok((call, bound))
+    }
+
+    /// The store's answer to a device call, its errors as the caller sees them.
+    fn answered<T>(
+        answer: Result<T, StoreError>,
+        name: &SessionName,
+        action: DeviceAction,
+        bound: bool,
+    ) -> Result<T, Error> {
+        let answer = answer.map_err(|e| match e {
+            // A token of another generation is refused like a session that does not
+            // exist, so the generation cannot be probed.
+            StoreError::StaleGeneration if bound => Error::NotFound {
+                resource: name.to_string(),
+            },
+            other => other.into_error(|| name.to_string()),
+        })?;
+        if action == DeviceAction::Stop {
             crate::observe::sessions_ended(crate::model::EndReason::StoppedByDevice.as_str(), 1);
         }
-        Ok(session)
+        Ok(answer)
     }
 
     /// An operator ends a session; `by` is the acting caller's name.

@@ -8,8 +8,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview, Seats, Store,
-    StoreError, StoreSettings,
+    Beat, Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview, Seats,
+    Store, StoreError, StoreSettings,
 };
 use crate::deadline::Deadline;
 use crate::ids::{DeviceId, SessionName, UserId};
@@ -102,6 +102,14 @@ impl Store for Metered {
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
         metered!("device_call", self.0.device_call(call, deadline))
+    }
+
+    async fn device_call_brief(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Beat, StoreError> {
+        metered!("device_call", self.0.device_call_brief(call, deadline))
     }
 
     async fn terminate(

@@ -155,6 +155,43 @@ pub struct DeviceCall {
     pub action: DeviceAction,
 }
 
+/// What a device call changed on a live session, without the parts that never change:
+/// all a device's stream needs to acknowledge a heartbeat (see
+/// [`Store::device_call_brief`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    pub state: SessionState,
+    pub deadline_ms: u64,
+    pub position_ms: u64,
+    pub playback_state: PlaybackState,
+    pub last_heartbeat_ms: u64,
+    pub paused_ms: Option<u64>,
+}
+
+impl Beat {
+    /// The changing part of `session`.
+    pub fn of(session: &Session) -> Beat {
+        Beat {
+            state: session.state,
+            deadline_ms: session.deadline_ms,
+            position_ms: session.position_ms,
+            playback_state: session.playback_state,
+            last_heartbeat_ms: session.last_heartbeat_ms,
+            paused_ms: session.paused_ms,
+        }
+    }
+
+    /// `session` as the call left it.
+    pub fn apply_to(&self, session: &mut Session) {
+        session.state = self.state;
+        session.deadline_ms = self.deadline_ms;
+        session.position_ms = self.position_ms;
+        session.playback_state = self.playback_state;
+        session.last_heartbeat_ms = self.last_heartbeat_ms;
+        session.paused_ms = self.paused_ms;
+    }
+}
+
 /// What a create would do now (see [`Store::preview_create`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Preview {
@@ -455,6 +492,19 @@ pub trait Store: Send + Sync + 'static {
         call: DeviceCall,
         deadline: Deadline,
     ) -> Result<Session, StoreError>;
+
+    /// [`Store::device_call`], answered with what the call changed instead of the whole
+    /// session: the same call, the same effects and errors. A store may send less back
+    /// for it (Redis: a heartbeat's script replies seven values instead of the record).
+    async fn device_call_brief(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Beat, StoreError> {
+        self.device_call(call, deadline)
+            .await
+            .map(|session| Beat::of(&session))
+    }
 
     /// An operator ends a live session (`playback.terminated`, end reason
     /// `TerminatedByOperator`, with the operator's words and name). Errors: `NotFound`,

@@ -65,19 +65,24 @@ fn bench_measures_every_hot_path_on_the_embedded_store() {
         assert!(m["usher_cpu_us_per_call"].as_f64().is_some(), "{m}");
     }
     assert_eq!(report["raw_redis"], serde_json::json!([]));
+    assert!(report["usher_bytes_per_session"].as_f64().is_some());
 }
 
 #[test]
 fn bench_on_redis_compares_with_the_raw_scripts_and_leaves_nothing_behind() {
     let redis = RedisServer::start();
-    let report = bench(&["--store", &redis.url(), "--only", "create,heartbeat"]);
+    let report = bench(&["--store", &redis.url(), "--only", "create,heartbeat,stream"]);
     all_ran(&report["through_usher"]);
     all_ran(&report["raw_redis"]);
     assert_eq!(
         names(&report["raw_redis"]),
-        ["raw create script", "raw heartbeat script"]
+        [
+            "raw create script",
+            "raw heartbeat script",
+            "raw heartbeat script (brief)"
+        ]
     );
-    for name in ["create", "heartbeat (unary)"] {
+    for name in ["create", "heartbeat (unary)", "heartbeat (stream)"] {
         assert!(
             report["ratio_to_raw"][name].as_f64().unwrap() > 0.0,
             "{report}"

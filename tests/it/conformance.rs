@@ -11,8 +11,8 @@ use usher::deadline::Deadline;
 use usher::ids::SessionName;
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
-    DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview, StoreError,
-    partition_of,
+    Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview,
+    StoreError, partition_of,
 };
 
 use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
@@ -423,6 +423,60 @@ pub async fn a_reported_playback_state_pauses_and_resumes(kind: Kind) {
         kinds,
         [EventKind::Started, EventKind::Paused, EventKind::Resumed]
     );
+}
+
+/// A brief device call is the same call answered with what it changed: after each,
+/// the session reads back as the brief answer says, through a pause, a resume, a plain
+/// heartbeat and a stop; and it is refused as the full call is.
+pub async fn a_brief_device_call_answers_what_the_full_one_changed(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let created = b.create(&user, "a", 1, RejectNew).await.session;
+    let name = created.name.clone();
+    let brief = |action, position_ms| {
+        let store = b.store.clone();
+        let call = DeviceCall {
+            name: name.clone(),
+            generation: Some(created.generation),
+            position_ms,
+            action,
+        };
+        async move { store.device_call_brief(call, Deadline::NONE).await }
+    };
+    let beat = |state| DeviceAction::Heartbeat {
+        playback_state: state,
+    };
+    for (action, position) in [
+        (beat(PlaybackState::Paused), Some(61_500)),
+        (beat(PlaybackState::Buffering), None),
+        (beat(PlaybackState::Playing), Some(62_000)),
+        (DeviceAction::Pause, Some(63_000)),
+        (DeviceAction::Resume, None),
+        (beat(PlaybackState::Playing), Some(64_250)),
+    ] {
+        let answer = brief(action, position).await.unwrap();
+        let stored = b.session(&name).await.unwrap();
+        assert_eq!(answer, Beat::of(&stored), "{action:?}");
+        let mut updated = created.clone();
+        answer.apply_to(&mut updated);
+        assert_eq!(Beat::of(&updated), answer);
+    }
+    let stopped = brief(DeviceAction::Stop, Some(65_000)).await.unwrap();
+    assert_eq!(stopped.state, SessionState::Stopped);
+    assert_eq!(stopped.position_ms, 65_000);
+    assert!(matches!(
+        brief(beat(PlaybackState::Playing), None).await,
+        Err(StoreError::SessionEnded(_))
+    ));
+    // The user's next session is a later generation: the first one's is stale for it.
+    let stale = DeviceCall {
+        generation: Some(created.generation),
+        ..heartbeat(&b.create(&user, "b", 1, RejectNew).await.session.name)
+    };
+    assert!(matches!(
+        b.store.device_call_brief(stale, Deadline::NONE).await,
+        Err(StoreError::StaleGeneration)
+    ));
 }
 
 pub async fn stop_releases_the_seat_at_once(kind: Kind) {
@@ -888,6 +942,7 @@ macro_rules! conformance_suite {
                     pause_keeps_the_seat_up_to_the_maximum_pause,
                     pause_and_resume_append_one_event_each,
                     a_reported_playback_state_pauses_and_resumes,
+                    a_brief_device_call_answers_what_the_full_one_changed,
                     stop_releases_the_seat_at_once,
                     terminate_ends_a_session_with_the_reason,
                     a_stale_generation_is_refused,

@@ -41,11 +41,11 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::broadcast;
 
-use self::reply::{ReplyCode, decode_event, int_at, session_at, text_at};
+use self::reply::{ReplyCode, beat_at, decode_event, int_at, session_at, text_at};
 use super::{
-    Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event, GENERATION_IDLE_TTL,
-    HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings,
-    partition_of,
+    Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
+    GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError,
+    StoreSettings, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
@@ -617,6 +617,43 @@ impl RedisStore {
         ]
     }
 
+    /// Runs a device call's script: its reply. `brief` asks a heartbeat for what it
+    /// changed instead of the record (`device_call` in the prelude).
+    async fn run_device_call(
+        &self,
+        call: DeviceCall,
+        brief: bool,
+        deadline: Deadline,
+    ) -> Result<Vec<Value>, StoreError> {
+        let (keys, mut key_list) = self.session_keys(&call.name);
+        let (script, playback_state) = match call.action {
+            DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
+            DeviceAction::Pause => (&self.scripts.pause, PlaybackState::Unspecified),
+            DeviceAction::Resume => (&self.scripts.resume, PlaybackState::Unspecified),
+            DeviceAction::Stop => (&self.scripts.stop, PlaybackState::Unspecified),
+        };
+        // The scripts that move the deadline also keep the generation counter: KEYS[6].
+        if call.action != DeviceAction::Stop {
+            key_list.push(keys.user(&call.name.user, "gen"));
+        }
+        let mut args = self.common_args(&keys);
+        args.extend([
+            call.name.user.to_string(),
+            call.name.session.to_string(),
+            call.generation.unwrap_or(0).to_string(),
+            call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
+            playback_state.code().to_string(),
+            ms(self.settings.heartbeat_timeout),
+            ms(self.settings.max_pause),
+            heartbeat_events_arg(self.settings.heartbeat_events).to_owned(),
+            ms(self.settings.heartbeat_event_interval),
+            ms(GENERATION_IDLE_TTL),
+            if brief { "brief" } else { "" }.to_owned(),
+        ]);
+        let (_, reply) = self.run(script, &keys, key_list, args, deadline).await?;
+        Ok(reply)
+    }
+
     /// Runs a script: its success code and its reply array (the code first). A refusal
     /// code becomes its error. A script that replies `RecordsNeeded` (it found sessions
     /// in the user's seat set whose records it was not given) is run again with those
@@ -784,32 +821,22 @@ impl Store for RedisStore {
         call: DeviceCall,
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
-        let (keys, mut key_list) = self.session_keys(&call.name);
-        let (script, playback_state) = match call.action {
-            DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
-            DeviceAction::Pause => (&self.scripts.pause, PlaybackState::Unspecified),
-            DeviceAction::Resume => (&self.scripts.resume, PlaybackState::Unspecified),
-            DeviceAction::Stop => (&self.scripts.stop, PlaybackState::Unspecified),
-        };
-        // The scripts that move the deadline also keep the generation counter: KEYS[6].
-        if call.action != DeviceAction::Stop {
-            key_list.push(keys.user(&call.name.user, "gen"));
-        }
-        let mut args = self.common_args(&keys);
-        args.extend([
-            call.name.user.to_string(),
-            call.name.session.to_string(),
-            call.generation.unwrap_or(0).to_string(),
-            call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
-            playback_state.code().to_string(),
-            ms(self.settings.heartbeat_timeout),
-            ms(self.settings.max_pause),
-            heartbeat_events_arg(self.settings.heartbeat_events).to_owned(),
-            ms(self.settings.heartbeat_event_interval),
-            ms(GENERATION_IDLE_TTL),
-        ]);
-        let (_, reply) = self.run(script, &keys, key_list, args, deadline).await?;
+        let reply = self.run_device_call(call, false, deadline).await?;
         session_at(&reply, 1)
+    }
+
+    async fn device_call_brief(
+        &self,
+        call: DeviceCall,
+        deadline: Deadline,
+    ) -> Result<Beat, StoreError> {
+        let heartbeat = matches!(call.action, DeviceAction::Heartbeat { .. });
+        let reply = self.run_device_call(call, true, deadline).await?;
+        if heartbeat {
+            beat_at(&reply, 1)
+        } else {
+            session_at(&reply, 1).map(|session| Beat::of(&session))
+        }
     }
 
     async fn terminate(

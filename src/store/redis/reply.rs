@@ -9,7 +9,7 @@ use crate::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId}
 use crate::model::{
     ClientInfo, Device, DeviceType, EndReason, PlaybackState, Session, SessionState, Termination,
 };
-use crate::store::{Event, EventKind, StoreError};
+use crate::store::{Beat, Event, EventKind, StoreError};
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -85,6 +85,35 @@ pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, Store
         })
         .collect::<Result<Vec<_>, _>>()?;
     decode_session(fields)
+}
+
+/// A brief heartbeat's answer at `index`: `st, dl, pos, ps, hb, pt` (`device_call` in
+/// the prelude).
+pub(super) fn beat_at(reply: &[Value], index: usize) -> Result<Beat, StoreError> {
+    let number = |offset: usize, what: &str| -> Result<u64, StoreError> {
+        text_at(reply, index + offset)?
+            .parse()
+            .map_err(|_| corrupt(format!("{what} is not a number")))
+    };
+    let paused = text_at(reply, index + 5)?;
+    Ok(Beat {
+        state: stored(number(0, "state")?, SessionState::from_code, "state")?,
+        deadline_ms: number(1, "deadline")?,
+        position_ms: number(2, "position")?,
+        playback_state: stored(
+            number(3, "playback state")?,
+            PlaybackState::from_code,
+            "playback state",
+        )?,
+        last_heartbeat_ms: number(4, "last heartbeat")?,
+        paused_ms: match paused.as_str() {
+            "" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|_| corrupt("pause time is not a number"))?,
+            ),
+        },
+    })
 }
 
 struct Fields(HashMap<String, String>);

@@ -111,9 +111,10 @@ local s = {
   st = tostring(ACTIVE), pos = '0', ps = '0', g = tostring(generation),
   ct = int(now), hb = int(now), he = int(now), pt = '', et = '', er = '',
 }
+next_deadline(s, now, timeout_ms, 0)
 redis.call('HSET', KEYS[4], unpack(flat(s)))
 redis.call('HSET', KEYS[2], device, sid)
-set_deadline(s, now, timeout_ms, 0, tonumber(ARGV[21]), KEYS[3])
+hold_until_deadline(s, now, tonumber(ARGV[21]), KEYS[3])
 append_event('playback.started', s, now)
 
 if request_id ~= '' then

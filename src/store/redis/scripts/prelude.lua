@@ -168,11 +168,10 @@ local function end_session(s, state, reason, now)
   redis.call('SPUBLISH', STOP_CHANNEL, sweep_member(s))
 end
 
--- Moves a live session's deadline to timeout from now, capped by the maximum pause
--- while paused, and records what missing it would be called. The user's generation
--- counter (gen_key, which the calling script has in KEYS) is kept for generation_ttl_ms
--- more (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
-local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms, gen_key)
+-- Sets a live session's deadline (s.dl) to timeout from now, capped by the maximum pause
+-- while paused, and what missing it would be called (s.dr). The caller writes both with
+-- the rest of the record, in one HSET, and then calls hold_until_deadline.
+local function next_deadline(s, now, timeout_ms, max_pause_ms)
   local deadline, reason = now + timeout_ms, 'heartbeat_timeout'
   if tonumber(s.st) == PAUSED and s.pt and s.pt ~= '' then
     local pause_end = tonumber(s.pt) + max_pause_ms
@@ -181,9 +180,14 @@ local function set_deadline(s, now, timeout_ms, max_pause_ms, generation_ttl_ms,
     end
   end
   s.dl, s.dr = int(deadline), reason
-  local key = session_key(s.id)
-  redis.call('HSET', key, 'dl', s.dl, 'dr', reason)
-  redis.call('PEXPIRE', key, deadline - now + RETENTION_MS)
+end
+
+-- Holds the seat until s.dl (already written): the record outlives it by the retention,
+-- the seat set and the sweep order score it, and the user's generation counter (gen_key,
+-- which the calling script has in KEYS) is kept for generation_ttl_ms more
+-- (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
+local function hold_until_deadline(s, now, generation_ttl_ms, gen_key)
+  redis.call('PEXPIRE', session_key(s.id), tonumber(s.dl) - now + RETENTION_MS)
   redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
   redis.call('ZADD', deadlines_key(), s.dl, sweep_member(s))
   redis.call('PEXPIRE', gen_key, generation_ttl_ms)
@@ -255,6 +259,8 @@ end
 --   ARGV[11]  heartbeat events: 'off' | 'sampled' | 'all'
 --   ARGV[12]  sampled heartbeat event interval, ms
 --   ARGV[13]  how long the user's generation counter is kept after this call, ms
+--   ARGV[14]  'brief': a done heartbeat replies {0, st, dl, pos, ps, hb, pt} (what it
+--             changed) instead of the whole record
 local function device_call(action)
   local user, sid, generation = ARGV[4], ARGV[5], ARGV[6]
   local now = now_ms()
@@ -301,11 +307,16 @@ local function device_call(action)
     s.st, s.pt, s.ps = tostring(ACTIVE), '', tostring(PLAYBACK_PLAYING)
     event = 'playback.resumed'
   end
-  redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt, 'he', s.he)
+  next_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]))
+  redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt,
+    'he', s.he, 'dl', s.dl, 'dr', s.dr)
   -- KEYS[6], the generation key, is given to the scripts that reach this (not stop's).
-  set_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[13]), KEYS[6])
+  hold_until_deadline(s, now, tonumber(ARGV[13]), KEYS[6])
   if event then
     append_event(event, s, now)
+  end
+  if action == 'heartbeat' and ARGV[14] == 'brief' then
+    return {0, s.st, s.dl, s.pos, s.ps, s.hb, s.pt}
   end
   return {0, flat(s)}
 end
