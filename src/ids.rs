@@ -81,14 +81,17 @@ pub fn region(field: &str, value: &str) -> Result<String, FieldViolation> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
+        ///
+        /// Shared text: a clone (a record's key, an index entry, an event) is a
+        /// reference count, not another copy.
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// Parses `value`, naming `field` in the error.
             pub fn parse(field: &str, value: &str) -> Result<Self, FieldViolation> {
                 check_id(field, value)?;
-                Ok(Self(value.to_owned()))
+                Ok(Self(value.into()))
             }
 
             /// The id as text.
@@ -133,7 +136,7 @@ id_type!(
 impl SessionId {
     /// A new, time-ordered session id (UUIDv7).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self(uuid::Uuid::now_v7().to_string().into())
     }
 }
 

@@ -28,7 +28,7 @@ use super::{
     partition_of,
 };
 use crate::deadline::Deadline;
-use crate::ids::{DeviceId, RequestId, SessionId, SessionName, UserId};
+use crate::ids::{RequestId, SessionId, SessionName, UserId};
 use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 
 /// Where the memory store reads the time.
@@ -97,11 +97,41 @@ struct Record {
     last_heartbeat_event_ms: u64,
 }
 
+/// A user's seat-holding sessions and their deadlines. A handful at most (the seat
+/// limit), so a vector: a hash map's table was most of a user's memory.
+#[derive(Default)]
+struct Holders(Vec<(SessionId, u64)>);
+
+impl Holders {
+    /// Records `session`'s deadline, adding it if it is new.
+    fn set(&mut self, session: &SessionId, deadline_ms: u64) {
+        match self.0.iter_mut().find(|(held, _)| held == session) {
+            Some(entry) => entry.1 = deadline_ms,
+            None => self.0.push((session.clone(), deadline_ms)),
+        }
+    }
+
+    fn remove(&mut self, session: &SessionId) {
+        self.0.retain(|(held, _)| held != session);
+    }
+
+    fn contains(&self, session: &SessionId) -> bool {
+        self.0.iter().any(|(held, _)| held == session)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(SessionId, u64)> {
+        self.0.iter()
+    }
+}
+
 #[derive(Default)]
 struct UserSeats {
     /// Seat-holding sessions and their deadlines.
-    seats: HashMap<SessionId, u64>,
-    devices: HashMap<DeviceId, SessionId>,
+    seats: Holders,
     generation: u64,
     /// When the generation counter is forgotten (see `GENERATION_IDLE_TTL`).
     generation_expires_ms: u64,
@@ -367,9 +397,6 @@ impl Op<'_> {
         let session = record.session.clone();
         if let Some(user) = self.state.users.get_mut(&name.user) {
             user.seats.remove(&name.session);
-            if user.devices.get(&session.device.id) == Some(&name.session) {
-                user.devices.remove(&session.device.id);
-            }
             if user.seats.is_empty() && !user.idle_queued {
                 user.idle_queued = true;
                 self.state
@@ -403,7 +430,7 @@ impl Op<'_> {
         deadlines.remove(&(old, name.clone()));
         deadlines.insert((deadline, name.clone()));
         if let Some(user) = self.state.users.get_mut(&name.user) {
-            user.seats.insert(name.session.clone(), deadline);
+            user.seats.set(&name.session, deadline);
             user.generation_expires_ms = now + GENERATION_IDLE_TTL.as_millis() as u64;
         }
     }
@@ -416,7 +443,7 @@ impl Op<'_> {
         let mut overdue: Vec<(u64, SessionId)> = seats
             .seats
             .iter()
-            .filter(|(_, deadline)| **deadline <= self.now)
+            .filter(|(_, deadline)| *deadline <= self.now)
             .map(|(id, deadline)| (*deadline, id.clone()))
             .collect();
         overdue.sort();
@@ -446,8 +473,8 @@ impl Op<'_> {
         };
         let mut holders: Vec<Session> = seats
             .seats
-            .keys()
-            .filter_map(|id| {
+            .iter()
+            .filter_map(|(id, _)| {
                 let name = SessionName {
                     user: user.clone(),
                     session: id.clone(),
@@ -544,12 +571,7 @@ impl Op<'_> {
             termination: Termination::default(),
             paused_ms: None,
         };
-        seats
-            .seats
-            .insert(new.name.session.clone(), session.deadline_ms);
-        seats
-            .devices
-            .insert(new.device.id.clone(), new.name.session.clone());
+        seats.seats.set(&new.name.session, session.deadline_ms);
         let partition = self.partition(&user);
         self.state.partitions[partition]
             .deadlines
@@ -604,7 +626,7 @@ impl Op<'_> {
             .state
             .users
             .get(&name.user)
-            .is_some_and(|u| u.seats.contains_key(&name.session));
+            .is_some_and(|u| u.seats.contains(&name.session));
         if !holds {
             self.end_session(name, SessionState::Evicted, EndReason::SeatLost);
             return Err(self.ended(name));
@@ -868,7 +890,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{ContentId, ProfileId};
+    use crate::ids::{ContentId, DeviceId, ProfileId};
     use crate::model::{ClientInfo, Device, DeviceType};
 
     fn create(user: &UserId) -> NewSession {
