@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use usher::deadline::Deadline;
-use usher::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
-use usher::session::{ClientInfo, Device, DeviceType, PlaybackState};
+use usher::ids::DeviceId;
+use usher::session::PlaybackState;
 use usher::store::memory::MemoryStore;
 use usher::store::{
     DeviceAction, DeviceCall, HeartbeatEvents, NewSession, OverLimitPolicy, Store, StoreSettings,
@@ -41,27 +41,7 @@ fn settings() -> StoreSettings {
 }
 
 fn create(user: usize) -> NewSession {
-    NewSession {
-        name: SessionName {
-            user: UserId::parse("u", &format!("user-{user}")).unwrap(),
-            session: SessionId::generate(),
-        },
-        profile: ProfileId::parse("p", "main").unwrap(),
-        content: ContentId::parse("c", "title-000042").unwrap(),
-        device: Device {
-            id: DeviceId::parse("d", "living-room-tv").unwrap(),
-            kind: DeviceType::Tv,
-            name: "Living room TV".into(),
-        },
-        client: ClientInfo {
-            ip_address: "192.0.2.10".into(),
-            user_agent: "player/2.1 (smart-tv)".into(),
-            region: "US".into(),
-        },
-        request_id: None,
-        limit: 4,
-        policy: OverLimitPolicy::RejectNew,
-    }
+    usher::bench::new_session(&format!("user-{user}"), 4).unwrap()
 }
 
 /// Operations per second of `operation` run by IN_FLIGHT tasks for RUN.

@@ -97,6 +97,22 @@ impl Measured {
         Some(self.latencies[(last as f64 * q).round() as usize])
     }
 
+    /// Adds up what `tasks` saw; the measurement began at `started`.
+    async fn gather(mut self, mut tasks: tokio::task::JoinSet<Seen>, started: Instant) -> Measured {
+        while let Some(seen) = tasks.join_next().await {
+            let seen = seen.unwrap_or_default();
+            self.calls += seen.calls;
+            self.errors += seen.errors;
+            self.latencies.extend(seen.latencies);
+            if self.first_error.is_none() {
+                self.first_error = seen.first_error;
+            }
+        }
+        self.elapsed = started.elapsed();
+        self.latencies.sort_unstable();
+        self
+    }
+
     fn per_call_us(&self, cpu: Option<f64>) -> Option<f64> {
         cpu.map(|seconds| seconds * 1e6 / self.calls.max(1) as f64)
     }
@@ -333,18 +349,7 @@ where
             }
         }
     }
-    while let Some(seen) = tasks.join_next().await {
-        let seen = seen.unwrap_or_default();
-        measured.calls += seen.calls;
-        measured.errors += seen.errors;
-        measured.latencies.extend(seen.latencies);
-        if measured.first_error.is_none() {
-            measured.first_error = seen.first_error;
-        }
-    }
-    measured.elapsed = started.elapsed();
-    measured.latencies.sort_unstable();
-    measured
+    measured.gather(tasks, started).await
 }
 
 #[derive(Default)]
@@ -754,8 +759,9 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// A session created straight through the store, for the raw heartbeat script.
-fn new_session(user: &str) -> Result<NewSession, String> {
+/// A session of `user` on a living-room TV in the US, created straight through a store
+/// (the raw scripts here; `benches/store.rs`), under a limit of `limit` seats.
+pub fn new_session(user: &str, limit: u32) -> Result<NewSession, String> {
     let id = |v: FieldViolation| format!("{}: {}", v.field, v.description);
     Ok(NewSession {
         name: SessionName {
@@ -775,7 +781,7 @@ fn new_session(user: &str) -> Result<NewSession, String> {
             region: "US".into(),
         },
         request_id: None,
-        limit: 2,
+        limit,
         policy: OverLimitPolicy::RejectNew,
     })
 }
@@ -1011,7 +1017,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                         let (store, user) = (store.clone(), format!("{users}-rc{i}"));
                         async move {
                             store
-                                .create_session(new_session(&user)?, Deadline::NONE)
+                                .create_session(new_session(&user, 2)?, Deadline::NONE)
                                 .await
                                 .map(|_| ())
                                 .map_err(|e| e.to_string())
@@ -1026,7 +1032,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 let created = redis
                     .store
                     .create_session(
-                        new_session(&format!("{run_id}-rh{i}")).map_err(BenchError::Call)?,
+                        new_session(&format!("{run_id}-rh{i}"), 2).map_err(BenchError::Call)?,
                         Deadline::NONE,
                     )
                     .await
@@ -1155,18 +1161,7 @@ async fn streams(channel: &Channel, pool: &[Playing], bounds: Bounds) -> Measure
             }
         });
     }
-    while let Some(seen) = tasks.join_next().await {
-        let seen = seen.unwrap_or_default();
-        measured.calls += seen.calls;
-        measured.errors += seen.errors;
-        measured.latencies.extend(seen.latencies);
-        if measured.first_error.is_none() {
-            measured.first_error = seen.first_error;
-        }
-    }
-    measured.elapsed = started.elapsed();
-    measured.latencies.sort_unstable();
-    measured
+    measured.gather(tasks, started).await
 }
 
 #[cfg(test)]

@@ -154,16 +154,22 @@ async fn ready(addr: std::net::SocketAddr) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_receiver_in_the_callers_trace() {
-    let receiver = Receiver::default();
+/// A usher exporting to `receiver` (started here) every `delay_ms`, once it is ready.
+async fn exporting_to(receiver: &Receiver, delay_ms: &str) -> (Usher, std::net::SocketAddr) {
     let endpoint = receiver.start().await;
     let usher = Usher::start_with_env(
         &["--otlp-endpoint", &endpoint],
-        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        &[("OTEL_BSP_SCHEDULE_DELAY", delay_ms)],
     );
     let addr: std::net::SocketAddr = usher.addr.parse().unwrap();
     ready(addr).await;
+    (usher, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_receiver_in_the_callers_trace() {
+    let receiver = Receiver::default();
+    let (usher, addr) = exporting_to(&receiver, "100").await;
 
     // gRPC, in the caller's trace.
     let grpc_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -296,13 +302,7 @@ async fn spans_reach_an_otlp_receiver_in_the_callers_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_queued_at_sigterm_are_exported_before_exit() {
     let receiver = Receiver::default();
-    let endpoint = receiver.start().await;
-    let usher = Usher::start_with_env(
-        &["--otlp-endpoint", &endpoint],
-        &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
-    );
-    let addr: std::net::SocketAddr = usher.addr.parse().unwrap();
-    ready(addr).await;
+    let (usher, addr) = exporting_to(&receiver, "600000").await;
     let trace = "5a1b2c3d4e5f60718293a4b5c6d7e8f9";
     let answer = http_json(
         addr,
