@@ -305,7 +305,7 @@ pub struct ServeArgs {
     pub store_timeout: Duration,
 
     /// Partitions (hash tags) users are spread over. Changing it needs a migration.
-    #[arg(long, env = "USHER_PARTITIONS", default_value_t = 64)]
+    #[arg(long, env = "USHER_PARTITIONS", default_value_t = crate::store::DEFAULT_PARTITIONS)]
     pub partitions: u32,
 
     /// Seats of users with no plan in the entitlement file, 0 to 100 [default: the

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use super::{
     Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
     ENDED_FEED_CAPACITY, EndedFeed, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, parse_event_id,
+    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, Swept, parse_event_id,
     partition_of,
 };
 use crate::deadline::Deadline;
@@ -722,7 +722,7 @@ impl Op<'_> {
         Ok(self.state.sessions[name].session.clone())
     }
 
-    fn sweep(&mut self, partition: u32, max: u32) -> u32 {
+    fn sweep(&mut self, partition: u32, max: u32) -> Swept {
         let now = self.now;
         let overdue: Vec<(u64, SessionName)> = self.state.partitions[partition as usize]
             .deadlines
@@ -747,7 +747,13 @@ impl Op<'_> {
                     .remove(&(deadline, name));
             }
         }
-        expired
+        Swept {
+            expired,
+            next_due_ms: self.state.partitions[partition as usize]
+                .deadlines
+                .first()
+                .map(|(deadline, _)| deadline.saturating_sub(now)),
+        }
     }
 }
 
@@ -837,9 +843,12 @@ impl Store for MemoryStore {
         self.with_state(|op| op.terminate(name, termination))
     }
 
-    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+    async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError> {
         if partition >= self.settings.partitions {
-            return Ok(0);
+            return Ok(Swept {
+                expired: 0,
+                next_due_ms: None,
+            });
         }
         Ok(self.with_state(|op| op.sweep(partition, max)))
     }

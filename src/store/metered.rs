@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::{
     Beat, Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview, Seats,
-    Store, StoreError, StoreSettings,
+    Store, StoreError, StoreSettings, Swept,
 };
 use crate::deadline::Deadline;
 use crate::ids::{DeviceId, SessionName, UserId};
@@ -121,7 +121,7 @@ impl Store for Metered {
         metered!("terminate", self.0.terminate(name, termination, deadline))
     }
 
-    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+    async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError> {
         metered!("sweep", self.0.sweep(partition, max))
     }
 

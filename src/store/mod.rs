@@ -26,6 +26,12 @@ use crate::model::{
     ClientInfo, Device, EndReason, PlaybackState, Session, SessionState, Termination,
 };
 
+/// Partitions (hash tags) by default: several times the shards a large deployment may
+/// grow to (30 million streams need about 40 to 60 on today's figures), so they spread
+/// evenly over hundreds of shards. The sweeper's work follows the sessions, not this
+/// count (see `server::tasks`).
+pub const DEFAULT_PARTITIONS: u32 = 1024;
+
 /// What happens to a create over the limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverLimitPolicy {
@@ -69,7 +75,7 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            partitions: 64,
+            partitions: DEFAULT_PARTITIONS,
             heartbeat_timeout: Duration::from_secs(60),
             max_pause: Duration::from_secs(30 * 60),
             ended_retention: Duration::from_secs(24 * 3600),
@@ -190,6 +196,16 @@ impl Beat {
         session.last_heartbeat_ms = self.last_heartbeat_ms;
         session.paused_ms = self.paused_ms;
     }
+}
+
+/// What one sweep of a partition did (see [`Store::sweep`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    pub expired: u32,
+    /// Milliseconds from the sweep (the store's clock) to the earliest deadline still in
+    /// the partition: 0 when sessions are overdue still (the batch was full); `None` when
+    /// the partition holds none.
+    pub next_due_ms: Option<u64>,
 }
 
 /// What a create would do now (see [`Store::preview_create`]).
@@ -516,9 +532,9 @@ pub trait Store: Send + Sync + 'static {
         deadline: Deadline,
     ) -> Result<Session, StoreError>;
 
-    /// Expires up to `max` sessions of `partition` whose deadline has passed. Returns how
-    /// many it expired.
-    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError>;
+    /// Expires up to `max` sessions of `partition` whose deadline has passed: how many
+    /// it expired, and how long until the partition's earliest deadline left.
+    async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError>;
 
     /// Up to `count` events of `partition` after `after` (from the start when `None`).
     async fn read_events(

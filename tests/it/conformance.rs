@@ -12,7 +12,7 @@ use usher::ids::SessionName;
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
     Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview,
-    StoreError, partition_of,
+    StoreError, Swept, partition_of,
 };
 
 use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
@@ -254,7 +254,7 @@ pub async fn the_sweep_expires_overdue_sessions(kind: Kind) {
     let created = b.create(&user, "a", 2, RejectNew).await;
     // Sweep everything overdue in this partition (other tests' too), then check ours.
     b.advance(PAST_TIMEOUT).await;
-    while b.store.sweep(partition, 1000).await.unwrap() > 0 {}
+    while b.store.sweep(partition, 1000).await.unwrap().expired > 0 {}
     let swept = b.session(&created.session.name).await.unwrap();
     assert_eq!(swept.state, SessionState::Expired);
     assert!(b.holders(&user).await.is_empty());
@@ -277,9 +277,52 @@ pub async fn the_sweep_is_bounded(kind: Kind) {
     }
     b.advance(PAST_TIMEOUT).await;
     // The partition may hold other tests' sessions (shared Redis, new prefix per test: no).
-    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 2);
-    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 1);
-    assert_eq!(b.store.sweep(0, 2).await.unwrap(), 0);
+    let first = b.store.sweep(0, 2).await.unwrap();
+    assert_eq!(first.expired, 2);
+    assert_eq!(first.next_due_ms, Some(0), "one is overdue still");
+    assert_eq!(b.store.sweep(0, 2).await.unwrap().expired, 1);
+    assert_eq!(
+        b.store.sweep(0, 2).await.unwrap(),
+        Swept {
+            expired: 0,
+            next_due_ms: None
+        }
+    );
+}
+
+/// A sweep tells how long until the partition's earliest deadline, so the sweeper need
+/// not look at it before then; a partition with no session says it holds none.
+pub async fn the_sweep_tells_when_the_partition_is_next_due(kind: Kind) {
+    let mut settings = test_settings();
+    settings.partitions = 1;
+    let b = Backend::open(kind, settings).await;
+    assert_eq!(
+        b.store.sweep(0, 10).await.unwrap(),
+        Swept {
+            expired: 0,
+            next_due_ms: None
+        }
+    );
+    let user = fresh_user();
+    let created = b.create(&user, "a", 1, RejectNew).await.session;
+    let swept = b.store.sweep(0, 10).await.unwrap();
+    assert_eq!(swept.expired, 0);
+    // The 1.5 s timeout of test_settings, less the time since the create.
+    let due = swept.next_due_ms.expect("a deadline");
+    assert!(due > 500 && due <= 1500, "{due}");
+    b.advance(PAST_TIMEOUT).await;
+    let swept = b.store.sweep(0, 10).await.unwrap();
+    assert_eq!(
+        swept,
+        Swept {
+            expired: 1,
+            next_due_ms: None
+        }
+    );
+    assert_eq!(
+        b.session(&created.name).await.unwrap().state,
+        SessionState::Expired
+    );
 }
 
 pub async fn heartbeats_keep_the_seat(kind: Kind) {
@@ -839,7 +882,7 @@ pub async fn ending_a_session_notifies_subscribers(kind: Kind) {
     let partition = partition_of(&user, b.store.settings().partitions);
     let mut expired = 0;
     for _ in 0..50 {
-        expired = b.store.sweep(partition, 100).await.unwrap();
+        expired = b.store.sweep(partition, 100).await.unwrap().expired;
         if expired > 0 {
             break;
         }
@@ -937,6 +980,7 @@ macro_rules! conformance_suite {
                     an_expired_holder_never_blocks_a_create,
                     the_sweep_expires_overdue_sessions,
                     the_sweep_is_bounded,
+                    the_sweep_tells_when_the_partition_is_next_due,
                     heartbeats_keep_the_seat,
                     a_heartbeat_after_the_deadline_is_refused_and_expires,
                     pause_keeps_the_seat_up_to_the_maximum_pause,

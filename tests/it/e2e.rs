@@ -479,7 +479,11 @@ impl Store for BrokenPartitionZero {
     ) -> Result<usher::session::Session, usher::store::StoreError> {
         self.0.terminate(name, termination, deadline).await
     }
-    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, usher::store::StoreError> {
+    async fn sweep(
+        &self,
+        partition: u32,
+        max: u32,
+    ) -> Result<usher::store::Swept, usher::store::StoreError> {
         if partition == 0 {
             return Err(usher::store::StoreError::Unavailable("shard down".into()));
         }

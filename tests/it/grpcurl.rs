@@ -928,3 +928,29 @@ fn metrics_can_be_served_on_their_own_address() {
     assert!(main.ends_with("404"), "{main}");
     assert!(usher.terminate().success());
 }
+
+/// The sweeper's work follows the sessions, not the partition count: with 1024
+/// partitions (the default), no session and a 100 ms tick, about two seconds of a running
+/// binary sweep each partition about once (at the first tick), not twenty times.
+#[test]
+fn idle_partitions_are_not_swept_every_tick() {
+    let usher = Usher::start(&["--sweep-interval", "100ms"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let output = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", usher.addr)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&output.stdout);
+    let ticks = sample(&metrics, "usher_sweeper_runs_total", &[]);
+    let sweeps = sample(
+        &metrics,
+        "usher_store_call_duration_seconds_count",
+        &[("operation", "sweep")],
+    );
+    assert!(ticks >= 10.0, "{ticks} ticks\n{metrics}");
+    assert!(
+        (1024.0..1024.0 * 2.0).contains(&sweeps),
+        "{sweeps} sweeps of 1024 partitions in {ticks} ticks"
+    );
+    assert!(usher.terminate().success());
+}

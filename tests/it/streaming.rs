@@ -1016,3 +1016,59 @@ async fn the_stop_channel_follows_a_migrated_slot() {
     assert_eq!(stop_reason(&stop), proto::StopReason::Terminated);
     server.running.shutdown().await.unwrap();
 }
+
+/// Right after a slot moves to another master, a store whose routing still names the
+/// old one reads, heartbeats and pauses without an error: those scripts follow the
+/// redirect (their second run would change nothing). Before, the first call per moved
+/// slot failed UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_heartbeats_follow_a_moved_slot_at_once() {
+    let cluster = redis::RedisCluster::start();
+    let prefix = unique_prefix();
+    let options = redis_options(
+        RedisTarget::Cluster {
+            nodes: cluster.node_list(),
+        },
+        &prefix,
+    );
+    let mut settings = test_settings();
+    settings.heartbeat_timeout = Duration::from_secs(30);
+    let store = RedisStore::connect(options, settings).await.unwrap();
+    let mut new = crate::support::new_session(
+        &crate::support::fresh_user(),
+        "tv",
+        2,
+        OverLimitPolicy::RejectNew,
+    );
+    new.client.region = "DE".into();
+    let name = store
+        .create_session(new, Deadline::NONE)
+        .await
+        .unwrap()
+        .session
+        .name;
+    let record = format!(
+        "{prefix}:{{{}}}:s:{}",
+        usher::store::partition_of(&name.user, test_settings().partitions),
+        name.session
+    );
+    let slot: u16 = redis::redis_cli(cluster.nodes[0].port, &["cluster", "keyslot", &record])
+        .parse()
+        .unwrap();
+    migrate(&cluster, slot);
+    let session = store.get_session(&name, Deadline::NONE).await.unwrap();
+    assert_eq!(session.map(|s| s.name), Some(name.clone()));
+    let heartbeat = usher::store::DeviceCall {
+        name: name.clone(),
+        generation: None,
+        position_ms: Some(1_000),
+        action: usher::store::DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    };
+    let beat = store
+        .device_call_brief(heartbeat, Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(beat.position_ms, 1_000);
+}

@@ -45,7 +45,7 @@ use self::reply::{ReplyCode, beat_at, decode_event, int_at, session_at, text_at}
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
     GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError,
-    StoreSettings, partition_of,
+    StoreSettings, Swept, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{RequestId, SessionId, SessionName, UserId};
@@ -240,7 +240,16 @@ fn ended_notice(value: &Value) -> Option<SessionName> {
 
 /// See the module docs.
 pub struct RedisStore {
+    /// Sends each command once: a script that must not run twice (a create, a stop, a
+    /// termination) is not sent again after a dropped connection, nor after a Cluster
+    /// redirect (MOVED, ASK) while slots move; the caller gets UNAVAILABLE and retries
+    /// (a create with its request_id).
     client: Client,
+    /// Follows redirects and resends after a dropped connection (up to
+    /// `SAFE_ATTEMPTS`): for the scripts whose second run changes nothing the first did
+    /// not (reads, heartbeats, pauses, resumes, sweeps), so moving slots between shards
+    /// does not fail them.
+    retrying: Client,
     /// How `client` was configured, for the subscriber connection.
     config: Config,
     settings: StoreSettings,
@@ -249,6 +258,20 @@ pub struct RedisStore {
     /// The notification feed, made on first use: a subscriber connection (one per shard
     /// on a Cluster) on every partition's stop channel, fanned out in process.
     ended: tokio::sync::OnceCell<StopSubscription>,
+}
+
+/// How often `RedisStore::retrying` sends a command: a redirect or a dropped connection
+/// each take one.
+const SAFE_ATTEMPTS: u32 = 3;
+
+/// Whether a script may be sent again after a redirect or a dropped connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resend {
+    /// A second run changes nothing the first did not.
+    Safe,
+    /// A second run would act again (a second session) or answer differently (a stop
+    /// finding its session stopped).
+    Never,
 }
 
 fn unavailable(error: &fred::error::Error) -> StoreError {
@@ -350,20 +373,22 @@ impl RedisStore {
             },
         };
         let timeout = options.timeout;
-        let client = builder(config.clone(), timeout)
-            .with_connection_config(|connection| {
-                // A script must not run twice because a connection dropped after sending
-                // it; the caller retries with its request_id instead.
-                connection.max_command_attempts = 1;
-            })
-            .with_performance_config(|performance| {
-                performance.default_command_timeout = timeout;
-            })
-            .build()
-            .map_err(|e| unavailable(&e))?;
+        let client_with = |attempts: u32| {
+            builder(config.clone(), timeout)
+                .with_connection_config(|connection| connection.max_command_attempts = attempts)
+                .with_performance_config(|performance| {
+                    performance.default_command_timeout = timeout;
+                })
+                .build()
+                .map_err(|e| unavailable(&e))
+        };
+        let client = client_with(1)?;
         connect_within(&client, timeout).await?;
+        let retrying = client_with(SAFE_ATTEMPTS)?;
+        connect_within(&retrying, timeout).await?;
         let store = Self {
             client,
+            retrying,
             config,
             ended: tokio::sync::OnceCell::new(),
             settings,
@@ -564,15 +589,15 @@ impl RedisStore {
                 }
             }
         });
-        let channels: Vec<String> = (0..self.settings.partitions)
-            .map(|partition| Keys::new(&self.options.key_prefix, partition).stop_channel())
-            .collect();
-        for channel in channels {
-            tokio::time::timeout(timeout * 3, subscriber.ssubscribe(channel))
-                .await
-                .map_err(|_| StoreError::Unavailable("SSUBSCRIBE timed out".into()))?
-                .map_err(classify)?;
-        }
+        // Every partition's channel at once (fred pipelines them), not one round trip
+        // each: a thousand partitions would otherwise cost a thousand at every start.
+        let subscribing = (0..self.settings.partitions).map(|partition| {
+            subscriber.ssubscribe(Keys::new(&self.options.key_prefix, partition).stop_channel())
+        });
+        tokio::time::timeout(timeout * 3, futures::future::try_join_all(subscribing))
+            .await
+            .map_err(|_| StoreError::Unavailable("SSUBSCRIBE timed out".into()))?
+            .map_err(classify)?;
         Ok(StopSubscription {
             _subscriber: subscriber,
             sender,
@@ -650,7 +675,14 @@ impl RedisStore {
             ms(GENERATION_IDLE_TTL),
             if brief { "brief" } else { "" }.to_owned(),
         ]);
-        let (_, reply) = self.run(script, &keys, key_list, args, deadline).await?;
+        let resend = if call.action == DeviceAction::Stop {
+            Resend::Never
+        } else {
+            Resend::Safe
+        };
+        let (_, reply) = self
+            .run(script, resend, &keys, key_list, args, deadline)
+            .await?;
         Ok(reply)
     }
 
@@ -661,6 +693,7 @@ impl RedisStore {
     async fn run(
         &self,
         script: &Script,
+        resend: Resend,
         keys: &Keys,
         key_list: Vec<String>,
         args: Vec<String>,
@@ -671,8 +704,12 @@ impl RedisStore {
         let args: Vec<Value> = args.into_iter().map(Value::from).collect();
         let rounds = async {
             for _ in 0..MAX_SCRIPT_ROUNDS {
+                let client = match resend {
+                    Resend::Safe => &self.retrying,
+                    Resend::Never => &self.client,
+                };
                 let reply: Value = script
-                    .evalsha_with_reload(&self.client, key_list.clone(), args.clone())
+                    .evalsha_with_reload(client, key_list.clone(), args.clone())
                     .await
                     .map_err(classify)?;
                 let Value::Array(reply) = reply else {
@@ -756,7 +793,14 @@ impl Store for RedisStore {
             ms(GENERATION_IDLE_TTL),
         ]);
         let (code, reply) = self
-            .run(&self.scripts.create, &keys, key_list, args, deadline)
+            .run(
+                &self.scripts.create,
+                Resend::Never,
+                &keys,
+                key_list,
+                args,
+                deadline,
+            )
             .await?;
         let replaced = (2..reply.len())
             .map(|i| {
@@ -785,7 +829,14 @@ impl Store for RedisStore {
         let mut args = self.common_args(&keys);
         args.extend([name.user.to_string(), name.session.to_string()]);
         match self
-            .run(&self.scripts.get, &keys, key_list, args, deadline)
+            .run(
+                &self.scripts.get,
+                Resend::Safe,
+                &keys,
+                key_list,
+                args,
+                deadline,
+            )
             .await
         {
             Ok((_, reply)) => session_at(&reply, 1).map(Some),
@@ -801,6 +852,7 @@ impl Store for RedisStore {
         let (_, reply) = self
             .run(
                 &self.scripts.read_seats,
+                Resend::Safe,
                 &keys,
                 vec![keys.user(user, "seats")],
                 args,
@@ -854,25 +906,40 @@ impl Store for RedisStore {
             termination.by.clone(),
         ]);
         let (_, reply) = self
-            .run(&self.scripts.terminate, &keys, key_list, args, deadline)
+            .run(
+                &self.scripts.terminate,
+                Resend::Never,
+                &keys,
+                key_list,
+                args,
+                deadline,
+            )
             .await?;
         session_at(&reply, 1)
     }
 
-    async fn sweep(&self, partition: u32, max: u32) -> Result<u32, StoreError> {
+    async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError> {
         let keys = Keys::new(&self.options.key_prefix, partition);
         let mut args = self.common_args(&keys);
         args.push(max.to_string());
         let (_, reply) = self
             .run(
                 &self.scripts.sweep,
+                Resend::Safe,
                 &keys,
                 vec![keys.deadlines(), keys.events()],
                 args,
                 Deadline::NONE,
             )
             .await?;
-        u32::try_from(int_at(&reply, 1)?).map_err(|_| StoreError::Corrupt("sweep count".into()))
+        let corrupt = |what: &str| StoreError::Corrupt(format!("sweep {what}"));
+        Ok(Swept {
+            expired: u32::try_from(int_at(&reply, 1)?).map_err(|_| corrupt("count"))?,
+            next_due_ms: match int_at(&reply, 2)? {
+                -1 => None,
+                due => Some(u64::try_from(due).map_err(|_| corrupt("next due"))?),
+            },
+        })
     }
 
     async fn read_events(

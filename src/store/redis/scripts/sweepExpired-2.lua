@@ -13,7 +13,8 @@
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   at most this many sessions are looked at (bounds the script's work)
 --
--- Returns {0, number of sessions expired}.
+-- Returns {0, number of sessions expired, ms until the earliest deadline left (0 when
+-- overdue ones remain), or -1 when the partition holds none}.
 
 allow_undeclared()
 local now = now_ms()
@@ -29,4 +30,9 @@ for _, member in ipairs(due) do
     redis.call('ZREM', KEYS[1], member)
   end
 end
-return {0, expired}
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[2] then
+  next_due = math.max(0, tonumber(first[2]) - now)
+end
+return {0, expired, next_due}
