@@ -217,29 +217,13 @@ mod tests {
 
     #[test]
     fn partitions_are_looked_at_again_when_something_can_be_due() {
-        let horizon = sweep_horizon(
-            Duration::from_secs(60),
-            Duration::from_secs(1800),
-            Duration::from_secs(1),
-        );
-        assert_eq!(horizon, Duration::from_secs(60));
-        // A short maximum pause shortens it; the tick bounds it from below.
-        assert_eq!(
-            sweep_horizon(
-                Duration::from_secs(60),
-                Duration::from_secs(20),
-                Duration::from_secs(1)
-            ),
-            Duration::from_secs(20)
-        );
-        assert_eq!(
-            sweep_horizon(
-                Duration::from_millis(50),
-                Duration::from_secs(20),
-                Duration::from_secs(1)
-            ),
-            Duration::from_secs(1)
-        );
+        let ms = Duration::from_millis;
+        // Timeout, maximum pause, tick (ms): the shorter of the first two, at least the tick.
+        let horizon_of = |timeout, pause, tick| sweep_horizon(ms(timeout), ms(pause), ms(tick));
+        let horizon = horizon_of(60_000, 1_800_000, 1_000);
+        assert_eq!(horizon, ms(60_000));
+        assert_eq!(horizon_of(60_000, 20_000, 1_000), ms(20_000));
+        assert_eq!(horizon_of(50, 20_000, 1_000), ms(1_000));
         // A failed sweep: the next tick. Something due soon: then.
         assert_eq!(next_look(None, horizon, 7), Duration::ZERO);
         let soon = Duration::from_millis(1500);
