@@ -233,10 +233,11 @@ pub fn call_span<B>(request: &http::Request<B>) -> tracing::Span {
 }
 
 /// Names the current call's span after its method (`usher.v1.TokenService/GetJwks`)
-/// and transport (`grpc`, or `http` through the REST shim), when spans are exported.
-pub fn name_call(service: &str, method: &str, transport: &str) {
+/// and transport (`grpc`, or `http` through the REST shim), when spans are exported:
+/// the span, to end with [`end_call`] (none when spans are not exported).
+pub fn name_call(service: &str, method: &str, transport: &str) -> tracing::Span {
     if !exporting() {
-        return;
+        return tracing::Span::none();
     }
     let span = tracing::Span::current();
     // The OpenTelemetry span has started (it is entered): rename it directly.
@@ -247,6 +248,7 @@ pub fn name_call(service: &str, method: &str, transport: &str) {
     span.record("rpc.service", service);
     span.record("rpc.method", method);
     span.record("usher.transport", transport);
+    span
 }
 
 /// Records the gRPC code that ended the call of `span`. The codes that say the server

@@ -173,32 +173,26 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = Call {
-            labels: self
-                .methods
-                .get(request.uri().path())
-                .copied()
-                .unwrap_or(("unknown", "unknown")),
-            transport: if request.extensions().get::<ViaRest>().is_some() {
-                "http"
-            } else {
-                "grpc"
-            },
-            started: Instant::now(),
-            span: tracing::Span::none(),
+        let labels = self
+            .methods
+            .get(request.uri().path())
+            .copied()
+            .unwrap_or(("unknown", "unknown"));
+        let transport = if request.extensions().get::<ViaRest>().is_some() {
+            "http"
+        } else {
+            "grpc"
         };
+        let started = Instant::now();
         let answer = self.inner.call(request);
         Box::pin(async move {
-            // Polled within the call's span (tonic's trace_fn).
-            let (service, method) = call.labels;
-            crate::telemetry::name_call(service, method, call.transport);
+            // Polled within the call's span (tonic's trace_fn): named here, and held
+            // until the code is known.
             let call = Call {
-                span: if crate::telemetry::exporting() {
-                    tracing::Span::current()
-                } else {
-                    tracing::Span::none()
-                },
-                ..call
+                labels,
+                transport,
+                started,
+                span: crate::telemetry::name_call(labels.0, labels.1, transport),
             };
             let response = answer.await?;
             if let Some(code) = grpc_code(response.headers()) {
