@@ -798,14 +798,14 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             ));
         }
     }
-    if args.sessions == 0 || args.in_flight == 0 || args.max_calls == 0 {
-        return Err(flag(
-            "--sessions, --in-flight, --max-calls",
-            "must be more than 0",
-        ));
-    }
-    if args.rate == Some(0) {
-        return Err(flag("--rate", "must be more than 0"));
+    let counts = [
+        ("--sessions", args.sessions as u64),
+        ("--in-flight", args.in_flight as u64),
+        ("--max-calls", args.max_calls),
+        ("--rate", args.rate.map_or(1, u64::from)),
+    ];
+    if let Some((name, _)) = counts.iter().find(|(_, count)| *count == 0) {
+        return Err(flag(name, "must be more than 0"));
     }
     let redis_url = args.redis.clone().or_else(|| {
         args.store

@@ -113,6 +113,7 @@ fn bench_refuses_remote_targets_and_unknown_measurements() {
         (&["--redis", "redis://192.0.2.1:6379"][..], "--redis"),
         (&["--only", "health,teleport"][..], "--only"),
         (&["--rate", "0"][..], "--rate"),
+        (&["--in-flight", "0"][..], "--in-flight"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_usher"))
             .arg("bench")
