@@ -49,21 +49,23 @@ impl Usher {
     pub(crate) fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Usher {
         let mut args = vec!["--insecure-dev"];
         args.extend(extra);
-        Self::launch(&args, env)
+        Self::launch(&args, env, Stdio::null())
     }
 
     /// `usher serve` with exactly `extra` as further flags.
     fn start_secured(extra: &[&str]) -> Usher {
-        Self::launch(extra, &[])
+        Self::launch(extra, &[], Stdio::null())
     }
 
-    fn launch(extra: &[&str], env: &[(&str, &str)]) -> Usher {
+    /// `usher serve` with `extra`, its log lines (standard output) to `logs`, once it
+    /// listens.
+    fn launch(extra: &[&str], env: &[(&str, &str)], logs: Stdio) -> Usher {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_usher"))
             .args(["serve", "--listen", &addr, "--drain-delay", "0s"])
             .args(extra)
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(logs)
             .stderr(Stdio::null())
             .spawn()
             .expect("the usher binary");
@@ -693,28 +695,12 @@ fn a_callers_trace_id_is_in_the_logs_of_its_call() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("usher.log");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_usher"))
-        .args([
-            "serve",
-            "--insecure-dev",
-            "--listen",
-            &addr,
-            "--log-format",
-            "json",
-        ])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while TcpStream::connect(&addr).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "usher did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let usher = Usher::launch(
+        &["--insecure-dev", "--log-format", "json"],
+        &[],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let addr = usher.addr.clone();
     let grpc_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let rest_trace = "0af7651916cd43dd8448eb211c80319c";
     let traceparent = |trace: &str| format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
@@ -739,8 +725,8 @@ fn a_callers_trace_id_is_in_the_logs_of_its_call() {
         .output()
         .unwrap();
     assert!(rest.status.success(), "{rest:?}");
-    let _ = child.kill();
-    let _ = child.wait();
+    // Exited: every line it logged is in the file.
+    let _ = usher.terminate();
     let logs = std::fs::read_to_string(&log).unwrap();
     for trace in [grpc_trace, rest_trace] {
         let line = logs
