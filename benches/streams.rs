@@ -177,13 +177,9 @@ async fn stop_propagation(server: &redis::RedisServer) {
     b.shutdown().await.unwrap();
 }
 
+/// Resident memory of `pid`, KiB (0 when /proc does not tell).
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    usher::bench::resident_bytes(pid).unwrap_or(0) / 1024
 }
 
 async fn streams_held() {

@@ -31,20 +31,9 @@ pub async fn redis_store(url: String, prefix: &str, settings: StoreSettings) -> 
     Arc::new(RedisStore::connect(options, settings).await.unwrap())
 }
 
-/// CPU seconds a process has used (user + system), from /proc.
+/// CPU seconds a process has used (user + system), from /proc; 0 when it does not tell.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
+    usher::bench::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// A CreateSession request of `user` on `device` (a TV in the US).
