@@ -601,14 +601,15 @@ fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
     request
 }
 
-/// A CreateSession of `user` on a living-room TV in the US.
-fn create_request(user: &str) -> proto::CreateSessionRequest {
+/// A CreateSession of `user` on `device`, a living-room TV in the US (also what the
+/// benches under `benches/` create).
+pub fn create_request(user: &str, device: &str) -> proto::CreateSessionRequest {
     proto::CreateSessionRequest {
         parent: format!("users/{user}"),
         profile_id: "main".into(),
         content_id: "title-000042".into(),
         device: Some(proto::Device {
-            id: "living-room-tv".into(),
+            id: device.into(),
             r#type: proto::DeviceType::Tv as i32,
             name: "Living room TV".into(),
         }),
@@ -634,7 +635,10 @@ async fn create(
     credential: Option<&str>,
 ) -> Result<Playing, String> {
     let answer = PlaybackSessionServiceClient::new(channel.clone())
-        .create_session(authorized(create_request(user), credential))
+        .create_session(authorized(
+            create_request(user, "living-room-tv"),
+            credential,
+        ))
         .await
         .map_err(|s| format!("CreateSession: {:?} {}", s.code(), s.message()))?
         .into_inner();

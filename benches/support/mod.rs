@@ -38,20 +38,5 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// A CreateSession request of `user` on `device` (a TV in the US).
 pub fn create_request(user: &str, device: &str) -> usher::proto::CreateSessionRequest {
-    usher::proto::CreateSessionRequest {
-        parent: format!("users/{user}"),
-        profile_id: "main".into(),
-        content_id: "title-000042".into(),
-        device: Some(usher::proto::Device {
-            id: device.into(),
-            r#type: usher::proto::DeviceType::Tv as i32,
-            name: "Living room TV".into(),
-        }),
-        client: Some(usher::proto::ClientInfo {
-            ip_address: "192.0.2.10".into(),
-            user_agent: "player/2.1".into(),
-            region: "US".into(),
-        }),
-        request_id: String::new(),
-    }
+    usher::bench::create_request(user, device)
 }
