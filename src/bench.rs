@@ -82,7 +82,7 @@ pub struct Measured {
     pub usher_cpu: Option<f64>,
     pub redis_cpu: Option<f64>,
     /// Redis' own timing of the scripts run during it (INFO commandstats): microseconds
-    /// per EVALSHA, and of those, the Redis commands the scripts called.
+    /// of FCALL per call measured, and of those, the Redis commands the scripts called.
     pub script_us: Option<f64>,
     pub script_commands_us: Option<f64>,
 }
@@ -146,8 +146,12 @@ pub struct Report {
     /// The store scripts straight at Redis, by the name of the usher measurement they
     /// are the ceiling of.
     pub raw: Vec<Measured>,
-    /// Redis `used_memory` growth per session created through usher.
+    /// Redis `used_memory` growth per session created through usher: its keys and sweep
+    /// entry, without its started event when that is known apart.
     pub redis_bytes_per_session: Option<f64>,
+    /// Of the growth, the partitions' event streams' per session (their started events),
+    /// when bench started usher and so knows its keys.
+    pub redis_event_bytes_per_session: Option<f64>,
     /// The measured usher's resident memory growth per session it created (its
     /// embedded store's share, when that is where sessions live).
     pub usher_bytes_per_session: Option<f64>,
@@ -173,6 +177,7 @@ impl Report {
             "raw_redis": self.raw.iter().map(Measured::json).collect::<Vec<_>>(),
             "ratio_to_raw": ratios,
             "redis_bytes_per_session": self.redis_bytes_per_session,
+            "redis_event_bytes_per_session": self.redis_event_bytes_per_session,
             "usher_bytes_per_session": self.usher_bytes_per_session,
         })
     }
@@ -233,10 +238,18 @@ impl Report {
         for m in &self.raw {
             out.push_str(&row(m, None));
         }
-        if let Some(bytes) = self.redis_bytes_per_session {
-            out.push_str(&format!(
+        match (
+            self.redis_bytes_per_session,
+            self.redis_event_bytes_per_session,
+        ) {
+            (Some(bytes), Some(events)) => out.push_str(&format!(
+                "Redis memory per session created: {bytes:.0} bytes (its keys and sweep \
+                 entry), and {events:.0} bytes of its started event\n"
+            )),
+            (Some(bytes), None) => out.push_str(&format!(
                 "Redis memory per session created (its keys and events): {bytes:.0} bytes\n"
-            ));
+            )),
+            _ => {}
         }
         if let Some(bytes) = self.usher_bytes_per_session {
             out.push_str(&format!(
@@ -447,15 +460,17 @@ impl Processes {
                 let (calls0, usec0) = before.get(name).copied().unwrap_or_default();
                 (calls.saturating_sub(calls0), usec.saturating_sub(usec0))
             };
-            let (scripts, script_usec) = changed("evalsha");
-            if scripts > 0 {
+            // Per call measured, not per FCALL: a create that needed a second round and
+            // heartbeats that shared a batch are counted as what they cost each.
+            let (scripts, script_usec) = changed("fcall");
+            if scripts > 0 && measured.calls > 0 {
                 let inside: u64 = after
                     .keys()
-                    .filter(|name| !matches!(name.as_str(), "evalsha" | "eval" | "info"))
+                    .filter(|name| !matches!(name.as_str(), "fcall" | "info"))
                     .map(|name| changed(name).1)
                     .sum();
-                measured.script_us = Some(script_usec as f64 / scripts as f64);
-                measured.script_commands_us = Some(inside as f64 / scripts as f64);
+                measured.script_us = Some(script_usec as f64 / measured.calls as f64);
+                measured.script_commands_us = Some(inside as f64 / measured.calls as f64);
             }
         }
         measured
@@ -679,7 +694,7 @@ fn run_id() -> String {
 struct RedisSide {
     client: fred::clients::Client,
     pid: Option<u32>,
-    store: Arc<dyn Store>,
+    store: Arc<RedisStore>,
     prefix: String,
 }
 
@@ -717,6 +732,24 @@ impl RedisSide {
             store: Arc::new(store),
             prefix,
         })
+    }
+
+    /// The memory of the event streams of the partitions under `prefix` (MEMORY USAGE,
+    /// every entry counted).
+    async fn events_bytes(&self, prefix: &str) -> Option<u64> {
+        let sizes = (0..StoreSettings::default().partitions).map(|partition| {
+            self.client.custom::<Option<u64>, _>(
+                fred::cmd!("MEMORY"),
+                vec![
+                    "USAGE".to_owned(),
+                    format!("{prefix}:{{{partition}}}:events"),
+                    "SAMPLES".to_owned(),
+                    "0".to_owned(),
+                ],
+            )
+        });
+        let sizes = futures::future::try_join_all(sizes).await.ok()?;
+        Some(sizes.into_iter().flatten().sum())
     }
 
     async fn used_memory(&self) -> Option<u64> {
@@ -934,9 +967,15 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         );
     }
     if wanted("create") {
-        let before = match &redis {
-            Some(redis) => redis.used_memory().await,
+        // The event streams of the usher bench started (its keys are this run's).
+        let usher_prefix = target.child.is_some().then(|| format!("usher-{run_id}"));
+        let events = async |redis: &RedisSide| match &usher_prefix {
+            Some(prefix) => redis.events_bytes(prefix).await,
             None => None,
+        };
+        let (before, events_before) = match &redis {
+            Some(redis) => (redis.used_memory().await, events(redis).await),
+            None => (None, None),
         };
         let resident_before = target.pid.and_then(resident_bytes);
         let (channel, credential, users) = (channel.clone(), credential.clone(), run_id.clone());
@@ -955,8 +994,15 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             && let Some(after) = redis.used_memory().await
             && measured.calls > 0
         {
-            report.redis_bytes_per_session =
-                Some((after as f64 - before as f64) / measured.calls as f64);
+            let per_session = |bytes: f64| bytes / measured.calls as f64;
+            let events = match (events_before, events(redis).await) {
+                (Some(before), Some(after)) => Some(after as f64 - before as f64),
+                _ => None,
+            };
+            report.redis_bytes_per_session = Some(per_session(
+                after as f64 - before as f64 - events.unwrap_or(0.0),
+            ));
+            report.redis_event_bytes_per_session = events.map(per_session);
         }
         if let (Some(before), Some(after)) = (resident_before, target.pid.and_then(resident_bytes))
             && measured.calls > 0
@@ -1068,10 +1114,13 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                             };
                             let store = store.clone();
                             async move {
+                                // One script call each: the store's batching of
+                                // heartbeats that arrive together is measured below.
                                 let answer = if brief {
                                     store
-                                        .device_call_brief(call, Deadline::NONE)
+                                        .beat_together(&[call], Deadline::NONE)
                                         .await
+                                        .and_then(|mut answers| answers.remove(0))
                                         .map(|_| ())
                                 } else {
                                     store.device_call(call, Deadline::NONE).await.map(|_| ())
@@ -1083,6 +1132,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 );
             }
         }
+        if wanted("stream") {
+            report
+                .raw
+                .push(raw_batches(redis, &processes, &run_id, mode, bounds, args.in_flight).await?);
+        }
         redis.delete_keys(&redis.prefix).await;
         if target.child.is_some() {
             redis.delete_keys(&format!("usher-{run_id}")).await;
@@ -1090,6 +1144,82 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     }
     drop(target);
     Ok(report)
+}
+
+/// Heartbeats in batches of this many sessions of one partition, the most the store's
+/// batching of heartbeats that arrive together puts in one script call under load.
+const BATCH: u64 = 16;
+
+/// The brief heartbeat script driven raw in batches of [`BATCH`] sessions of one
+/// partition per script call (`RedisStore::beat_together`), as many batches in flight as
+/// `in_flight` allows (each of its own partition): the row counts heartbeats, so its
+/// rate compares with the single-call row's; its latencies are the batches'.
+async fn raw_batches(
+    redis: &RedisSide,
+    processes: &Processes,
+    run_id: &str,
+    mode: Mode,
+    bounds: Bounds,
+    in_flight: usize,
+) -> Result<Measured, BenchError> {
+    let partitions = StoreSettings::default().partitions;
+    let groups = in_flight.clamp(1, 64);
+    let mut batches: Vec<Vec<SessionName>> = vec![Vec::new(); groups];
+    let mut candidate = 0u64;
+    while batches.iter().any(|batch| batch.len() < BATCH as usize) {
+        candidate += 1;
+        let user = format!("{run_id}-rb{candidate}");
+        let id = UserId::parse("user", &user).map_err(|v| BenchError::Call(v.description))?;
+        let group = crate::store::partition_of(&id, partitions) as usize;
+        let Some(batch) = batches.get_mut(group).filter(|b| b.len() < BATCH as usize) else {
+            continue;
+        };
+        let created = redis
+            .store
+            .create_session(
+                new_session(&user, 2).map_err(BenchError::Call)?,
+                Deadline::NONE,
+            )
+            .await
+            .map_err(|e| BenchError::Redis(e.to_string()))?;
+        batch.push(created.session.name);
+    }
+    let (store, batches) = (redis.store.clone(), Arc::new(batches));
+    let mut measured = processes
+        .measure_redis(drive(
+            "raw heartbeat script (brief), 16 per call",
+            mode,
+            bounds,
+            move |i| {
+                let calls: Vec<DeviceCall> = batches[(i % batches.len() as u64) as usize]
+                    .iter()
+                    .map(|name| DeviceCall {
+                        name: name.clone(),
+                        generation: None,
+                        position_ms: Some(i),
+                        action: DeviceAction::Heartbeat {
+                            playback_state: PlaybackState::Playing,
+                        },
+                    })
+                    .collect();
+                let store = store.clone();
+                async move {
+                    let answers = store
+                        .beat_together(&calls, Deadline::NONE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match answers.into_iter().find_map(Result::err) {
+                        Some(error) => Err(error.to_string()),
+                        None => Ok(()),
+                    }
+                }
+            },
+        ))
+        .await;
+    measured.calls *= BATCH;
+    measured.script_us = measured.script_us.map(|us| us / BATCH as f64);
+    measured.script_commands_us = measured.script_commands_us.map(|us| us / BATCH as f64);
+    Ok(measured)
 }
 
 /// Stream heartbeats: one stream per session of `pool`, each sending its next heartbeat
@@ -1190,10 +1320,10 @@ mod tests {
     #[test]
     fn command_stats_are_read_by_name() {
         let info = "# Commandstats\r\n\
-            cmdstat_evalsha:calls=10,usec=300,usec_per_call=30.00,rejected_calls=0\r\n\
+            cmdstat_fcall:calls=10,usec=300,usec_per_call=30.00,rejected_calls=0\r\n\
             cmdstat_hset:calls=20,usec=40,usec_per_call=2.00,rejected_calls=0\r\n";
         let stats = parse_command_stats(info);
-        assert_eq!(stats["evalsha"], (10, 300));
+        assert_eq!(stats["fcall"], (10, 300));
         assert_eq!(stats["hset"], (20, 40));
         assert_eq!(stats.len(), 2);
     }

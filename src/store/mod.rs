@@ -378,7 +378,7 @@ pub fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
 }
 
 /// Failures of the store, typed. Rejections carry what the caller needs to explain them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("session not found")]
     NotFound,

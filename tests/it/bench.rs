@@ -79,9 +79,14 @@ fn bench_on_redis_compares_with_the_raw_scripts_and_leaves_nothing_behind() {
         [
             "raw create script",
             "raw heartbeat script",
-            "raw heartbeat script (brief)"
+            "raw heartbeat script (brief)",
+            "raw heartbeat script (brief), 16 per call"
         ]
     );
+    // Redis' own time in the functions, read from INFO commandstats for every raw row.
+    for m in report["raw_redis"].as_array().unwrap() {
+        assert!(m["script_us"].as_f64().unwrap() > 0.0, "{m}");
+    }
     for name in ["create", "heartbeat (unary)", "heartbeat (stream)"] {
         assert!(
             report["ratio_to_raw"][name].as_f64().unwrap() > 0.0,
@@ -92,6 +97,8 @@ fn bench_on_redis_compares_with_the_raw_scripts_and_leaves_nothing_behind() {
         assert!(m["redis_cpu_us_per_call"].as_f64().is_some(), "{m}");
     }
     assert!(report["redis_bytes_per_session"].as_f64().unwrap() > 0.0);
+    // Its started event apart: bench started this usher, so it knows its streams.
+    assert!(report["redis_event_bytes_per_session"].as_f64().unwrap() > 0.0);
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "bench deletes its keys");
 }
 

@@ -146,7 +146,9 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_survive_an_emptied_script_cache() {
+/// A restarted Redis without persistence, or a node new to a Cluster, lacks the
+/// functions library until a call finds it missing and loads it again.
+async fn calls_survive_a_server_that_lost_the_functions() {
     let server = redis::RedisServer::start();
     let store = connect(RedisTarget::Single { url: server.url() }, "flush").await;
     let user = fresh_user();
@@ -157,7 +159,7 @@ async fn calls_survive_an_emptied_script_cache() {
         )
         .await
         .unwrap();
-    assert_eq!(server.cli(&["script", "flush"]), "OK");
+    assert_eq!(server.cli(&["function", "flush"]), "OK");
     let beat = DeviceCall {
         name: created.session.name.clone(),
         generation: Some(created.session.generation),
@@ -167,8 +169,17 @@ async fn calls_survive_an_emptied_script_cache() {
         },
     };
     store.device_call(beat, Deadline::NONE).await.unwrap();
-    assert_eq!(server.cli(&["script", "flush"]), "OK");
+    assert_eq!(server.cli(&["function", "flush"]), "OK");
     store.seats(&user, Deadline::NONE).await.unwrap();
+    assert_eq!(server.cli(&["function", "flush"]), "OK");
+    let second = store
+        .create_session(
+            new_session(&user, "phone", 2, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.session.generation, created.session.generation + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,9 +197,9 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
         .unwrap();
     // A failover that kept the session record but lost the seat grant.
     let partition = partition_of(&user, test_settings().partitions);
-    let seats = format!("{prefix}:{{{partition}}}:seats:{user}");
+    let seats = format!("{prefix}:{{{partition}}}:u:{user}");
     assert_eq!(
-        server.cli(&["zrem", &seats, created.session.name.session.as_str()]),
+        server.cli(&["hdel", &seats, created.session.name.session.as_str()]),
         "1"
     );
     let beat = DeviceCall {
@@ -234,7 +245,17 @@ async fn every_key_of_a_user_lives_in_one_cluster_slot() {
     store.create_session(create, Deadline::NONE).await.unwrap();
     let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
     let keys = redis::keys_with_prefix(&ports, &format!("{prefix}:"));
-    assert!(keys.len() >= 6, "{keys:?}");
+    // The user hash, the record, the remembered request, the sweep index, the events.
+    let kinds: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .filter_map(|key| key.split("}:").nth(1))
+        .map(|rest| rest.split(':').next().unwrap_or(rest))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["deadlines", "events", "req", "s", "u"].into(),
+        "{keys:?}"
+    );
     let slots: std::collections::BTreeSet<String> = keys
         .iter()
         .map(|key| redis::redis_cli(ports[0], &["cluster", "keyslot", key]))
@@ -562,7 +583,7 @@ async fn scripts_touch_only_the_keys_they_are_given() {
     for (from_lua, args) in shown {
         let command = args[0].to_ascii_uppercase();
         if !from_lua {
-            if command == "EVALSHA" {
+            if command == "FCALL" {
                 let count: usize = args[2].parse().unwrap();
                 given = args[3..3 + count].to_vec();
                 scripts += 1;
@@ -584,4 +605,114 @@ async fn scripts_touch_only_the_keys_they_are_given() {
         scripts >= 14 && touched > 50,
         "{scripts} scripts, {touched} keys"
     );
+}
+
+/// Heartbeats of sessions of one partition that arrive while another of the partition's
+/// calls is in flight go to Redis together: fewer FCALLs than heartbeats, each answered
+/// as if alone (a refused one refused, the others done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() {
+    const SESSIONS: usize = 32;
+    let server = redis::RedisServer::start();
+    let store = Arc::new(
+        RedisStore::connect(
+            redis_options(RedisTarget::Single { url: server.url() }, "lanes"),
+            test_settings(),
+        )
+        .await
+        .unwrap(),
+    );
+    let partitions = test_settings().partitions;
+    let first = fresh_user();
+    let partition = partition_of(&first, partitions);
+    let mut names = Vec::new();
+    while names.len() < SESSIONS {
+        let user = fresh_user();
+        if partition_of(&user, partitions) != partition {
+            continue;
+        }
+        let created = store
+            .create_session(
+                new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
+                Deadline::NONE,
+            )
+            .await
+            .unwrap();
+        names.push(created.session);
+    }
+    let beat = |session: &usher::session::Session, position: u64, generation: u64| DeviceCall {
+        name: session.name.clone(),
+        generation: Some(generation),
+        position_ms: Some(position),
+        action: DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    };
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+    let beats = names.iter().enumerate().map(|(i, session)| {
+        let store = store.clone();
+        // The last one holds a generation its session never had.
+        let generation = if i == SESSIONS - 1 {
+            session.generation + 7
+        } else {
+            session.generation
+        };
+        let call = beat(session, 1_000 + i as u64, generation);
+        tokio::spawn(async move { store.device_call_brief(call, Deadline::NONE).await })
+    });
+    let answers = futures::future::join_all(beats).await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap();
+        if i == SESSIONS - 1 {
+            assert!(
+                matches!(answer, Err(StoreError::StaleGeneration)),
+                "{answer:?}"
+            );
+        } else {
+            let beat = answer.unwrap();
+            assert_eq!(beat.position_ms, 1_000 + i as u64);
+            assert_eq!(beat.state, SessionState::Active);
+        }
+    }
+    let stats = server.cli(&["info", "commandstats"]);
+    let fcalls: usize = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or_else(|| panic!("no FCALL in {stats}"));
+    assert!(
+        (1..SESSIONS / 2).contains(&fcalls),
+        "{fcalls} script calls for {SESSIONS} heartbeats"
+    );
+    // What each wrote is there: the records answer with their new positions.
+    let read = store
+        .get_session(&names[3].name, Deadline::NONE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.position_ms, 1_003);
+
+    // Sent together on purpose: one partition only.
+    let other = loop {
+        let user = fresh_user();
+        if partition_of(&user, partitions) != partition {
+            break store
+                .create_session(
+                    new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
+                    Deadline::NONE,
+                )
+                .await
+                .unwrap()
+                .session;
+        }
+    };
+    let mixed = [
+        beat(&names[0], 5, names[0].generation),
+        beat(&other, 5, other.generation),
+    ];
+    assert!(matches!(
+        store.beat_together(&mixed, Deadline::NONE).await,
+        Err(StoreError::Refused(_))
+    ));
 }

@@ -353,9 +353,9 @@ async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
     let (name, token) = start(&mut server, "gus", "tv").await;
     let mut device = open_acked(&server, &token).await;
     let (session, partition) = partition_of(&name);
-    let seats = format!("{prefix}:{{{partition}}}:seats:{}", session.user);
+    let seats = format!("{prefix}:{{{partition}}}:u:{}", session.user);
     assert_eq!(
-        server_redis.cli(&["zrem", &seats, session.session.as_str()]),
+        server_redis.cli(&["hdel", &seats, session.session.as_str()]),
         "1"
     );
     let stop = device

@@ -1,6 +1,7 @@
 //! The Redis store: the production store. Every state change is one Lua script
-//! (`scripts/`), loaded at start and called with EVALSHA that reloads on NOSCRIPT, so it
-//! survives `SCRIPT FLUSH`, restarts and failovers. Scripts read time from
+//! (`scripts/`), each a function of one Redis Functions library ([`Library`]), loaded at
+//! start and called with FCALL, which loads the library again when a server lacks it, so
+//! calls survive `FUNCTION FLUSH`, restarts and failovers. Scripts read time from
 //! `redis.call('TIME')`, so usher instances with skewed clocks agree.
 //!
 //! Key layout ([`Keys`]): every key of a user carries the user's partition as hash tag,
@@ -9,39 +10,50 @@
 //! index, so events are written in the same atomic step as the change they report.
 //!
 //! ```text
-//! <base>:{p}:seats:<user>        ZSET   session id -> heartbeat deadline (ms)
-//! <base>:{p}:devices:<user>      HASH   device id -> session id
-//! <base>:{p}:gen:<user>          STRING fencing generation counter (30 days TTL)
+//! <base>:{p}:u:<user>            HASH   `g`: fencing generation counter; every other field
+//!                                       is a seat, session id -> deadline (ms)
+//!                                       (TTL: 30 days after the user's last call)
+//! <base>:{p}:s:<session>         HASH   session record (TTL: past deadline + retention)
 //! <base>:{p}:req:<user>/<id>     HASH   remembered answer to a request_id (TTL)
-//! <base>:{p}:s:<session>         HASH   session record (TTL: deadline + retention)
-//! <base>:{p}:deadlines           ZSET   <user>/<session> -> deadline, for the sweeper
+//! <base>:{p}:deadlines           ZSET   session id -> deadline, for the sweeper
 //! <base>:{p}:events              STREAM capped event log (MAXLEN ~)
 //! <base>:{p}:stop                sharded pub/sub channel: "<user>/<session>" ended
 //! <base>:meta                    HASH   partitions and layout, recorded at first start
 //! ```
+//!
+//! Two keys per user and session, sized for Redis' listpack encoding: a user's hash
+//! holds its counter and its few seats; a record holds only the fields that apply (no
+//! empty ones, not the id its key names). The seat and the sweep entry carry the
+//! record's deadline as the two indexes the scripts search by (a user's seats, the
+//! partition's next deadline). A heartbeat writes each of its keys once: a live
+//! session's TTLs move once an hour (`REFRESH_MS` in the prelude), not on every call.
 //!
 //! An id comes last in its key (two ids are joined with `/`, which no id contains), so
 //! the `:` that ids may hold never makes two keys collide. [`LAYOUT_VERSION`] names this
 //! layout; an instance refuses to start on keys written with another layout or another
 //! partition count, because it would look for a user's seats in the wrong place.
 //!
-//! Session record fields: `id u p c d dt dn ip ua rg` (ids, device and client), `st`
-//! state, `pos` position ms, `ps` playback state, `g` generation, `ct` created ms, `hb`
-//! last heartbeat ms, `he` last heartbeat event ms, `dl` deadline ms, `dr` what missing
-//! the deadline is called, `pt` pause start ms, `et` end ms, `er` end reason (stored
-//! name, `EndReason::as_str`), `em` and `eb` the operator's message and name.
+//! Session record fields: `u p c d dt dn ip ua rg` (ids, device and client), `g`
+//! generation, `ct` created ms, and `h`, what device calls change, packed as
+//! `st,dl,hb,pos,ps,pt,he,dr` (`packed` in the prelude): state, deadline ms, last
+//! heartbeat ms, position ms, playback state, pause start ms, last heartbeat event ms,
+//! `p` when the deadline is the pause's cap (the last three empty when they do not
+//! apply). An ended record adds `et` end ms and `er` end reason (stored name,
+//! `EndReason::as_str`), and a terminated one `em` and `eb`, the operator's message and
+//! name. Replies carry every field by name, unpacked, and add `id`.
 
+mod beats;
 mod reply;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use tokio::sync::broadcast;
 
-use self::reply::{ReplyCode, beat_at, decode_event, int_at, session_at, text_at};
+use self::reply::{ReplyCode, decode_event, int_at, session_at, text_at};
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
     GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError,
@@ -81,7 +93,7 @@ pub struct RedisOptions {
 }
 
 /// The version of the key layout in the module docs, recorded in `<base>:meta`.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The keys of one partition, built in one place.
 struct Keys {
@@ -96,8 +108,8 @@ impl Keys {
         }
     }
 
-    fn user(&self, user: &UserId, what: &str) -> String {
-        format!("{}{what}:{user}", self.prefix)
+    fn user(&self, user: &UserId) -> String {
+        format!("{}u:{user}", self.prefix)
     }
 
     fn request(&self, user: &UserId, request: &RequestId) -> String {
@@ -122,56 +134,122 @@ impl Keys {
     }
 }
 
-macro_rules! script {
-    ($file:literal) => {
-        Script::from_lua(concat!(
-            include_str!("scripts/prelude.lua"),
-            "\n",
-            include_str!(concat!("scripts/", $file))
-        ))
-    };
+/// Every script of `scripts/` but the prelude: its name and text. Each becomes one
+/// function of the library.
+const SCRIPTS: [(&str, &str); 6] = [
+    ("createSession", include_str!("scripts/createSession.lua")),
+    ("deviceCalls", include_str!("scripts/deviceCalls.lua")),
+    (
+        "terminateSession",
+        include_str!("scripts/terminateSession.lua"),
+    ),
+    ("getSession", include_str!("scripts/getSession.lua")),
+    ("sweepExpired", include_str!("scripts/sweepExpired.lua")),
+    ("readSeats", include_str!("scripts/readSeats.lua")),
+];
+
+/// usher's scripts as one Redis Functions library: the prelude, then each script as a
+/// function that starts with the prelude's `begin`. Loaded once per server (FUNCTION
+/// LOAD), so a call runs only its own script; the prelude's helpers are not made again
+/// on every call, as they are with EVALSHA (a heartbeat's time inside Redis falls by
+/// about a fifth). The library is named after a hash of its text, so instances of two
+/// usher versions sharing a Redis each call their own functions.
+struct Library {
+    name: String,
+    code: String,
 }
 
-/// Every script, with the prelude prepended.
+impl Library {
+    fn new() -> Self {
+        let prelude = include_str!("scripts/prelude.lua");
+        let functions: String = SCRIPTS
+            .iter()
+            .map(|(script, text)| {
+                format!(
+                    "redis.register_function('@_{script}', function(keys, args)\n\
+                     begin(keys, args)\n{text}\nend)\n"
+                )
+            })
+            .collect();
+        let text = format!("{prelude}\n{functions}");
+        let name = format!("usher_{}", &fred::util::sha1_hash(&text)[..16]);
+        let code = format!(
+            "#!lua name={name}\n{}",
+            text.replace("'@_", &format!("'{name}_"))
+        );
+        Self { name, code }
+    }
+
+    /// The FCALL name of a script of [`SCRIPTS`].
+    fn function(&self, script: &str) -> String {
+        format!("{}_{script}", self.name)
+    }
+
+    /// Loads the library on the server, or on every primary of a Cluster.
+    async fn load(&self, client: &Client) -> Result<(), fred::error::Error> {
+        if client.is_clustered() {
+            client
+                .function_load_cluster::<(), _>(true, self.code.as_str())
+                .await
+        } else {
+            client
+                .function_load::<(), _>(true, self.code.as_str())
+                .await
+        }
+    }
+
+    /// FCALL of `function`, loading the library first when the server lacks it (it
+    /// restarted without persistence, or a node joined a Cluster).
+    async fn call(
+        &self,
+        client: &Client,
+        function: &str,
+        keys: Vec<fred::types::Key>,
+        args: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        match client.fcall(function, keys.clone(), args.clone()).await {
+            Err(error) if error.details().contains("Function not found") => {
+                self.load(client).await?;
+                client.fcall(function, keys, args).await
+            }
+            result => result,
+        }
+    }
+}
+
+/// The library and the FCALL name of each of its functions.
 struct Scripts {
-    create: Script,
-    heartbeat: Script,
-    pause: Script,
-    resume: Script,
-    stop: Script,
-    terminate: Script,
-    get: Script,
-    sweep: Script,
-    read_seats: Script,
+    library: Library,
+    create: String,
+    device_calls: String,
+    terminate: String,
+    get: String,
+    sweep: String,
+    read_seats: String,
 }
 
 impl Scripts {
     fn new() -> Self {
+        let library = Library::new();
         Self {
-            create: script!("createSession-7.lua"),
-            heartbeat: script!("heartbeat-6.lua"),
-            pause: script!("pauseSession-6.lua"),
-            resume: script!("resumeSession-6.lua"),
-            stop: script!("stopSession-5.lua"),
-            terminate: script!("terminateSession-5.lua"),
-            get: script!("getSession-5.lua"),
-            sweep: script!("sweepExpired-2.lua"),
-            read_seats: script!("readSeats-1.lua"),
+            create: library.function("createSession"),
+            device_calls: library.function("deviceCalls"),
+            terminate: library.function("terminateSession"),
+            get: library.function("getSession"),
+            sweep: library.function("sweepExpired"),
+            read_seats: library.function("readSeats"),
+            library,
         }
     }
+}
 
-    fn all(&self) -> [&Script; 9] {
-        [
-            &self.create,
-            &self.heartbeat,
-            &self.pause,
-            &self.resume,
-            &self.stop,
-            &self.terminate,
-            &self.get,
-            &self.sweep,
-            &self.read_seats,
-        ]
+/// A device call's action as deviceCalls.lua names it.
+fn action_arg(action: DeviceAction) -> &'static str {
+    match action {
+        DeviceAction::Heartbeat { .. } => "heartbeat",
+        DeviceAction::Pause => "pause",
+        DeviceAction::Resume => "resume",
+        DeviceAction::Stop => "stop",
     }
 }
 
@@ -240,6 +318,17 @@ fn ended_notice(value: &Value) -> Option<SessionName> {
 
 /// See the module docs.
 pub struct RedisStore {
+    core: Arc<Core>,
+    /// How `client` was configured, for the subscriber connection.
+    config: Config,
+    /// The notification feed, made on first use: a subscriber connection (one per shard
+    /// on a Cluster) on every partition's stop channel, fanned out in process.
+    ended: tokio::sync::OnceCell<StopSubscription>,
+}
+
+/// What runs the scripts: shared with the tasks that send batches of heartbeats
+/// (`beats`).
+struct Core {
     /// Sends each command once: a script that must not run twice (a create, a stop, a
     /// termination) is not sent again after a dropped connection, nor after a Cluster
     /// redirect (MOVED, ASK) while slots move; the caller gets UNAVAILABLE and retries
@@ -250,14 +339,11 @@ pub struct RedisStore {
     /// not (reads, heartbeats, pauses, resumes, sweeps), so moving slots between shards
     /// does not fail them.
     retrying: Client,
-    /// How `client` was configured, for the subscriber connection.
-    config: Config,
     settings: StoreSettings,
     options: RedisOptions,
     scripts: Scripts,
-    /// The notification feed, made on first use: a subscriber connection (one per shard
-    /// on a Cluster) on every partition's stop channel, fanned out in process.
-    ended: tokio::sync::OnceCell<StopSubscription>,
+    /// Each partition's heartbeats waiting for the batch in flight to return.
+    lanes: beats::Lanes,
 }
 
 /// How often `RedisStore::retrying` sends a command: a redirect or a dropped connection
@@ -387,20 +473,24 @@ impl RedisStore {
         let retrying = client_with(SAFE_ATTEMPTS)?;
         connect_within(&retrying, timeout).await?;
         let store = Self {
-            client,
-            retrying,
+            core: Arc::new(Core {
+                client,
+                retrying,
+                lanes: beats::Lanes::new(settings.partitions),
+                settings,
+                options,
+                scripts: Scripts::new(),
+            }),
             config,
             ended: tokio::sync::OnceCell::new(),
-            settings,
-            options,
-            scripts: Scripts::new(),
         };
         store.check_version().await?;
         store.check_eviction_policy().await?;
         store.check_layout().await?;
-        for script in store.scripts.all() {
-            store.bounded(script.load(&store.client)).await?;
-        }
+        store
+            .core
+            .bounded(store.core.scripts.library.load(&store.core.client))
+            .await?;
         Ok(store)
     }
 
@@ -408,7 +498,8 @@ impl RedisStore {
     /// an older server at start rather than fail halfway through a script later.
     async fn check_version(&self) -> Result<(), StoreError> {
         let info: String = self
-            .bounded(self.client.info(Some(fred::types::InfoKind::Server)))
+            .core
+            .bounded(self.core.client.info(Some(fred::types::InfoKind::Server)))
             .await?;
         let version = info
             .lines()
@@ -432,21 +523,24 @@ impl RedisStore {
     /// silently breaks the seat limit (and the fencing). Every primary of a cluster is
     /// asked. INFO, not CONFIG GET, because managed Redis services often disable CONFIG.
     async fn check_eviction_policy(&self) -> Result<(), StoreError> {
-        let servers = match self.client.cached_cluster_state() {
+        let servers = match self.core.client.cached_cluster_state() {
             Some(state) => state.unique_primary_nodes(),
             None => Vec::new(),
         };
         let mut infos = Vec::new();
         if servers.is_empty() {
             let info: String = self
-                .bounded(self.client.info(Some(fred::types::InfoKind::Memory)))
+                .core
+                .bounded(self.core.client.info(Some(fred::types::InfoKind::Memory)))
                 .await?;
             infos.push(("redis".to_owned(), info));
         }
         for server in servers {
             let info: String = self
+                .core
                 .bounded(
-                    self.client
+                    self.core
+                        .client
                         .with_cluster_node(&server)
                         .info(Some(fred::types::InfoKind::Memory)),
                 )
@@ -464,7 +558,7 @@ impl RedisStore {
             if policy == "noeviction" {
                 continue;
             }
-            if self.options.allow_eviction {
+            if self.core.options.allow_eviction {
                 tracing::warn!(
                     %server,
                     policy,
@@ -483,21 +577,59 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Heartbeats of sessions of one partition sent as one script call at once, the
+    /// way the store batches heartbeats that arrive together, without waiting for
+    /// others: what each changed, in order. `usher bench` drives it to measure a batch
+    /// beside a single call. Calls of sessions of different partitions are refused.
+    pub async fn beat_together(
+        &self,
+        calls: &[DeviceCall],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Beat, StoreError>>, StoreError> {
+        let partitions = self.core.settings.partitions;
+        let mut partition = calls
+            .iter()
+            .map(|call| partition_of(&call.name.user, partitions));
+        if let Some(first) = partition.next()
+            && partition.any(|other| other != first)
+        {
+            return Err(StoreError::Refused(
+                "heartbeats sent together must be of one partition".into(),
+            ));
+        }
+        if calls
+            .iter()
+            .any(|call| !matches!(call.action, DeviceAction::Heartbeat { .. }))
+        {
+            return Err(StoreError::Refused(
+                "only heartbeats are sent together".into(),
+            ));
+        }
+        beats::together(&self.core, calls, deadline).await
+    }
+
     /// Records the partition count and the key layout at first start, and refuses to run
     /// on keys recorded with others: a user's seats would be looked for under another
     /// hash tag, and split between instances.
     async fn check_layout(&self) -> Result<(), StoreError> {
-        let key = format!("{}:meta", self.options.key_prefix);
-        let partitions = self.settings.partitions.to_string();
+        let key = format!("{}:meta", self.core.options.key_prefix);
+        let partitions = self.core.settings.partitions.to_string();
         let layout = LAYOUT_VERSION.to_string();
         let _: () = self
-            .bounded(self.client.hsetnx(&key, "partitions", partitions.as_str()))
+            .core
+            .bounded(
+                self.core
+                    .client
+                    .hsetnx(&key, "partitions", partitions.as_str()),
+            )
             .await?;
         let _: () = self
-            .bounded(self.client.hsetnx(&key, "layout", layout.as_str()))
+            .core
+            .bounded(self.core.client.hsetnx(&key, "layout", layout.as_str()))
             .await?;
         let (recorded_partitions, recorded_layout): (Option<String>, Option<String>) = self
-            .bounded(self.client.hmget(&key, vec!["partitions", "layout"]))
+            .core
+            .bounded(self.core.client.hmget(&key, vec!["partitions", "layout"]))
             .await?;
         if recorded_layout.as_deref() != Some(layout.as_str()) {
             return Err(StoreError::Refused(format!(
@@ -522,7 +654,7 @@ impl RedisStore {
     /// fred re-subscribes after a reconnection; what is published meanwhile is missed,
     /// which the next device call covers.
     async fn subscribe_stop_channels(&self) -> Result<StopSubscription, StoreError> {
-        let timeout = self.options.timeout;
+        let timeout = self.core.options.timeout;
         let subscriber = builder(self.config.clone(), timeout)
             .build_subscriber_client()
             .map_err(|e| unavailable(&e))?;
@@ -557,7 +689,7 @@ impl RedisStore {
         // owner). Until then the next heartbeat still ends a stream.
         let _resubscriber = subscriber.manage_subscriptions();
         let keeper = subscriber.clone();
-        let every = self.options.resubscribe_interval;
+        let every = self.core.options.resubscribe_interval;
         let mut topology = subscriber.cluster_change_rx();
         // The keeper holds a clone of the client: it stops when the store is dropped.
         let (store_alive, mut store_dropped) = tokio::sync::oneshot::channel::<()>();
@@ -591,8 +723,9 @@ impl RedisStore {
         });
         // Every partition's channel at once (fred pipelines them), not one round trip
         // each: a thousand partitions would otherwise cost a thousand at every start.
-        let subscribing = (0..self.settings.partitions).map(|partition| {
-            subscriber.ssubscribe(Keys::new(&self.options.key_prefix, partition).stop_channel())
+        let subscribing = (0..self.core.settings.partitions).map(|partition| {
+            subscriber
+                .ssubscribe(Keys::new(&self.core.options.key_prefix, partition).stop_channel())
         });
         tokio::time::timeout(timeout * 3, futures::future::try_join_all(subscribing))
             .await
@@ -604,7 +737,9 @@ impl RedisStore {
             _keeper: store_alive,
         })
     }
+}
 
+impl Core {
     /// A Redis command within the store's own timeout (no caller is waiting on it).
     async fn bounded<T>(
         &self,
@@ -642,32 +777,22 @@ impl RedisStore {
         ]
     }
 
-    /// Runs a device call's script: its reply. `brief` asks a heartbeat for what it
-    /// changed instead of the record (`device_call` in the prelude).
-    async fn run_device_call(
+    /// Runs device calls of sessions of one partition in one script call
+    /// (deviceCalls.lua): each call's answer, in order (a brief heartbeat's is what it
+    /// changed). A refused call is its error; the others are done all the same.
+    async fn device_calls(
         &self,
-        call: DeviceCall,
+        calls: &[DeviceCall],
         brief: bool,
         deadline: Deadline,
-    ) -> Result<Vec<Value>, StoreError> {
-        let (keys, mut key_list) = self.session_keys(&call.name);
-        let (script, playback_state) = match call.action {
-            DeviceAction::Heartbeat { playback_state } => (&self.scripts.heartbeat, playback_state),
-            DeviceAction::Pause => (&self.scripts.pause, PlaybackState::Unspecified),
-            DeviceAction::Resume => (&self.scripts.resume, PlaybackState::Unspecified),
-            DeviceAction::Stop => (&self.scripts.stop, PlaybackState::Unspecified),
+    ) -> Result<Vec<Result<Vec<Value>, StoreError>>, StoreError> {
+        let Some(first) = calls.first() else {
+            return Ok(Vec::new());
         };
-        // The scripts that move the deadline also keep the generation counter: KEYS[6].
-        if call.action != DeviceAction::Stop {
-            key_list.push(keys.user(&call.name.user, "gen"));
-        }
+        let keys = self.keys(&first.name.user);
+        let mut key_list = vec![keys.deadlines(), keys.events()];
         let mut args = self.common_args(&keys);
         args.extend([
-            call.name.user.to_string(),
-            call.name.session.to_string(),
-            call.generation.unwrap_or(0).to_string(),
-            call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
-            playback_state.code().to_string(),
             ms(self.settings.heartbeat_timeout),
             ms(self.settings.max_pause),
             heartbeat_events_arg(self.settings.heartbeat_events).to_owned(),
@@ -675,15 +800,71 @@ impl RedisStore {
             ms(GENERATION_IDLE_TTL),
             if brief { "brief" } else { "" }.to_owned(),
         ]);
-        let resend = if call.action == DeviceAction::Stop {
+        for call in calls {
+            key_list.push(keys.session(&call.name.session));
+            key_list.push(keys.user(&call.name.user));
+            let playback_state = match call.action {
+                DeviceAction::Heartbeat { playback_state } => playback_state,
+                _ => PlaybackState::Unspecified,
+            };
+            args.extend([
+                action_arg(call.action).to_owned(),
+                call.name.user.to_string(),
+                call.name.session.to_string(),
+                call.generation.unwrap_or(0).to_string(),
+                call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
+                playback_state.code().to_string(),
+            ]);
+        }
+        // A stop found done by a second run would answer differently: sent once.
+        let resend = if calls.iter().any(|call| call.action == DeviceAction::Stop) {
             Resend::Never
         } else {
             Resend::Safe
         };
         let (_, reply) = self
-            .run(script, resend, &keys, key_list, args, deadline)
+            .run(
+                &self.scripts.device_calls,
+                resend,
+                &keys,
+                key_list,
+                args,
+                deadline,
+            )
             .await?;
-        Ok(reply)
+        if reply.len() != calls.len() + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "{} answers to {} device calls",
+                reply.len().saturating_sub(1),
+                calls.len()
+            )));
+        }
+        Ok(reply
+            .into_iter()
+            .skip(1)
+            .map(|answer| {
+                let Value::Array(answer) = answer else {
+                    return Err(StoreError::Corrupt(format!(
+                        "device call answered {answer:?}"
+                    )));
+                };
+                let code = ReplyCode::try_from(int_at(&answer, 0)?)?;
+                refusal(code, answer).map(|(_, answer)| answer)
+            })
+            .collect())
+    }
+
+    /// One device call's answer.
+    async fn device_call_alone(
+        &self,
+        call: DeviceCall,
+        brief: bool,
+        deadline: Deadline,
+    ) -> Result<Vec<Value>, StoreError> {
+        self.device_calls(std::slice::from_ref(&call), brief, deadline)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("no answer to a device call".into())))
     }
 
     /// Runs a script: its success code and its reply array (the code first). A refusal
@@ -692,7 +873,7 @@ impl RedisStore {
     /// records added to its KEYS, within the same time budget.
     async fn run(
         &self,
-        script: &Script,
+        function: &str,
         resend: Resend,
         keys: &Keys,
         key_list: Vec<String>,
@@ -708,8 +889,10 @@ impl RedisStore {
                     Resend::Safe => &self.retrying,
                     Resend::Never => &self.client,
                 };
-                let reply: Value = script
-                    .evalsha_with_reload(client, key_list.clone(), args.clone())
+                let reply = self
+                    .scripts
+                    .library
+                    .call(client, function, key_list.clone(), args.clone())
                     .await
                     .map_err(classify)?;
                 let Value::Array(reply) = reply else {
@@ -737,8 +920,7 @@ impl RedisStore {
         let keys = self.keys(&name.user);
         let list = vec![
             keys.session(&name.session),
-            keys.user(&name.user, "seats"),
-            keys.user(&name.user, "devices"),
+            keys.user(&name.user),
             keys.deadlines(),
             keys.events(),
         ];
@@ -754,32 +936,30 @@ impl Store for RedisStore {
         deadline: Deadline,
     ) -> Result<Created, StoreError> {
         let user = &new.name.user;
-        let keys = self.keys(user);
+        let keys = self.core.keys(user);
         let request_key = match &new.request_id {
             Some(request) => keys.request(user, request),
-            None => keys.user(user, "seats"),
+            None => keys.user(user),
         };
         let key_list = vec![
-            keys.user(user, "seats"),
-            keys.user(user, "devices"),
-            keys.user(user, "gen"),
+            keys.user(user),
             keys.session(&new.name.session),
             keys.deadlines(),
             keys.events(),
             request_key,
         ];
-        let mut args = self.common_args(&keys);
+        let mut args = self.core.common_args(&keys);
         args.extend([
             user.to_string(),
             new.name.session.to_string(),
             new.limit.to_string(),
             policy_arg(new.policy).to_owned(),
-            ms(self.settings.heartbeat_timeout),
+            ms(self.core.settings.heartbeat_timeout),
             new.request_id
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
-            ms(self.settings.request_id_ttl),
+            ms(self.core.settings.request_id_ttl),
             new.fingerprint(),
             new.profile.to_string(),
             new.content.to_string(),
@@ -789,12 +969,13 @@ impl Store for RedisStore {
             new.client.ip_address.clone(),
             new.client.user_agent.clone(),
             new.client.region.clone(),
-            self.settings.max_evictions_per_call.to_string(),
+            self.core.settings.max_evictions_per_call.to_string(),
             ms(GENERATION_IDLE_TTL),
         ]);
         let (code, reply) = self
+            .core
             .run(
-                &self.scripts.create,
+                &self.core.scripts.create,
                 Resend::Never,
                 &keys,
                 key_list,
@@ -825,12 +1006,13 @@ impl Store for RedisStore {
         name: &SessionName,
         deadline: Deadline,
     ) -> Result<Option<Session>, StoreError> {
-        let (keys, key_list) = self.session_keys(name);
-        let mut args = self.common_args(&keys);
+        let (keys, key_list) = self.core.session_keys(name);
+        let mut args = self.core.common_args(&keys);
         args.extend([name.user.to_string(), name.session.to_string()]);
         match self
+            .core
             .run(
-                &self.scripts.get,
+                &self.core.scripts.get,
                 Resend::Safe,
                 &keys,
                 key_list,
@@ -846,15 +1028,16 @@ impl Store for RedisStore {
     }
 
     async fn seats(&self, user: &UserId, deadline: Deadline) -> Result<Seats, StoreError> {
-        let keys = self.keys(user);
-        let mut args = self.common_args(&keys);
+        let keys = self.core.keys(user);
+        let mut args = self.core.common_args(&keys);
         args.push(user.to_string());
         let (_, reply) = self
+            .core
             .run(
-                &self.scripts.read_seats,
+                &self.core.scripts.read_seats,
                 Resend::Safe,
                 &keys,
-                vec![keys.user(user, "seats")],
+                vec![keys.user(user)],
                 args,
                 deadline,
             )
@@ -873,8 +1056,8 @@ impl Store for RedisStore {
         call: DeviceCall,
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
-        let reply = self.run_device_call(call, false, deadline).await?;
-        session_at(&reply, 1)
+        let answer = self.core.device_call_alone(call, false, deadline).await?;
+        session_at(&answer, 1)
     }
 
     async fn device_call_brief(
@@ -882,13 +1065,11 @@ impl Store for RedisStore {
         call: DeviceCall,
         deadline: Deadline,
     ) -> Result<Beat, StoreError> {
-        let heartbeat = matches!(call.action, DeviceAction::Heartbeat { .. });
-        let reply = self.run_device_call(call, true, deadline).await?;
-        if heartbeat {
-            beat_at(&reply, 1)
-        } else {
-            session_at(&reply, 1).map(|session| Beat::of(&session))
+        if matches!(call.action, DeviceAction::Heartbeat { .. }) {
+            return beats::beat(&self.core, call, deadline).await;
         }
+        let answer = self.core.device_call_alone(call, true, deadline).await?;
+        session_at(&answer, 1).map(|session| Beat::of(&session))
     }
 
     async fn terminate(
@@ -897,8 +1078,8 @@ impl Store for RedisStore {
         termination: &Termination,
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
-        let (keys, key_list) = self.session_keys(name);
-        let mut args = self.common_args(&keys);
+        let (keys, key_list) = self.core.session_keys(name);
+        let mut args = self.core.common_args(&keys);
         args.extend([
             name.user.to_string(),
             name.session.to_string(),
@@ -906,8 +1087,9 @@ impl Store for RedisStore {
             termination.by.clone(),
         ]);
         let (_, reply) = self
+            .core
             .run(
-                &self.scripts.terminate,
+                &self.core.scripts.terminate,
                 Resend::Never,
                 &keys,
                 key_list,
@@ -919,12 +1101,13 @@ impl Store for RedisStore {
     }
 
     async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError> {
-        let keys = Keys::new(&self.options.key_prefix, partition);
-        let mut args = self.common_args(&keys);
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
+        let mut args = self.core.common_args(&keys);
         args.push(max.to_string());
         let (_, reply) = self
+            .core
             .run(
-                &self.scripts.sweep,
+                &self.core.scripts.sweep,
                 Resend::Safe,
                 &keys,
                 vec![keys.deadlines(), keys.events()],
@@ -951,11 +1134,13 @@ impl Store for RedisStore {
         if let Some(after) = after {
             super::parse_event_id(after)?;
         }
-        let keys = Keys::new(&self.options.key_prefix, partition);
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let entries: Vec<(String, Vec<(String, String)>)> = self
+            .core
             .bounded(
-                self.client
+                self.core
+                    .client
                     .xrange(keys.events(), start, "+", Some(u64::from(count))),
             )
             .await?;
@@ -974,30 +1159,34 @@ impl Store for RedisStore {
     }
 
     async fn seats_in_use(&self) -> Result<u64, StoreError> {
-        let counts = (0..self.settings.partitions).map(|partition| {
-            let key = Keys::new(&self.options.key_prefix, partition).deadlines();
-            self.client.zcard::<u64, _>(key)
+        let counts = (0..self.core.settings.partitions).map(|partition| {
+            let key = Keys::new(&self.core.options.key_prefix, partition).deadlines();
+            self.core.client.zcard::<u64, _>(key)
         });
-        let counts = self.bounded(futures::future::try_join_all(counts)).await?;
+        let counts = self
+            .core
+            .bounded(futures::future::try_join_all(counts))
+            .await?;
         Ok(counts.into_iter().sum())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         // A write, not PING: a Redis out of memory (OOM) or unable to persist (MISCONF)
         // still answers PING but refuses every state change.
-        let key = format!("{}:probe", self.options.key_prefix);
-        self.bounded(self.client.set::<(), _, _>(
-            key,
-            "1",
-            Some(Expiration::PX(10_000)),
-            None,
-            false,
-        ))
-        .await
+        let key = format!("{}:probe", self.core.options.key_prefix);
+        self.core
+            .bounded(self.core.client.set::<(), _, _>(
+                key,
+                "1",
+                Some(Expiration::PX(10_000)),
+                None,
+                false,
+            ))
+            .await
     }
 
     fn settings(&self) -> &StoreSettings {
-        &self.settings
+        &self.core.settings
     }
 }
 
@@ -1010,10 +1199,11 @@ mod tests {
     fn all_scripts() -> String {
         [
             include_str!("scripts/prelude.lua"),
-            include_str!("scripts/createSession-7.lua"),
-            include_str!("scripts/readSeats-1.lua"),
-            include_str!("scripts/sweepExpired-2.lua"),
-            include_str!("scripts/terminateSession-5.lua"),
+            include_str!("scripts/createSession.lua"),
+            include_str!("scripts/deviceCalls.lua"),
+            include_str!("scripts/readSeats.lua"),
+            include_str!("scripts/sweepExpired.lua"),
+            include_str!("scripts/terminateSession.lua"),
         ]
         .concat()
     }

@@ -1,17 +1,21 @@
--- usher's Lua prelude, prepended to every script (see store/redis/mod.rs).
+-- usher's Lua prelude: the start of the Redis Functions library that holds every script
+-- of this directory as a function (see Library in store/redis/mod.rs). The library is
+-- loaded once per server and its functions are called with FCALL, so the helpers
+-- below are made once, not on every call.
 --
--- Every script takes the same first three ARGV:
+-- Every function takes the same first three ARGV:
 --   ARGV[1]  key prefix with the user's partition hash tag, e.g. "usher:{17}:"
 --   ARGV[2]  approximate cap of the partition's event stream, in entries
 --   ARGV[3]  how long an ended session's record is kept, in ms
 --
--- Every key a script touches is in its KEYS, built in Rust (store/redis/mod.rs, Keys).
+-- Every key a function touches is in its KEYS, built in Rust (store/redis/mod.rs, Keys).
 -- The prelude's key helpers build a key's name from ARGV[1] and then check that it is in
--- KEYS, so a script that reaches for an undeclared key fails loudly instead of working
+-- KEYS, so a function that reaches for an undeclared key fails loudly instead of working
 -- only on an open-source Cluster (proxies and managed variants refuse undeclared keys).
--- A script that needs records it could not be given (other sessions of the user, found
--- in the seat set) replies {-6, id, ...}: the caller runs it again with those records in
--- KEYS. The sweep alone cannot know its keys in advance and says so (allow_undeclared).
+-- A function that needs records it could not be given (other sessions of the user,
+-- found in the user's seats) replies {-6, id, ...}: the caller runs it again with those
+-- records in KEYS. The sweep alone cannot know its keys in advance and says so
+-- (allow_undeclared).
 --
 -- Replies are arrays {code, ...}, decoded by ReplyCode in store/redis/reply.rs:
 --    0  done, the answer follows
@@ -22,13 +26,34 @@
 --   -4  stale generation
 --   -5  request_id reused for a different request
 --   -6  records needed: {-6, session id, ...}; nothing was written
--- A record is a flat HGETALL array of the session hash (fields in store/redis/mod.rs).
+-- A record is a flat field/value array of the session hash, with its id (field 'id')
+-- added: the hash itself does not repeat the id its key already names.
 --
 -- Time is redis.call('TIME') only, never the caller's clock.
 
-local PREFIX = ARGV[1]
-local STREAM_MAXLEN = ARGV[2]
-local RETENTION_MS = tonumber(ARGV[3])
+-- The call's keys and arguments and what follows from them, set by begin() as each
+-- function starts: Redis runs one function at a time, so they are the running call's.
+local KEYS, ARGV
+local PREFIX, STREAM_MAXLEN, RETENTION_MS
+-- A shard channel, not a key: publishing to it needs no KEYS entry.
+local STOP_CHANNEL
+local DECLARED, undeclared_allowed
+
+local function begin(keys, args)
+  KEYS, ARGV = keys, args
+  PREFIX, STREAM_MAXLEN, RETENTION_MS = args[1], args[2], tonumber(args[3])
+  STOP_CHANNEL = PREFIX .. 'stop'
+  DECLARED = {}
+  for _, key in ipairs(keys) do
+    DECLARED[key] = true
+  end
+  undeclared_allowed = false
+end
+
+-- A live session's record and its user's hash outlive what they must by up to this: a
+-- device call moves their TTLs only when it is the first of its session in a new such
+-- period since the session started (needs_refresh), so a heartbeat writes each key once.
+local REFRESH_MS = 3600000
 
 -- The stored codes of SessionState and PlaybackState (model.rs, `code()`): the storage
 -- format, not the wire's numbers; a unit test in store/redis/mod.rs holds them equal.
@@ -41,14 +66,8 @@ local END_EVENT = {
 }
 local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
 
--- A shard channel, not a key: publishing to it needs no KEYS entry.
-local STOP_CHANNEL = PREFIX .. 'stop'
-
-local DECLARED = {}
-for _, key in ipairs(KEYS) do
-  DECLARED[key] = true
-end
-local undeclared_allowed = false
+-- The user hash's field that holds the generation counter; every other field is a seat.
+local GENERATION = 'g'
 
 -- The sweep's escape from the KEYS rule; see its header.
 local function allow_undeclared()
@@ -77,8 +96,8 @@ local function session_key(sid)
   return declared(PREFIX .. 's:' .. sid)
 end
 
-local function user_key(user, what)
-  return declared(PREFIX .. what .. ':' .. user)
+local function user_key(user)
+  return declared(PREFIX .. 'u:' .. user)
 end
 
 local function deadlines_key()
@@ -89,14 +108,29 @@ local function events_key()
   return declared(PREFIX .. 'events')
 end
 
--- nil when the records of all ids are in KEYS; otherwise the {-6, id, ...} reply that
--- asks for the missing ones.
-local function records_needed(ids)
+-- The user's seats: session id -> deadline (ms), from the user hash.
+local function seats_of(user)
+  local flat = redis.call('HGETALL', user_key(user))
+  local seats = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= GENERATION then
+      seats[flat[i]] = tonumber(flat[i + 1])
+    end
+  end
+  return seats
+end
+
+-- nil when the records of all seats' sessions (and of extra, when given) are in KEYS;
+-- otherwise the {-6, id, ...} reply that asks for the missing ones.
+local function records_needed(seats, extra)
   local reply = {-6}
-  for _, sid in ipairs(ids) do
+  for sid in pairs(seats) do
     if not DECLARED[PREFIX .. 's:' .. sid] then
       reply[#reply + 1] = sid
     end
+  end
+  if extra and not DECLARED[PREFIX .. 's:' .. extra] then
+    reply[#reply + 1] = extra
   end
   if #reply > 1 then
     return reply
@@ -104,23 +138,48 @@ local function records_needed(ids)
   return nil
 end
 
-local function sweep_member(s)
+-- The notice of an ended session on the stop channel, '<user>/<session>'.
+local function notice(s)
   return s.u .. '/' .. s.id
 end
 
--- The session record as a table, or nil.
+-- What every device call changes is one field of the record, 'h':
+-- "st,dl,hb,pos,ps,pt,he,dr" (pt, he and dr empty when they do not apply), so a
+-- heartbeat reads and writes one field, not eight. Scripts see them as fields of s.
+local function packed(s)
+  return table.concat({
+    s.st, s.dl, s.hb, s.pos, s.ps, s.pt or '', s.he or '', s.dr or '',
+  }, ',')
+end
+
+-- s with its 'h' unpacked into its fields.
+local function unpacked(s)
+  if s.h then
+    local pt, he, dr
+    s.st, s.dl, s.hb, s.pos, s.ps, pt, he, dr =
+      string.match(s.h, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d*),(%d*),(%a*)$')
+    s.pt = pt ~= '' and pt or nil
+    s.he = he ~= '' and he or nil
+    s.dr = dr ~= '' and dr or nil
+    s.h = nil
+  end
+  return s
+end
+
+-- The session record as a table (its id in s.id), or nil.
 local function load(sid)
   local flat = redis.call('HGETALL', session_key(sid))
   if #flat == 0 then
     return nil
   end
-  local s = {}
+  local s = {id = sid}
   for i = 1, #flat, 2 do
     s[flat[i]] = flat[i + 1]
   end
-  return s
+  return unpacked(s)
 end
 
+-- The record as a reply: every field, the id included.
 local function flat(s)
   local out = {}
   for k, v in pairs(s) do
@@ -133,6 +192,14 @@ end
 local function holds_seat(s)
   local st = tonumber(s.st)
   return st == ACTIVE or st == PAUSED
+end
+
+-- What missing s's deadline is called: the stored name of its end reason.
+local function deadline_reason(s)
+  if s.dr == 'p' then
+    return 'max_pause_exceeded'
+  end
+  return 'heartbeat_timeout'
 end
 
 -- Appends an event of s; an ended session's carries its end reason, and a terminated
@@ -150,71 +217,86 @@ local function append_event(kind, s, now)
   redis.call('XADD', events_key(), 'MAXLEN', '~', STREAM_MAXLEN, '*', unpack(fields))
 end
 
--- Ends a seat-holding session: releases its seat and device, keeps the record for the
--- retention period, appends its event and tells its device's stream to stop. reason is
--- an end reason's stored name (EndReason::as_str in session/mod.rs).
+-- Ends a seat-holding session: releases its seat, keeps the record for the retention
+-- period, appends its event and tells its device's stream to stop. reason is an end
+-- reason's stored name (EndReason::as_str in session/mod.rs).
 local function end_session(s, state, reason, now)
   local key = session_key(s.id)
   s.st, s.et, s.er = tostring(state), int(now), reason
-  redis.call('HSET', key, 'st', s.st, 'et', s.et, 'er', reason)
+  redis.call('HSET', key, 'h', packed(s), 'et', s.et, 'er', reason)
   redis.call('PEXPIRE', key, RETENTION_MS)
-  redis.call('ZREM', user_key(s.u, 'seats'), s.id)
-  local devices = user_key(s.u, 'devices')
-  if redis.call('HGET', devices, s.d) == s.id then
-    redis.call('HDEL', devices, s.d)
-  end
-  redis.call('ZREM', deadlines_key(), sweep_member(s))
+  redis.call('HDEL', user_key(s.u), s.id)
+  redis.call('ZREM', deadlines_key(), s.id)
   append_event(END_EVENT[state], s, now)
-  redis.call('SPUBLISH', STOP_CHANNEL, sweep_member(s))
+  redis.call('SPUBLISH', STOP_CHANNEL, notice(s))
 end
 
 -- Sets a live session's deadline (s.dl) to timeout from now, capped by the maximum pause
--- while paused, and what missing it would be called (s.dr). The caller writes both with
--- the rest of the record, in one HSET, and then calls hold_until_deadline.
+-- while paused, and marks a capped one (s.dr = 'p', nil otherwise). The caller writes
+-- them (packed) and then calls hold_until_deadline.
 local function next_deadline(s, now, timeout_ms, max_pause_ms)
-  local deadline, reason = now + timeout_ms, 'heartbeat_timeout'
-  if tonumber(s.st) == PAUSED and s.pt and s.pt ~= '' then
+  local deadline, capped = now + timeout_ms, nil
+  if tonumber(s.st) == PAUSED and s.pt then
     local pause_end = tonumber(s.pt) + max_pause_ms
     if pause_end < deadline then
-      deadline, reason = pause_end, 'max_pause_exceeded'
+      deadline, capped = pause_end, 'p'
     end
   end
-  s.dl, s.dr = int(deadline), reason
+  s.dl, s.dr = int(deadline), capped
 end
 
--- Holds the seat until s.dl (already written): the record outlives it by the retention,
--- the seat set and the sweep order score it, and the user's generation counter (gen_key,
--- which the calling script has in KEYS) is kept for generation_ttl_ms more
+-- Whether a device call at now is its session's first in a REFRESH_MS period since the
+-- session started (last is the previous call's time): only such a call moves the TTLs.
+local function needs_refresh(s, last, now)
+  local ct = tonumber(s.ct)
+  return math.floor((now - ct) / REFRESH_MS) ~= math.floor((tonumber(last) - ct) / REFRESH_MS)
+end
+
+-- Holds the seat until s.dl (already written): the user's seat and the sweep index
+-- carry the deadline. With refresh, the record is kept until REFRESH_MS past the
+-- deadline plus the retention (so it outlives every deadline set before the next
+-- refresh), and the user hash, with the generation counter, for generation_ttl_ms
 -- (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
-local function hold_until_deadline(s, now, generation_ttl_ms, gen_key)
-  redis.call('PEXPIRE', session_key(s.id), tonumber(s.dl) - now + RETENTION_MS)
-  redis.call('ZADD', user_key(s.u, 'seats'), s.dl, s.id)
-  redis.call('ZADD', deadlines_key(), s.dl, sweep_member(s))
-  redis.call('PEXPIRE', gen_key, generation_ttl_ms)
+local function hold_until_deadline(s, now, refresh, generation_ttl_ms)
+  local user = user_key(s.u)
+  redis.call('HSET', user, s.id, s.dl)
+  redis.call('ZADD', deadlines_key(), s.dl, s.id)
+  if refresh then
+    redis.call('PEXPIRE', session_key(s.id), tonumber(s.dl) - now + RETENTION_MS + REFRESH_MS)
+    redis.call('PEXPIRE', user, generation_ttl_ms)
+  end
 end
 
--- Expires up to max holders of user whose deadline has passed.
-local function expire_overdue(user, now, max)
-  local seats = user_key(user, 'seats')
-  local overdue = redis.call('ZRANGEBYSCORE', seats, '-inf', int(now), 'LIMIT', 0, max)
-  for _, sid in ipairs(overdue) do
-    local s = load(sid)
-    if s and holds_seat(s) then
-      end_session(s, EXPIRED, s.dr, now)
-    else
-      redis.call('ZREM', seats, sid)
+-- Expires up to max holders of user whose deadline has passed; seats is seats_of(user)
+-- and loses the ones released.
+local function expire_overdue(user, seats, now, max)
+  local done = 0
+  for sid, deadline in pairs(seats) do
+    if done >= max then
+      break
+    end
+    if deadline <= now then
+      done = done + 1
+      local s = load(sid)
+      if s and holds_seat(s) then
+        end_session(s, EXPIRED, deadline_reason(s), now)
+      else
+        redis.call('HDEL', user_key(user), sid)
+      end
+      seats[sid] = nil
     end
   end
 end
 
--- Live holders of user (seat held, deadline after now), oldest started first.
-local function live_holders(user, now)
-  local ids = redis.call('ZRANGEBYSCORE', user_key(user, 'seats'), '(' .. int(now), '+inf')
+-- Live holders among seats (seat held, deadline after now), oldest started first.
+local function live_holders(seats, now)
   local holders = {}
-  for _, sid in ipairs(ids) do
-    local s = load(sid)
-    if s and holds_seat(s) then
-      holders[#holders + 1] = s
+  for sid, deadline in pairs(seats) do
+    if deadline > now then
+      local s = load(sid)
+      if s and holds_seat(s) then
+        holders[#holders + 1] = s
+      end
     end
   end
   table.sort(holders, function(a, b)
@@ -238,85 +320,124 @@ local function live_session(user, sid, now)
     return nil, {-2, flat(s)}
   end
   if tonumber(s.dl) <= now then
-    end_session(s, EXPIRED, s.dr, now)
+    end_session(s, EXPIRED, deadline_reason(s), now)
     return nil, {-2, flat(s)}
   end
-  if not redis.call('ZSCORE', user_key(user, 'seats'), sid) then
+  if not redis.call('HGET', user_key(user), sid) then
     end_session(s, EVICTED, 'seat_lost', now)
     return nil, {-2, flat(s)}
   end
   return s
 end
 
--- The body of every device call (heartbeat, pause, resume, stop). Device-call ARGV:
---   ARGV[4]   user id
---   ARGV[5]   session id
---   ARGV[6]   generation the device holds; '0' skips the check
---   ARGV[7]   position in ms; '' keeps the last one
---   ARGV[8]   playback state, its stored code (PlaybackState::code); '0' keeps the last one
---   ARGV[9]   heartbeat timeout, ms
---   ARGV[10]  maximum pause, ms
---   ARGV[11]  heartbeat events: 'off' | 'sampled' | 'all'
---   ARGV[12]  sampled heartbeat event interval, ms
---   ARGV[13]  how long the user's generation counter is kept after this call, ms
---   ARGV[14]  'brief': a done heartbeat replies {0, st, dl, pos, ps, hb, pt} (what it
---             changed) instead of the whole record
-local function device_call(action)
-  local user, sid, generation = ARGV[4], ARGV[5], ARGV[6]
-  local now = now_ms()
-  local s, refused = live_session(user, sid, now)
+-- Device calls (deviceCalls.lua). ARGV after the common three:
+--   ARGV[4]  heartbeat timeout, ms
+--   ARGV[5]  maximum pause, ms
+--   ARGV[6]  heartbeat events: 'off' | 'sampled' | 'all'
+--   ARGV[7]  sampled heartbeat event interval, ms
+--   ARGV[8]  how long the user hash (generation counter) is kept after a call, ms
+--   ARGV[9]  'brief': a done heartbeat answers {0, st, dl, pos, ps, hb, pt} (what it
+--            changed, pt '' when playing) instead of {0, record}
+--   then six per call, from ARGV[10]: action ('heartbeat' | 'pause' | 'resume' |
+--   'stop'), user id, session id, the generation the device holds ('0' skips the
+--   check), position in ms ('' keeps the last one), playback state (its stored code,
+--   PlaybackState::code; '0' keeps the last one).
+local FIRST_CALL, CALL_ARGS = 10, 6
+
+-- What a brief heartbeat reads of the record; the rest only when it needs it (to end
+-- the session or to write an event).
+local BEAT_FIELDS = {'u', 'g', 'ct', 'h'}
+local EVENT_FIELDS = {'d', 'c', 'p'}
+
+-- The fields of sid's record into s (absent ones stay nil).
+local function load_fields(s, fields)
+  local values = redis.call('HMGET', session_key(s.id), unpack(fields))
+  for i, field in ipairs(fields) do
+    if values[i] then
+      s[field] = values[i]
+    end
+  end
+  return s
+end
+
+-- The session of a brief heartbeat when it is plainly live (the case of nearly every
+-- call), read in part; nil otherwise, and live_session decides.
+local function beating_session(user, sid, now)
+  local s = unpacked(load_fields({id = sid}, BEAT_FIELDS))
+  if s.u == user and holds_seat(s) and tonumber(s.dl) > now
+    and redis.call('HGET', user_key(user), sid) then
+    return s
+  end
+  return nil
+end
+
+-- One device call, the one whose ARGV start at a: its reply.
+local function device_call(a, now)
+  local action, user, sid, generation = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local position, reported = ARGV[a + 4], ARGV[a + 5]
+  local brief = action == 'heartbeat' and ARGV[9] == 'brief'
+  local s = brief and beating_session(user, sid, now)
   if not s then
-    return refused
+    local refused
+    s, refused = live_session(user, sid, now)
+    if not s then
+      return refused
+    end
   end
   if generation ~= '0' and generation ~= s.g then
     return {-4}
   end
   local key = session_key(sid)
+  local last = s.hb
   s.hb = int(now)
-  if ARGV[7] ~= '' then
-    s.pos = ARGV[7]
+  if position ~= '' then
+    s.pos = position
   end
   if action == 'stop' then
-    redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos)
     end_session(s, STOPPED, 'stopped_by_device', now)
     return {0, flat(s)}
   end
+  local state, playback = tonumber(s.st), nil
   local event
-  local state = tonumber(s.st)
   if action == 'heartbeat' then
-    if ARGV[8] ~= '0' then
-      s.ps = ARGV[8]
+    if reported ~= '0' then
+      playback = reported
     end
     -- A reported PAUSED pauses and PLAYING resumes, as the explicit calls do.
-    local reported = tonumber(ARGV[8])
-    local mode = ARGV[11]
-    if reported == PLAYBACK_PAUSED and state == ACTIVE then
-      s.st, s.pt = tostring(PAUSED), int(now)
+    local code, mode = tonumber(reported), ARGV[6]
+    if code == PLAYBACK_PAUSED and state == ACTIVE then
       event = 'playback.paused'
-    elseif reported == PLAYBACK_PLAYING and state == PAUSED then
-      s.st, s.pt = tostring(ACTIVE), ''
+    elseif code == PLAYBACK_PLAYING and state == PAUSED then
       event = 'playback.resumed'
-    elseif mode == 'all' or (mode == 'sampled' and now - tonumber(s.he) >= tonumber(ARGV[12])) then
-      s.he = int(now)
+    elseif mode == 'all'
+      or (mode == 'sampled' and now - tonumber(s.he or s.ct) >= tonumber(ARGV[7])) then
+      s.he = s.hb
       event = 'playback.heartbeat'
     end
   elseif action == 'pause' and state == ACTIVE then
-    s.st, s.pt, s.ps = tostring(PAUSED), int(now), tostring(PLAYBACK_PAUSED)
-    event = 'playback.paused'
+    event, playback = 'playback.paused', tostring(PLAYBACK_PAUSED)
   elseif action == 'resume' and state == PAUSED then
-    s.st, s.pt, s.ps = tostring(ACTIVE), '', tostring(PLAYBACK_PLAYING)
-    event = 'playback.resumed'
+    event, playback = 'playback.resumed', tostring(PLAYBACK_PLAYING)
   end
-  next_deadline(s, now, tonumber(ARGV[9]), tonumber(ARGV[10]))
-  redis.call('HSET', key, 'hb', s.hb, 'pos', s.pos, 'ps', s.ps, 'st', s.st, 'pt', s.pt,
-    'he', s.he, 'dl', s.dl, 'dr', s.dr)
-  -- KEYS[6], the generation key, is given to the scripts that reach this (not stop's).
-  hold_until_deadline(s, now, tonumber(ARGV[13]), KEYS[6])
+  if playback then
+    s.ps = playback
+  end
+  if event == 'playback.paused' then
+    s.st, s.pt = tostring(PAUSED), s.hb
+  elseif event == 'playback.resumed' then
+    s.st, s.pt = tostring(ACTIVE), nil
+  end
+  next_deadline(s, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+  redis.call('HSET', key, 'h', packed(s))
+  hold_until_deadline(s, now, needs_refresh(s, last, now), tonumber(ARGV[8]))
   if event then
+    if not s.d then
+      load_fields(s, EVENT_FIELDS)
+    end
     append_event(event, s, now)
   end
-  if action == 'heartbeat' and ARGV[14] == 'brief' then
-    return {0, s.st, s.dl, s.pos, s.ps, s.hb, s.pt}
+  if brief then
+    return {0, s.st, s.dl, s.pos, s.ps, s.hb, s.pt or ''}
   end
   return {0, flat(s)}
 end

@@ -1,11 +1,11 @@
 -- sweepExpired: expires the partition's sessions whose heartbeat deadline has passed,
 -- so their seats and expired events do not wait for the user's next create.
 --
--- KEYS[1]  <prefix>deadlines          ZSET <user>/<session> -> deadline (ms)
+-- KEYS[1]  <prefix>deadlines          ZSET session id -> deadline (ms)
 -- KEYS[2]  <prefix>events             STREAM the partition's event log
 --
 -- This script cannot know its keys in advance: it ends sessions it finds in KEYS[1], so it
--- touches their records (<prefix>s:<id>) and their users' seats and devices keys, all
+-- touches their records (<prefix>s:<id>) and their users' hashes (<prefix>u:<user>), all
 -- under the partition's hash tag (built from ARGV[1]). It is the one script that calls
 -- allow_undeclared(); on a Redis that refuses undeclared keys, expiry still happens on
 -- each user's next create, read or device call, just not ahead of it.
@@ -20,14 +20,13 @@ allow_undeclared()
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', int(now), 'LIMIT', 0, tonumber(ARGV[4]))
 local expired = 0
-for _, member in ipairs(due) do
-  local slash = string.find(member, '/', 1, true)
-  local s = slash and load(string.sub(member, slash + 1))
+for _, sid in ipairs(due) do
+  local s = load(sid)
   if s and holds_seat(s) and tonumber(s.dl) <= now then
-    end_session(s, EXPIRED, s.dr, now)
+    end_session(s, EXPIRED, deadline_reason(s), now)
     expired = expired + 1
   else
-    redis.call('ZREM', KEYS[1], member)
+    redis.call('ZREM', KEYS[1], sid)
   end
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

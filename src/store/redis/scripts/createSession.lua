@@ -1,17 +1,16 @@
 -- createSession: admits a new playback session and grants it a seat, atomically.
 --
--- KEYS[1]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
--- KEYS[2]  <prefix>devices:<user>   HASH device id -> session id
--- KEYS[3]  <prefix>gen:<user>       STRING the user's fencing generation counter
---                                     (its TTL is set with every deadline, in the prelude)
--- KEYS[4]  <prefix>s:<session>        HASH the new session's record
--- KEYS[5]  <prefix>deadlines          ZSET <user>/<session> -> deadline, for the sweeper
--- KEYS[6]  <prefix>events             STREAM the partition's event log
--- KEYS[7]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
---                                     (any key of the user when there is none)
--- KEYS[8..] <prefix>s:<session>       HASH the records of the sessions in KEYS[1] and of
---                                     the remembered session; when one is missing the
---                                     script writes nothing and replies {-6, id, ...}
+-- KEYS[1]  <prefix>u:<user>           HASH the user's fencing generation counter ('g')
+--                                       and seats (session id -> deadline, ms)
+-- KEYS[2]  <prefix>s:<session>        HASH the new session's record
+-- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline, for the sweeper
+-- KEYS[4]  <prefix>events             STREAM the partition's event log
+-- KEYS[5]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
+--                                       (any key of the user when there is none)
+-- KEYS[6..] <prefix>s:<session>       HASH the records of the sessions seated in KEYS[1]
+--                                       and of the remembered session; when one is
+--                                       missing the script writes nothing and replies
+--                                       {-6, id, ...}
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
@@ -31,7 +30,7 @@
 -- ARGV[18]  client user agent
 -- ARGV[19]  client region
 -- ARGV[20]  at most this many overdue holders are expired here
--- ARGV[21]  how long the user's generation counter is kept after this grant, ms
+-- ARGV[21]  how long the user hash (its generation counter) is kept after this grant, ms
 --
 -- Returns
 --   {0, record, replaced session id, ...}  created
@@ -48,16 +47,13 @@ local now = now_ms()
 
 local remembered = {}
 if request_id ~= '' then
-  remembered = redis.call('HMGET', KEYS[7], 'sid', 'fp', 'rep')
+  remembered = redis.call('HMGET', KEYS[5], 'sid', 'fp', 'rep')
   if remembered[1] and remembered[2] ~= fingerprint then
     return {-5}
   end
 end
-local wanted = redis.call('ZRANGE', KEYS[1], 0, -1)
-if remembered[1] then
-  wanted[#wanted + 1] = remembered[1]
-end
-local missing = records_needed(wanted)
+local seats = seats_of(user)
+local missing = records_needed(seats, remembered[1])
 if missing then
   return missing
 end
@@ -73,9 +69,9 @@ if remembered[1] then
   end
 end
 
-expire_overdue(user, now, tonumber(ARGV[20]))
+expire_overdue(user, seats, now, tonumber(ARGV[20]))
 
-local holders = live_holders(user, now)
+local holders = live_holders(seats, now)
 local own, others = nil, {}
 for _, s in ipairs(holders) do
   if s.d == device then
@@ -104,22 +100,28 @@ if own then
   replaced[#replaced + 1] = own.id
 end
 
-local generation = redis.call('INCR', KEYS[3])
+local generation = redis.call('HINCRBY', KEYS[1], GENERATION, 1)
+-- The record: what never changes, then what device calls change, packed in 'h' (see
+-- packed in the prelude); fields that do not apply yet (the end) are absent, and the id
+-- is the key's.
 local s = {
-  id = sid, u = user, p = ARGV[12], c = ARGV[13], d = device, dt = ARGV[15],
+  u = user, p = ARGV[12], c = ARGV[13], d = device, dt = ARGV[15],
   dn = ARGV[16], ip = ARGV[17], ua = ARGV[18], rg = ARGV[19],
-  st = tostring(ACTIVE), pos = '0', ps = '0', g = tostring(generation),
-  ct = int(now), hb = int(now), he = int(now), pt = '', et = '', er = '',
+  g = tostring(generation), ct = int(now),
 }
+local stored = flat(s)
+s.st, s.pos, s.ps, s.hb = tostring(ACTIVE), '0', '0', int(now)
 next_deadline(s, now, timeout_ms, 0)
-redis.call('HSET', KEYS[4], unpack(flat(s)))
-redis.call('HSET', KEYS[2], device, sid)
-hold_until_deadline(s, now, tonumber(ARGV[21]), KEYS[3])
+stored[#stored + 1] = 'h'
+stored[#stored + 1] = packed(s)
+redis.call('HSET', KEYS[2], unpack(stored))
+s.id = sid
+hold_until_deadline(s, now, true, tonumber(ARGV[21]))
 append_event('playback.started', s, now)
 
 if request_id ~= '' then
-  redis.call('HSET', KEYS[7], 'sid', sid, 'fp', fingerprint, 'rep', table.concat(replaced, ','))
-  redis.call('PEXPIRE', KEYS[7], ARGV[10])
+  redis.call('HSET', KEYS[5], 'sid', sid, 'fp', fingerprint, 'rep', table.concat(replaced, ','))
+  redis.call('PEXPIRE', KEYS[5], ARGV[10])
 end
 
 local reply = {0, flat(s)}

@@ -4,10 +4,9 @@
 -- one answer about a session whose deadline has passed.
 --
 -- KEYS[1]  <prefix>s:<session>        HASH the session's record
--- KEYS[2]  <prefix>seats:<user>       ZSET session id -> heartbeat deadline (ms)
--- KEYS[3]  <prefix>devices:<user>     HASH device id -> session id
--- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
--- KEYS[5]  <prefix>events             STREAM the partition's event log
+-- KEYS[2]  <prefix>u:<user>           HASH the user's generation counter and seats
+-- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
+-- KEYS[4]  <prefix>events             STREAM the partition's event log
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id

@@ -1,10 +1,9 @@
 -- terminateSession: an operator or another service ends a live session.
 --
 -- KEYS[1]  <prefix>s:<session>        HASH the session's record
--- KEYS[2]  <prefix>seats:<user>     ZSET session id -> heartbeat deadline (ms)
--- KEYS[3]  <prefix>devices:<user>   HASH device id -> session id
--- KEYS[4]  <prefix>deadlines          ZSET <user>/<session> -> deadline
--- KEYS[5]  <prefix>events             STREAM the partition's event log
+-- KEYS[2]  <prefix>u:<user>           HASH the user's generation counter and seats
+-- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
+-- KEYS[4]  <prefix>events             STREAM the partition's event log
 --
 -- ARGV[1..3] see the prelude
 -- ARGV[4]   user id
@@ -20,6 +19,6 @@ if not s then
   return refused
 end
 s.em, s.eb = ARGV[6], ARGV[7]
-redis.call('HSET', KEYS[1], 'em', s.em, 'eb', s.eb)
+redis.call('HSET', session_key(s.id), 'em', s.em, 'eb', s.eb)
 end_session(s, TERMINATED, 'terminated_by_operator', now)
 return {0, flat(s)}

@@ -1,0 +1,22 @@
+-- deviceCalls: heartbeats, pauses, resumes and stops of sessions of one partition, each
+-- done as if it were alone, in order, in one script call (a batch of heartbeats that
+-- arrived together costs Redis one call).
+--
+-- KEYS[1]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
+-- KEYS[2]  <prefix>events             STREAM the partition's event log
+-- then two per call, in the order of the calls:
+--          <prefix>s:<session>        HASH the session's record
+--          <prefix>u:<user>           HASH the user's generation counter and seats
+--
+-- ARGV[1..3] see the prelude; ARGV[4..] see device_call in the prelude.
+--
+-- Returns {0, answer, answer, ...}, one answer per call, each {0, record} (a brief
+-- heartbeat's {0, st, dl, pos, ps, hb, pt}), {-1}, {-2, record} or {-4} (see the
+-- prelude).
+
+local now = now_ms()
+local reply = {0}
+for a = FIRST_CALL, #ARGV, CALL_ARGS do
+  reply[#reply + 1] = device_call(a, now)
+end
+return reply
