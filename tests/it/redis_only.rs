@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 use usher::deadline::Deadline;
+use usher::ids::UserId;
 use usher::proto;
-use usher::session::SessionState;
+use usher::session::{Session, SessionState};
 use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{
     DeviceAction, DeviceCall, EventKind, OverLimitPolicy, Store, StoreError, partition_of,
@@ -145,24 +146,30 @@ async fn a_hung_redis_fails_fast_with_unavailable_and_usher_recovers() {
     usher.running.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A session of `user` on `device`, under a limit of `limit` seats (REJECT_NEW).
+async fn start(store: &dyn Store, user: &UserId, device: &str, limit: u32) -> Session {
+    store
+        .create_session(
+            new_session(user, device, limit, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
+        .await
+        .unwrap()
+        .session
+}
+
 /// A restarted Redis without persistence, or a node new to a Cluster, lacks the
 /// functions library until a call finds it missing and loads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_survive_a_server_that_lost_the_functions() {
     let server = redis::RedisServer::start();
     let store = connect(RedisTarget::Single { url: server.url() }, "flush").await;
     let user = fresh_user();
-    let created = store
-        .create_session(
-            new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap();
+    let created = start(store.as_ref(), &user, "tv", 1).await;
     assert_eq!(server.cli(&["function", "flush"]), "OK");
     let beat = DeviceCall {
-        name: created.session.name.clone(),
-        generation: Some(created.session.generation),
+        name: created.name.clone(),
+        generation: Some(created.generation),
         position_ms: Some(10),
         action: DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
@@ -172,14 +179,8 @@ async fn calls_survive_a_server_that_lost_the_functions() {
     assert_eq!(server.cli(&["function", "flush"]), "OK");
     store.seats(&user, Deadline::NONE).await.unwrap();
     assert_eq!(server.cli(&["function", "flush"]), "OK");
-    let second = store
-        .create_session(
-            new_session(&user, "phone", 2, OverLimitPolicy::RejectNew),
-            Deadline::NONE,
-        )
-        .await
-        .unwrap();
-    assert_eq!(second.session.generation, created.session.generation + 1);
+    let second = start(store.as_ref(), &user, "phone", 2).await;
+    assert_eq!(second.generation, created.generation + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,19 +629,11 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
     let mut names = Vec::new();
     while names.len() < SESSIONS {
         let user = fresh_user();
-        if partition_of(&user, partitions) != partition {
-            continue;
+        if partition_of(&user, partitions) == partition {
+            names.push(start(store.as_ref(), &user, "tv", 1).await);
         }
-        let created = store
-            .create_session(
-                new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
-                Deadline::NONE,
-            )
-            .await
-            .unwrap();
-        names.push(created.session);
     }
-    let beat = |session: &usher::session::Session, position: u64, generation: u64| DeviceCall {
+    let beat = |session: &Session, position: u64, generation: u64| DeviceCall {
         name: session.name.clone(),
         generation: Some(generation),
         position_ms: Some(position),
@@ -697,14 +690,7 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
     let other = loop {
         let user = fresh_user();
         if partition_of(&user, partitions) != partition {
-            break store
-                .create_session(
-                    new_session(&user, "tv", 1, OverLimitPolicy::RejectNew),
-                    Deadline::NONE,
-                )
-                .await
-                .unwrap()
-                .session;
+            break start(store.as_ref(), &user, "tv", 1).await;
         }
     };
     let mixed = [
