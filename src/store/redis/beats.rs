@@ -1,19 +1,20 @@
 //! Heartbeats of one partition that arrive together go to Redis as one script call.
 //!
-//! Each partition has a lane. A heartbeat joins its lane's queue; when no batch of the
-//! lane is in flight, a task sends the queue (at most [`MAX_BATCH`]) as one
-//! deviceCalls script call and, when it returns, the calls that queued meanwhile, until
-//! the queue is empty. An idle lane sends a heartbeat at once, alone; under load the
-//! batch grows by itself with the partition's rate and the script's round trip, so
-//! nothing waits for a timer. Calls of one partition go in order, one batch at a time.
+//! Each partition has a lane: a queue and a task, made on the partition's first
+//! heartbeat. The task takes what the queue holds (at most [`MAX_BATCH`]), sends it as
+//! one deviceCalls script call and, when it returns, takes what queued meanwhile, until
+//! the queue is empty; then it waits. An idle lane sends a heartbeat at once, alone;
+//! under load the batch grows by itself with the partition's rate and the script's round
+//! trip, so nothing waits for a timer. Calls of one partition go in order, one batch at a
+//! time.
 //!
 //! The task owns the batch, so a caller that gives up (its deadline, its stream closed)
 //! leaves the others' calls unharmed; its heartbeat is still written, which a second
-//! heartbeat would do anyway.
+//! heartbeat would do anyway. The tasks hold the store weakly: they end with it.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock, Weak};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Core;
 use super::reply::beat_at;
@@ -24,31 +25,17 @@ use crate::store::{Beat, DeviceCall, StoreError, partition_of};
 /// shard, so its length is everyone's wait.
 pub(super) const MAX_BATCH: usize = 64;
 
-/// One lane per partition.
-pub(super) struct Lanes(Box<[Mutex<Lane>]>);
+/// One lane per partition, each made on first use.
+pub(super) struct Lanes(Box<[OnceLock<mpsc::UnboundedSender<Waiting>>]>);
 
-#[derive(Default)]
-struct Lane {
-    /// A task is sending this lane's batches.
-    busy: bool,
-    waiting: Vec<Waiting>,
-}
-
-struct Waiting {
+pub(super) struct Waiting {
     call: DeviceCall,
     answer: oneshot::Sender<Result<Beat, StoreError>>,
 }
 
 impl Lanes {
     pub(super) fn new(partitions: u32) -> Self {
-        Self((0..partitions).map(|_| Mutex::default()).collect())
-    }
-
-    fn lane(&self, partition: u32) -> std::sync::MutexGuard<'_, Lane> {
-        // A lane holds no invariant a panic could break halfway: keep using it.
-        self.0[partition as usize]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        Self((0..partitions).map(|_| OnceLock::new()).collect())
     }
 }
 
@@ -59,15 +46,14 @@ pub(super) async fn beat(
     deadline: Deadline,
 ) -> Result<Beat, StoreError> {
     let partition = partition_of(&call.name.user, core.settings.partitions);
+    let lane = core.lanes.0[partition as usize].get_or_init(|| {
+        let (sender, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(Arc::downgrade(core), queue));
+        sender
+    });
     let (answer, answered) = oneshot::channel();
-    let start = {
-        let mut lane = core.lanes.lane(partition);
-        lane.waiting.push(Waiting { call, answer });
-        !std::mem::replace(&mut lane.busy, true)
-    };
-    if start {
-        tokio::spawn(send_batches(core.clone(), partition));
-    }
+    lane.send(Waiting { call, answer })
+        .map_err(|_| StoreError::Unavailable("the heartbeat lane has stopped".into()))?;
     core.within(
         async {
             answered.await.unwrap_or_else(|_| {
@@ -81,17 +67,18 @@ pub(super) async fn beat(
     .await
 }
 
-/// Sends the lane's queue as batches until it is empty.
-async fn send_batches(core: Arc<Core>, partition: u32) {
-    loop {
-        let batch: Vec<Waiting> = {
-            let mut lane = core.lanes.lane(partition);
-            if lane.waiting.is_empty() {
-                lane.busy = false;
-                return;
+/// A lane's task: sends its queue as batches, for as long as the store lives.
+async fn send_batches(core: Weak<Core>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(waiting) => batch.push(waiting),
+                Err(_) => break,
             }
-            let count = lane.waiting.len().min(MAX_BATCH);
-            lane.waiting.drain(..count).collect()
+        }
+        let Some(core) = core.upgrade() else {
+            return;
         };
         let (calls, answers): (Vec<DeviceCall>, Vec<_>) = batch
             .into_iter()
