@@ -71,6 +71,7 @@ async fn run() {
             KeyRing::ephemeral().unwrap(),
         )),
         credentials: Default::default(),
+        manifests: None,
     };
     let server = usher::server::start(&config, components, listener)
         .await

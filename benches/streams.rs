@@ -76,6 +76,7 @@ async fn serve(config: &Config, store: Arc<dyn Store>, tokens: Arc<Tokens>) -> R
         entitlements: Arc::new(StaticPolicy::open(4).unwrap()),
         tokens,
         credentials: Default::default(),
+        manifests: None,
     };
     usher::server::start(config, components, listener)
         .await

@@ -174,6 +174,7 @@ async fn server(
         entitlements: Arc::new(StaticPolicy::open(2).unwrap()),
         tokens: Arc::new(tokens(algorithm, cache_capacity)),
         credentials: usher::auth::Credentials::default(),
+        manifests: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let running = usher::server::start(&config, components, listener)

@@ -634,6 +634,7 @@ pub fn create_request(user: &str, device: &str) -> proto::CreateSessionRequest {
             region: "US".into(),
         }),
         request_id: String::new(),
+        manifest_type: proto::ManifestType::Unspecified as i32,
     }
 }
 

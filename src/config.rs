@@ -317,6 +317,16 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_ENTITLEMENTS")]
     pub entitlements: Option<PathBuf>,
 
+    /// TOML file of manifest origins (S3 presigned GETs or HMAC edge tokens, per title
+    /// prefix): CreateSession and GetManifest then return signed manifest URLs. [default:
+    /// none, no manifest URLs]
+    #[arg(long, env = "USHER_MANIFEST_ORIGINS")]
+    pub manifest_origins: Option<PathBuf>,
+
+    /// How long a signed manifest URL works.
+    #[arg(long, env = "USHER_MANIFEST_URL_TTL", default_value = "5m", value_parser = duration)]
+    pub manifest_url_ttl: Duration,
+
     /// A create for a region-restricted title that gives no client.region: `refuse`
     /// (REGION_REQUIRED) or `allow`.
     #[arg(
@@ -554,6 +564,8 @@ pub struct Config {
     pub default_seat_limit: Option<u32>,
     pub missing_region: MissingRegion,
     pub entitlements: Option<PathBuf>,
+    pub manifest_origins: Option<PathBuf>,
+    pub manifest_url_ttl: Duration,
     pub over_limit_policy: OverLimitPolicy,
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
@@ -677,6 +689,7 @@ impl ServeArgs {
             ("--ended-retention", self.ended_retention),
             ("--request-id-ttl", self.request_id_ttl),
             ("--token-ttl", self.token_ttl),
+            ("--manifest-url-ttl", self.manifest_url_ttl),
             (
                 "--token-keys-reload-interval",
                 self.token_keys_reload_interval,
@@ -854,6 +867,8 @@ impl ServeArgs {
             default_seat_limit: self.default_seat_limit,
             missing_region: self.missing_region,
             entitlements: self.entitlements,
+            manifest_origins: self.manifest_origins,
+            manifest_url_ttl: self.manifest_url_ttl,
             over_limit_policy: self.over_limit_policy,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval,

@@ -95,6 +95,10 @@ pub enum Error {
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
+    /// No signed manifest URL can be given for the title: usher has no origins, or none
+    /// serves it.
+    #[error("no manifest URL: {0}")]
+    ManifestUnavailable(String),
 }
 
 impl Error {
@@ -132,6 +136,7 @@ impl Error {
             Error::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Error::Cancelled => (Code::Cancelled, "CANCELLED"),
             Error::Internal(_) => (Code::Internal, "INTERNAL"),
+            Error::ManifestUnavailable(_) => (Code::FailedPrecondition, "MANIFEST_UNAVAILABLE"),
         }
     }
 
@@ -233,7 +238,8 @@ impl From<Error> for Status {
             | Error::EntitlementUnavailable(_)
             | Error::DeadlineExceeded
             | Error::Cancelled
-            | Error::Internal(_) => {}
+            | Error::Internal(_)
+            | Error::ManifestUnavailable(_) => {}
         }
         let error_info = pb::ErrorInfo {
             reason: reason.to_owned(),

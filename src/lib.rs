@@ -15,6 +15,8 @@
 //!   the embedded static policy).
 //! - [`token`]: playback tokens: key sets and rotation, issue and verify (with a cache of
 //!   verified tokens), and `TokenService`.
+//! - [`manifest`]: manifest URLs signed per origin (S3 presigned GETs, HMAC edge
+//!   tokens), short-lived.
 //! - [`streaming`]: the device stream, `StreamingService`: heartbeats in, acks, "stop
 //!   now", tokens and reconnects out; the fan-out of the store's ended-session feed; and
 //!   `usher device`, a small client of it.
@@ -52,7 +54,7 @@
 //!   streaming                     (the device stream, over the session operations)
 //!   session, concurrency          (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
-//!       token                     (issue, verify, TokenService)
+//!       token, manifest           (issue, verify, TokenService; signed manifest URLs)
 //!         store                   (the Store trait, memory, Redis)
 //!           model, codec          (the domain records; the protobuf codec)
 //!             error, deadline, net, files, observe
@@ -69,6 +71,7 @@ pub mod entitlement;
 pub mod error;
 pub mod files;
 pub mod ids;
+pub mod manifest;
 pub mod model;
 pub mod net;
 pub mod observe;

@@ -51,7 +51,8 @@ pub enum Access {
 /// The device stream's path, without the leading `/`.
 pub const STREAM_METHOD: &str = "usher.v1.StreamingService/StreamHeartbeats";
 
-const DEVICE_METHODS: [&str; 4] = [
+const DEVICE_METHODS: [&str; 5] = [
+    "usher.v1.PlaybackSessionService/GetManifest",
     "usher.v1.PlaybackSessionService/Heartbeat",
     "usher.v1.PlaybackSessionService/PauseSession",
     "usher.v1.PlaybackSessionService/ResumeSession",

@@ -10,6 +10,7 @@ use crate::auth::{Authenticator, Credentials};
 use crate::concurrency::ConcurrencyOps;
 use crate::config::{Config, StoreConfig};
 use crate::entitlement::{EntitlementProvider, StaticPolicy};
+use crate::manifest::Origins;
 use crate::session::ops::{SessionPolicy, Sessions};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -46,6 +47,8 @@ pub struct Components {
     pub entitlements: Arc<dyn EntitlementProvider>,
     pub tokens: Arc<Tokens>,
     pub credentials: Credentials,
+    /// The manifest origins, when usher signs manifest URLs.
+    pub manifests: Option<Arc<Origins>>,
 }
 
 /// Opens everything the config names: entitlements, token keys, credentials, the store.
@@ -56,8 +59,13 @@ pub async fn open_components(config: &Config) -> Result<Components, StartError> 
         Some(path) => Credentials::load(path)?,
         None => Credentials::default(),
     };
+    let manifests = match &config.manifest_origins {
+        Some(path) => Some(Arc::new(Origins::from_file(path, config.manifest_url_ttl)?)),
+        None => None,
+    };
     let store = open_store(config).await?;
     Ok(Components {
+        manifests,
         store,
         entitlements,
         tokens,
@@ -100,20 +108,24 @@ impl App {
             entitlements,
             tokens,
             credentials,
+            manifests,
         } = components;
         announce_auth(config, &credentials);
         // Every store call the operations make is timed (crate::observe).
         let store: Arc<dyn Store> = Arc::new(crate::store::metered::Metered(store));
-        let sessions = Arc::new(Sessions::new(
-            store.clone(),
-            entitlements.clone(),
-            tokens.clone(),
-            SessionPolicy {
-                over_limit: config.over_limit_policy,
-                heartbeat_interval: config.heartbeat_interval,
-                heartbeat_timeout: config.store_settings.heartbeat_timeout,
-            },
-        ));
+        let sessions = Arc::new(
+            Sessions::new(
+                store.clone(),
+                entitlements.clone(),
+                tokens.clone(),
+                SessionPolicy {
+                    over_limit: config.over_limit_policy,
+                    heartbeat_interval: config.heartbeat_interval,
+                    heartbeat_timeout: config.store_settings.heartbeat_timeout,
+                },
+            )
+            .with_manifests(manifests),
+        );
         let concurrency = Arc::new(ConcurrencyOps::new(
             store.clone(),
             entitlements.clone(),

@@ -36,6 +36,8 @@ pub enum StartError {
     Tokens(#[from] crate::token::keys::KeyError),
     #[error("credentials: {0}")]
     Credentials(#[from] crate::auth::CredentialsError),
+    #[error("--manifest-origins: {0}")]
+    Manifests(#[from] crate::manifest::OriginError),
     #[error("tls: cannot read {}: {source}", path.display())]
     Tls {
         path: std::path::PathBuf,

@@ -4,10 +4,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::ops::{CreateSession, DeviceRequest, ListSessions, Sessions, TerminateSession};
+use super::ops::{
+    CreateSession, DeviceRequest, ListSessions, Sessions, TerminateSession, manifest_type,
+};
 use crate::auth::Caller;
 use crate::deadline::Deadline;
+use crate::error::Violations;
 use crate::ids::SessionName;
+use crate::manifest::{Manifest, ManifestType};
 use crate::proto;
 use crate::proto::playback_session_service_server::PlaybackSessionService;
 
@@ -55,6 +59,30 @@ impl PlaybackSessionService for SessionGrpc {
             playback_token_expire_time: Some(crate::proto::timestamp_seconds(
                 started.token.claims.exp,
             )),
+            manifest: started.manifest.as_ref().map(manifest_to_proto),
+        }))
+    }
+
+    async fn get_manifest(
+        &self,
+        request: Request<proto::GetManifestRequest>,
+    ) -> Result<Response<proto::GetManifestResponse>, Status> {
+        let deadline = Deadline::of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let name = v.check(SessionName::parse("name", &request.name));
+        let kind = v.check(manifest_type("manifest_type", request.manifest_type));
+        v.finish()?;
+        let (Some(name), Some(kind)) = (name, kind) else {
+            return Err(crate::error::Error::Internal("violations not recorded".into()).into());
+        };
+        let manifest = self
+            .sessions
+            .manifest(&name, kind, caller.as_ref(), deadline)
+            .await?;
+        Ok(Response::new(proto::GetManifestResponse {
+            manifest: Some(manifest_to_proto(&manifest)),
         }))
     }
 
@@ -140,5 +168,17 @@ impl PlaybackSessionService for SessionGrpc {
         Ok(Response::new(proto::TerminateSessionResponse {
             session: Some(session.to_proto()),
         }))
+    }
+}
+
+/// A signed manifest URL as the API gives it.
+fn manifest_to_proto(manifest: &Manifest) -> proto::Manifest {
+    proto::Manifest {
+        url: manifest.url.clone(),
+        r#type: match manifest.kind {
+            ManifestType::Hls => proto::ManifestType::Hls,
+            ManifestType::Dash => proto::ManifestType::Dash,
+        } as i32,
+        expire_time: Some(prost_types::Timestamp::from(manifest.expires)),
     }
 }

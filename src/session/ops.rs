@@ -3,7 +3,7 @@
 //! the atomic work.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination};
 use crate::auth::Caller;
@@ -14,6 +14,7 @@ use crate::ids::position;
 use crate::ids::{
     ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
 };
+use crate::manifest::{Manifest, ManifestType, Origins, SignError};
 use crate::proto;
 use crate::store::{
     Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
@@ -28,6 +29,14 @@ const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 100;
 fn known_enum<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, FieldViolation> {
     E::try_from(value).map_err(|_| FieldViolation::new(field, format!("unknown value {value}")))
+}
+
+/// The manifest type a request names; HLS when unspecified.
+pub fn manifest_type(field: &str, value: i32) -> Result<ManifestType, FieldViolation> {
+    Ok(match known_enum::<proto::ManifestType>(field, value)? {
+        proto::ManifestType::Unspecified | proto::ManifestType::Hls => ManifestType::Hls,
+        proto::ManifestType::Dash => ManifestType::Dash,
+    })
 }
 
 fn optional_id<T>(
@@ -51,6 +60,7 @@ pub struct CreateSession {
     pub device: Device,
     pub client: ClientInfo,
     pub request_id: Option<RequestId>,
+    pub manifest_type: ManifestType,
 }
 
 impl TryFrom<proto::CreateSessionRequest> for CreateSession {
@@ -102,9 +112,10 @@ impl TryFrom<proto::CreateSessionRequest> for CreateSession {
             MAX_USER_AGENT_LEN,
         ));
         let region = v.check(region("client.region", &client.region));
+        let kind = v.check(manifest_type("manifest_type", request.manifest_type));
         v.finish()?;
         match (
-            user, profile, content, device, request_id, user_agent, region,
+            user, profile, content, device, request_id, user_agent, region, kind,
         ) {
             (
                 Some(user),
@@ -114,7 +125,9 @@ impl TryFrom<proto::CreateSessionRequest> for CreateSession {
                 Some(request_id),
                 Some(user_agent),
                 Some(region),
+                Some(manifest_type),
             ) => Ok(Self {
+                manifest_type,
                 user,
                 profile,
                 content,
@@ -381,12 +394,16 @@ pub struct Sessions {
     entitlements: Arc<dyn EntitlementProvider>,
     tokens: Arc<Tokens>,
     policy: SessionPolicy,
+    /// The manifest origins, when usher signs manifest URLs.
+    manifests: Option<Arc<Origins>>,
 }
 
-/// A started (or replayed) session and the device's token for it.
+/// A started (or replayed) session, the device's token for it and, when usher signs
+/// manifest URLs, its title's manifest.
 pub struct Started {
     pub created: Created,
     pub token: IssuedToken,
+    pub manifest: Option<Manifest>,
 }
 
 /// A page of sessions.
@@ -407,7 +424,74 @@ impl Sessions {
             entitlements,
             tokens,
             policy,
+            manifests: None,
         }
+    }
+
+    /// Signs manifest URLs with `manifests` (none: CreateSession returns no manifest and
+    /// GetManifest answers MANIFEST_UNAVAILABLE).
+    pub fn with_manifests(mut self, manifests: Option<Arc<Origins>>) -> Self {
+        self.manifests = manifests;
+        self
+    }
+
+    /// The origins that sign `content`'s manifest, or why there is none.
+    fn origins_of(&self, content: &ContentId) -> Result<&Origins, Error> {
+        let origins = self.manifests.as_deref().ok_or_else(|| {
+            Error::ManifestUnavailable("this usher signs no manifest URLs".into())
+        })?;
+        match origins.origin_of(content) {
+            Some(_) => Ok(origins),
+            None => Err(Error::ManifestUnavailable(format!(
+                "no origin serves content {content}"
+            ))),
+        }
+    }
+
+    /// A fresh signed URL of `session`'s manifest.
+    fn sign_manifest(&self, session: &Session, kind: ManifestType) -> Result<Manifest, Error> {
+        self.origins_of(&session.content)?
+            .manifest(&session.name, &session.content, kind, SystemTime::now())
+            .map_err(|e| match e {
+                SignError::NoOrigin(content) => {
+                    Error::ManifestUnavailable(format!("no origin serves content {content}"))
+                }
+                SignError::Signing(cause) => Error::Internal(format!("manifest URL: {cause}")),
+            })
+    }
+
+    /// A fresh manifest URL of a live session, for its device (its playback token) or a
+    /// service acting for it. Never for an ended session.
+    pub async fn manifest(
+        &self,
+        name: &SessionName,
+        kind: ManifestType,
+        caller: Option<&Caller>,
+        deadline: Deadline,
+    ) -> Result<Manifest, Error> {
+        match caller {
+            Some(Caller::Device { claims, .. }) if !name.is(&claims.sid) => {
+                return Err(Error::NotFound {
+                    resource: name.to_string(),
+                });
+            }
+            Some(Caller::Public) | None => return Err(Error::Unauthenticated),
+            _ => {}
+        }
+        let session = self.get(name, deadline).await?;
+        if !super::holds_seat(session.state) {
+            return Err(Error::SessionEnded {
+                state: Some(session.state.to_proto()),
+            });
+        }
+        if let Some(Caller::Device { claims, .. }) = caller
+            && claims.r#gen != session.generation
+        {
+            return Err(Error::NotFound {
+                resource: name.to_string(),
+            });
+        }
+        self.sign_manifest(&session, kind)
     }
 
     pub fn policy(&self) -> &SessionPolicy {
@@ -436,6 +520,11 @@ impl Sessions {
                 return Err(Error::Denied(denial));
             }
         };
+        // A title no origin serves fails before it takes a seat.
+        if self.manifests.is_some() {
+            self.origins_of(&request.content)?;
+        }
+        let manifest_type = request.manifest_type;
         let name = SessionName {
             user: request.user,
             session: SessionId::generate(),
@@ -486,7 +575,15 @@ impl Sessions {
             });
         }
         let token = self.tokens.issue(&created.session)?;
-        Ok(Started { created, token })
+        let manifest = match self.manifests {
+            Some(_) => Some(self.sign_manifest(&created.session, manifest_type)?),
+            None => None,
+        };
+        Ok(Started {
+            created,
+            token,
+            manifest,
+        })
     }
 
     pub async fn get(&self, name: &SessionName, deadline: Deadline) -> Result<Session, Error> {

@@ -7,6 +7,7 @@ mod e2e;
 mod grpcurl;
 mod hardening;
 mod http;
+mod manifest;
 mod otlp;
 mod python;
 mod race;

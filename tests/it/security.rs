@@ -100,6 +100,7 @@ async fn secured_with(algorithm: KeyAlgorithm, config: usher::config::Config) ->
         entitlements: Arc::new(StaticPolicy::open(1).unwrap()),
         tokens: Arc::new(Tokens::load(token_settings(&keys)).unwrap()),
         credentials: credentials(),
+        manifests: None,
     };
     let server = serve_components(&config, components).await;
     let tokens = TokenServiceClient::new(server.channel.clone());
@@ -445,6 +446,37 @@ async fn a_token_authorizes_only_its_own_session() {
     let status = s.heartbeat(&a.name, PLAYBACK_KEY).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "PLAYBACK_TOKEN_REQUIRED");
+    s.server.running.shutdown().await.unwrap();
+}
+
+/// GetManifest is a device method: the session's own token (or a role naming it); a
+/// token of another session finds nothing, a service key is told it needs a token.
+#[tokio::test]
+async fn a_manifest_is_only_for_its_own_sessions_token() {
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let (a, token_a) = s.start("dora", "tv").await;
+    let (b, _) = s.start("emil", "tv").await;
+    let manifest = |name: &str, token: Option<&str>| {
+        let request = proto::GetManifestRequest {
+            name: name.to_owned(),
+            manifest_type: 0,
+        };
+        let request = match token {
+            Some(token) => with_bearer(request, token),
+            None => tonic::Request::new(request),
+        };
+        let mut client = s.server.sessions.clone();
+        async move { client.get_manifest(request).await.unwrap_err() }
+    };
+    let other = manifest(&b.name, Some(&token_a)).await;
+    assert_eq!(other.code(), Code::NotFound, "{other:?}");
+    let bare = manifest(&a.name, None).await;
+    assert_eq!(bare.code(), Code::Unauthenticated, "{bare:?}");
+    let service = manifest(&a.name, Some(PLAYBACK_KEY)).await;
+    assert_eq!(reason(&service), "PLAYBACK_TOKEN_REQUIRED", "{service:?}");
+    // Its own token passes; this usher signs no manifests.
+    let own = manifest(&a.name, Some(&token_a)).await;
+    assert_eq!(reason(&own), "MANIFEST_UNAVAILABLE", "{own:?}");
     s.server.running.shutdown().await.unwrap();
 }
 
@@ -880,6 +912,7 @@ async fn mutual_tls_identifies_callers_by_certificate() {
         entitlements: Arc::new(StaticPolicy::open(2).unwrap()),
         tokens: Arc::new(Tokens::load(token_settings(&keys)).unwrap()),
         credentials: credentials(),
+        manifests: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let running = usher::server::start(&config, components, listener)

@@ -260,6 +260,7 @@ pub fn create_request(user: &str, device: &str) -> proto::CreateSessionRequest {
             region: "DE".into(),
         }),
         request_id: String::new(),
+        manifest_type: 0,
     }
 }
 
@@ -335,6 +336,7 @@ pub fn components(store: Arc<dyn Store>, entitlements: Arc<dyn EntitlementProvid
             KeyRing::ephemeral().unwrap(),
         )),
         credentials: Credentials::default(),
+        manifests: None,
     }
 }
 
