@@ -172,7 +172,7 @@ impl PlaybackSessionService for SessionGrpc {
 }
 
 /// A signed manifest URL as the API gives it.
-fn manifest_to_proto(manifest: &Manifest) -> proto::Manifest {
+pub fn manifest_to_proto(manifest: &Manifest) -> proto::Manifest {
     proto::Manifest {
         url: manifest.url.clone(),
         r#type: match manifest.kind {

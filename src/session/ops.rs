@@ -448,8 +448,13 @@ impl Sessions {
         }
     }
 
+    /// How long a manifest URL lives, when usher signs them.
+    pub fn manifest_ttl(&self) -> Option<Duration> {
+        self.manifests.as_ref().map(|origins| origins.ttl())
+    }
+
     /// A fresh signed URL of `session`'s manifest.
-    fn sign_manifest(&self, session: &Session, kind: ManifestType) -> Result<Manifest, Error> {
+    pub fn sign_manifest(&self, session: &Session, kind: ManifestType) -> Result<Manifest, Error> {
         self.origins_of(&session.content)?
             .manifest(&session.name, &session.content, kind, SystemTime::now())
             .map_err(|e| match e {

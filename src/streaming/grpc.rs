@@ -53,18 +53,37 @@ fn inbound(message: proto::StreamHeartbeatsRequest) -> Result<Inbound, Error> {
                 network = %beat.network,
                 "stream heartbeat"
             );
+            let manifest_type = match proto::ManifestType::try_from(beat.manifest_type) {
+                Ok(proto::ManifestType::Unspecified) => None,
+                Ok(_) => Some(
+                    crate::session::ops::manifest_type(
+                        "heartbeat.manifest_type",
+                        beat.manifest_type,
+                    )
+                    .map_err(|v| Error::InvalidArgument(vec![v]))?,
+                ),
+                Err(_) => {
+                    return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                        "heartbeat.manifest_type",
+                        "not a ManifestType value",
+                    )]));
+                }
+            };
             Inbound::Heartbeat {
                 position_ms: position("heartbeat.position", beat.position)?,
                 playback_state,
+                manifest_type,
             }
         }
         Some(In::Pause(pause)) => Inbound::Heartbeat {
             position_ms: position("pause.position", pause.position)?,
             playback_state: PlaybackState::Paused,
+            manifest_type: None,
         },
         Some(In::Resume(resume)) => Inbound::Heartbeat {
             position_ms: position("resume.position", resume.position)?,
             playback_state: PlaybackState::Playing,
+            manifest_type: None,
         },
         Some(In::Stop(stop)) => Inbound::Stop {
             position_ms: position("stop.position", stop.position)?,
@@ -111,9 +130,13 @@ fn outbound(message: Outbound) -> proto::StreamHeartbeatsResponse {
             state: stopped.state.map_or(0, |s| s.to_proto() as i32),
             session: stopped.session.to_string(),
         }),
-        Outbound::Token(issued) => Out::Token(proto::TokenRefresh {
-            playback_token: issued.token,
-            expire_time: Some(crate::proto::timestamp_seconds(issued.claims.exp)),
+        Outbound::Token(push) => Out::Token(proto::TokenRefresh {
+            expire_time: Some(crate::proto::timestamp_seconds(push.issued.claims.exp)),
+            playback_token: push.issued.token,
+            manifest: push
+                .manifest
+                .as_ref()
+                .map(crate::session::grpc::manifest_to_proto),
         }),
         Outbound::Reconnect(delay) => Out::Reconnect(proto::Reconnect {
             delay: Some(crate::proto::duration(delay)),

@@ -33,6 +33,7 @@ use crate::deadline::Deadline;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::Error;
 use crate::ids::SessionName;
+use crate::manifest::{Manifest, ManifestType};
 use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
 use crate::session::ops::{DeviceRequest, Sessions};
 use crate::store::{DeviceAction, DeviceCall, EndedFeed, Store, StoreError};
@@ -82,6 +83,8 @@ pub enum Inbound {
     Heartbeat {
         position_ms: Option<u64>,
         playback_state: PlaybackState,
+        /// The manifest the token pushes should carry from now on; `None` keeps it.
+        manifest_type: Option<ManifestType>,
     },
     Stop {
         position_ms: Option<u64>,
@@ -139,8 +142,15 @@ pub enum Outbound {
     /// Boxed, as is the token: a stream's outgoing queue holds a block of these, so
     /// the enum stays small.
     Stop(Box<Stopped>),
-    Token(Box<IssuedToken>),
+    Token(Box<TokenPush>),
     Reconnect(Duration),
+}
+
+/// A fresh token and, when usher signs manifest URLs, a fresh manifest URL.
+#[derive(Clone, Debug)]
+pub struct TokenPush {
+    pub issued: IssuedToken,
+    pub manifest: Option<Manifest>,
 }
 
 /// Why and how a stream's session is over.
@@ -442,6 +452,9 @@ impl Streams {
             pending: None,
             heard: Instant::now(),
             token_due: Instant::now(),
+            manifest_type: ManifestType::Hls,
+            // The device's URL from CreateSession expires about a URL lifetime from now.
+            manifest_expires: self.sessions.manifest_ttl().map(|ttl| Instant::now() + ttl),
         };
         run.learn_token(opened.claims.exp);
         let mut inbound = inbound;
@@ -545,6 +558,10 @@ struct Run<'a> {
     heard: Instant,
     /// When the next token is due.
     token_due: Instant,
+    /// The manifest the token pushes carry.
+    manifest_type: ManifestType,
+    /// When the device's newest manifest URL expires, when usher signs them.
+    manifest_expires: Option<Instant>,
 }
 
 impl Run<'_> {
@@ -562,9 +579,19 @@ impl Run<'_> {
         self.token_due
     }
 
+    /// Learns the newest token's expiry: the next push is `token_push_before` ahead of
+    /// it, or sooner, ahead of the newest manifest URL's expiry by a fifth of its
+    /// lifetime (at most `token_push_before`).
     fn learn_token(&mut self, exp: u64) {
+        let before = self.settings().token_push_before;
         let left = Duration::from_secs(exp).saturating_sub(unix_now());
-        self.token_due = Instant::now() + left.saturating_sub(self.settings().token_push_before);
+        self.token_due = Instant::now() + left.saturating_sub(before);
+        if let (Some(expires), Some(ttl)) =
+            (self.manifest_expires, self.streams.sessions.manifest_ttl())
+        {
+            let lead = (ttl / 5).min(before);
+            self.token_due = self.token_due.min(expires - lead);
+        }
     }
 
     async fn send(&self, message: Outbound) {
@@ -695,7 +722,11 @@ impl Run<'_> {
             Inbound::Heartbeat {
                 position_ms,
                 playback_state,
+                manifest_type,
             } => {
+                if let Some(kind) = manifest_type {
+                    self.manifest_type = kind;
+                }
                 let interval = self.settings().min_write_interval;
                 if self.last_write.is_some_and(|t| t.elapsed() < interval) {
                     let pending = self.pending.get_or_insert(Pending {
@@ -779,8 +810,31 @@ impl Run<'_> {
             Ok(Entitlement::Denied(denial)) => return self.entitlement_lost(denial).await,
         }
         let issued = self.streams.tokens.issue(&self.session)?;
+        let manifest = match self.streams.sessions.manifest_ttl() {
+            None => None,
+            Some(_) => match self
+                .streams
+                .sessions
+                .sign_manifest(&self.session, self.manifest_type)
+            {
+                Ok(manifest) => {
+                    let lifetime = manifest
+                        .expires
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    self.manifest_expires = Some(Instant::now() + lifetime);
+                    Some(manifest)
+                }
+                // The token still goes: the device keeps playing what it has.
+                Err(error) => {
+                    tracing::warn!(session = %self.name, %error, "no manifest URL to push");
+                    None
+                }
+            },
+        };
         self.learn_token(issued.claims.exp);
-        self.send(Outbound::Token(Box::new(issued))).await;
+        self.send(Outbound::Token(Box::new(TokenPush { issued, manifest })))
+            .await;
         Ok(false)
     }
 

@@ -453,6 +453,7 @@ async fn a_fresh_token_arrives_before_expiry_and_the_old_one_keeps_working() {
     let pushed_after = started.elapsed();
     assert!(pushed_after < Duration::from_secs(2), "{pushed_after:?}");
     assert_ne!(fresh.playback_token, token);
+    assert!(fresh.manifest.is_none(), "this usher signs no manifests");
     let mut tokens_client =
         proto::token_service_client::TokenServiceClient::new(server.channel.clone());
     for t in [&token, &fresh.playback_token] {
@@ -471,6 +472,63 @@ async fn a_fresh_token_arrives_before_expiry_and_the_old_one_keeps_working() {
     let (stop, _) = device.until_stop(Duration::from_secs(2)).await;
     assert_eq!(stop_reason(&stop), proto::StopReason::Superseded);
     assert_eq!(stop.state, 0, "the session goes on");
+    server.running.shutdown().await.unwrap();
+}
+
+/// With manifest URLs signed for 2 s, the stream pushes a token with a fresh URL of the
+/// manifest the device asked for a fifth of that lifetime before the last one expires,
+/// again and again, although the token itself is far from expiring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_pushes_a_fresh_manifest_before_the_last_expires() {
+    use usher::manifest::edge::EdgeTokenSigner;
+    use usher::manifest::{Origin, Origins};
+    let config = stream_config(OverLimitPolicy::RejectNew);
+    let mut parts = components(memory_store(), Arc::new(StaticPolicy::open(2).unwrap()));
+    parts.manifests = Some(Arc::new(Origins::new(
+        vec![Origin {
+            name: "cdn".into(),
+            content_prefix: String::new(),
+            hls_path: "/{content}/master.m3u8".into(),
+            dash_path: "/{content}/manifest.mpd".into(),
+            signer: Box::new(EdgeTokenSigner::new(
+                "https://cdn.example.com".into(),
+                vec![5; 32],
+            )),
+        }],
+        Duration::from_secs(2),
+    )));
+    let mut server = serve_components(&config, parts).await;
+    let (_, token) = start(&mut server, "ivo", "tv").await;
+    let mut dash = playing(1);
+    if let Some(In::Heartbeat(beat)) = dash.kind.as_mut() {
+        beat.manifest_type = proto::ManifestType::Dash as i32;
+    }
+    let mut device = try_open(&server, &token, dash).await.unwrap();
+    let opened = Instant::now();
+    let mut pushes = Vec::new();
+    while pushes.len() < 2 {
+        if let Out::Token(push) = device.next(Duration::from_secs(3)).await {
+            pushes.push((opened.elapsed(), push));
+        } else {
+            device.sender.send(playing(2)).await.unwrap();
+        }
+    }
+    for (at, push) in &pushes {
+        let manifest = push.manifest.as_ref().expect("a manifest with the token");
+        assert_eq!(manifest.r#type, proto::ManifestType::Dash as i32);
+        assert!(
+            manifest
+                .url
+                .starts_with("https://cdn.example.com/title-1/manifest.mpd?token="),
+            "{}",
+            manifest.url
+        );
+        assert!(*at < Duration::from_secs(4), "{at:?}");
+    }
+    // The first about 1.6 s after the stream opened, the next about 1.6 s later.
+    let (first, second) = (pushes[0].0, pushes[1].0);
+    assert!(first >= Duration::from_millis(1_200), "{first:?}");
+    assert!(second - first >= Duration::from_millis(1_200), "{second:?}");
     server.running.shutdown().await.unwrap();
 }
 
