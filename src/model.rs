@@ -5,7 +5,7 @@
 //! A session holds one of its user's seats while ACTIVE or PAUSED; every other state is
 //! terminal and the seat is released in the same atomic step that ends it.
 
-use crate::ids::{ContentId, DeviceId, ProfileId, SessionName};
+use crate::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId};
 use crate::proto::{self, duration_ms, timestamp_ms};
 
 /// Declares a domain enum with its stored codes and its wire mapping, written once:
@@ -322,4 +322,22 @@ impl Device {
             name: self.name.clone(),
         }
     }
+}
+
+/// How far a profile got in a title: `users/{user}/profiles/{profile}/progress/{content}`.
+/// It outlives sessions; the store stamps every write with its own clock, so the latest
+/// write wins whatever the devices' clocks say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub user: UserId,
+    pub profile: ProfileId,
+    pub content: ContentId,
+    pub position_ms: u64,
+    /// The title's length, when the player reported it.
+    pub duration_ms: Option<u64>,
+    pub completed: bool,
+    /// The device that wrote it last.
+    pub device: DeviceId,
+    /// When the store last wrote it (its clock).
+    pub updated_ms: u64,
 }

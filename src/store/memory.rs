@@ -24,12 +24,14 @@ use tokio::sync::broadcast;
 use super::{
     Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
     ENDED_FEED_CAPACITY, EndedFeed, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, Seats, Store, StoreError, StoreSettings, Swept, parse_event_id,
-    partition_of,
+    NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite, Seats, Store,
+    StoreError, StoreSettings, Swept, parse_event_id, partition_of,
 };
 use crate::deadline::Deadline;
-use crate::ids::{RequestId, SessionId, SessionName, UserId};
-use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
+use crate::ids::{ContentId, ProfileId, RequestId, SessionId, SessionName, UserId};
+use crate::model::{
+    EndReason, PlaybackState, Progress, Session, SessionState, Termination, holds_seat,
+};
 
 /// Where the memory store reads the time.
 pub trait Clock: Send + Sync + 'static {
@@ -146,6 +148,12 @@ struct RememberedRequest {
     expires_ms: u64,
 }
 
+/// A profile's watch progress: one entry per title, and when it is all forgotten.
+struct ProfileProgress {
+    titles: HashMap<ContentId, Progress>,
+    expires_ms: u64,
+}
+
 #[derive(Default)]
 struct Partition {
     /// (deadline, session) of every seat holder, for the sweeper.
@@ -169,6 +177,8 @@ struct State {
     /// release order (one TTL for all, so the front is always due first). A user found
     /// busy again when its entry comes due is queued again with its new time.
     idle_users: VecDeque<(u64, UserId)>,
+    /// Watch progress by (user, profile). A handful of titles each, capped.
+    progress: HashMap<(UserId, ProfileId), ProfileProgress>,
 }
 
 /// See the module docs.
@@ -204,6 +214,7 @@ impl MemoryStore {
                 partitions,
                 purges: BTreeSet::new(),
                 idle_users: VecDeque::new(),
+                progress: HashMap::new(),
             }),
         }
     }
@@ -251,6 +262,73 @@ struct Op<'a> {
 }
 
 impl Op<'_> {
+    /// A profile's progress, unless its retention has passed (then it is forgotten).
+    fn profile_progress(&mut self, user: &UserId, profile: &ProfileId) -> Option<&ProfileProgress> {
+        let key = (user.clone(), profile.clone());
+        if self
+            .state
+            .progress
+            .get(&key)
+            .is_some_and(|entry| entry.expires_ms <= self.now)
+        {
+            self.state.progress.remove(&key);
+        }
+        self.state.progress.get(&key)
+    }
+
+    fn write_progress(&mut self, write: ProgressWrite) -> Result<Progress, StoreError> {
+        let ProgressWrite {
+            key,
+            position_ms,
+            duration_ms,
+            completed,
+            device,
+        } = write;
+        self.profile_progress(&key.user, &key.profile);
+        let profile = (key.user.clone(), key.profile.clone());
+        if !self.state.progress.contains_key(&profile)
+            && self.state.progress.len() >= self.limits.max_users
+        {
+            return Err(StoreError::Full(format!(
+                "{} profiles with watch progress (--memory-max-users)",
+                self.state.progress.len()
+            )));
+        }
+        let entry = self
+            .state
+            .progress
+            .entry(profile)
+            .or_insert_with(|| ProfileProgress {
+                titles: HashMap::new(),
+                expires_ms: 0,
+            });
+        entry.expires_ms = self.now + self.settings.progress_retention.as_millis() as u64;
+        let progress = Progress {
+            user: key.user,
+            profile: key.profile,
+            content: key.content.clone(),
+            position_ms,
+            duration_ms,
+            completed,
+            device,
+            updated_ms: self.now,
+        };
+        entry.titles.insert(key.content, progress.clone());
+        // Over the cap, the least recently written go (ties: the smallest title id).
+        while entry.titles.len() > self.settings.progress_cap as usize {
+            let oldest = entry
+                .titles
+                .values()
+                .min_by(|a, b| (a.updated_ms, &a.content).cmp(&(b.updated_ms, &b.content)))
+                .map(|p| p.content.clone());
+            match oldest {
+                Some(content) => entry.titles.remove(&content),
+                None => break,
+            };
+        }
+        Ok(progress)
+    }
+
     fn partition(&self, user: &UserId) -> usize {
         partition_of(user, self.settings.partitions) as usize
     }
@@ -875,6 +953,61 @@ impl Store for MemoryStore {
 
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
         Ok(EndedFeed::new(self.ended.subscribe()))
+    }
+
+    async fn write_progress(
+        &self,
+        write: ProgressWrite,
+        _: Deadline,
+    ) -> Result<Progress, StoreError> {
+        self.with_state(|op| op.write_progress(write))
+    }
+
+    async fn get_progress(
+        &self,
+        key: &ProgressKey,
+        _: Deadline,
+    ) -> Result<Option<Progress>, StoreError> {
+        Ok(self.with_state(|op| {
+            op.profile_progress(&key.user, &key.profile)
+                .and_then(|profile| profile.titles.get(&key.content).cloned())
+        }))
+    }
+
+    async fn list_progress(
+        &self,
+        user: &UserId,
+        profile: &ProfileId,
+        after: Option<&ProgressCursor>,
+        limit: usize,
+        _: Deadline,
+    ) -> Result<Vec<Progress>, StoreError> {
+        Ok(self.with_state(|op| {
+            let Some(profile) = op.profile_progress(user, profile) else {
+                return Vec::new();
+            };
+            let mut titles: Vec<&Progress> = profile
+                .titles
+                .values()
+                .filter(|p| after.is_none_or(|after| after.precedes(p)))
+                .collect();
+            titles.sort_by(|a, b| (b.updated_ms, &b.content).cmp(&(a.updated_ms, &a.content)));
+            titles.into_iter().take(limit).cloned().collect()
+        }))
+    }
+
+    async fn delete_progress(&self, key: &ProgressKey, _: Deadline) -> Result<bool, StoreError> {
+        Ok(self.with_state(|op| {
+            let profile = (key.user.clone(), key.profile.clone());
+            let Some(entry) = op.state.progress.get_mut(&profile) else {
+                return false;
+            };
+            let removed = entry.titles.remove(&key.content).is_some();
+            if entry.titles.is_empty() {
+                op.state.progress.remove(&profile);
+            }
+            removed
+        }))
     }
 
     async fn seats_in_use(&self) -> Result<u64, StoreError> {

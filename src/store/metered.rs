@@ -8,12 +8,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    Beat, Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview, Seats,
-    Store, StoreError, StoreSettings, Swept,
+    Beat, Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview,
+    ProgressCursor, ProgressKey, ProgressWrite, Seats, Store, StoreError, StoreSettings, Swept,
 };
 use crate::deadline::Deadline;
-use crate::ids::{DeviceId, SessionName, UserId};
-use crate::model::{Session, Termination};
+use crate::ids::{DeviceId, ProfileId, SessionName, UserId};
+use crate::model::{Progress, Session, Termination};
 
 /// See the module docs.
 pub struct Metered(pub Arc<dyn Store>);
@@ -119,6 +119,44 @@ impl Store for Metered {
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
         metered!("terminate", self.0.terminate(name, termination, deadline))
+    }
+
+    async fn write_progress(
+        &self,
+        write: ProgressWrite,
+        deadline: Deadline,
+    ) -> Result<Progress, StoreError> {
+        metered!("write_progress", self.0.write_progress(write, deadline))
+    }
+
+    async fn get_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<Option<Progress>, StoreError> {
+        metered!("get_progress", self.0.get_progress(key, deadline))
+    }
+
+    async fn list_progress(
+        &self,
+        user: &UserId,
+        profile: &ProfileId,
+        after: Option<&ProgressCursor>,
+        limit: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<Progress>, StoreError> {
+        metered!(
+            "list_progress",
+            self.0.list_progress(user, profile, after, limit, deadline)
+        )
+    }
+
+    async fn delete_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<bool, StoreError> {
+        metered!("delete_progress", self.0.delete_progress(key, deadline))
     }
 
     async fn sweep(&self, partition: u32, max: u32) -> Result<Swept, StoreError> {

@@ -23,7 +23,7 @@ use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
 use crate::model::{
-    ClientInfo, Device, EndReason, PlaybackState, Session, SessionState, Termination,
+    ClientInfo, Device, EndReason, PlaybackState, Progress, Session, SessionState, Termination,
 };
 
 /// Partitions (hash tags) by default: several times the shards a large deployment may
@@ -70,6 +70,11 @@ pub struct StoreSettings {
     /// At most this many expired holders are evicted by one create (the sweeper takes
     /// the rest); keeps every script's work bounded.
     pub max_evictions_per_call: u32,
+    /// A profile's watch progress is forgotten this long after its last write.
+    pub progress_retention: Duration,
+    /// A profile keeps the progress of at most this many titles; a write beyond drops
+    /// the least recently written.
+    pub progress_cap: u32,
 }
 
 impl Default for StoreSettings {
@@ -84,6 +89,8 @@ impl Default for StoreSettings {
             heartbeat_event_interval: Duration::from_secs(300),
             event_stream_maxlen: 100_000,
             max_evictions_per_call: 64,
+            progress_retention: Duration::from_secs(365 * 24 * 3600),
+            progress_cap: 200,
         }
     }
 }
@@ -377,6 +384,40 @@ pub fn parse_event_id(id: &str) -> Result<(u64, u64), StoreError> {
     ))
 }
 
+/// One title's progress of one profile.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProgressKey {
+    pub user: UserId,
+    pub profile: ProfileId,
+    pub content: ContentId,
+}
+
+/// A progress write; the store stamps it with its clock.
+#[derive(Clone, Debug)]
+pub struct ProgressWrite {
+    pub key: ProgressKey,
+    pub position_ms: u64,
+    pub duration_ms: Option<u64>,
+    pub completed: bool,
+    pub device: DeviceId,
+}
+
+/// Where a page of a profile's progress list ended: its last entry's write time and
+/// title. Lists run from the most recent write, titles of one instant in descending
+/// order of their ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgressCursor {
+    pub updated_ms: u64,
+    pub content: ContentId,
+}
+
+impl ProgressCursor {
+    /// Whether `progress` comes after this cursor in list order.
+    pub fn precedes(&self, progress: &Progress) -> bool {
+        (progress.updated_ms, &progress.content) < (self.updated_ms, &self.content)
+    }
+}
+
 /// Failures of the store, typed. Rejections carry what the caller needs to explain them.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -549,6 +590,40 @@ pub trait Store: Send + Sync + 'static {
     /// expiry by a create, a read, a device call or the sweep) sends its notice after the
     /// change is made. Errors: `Unavailable` when the subscription cannot be made.
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError>;
+
+    /// Writes a title's progress for a profile, stamped with the store's clock (the
+    /// latest write wins), keeping the profile's entries for `progress_retention` from
+    /// now and at most `progress_cap` of them (the least recently written go).
+    async fn write_progress(
+        &self,
+        write: ProgressWrite,
+        deadline: Deadline,
+    ) -> Result<Progress, StoreError>;
+
+    /// A title's progress for a profile, if it has any.
+    async fn get_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<Option<Progress>, StoreError>;
+
+    /// Up to `limit` of a profile's progress entries after `after`, most recently
+    /// written first (see [`ProgressCursor`] for the order).
+    async fn list_progress(
+        &self,
+        user: &UserId,
+        profile: &ProfileId,
+        after: Option<&ProgressCursor>,
+        limit: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<Progress>, StoreError>;
+
+    /// Forgets a title's progress for a profile: whether there was any.
+    async fn delete_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<bool, StoreError>;
 
     /// How many sessions hold a seat, across all users: the entries of the partitions'
     /// sweep indexes (a session past its deadline counts until it is expired). For the

@@ -8,11 +8,11 @@
 use std::time::Duration;
 
 use usher::deadline::Deadline;
-use usher::ids::SessionName;
+use usher::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId};
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
     Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview,
-    StoreError, Swept, partition_of,
+    ProgressCursor, ProgressKey, ProgressWrite, StoreError, Swept, partition_of,
 };
 
 use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
@@ -951,6 +951,207 @@ pub async fn the_preview_is_what_a_create_then_does(kind: Kind) {
     assert!(stick.replaced.is_empty());
 }
 
+fn progress_key(user: &UserId, profile: &str, content: &str) -> ProgressKey {
+    ProgressKey {
+        user: user.clone(),
+        profile: ProfileId::parse("profile", profile).unwrap(),
+        content: ContentId::parse("content", content).unwrap(),
+    }
+}
+
+fn progress_write(key: &ProgressKey, position_ms: u64, device: &str) -> ProgressWrite {
+    ProgressWrite {
+        key: key.clone(),
+        position_ms,
+        duration_ms: Some(5_400_000),
+        completed: false,
+        device: DeviceId::parse("device", device).unwrap(),
+    }
+}
+
+pub async fn progress_is_written_read_and_deleted(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let key = progress_key(&user, "main", "title-1");
+    assert_eq!(
+        b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+        None
+    );
+    let first = b
+        .store
+        .write_progress(progress_write(&key, 61_500, "tv"), Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.position_ms, first.duration_ms, first.completed),
+        (61_500, Some(5_400_000), false)
+    );
+    assert_eq!(first.device.as_str(), "tv");
+    assert_eq!(
+        b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+        Some(first.clone())
+    );
+    // Another device writes later: its write is the one kept, stamped by the store.
+    b.advance(Duration::from_millis(5)).await;
+    let mut write = progress_write(&key, 90_000, "phone");
+    write.duration_ms = None;
+    write.completed = true;
+    let second = b.store.write_progress(write, Deadline::NONE).await.unwrap();
+    assert!(second.updated_ms > first.updated_ms);
+    assert_eq!(
+        (second.position_ms, second.duration_ms, second.completed),
+        (90_000, None, true)
+    );
+    assert_eq!(
+        b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+        Some(second)
+    );
+    assert!(b.store.delete_progress(&key, Deadline::NONE).await.unwrap());
+    assert!(!b.store.delete_progress(&key, Deadline::NONE).await.unwrap());
+    assert_eq!(
+        b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+        None
+    );
+    let profile = ProfileId::parse("profile", "main").unwrap();
+    assert!(
+        b.store
+            .list_progress(&user, &profile, None, 10, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn progress_lists_most_recent_first_in_pages(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let profile = ProfileId::parse("profile", "main").unwrap();
+    let mut written = Vec::new();
+    for (i, title) in ["c", "a", "e", "b", "d"].iter().enumerate() {
+        if i == 3 {
+            b.advance(Duration::from_millis(5)).await;
+        }
+        let key = progress_key(&user, "main", title);
+        written.push(
+            b.store
+                .write_progress(progress_write(&key, i as u64, "tv"), Deadline::NONE)
+                .await
+                .unwrap(),
+        );
+    }
+    // Most recent first; titles written in the same millisecond, highest id first.
+    let mut expected = written.clone();
+    expected.sort_by(|a, b| (b.updated_ms, &b.content).cmp(&(a.updated_ms, &a.content)));
+    let all = b
+        .store
+        .list_progress(&user, &profile, None, 10, Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(all, expected);
+    let mut paged = Vec::new();
+    let mut cursor: Option<ProgressCursor> = None;
+    loop {
+        let page = b
+            .store
+            .list_progress(&user, &profile, cursor.as_ref(), 2, Deadline::NONE)
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        cursor = Some(ProgressCursor {
+            updated_ms: last.updated_ms,
+            content: last.content.clone(),
+        });
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+    // Another profile of the user, and a user whose id extends this one's, share nothing.
+    let other_profile = ProfileId::parse("profile", "kids").unwrap();
+    assert!(
+        b.store
+            .list_progress(&user, &other_profile, None, 10, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let other_user = UserId::parse("user", &format!("{user}:x")).unwrap();
+    assert!(
+        b.store
+            .list_progress(&other_user, &profile, None, 10, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn progress_keeps_the_most_recent_titles_up_to_the_cap(kind: Kind) {
+    let mut settings = test_settings();
+    settings.progress_cap = 3;
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    for (i, title) in ["t1", "t2", "t3", "t4", "t5"].iter().enumerate() {
+        b.advance(Duration::from_millis(3)).await;
+        let key = progress_key(&user, "main", title);
+        b.store
+            .write_progress(progress_write(&key, i as u64, "tv"), Deadline::NONE)
+            .await
+            .unwrap();
+    }
+    let profile = ProfileId::parse("profile", "main").unwrap();
+    let kept: Vec<String> = b
+        .store
+        .list_progress(&user, &profile, None, 10, Deadline::NONE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.content.to_string())
+        .collect();
+    assert_eq!(kept, ["t5", "t4", "t3"]);
+    for gone in ["t1", "t2"] {
+        let key = progress_key(&user, "main", gone);
+        assert_eq!(
+            b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+            None
+        );
+    }
+}
+
+pub async fn progress_is_forgotten_after_its_retention(kind: Kind) {
+    let mut settings = test_settings();
+    settings.progress_retention = Duration::from_millis(300);
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    let key = progress_key(&user, "main", "title-1");
+    b.store
+        .write_progress(progress_write(&key, 1, "tv"), Deadline::NONE)
+        .await
+        .unwrap();
+    b.advance(Duration::from_millis(150)).await;
+    // A write keeps the whole profile another retention.
+    let other = progress_key(&user, "main", "title-2");
+    b.store
+        .write_progress(progress_write(&other, 2, "tv"), Deadline::NONE)
+        .await
+        .unwrap();
+    b.advance(Duration::from_millis(200)).await;
+    assert!(
+        b.store
+            .get_progress(&key, Deadline::NONE)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    b.advance(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.store.get_progress(&key, Deadline::NONE).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        b.store.get_progress(&other, Deadline::NONE).await.unwrap(),
+        None
+    );
+}
+
 /// Stamps one `#[tokio::test]` per case for a backend.
 macro_rules! stamp {
     ($kind:expr; $($case:ident),* $(,)?) => {
@@ -1001,6 +1202,10 @@ macro_rules! conformance_suite {
                     ending_a_session_notifies_subscribers,
                     the_preview_is_what_a_create_then_does,
                     seats_in_use_counts_every_users_held_seats,
+                    progress_is_written_read_and_deleted,
+                    progress_lists_most_recent_first_in_pages,
+                    progress_keeps_the_most_recent_titles_up_to_the_cap,
+                    progress_is_forgotten_after_its_retention,
                 );
             }
         )*

@@ -500,6 +500,39 @@ impl Store for BrokenPartitionZero {
     async fn ended_sessions(&self) -> Result<usher::store::EndedFeed, usher::store::StoreError> {
         self.0.ended_sessions().await
     }
+    async fn write_progress(
+        &self,
+        write: usher::store::ProgressWrite,
+        deadline: Deadline,
+    ) -> Result<usher::model::Progress, usher::store::StoreError> {
+        self.0.write_progress(write, deadline).await
+    }
+    async fn get_progress(
+        &self,
+        key: &usher::store::ProgressKey,
+        deadline: Deadline,
+    ) -> Result<Option<usher::model::Progress>, usher::store::StoreError> {
+        self.0.get_progress(key, deadline).await
+    }
+    async fn list_progress(
+        &self,
+        user: &usher::ids::UserId,
+        profile: &usher::ids::ProfileId,
+        after: Option<&usher::store::ProgressCursor>,
+        limit: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<usher::model::Progress>, usher::store::StoreError> {
+        self.0
+            .list_progress(user, profile, after, limit, deadline)
+            .await
+    }
+    async fn delete_progress(
+        &self,
+        key: &usher::store::ProgressKey,
+        deadline: Deadline,
+    ) -> Result<bool, usher::store::StoreError> {
+        self.0.delete_progress(key, deadline).await
+    }
     async fn seats_in_use(&self) -> Result<u64, usher::store::StoreError> {
         self.0.seats_in_use().await
     }

@@ -15,6 +15,8 @@
 //!                                       (TTL: 30 days after the user's last call)
 //! <base>:{p}:s:<session>         HASH   session record (TTL: past deadline + retention)
 //! <base>:{p}:req:<user>/<id>     HASH   remembered answer to a request_id (TTL)
+//! <base>:{p}:prog:<user>/<prof>  HASH   watch progress: content -> "pos,dur,done,updated,device"
+//! <base>:{p}:recent:<user>/<prof> ZSET  content -> last write (ms), capped (TTL: retention)
 //! <base>:{p}:deadlines           ZSET   session id -> deadline, for the sweeper
 //! <base>:{p}:events              STREAM capped event log (MAXLEN ~)
 //! <base>:{p}:stop                sharded pub/sub channel: "<user>/<session>" ended
@@ -53,15 +55,15 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::sync::broadcast;
 
-use self::reply::{ReplyCode, decode_event, int_at, session_at, text_at};
+use self::reply::{ReplyCode, decode_event, int_at, progress_at, session_at, text_at};
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
-    GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, Seats, Store, StoreError,
-    StoreSettings, Swept, partition_of,
+    GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, ProgressCursor, ProgressKey,
+    ProgressWrite, Seats, Store, StoreError, StoreSettings, Swept, partition_of,
 };
 use crate::deadline::Deadline;
-use crate::ids::{RequestId, SessionId, SessionName, UserId};
-use crate::model::{PlaybackState, Session, Termination};
+use crate::ids::{ProfileId, RequestId, SessionId, SessionName, UserId};
+use crate::model::{PlaybackState, Progress, Session, Termination};
 
 /// The oldest Redis major version usher runs on.
 pub const MIN_REDIS_MAJOR: u32 = 7;
@@ -120,6 +122,14 @@ impl Keys {
         format!("{}s:{session}", self.prefix)
     }
 
+    /// A profile's progress (`HASH`) and its recency index (`ZSET`).
+    fn progress(&self, user: &UserId, profile: &ProfileId) -> [String; 2] {
+        [
+            format!("{}prog:{user}/{profile}", self.prefix),
+            format!("{}recent:{user}/{profile}", self.prefix),
+        ]
+    }
+
     fn deadlines(&self) -> String {
         format!("{}deadlines", self.prefix)
     }
@@ -136,7 +146,7 @@ impl Keys {
 
 /// Every script of `scripts/` but the prelude: its name and text. Each becomes one
 /// function of the library.
-const SCRIPTS: [(&str, &str); 6] = [
+const SCRIPTS: [(&str, &str); 10] = [
     ("createSession", include_str!("scripts/createSession.lua")),
     ("deviceCalls", include_str!("scripts/deviceCalls.lua")),
     (
@@ -146,6 +156,10 @@ const SCRIPTS: [(&str, &str); 6] = [
     ("getSession", include_str!("scripts/getSession.lua")),
     ("sweepExpired", include_str!("scripts/sweepExpired.lua")),
     ("readSeats", include_str!("scripts/readSeats.lua")),
+    ("writeProgress", include_str!("scripts/writeProgress.lua")),
+    ("getProgress", include_str!("scripts/getProgress.lua")),
+    ("listProgress", include_str!("scripts/listProgress.lua")),
+    ("deleteProgress", include_str!("scripts/deleteProgress.lua")),
 ];
 
 /// usher's scripts as one Redis Functions library: the prelude, then each script as a
@@ -226,6 +240,10 @@ struct Scripts {
     get: String,
     sweep: String,
     read_seats: String,
+    write_progress: String,
+    get_progress: String,
+    list_progress: String,
+    delete_progress: String,
 }
 
 impl Scripts {
@@ -238,6 +256,10 @@ impl Scripts {
             get: library.function("getSession"),
             sweep: library.function("sweepExpired"),
             read_seats: library.function("readSeats"),
+            write_progress: library.function("writeProgress"),
+            get_progress: library.function("getProgress"),
+            list_progress: library.function("listProgress"),
+            delete_progress: library.function("deleteProgress"),
             library,
         }
     }
@@ -916,6 +938,27 @@ impl Core {
         self.within(rounds, deadline).await
     }
 
+    /// Runs a progress function on the keys of `user`'s `profile` (both are given to
+    /// every one; `getProgress` reads the first), `extra` after the common ARGV. Every
+    /// one may run twice: a second write is the same write, stamped later.
+    async fn run_progress(
+        &self,
+        function: &str,
+        user: &UserId,
+        profile: &ProfileId,
+        extra: Vec<String>,
+        deadline: Deadline,
+    ) -> Result<Vec<Value>, StoreError> {
+        let keys = self.keys(user);
+        let mut args = self.common_args(&keys);
+        args.extend(extra);
+        let key_list = keys.progress(user, profile).into();
+        let (_, reply) = self
+            .run(function, Resend::Safe, &keys, key_list, args, deadline)
+            .await?;
+        Ok(reply)
+    }
+
     fn session_keys(&self, name: &SessionName) -> (Keys, Vec<String>) {
         let keys = self.keys(&name.user);
         let list = vec![
@@ -1148,6 +1191,100 @@ impl Store for RedisStore {
             .into_iter()
             .map(|(id, fields)| decode_event(id, fields))
             .collect()
+    }
+
+    async fn write_progress(
+        &self,
+        write: ProgressWrite,
+        deadline: Deadline,
+    ) -> Result<Progress, StoreError> {
+        let key = &write.key;
+        let reply = self
+            .core
+            .run_progress(
+                &self.core.scripts.write_progress,
+                &key.user,
+                &key.profile,
+                vec![
+                    key.content.to_string(),
+                    write.position_ms.to_string(),
+                    write.duration_ms.map(|d| d.to_string()).unwrap_or_default(),
+                    if write.completed { "1" } else { "0" }.to_owned(),
+                    write.device.to_string(),
+                    self.core.settings.progress_cap.max(1).to_string(),
+                    ms(self.core.settings.progress_retention),
+                ],
+                deadline,
+            )
+            .await?;
+        progress_at(&reply, 1, &key.user, &key.profile)
+    }
+
+    async fn get_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<Option<Progress>, StoreError> {
+        let reply = self
+            .core
+            .run_progress(
+                &self.core.scripts.get_progress,
+                &key.user,
+                &key.profile,
+                vec![key.content.to_string()],
+                deadline,
+            )
+            .await;
+        match reply {
+            Ok(reply) => progress_at(&reply, 1, &key.user, &key.profile).map(Some),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn list_progress(
+        &self,
+        user: &UserId,
+        profile: &ProfileId,
+        after: Option<&ProgressCursor>,
+        limit: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<Progress>, StoreError> {
+        let reply = self
+            .core
+            .run_progress(
+                &self.core.scripts.list_progress,
+                user,
+                profile,
+                vec![
+                    after.map(|a| a.updated_ms.to_string()).unwrap_or_default(),
+                    after.map(|a| a.content.to_string()).unwrap_or_default(),
+                    limit.to_string(),
+                ],
+                deadline,
+            )
+            .await?;
+        (1..reply.len())
+            .map(|i| progress_at(&reply, i, user, profile))
+            .collect()
+    }
+
+    async fn delete_progress(
+        &self,
+        key: &ProgressKey,
+        deadline: Deadline,
+    ) -> Result<bool, StoreError> {
+        let reply = self
+            .core
+            .run_progress(
+                &self.core.scripts.delete_progress,
+                &key.user,
+                &key.profile,
+                vec![key.content.to_string()],
+                deadline,
+            )
+            .await?;
+        Ok(int_at(&reply, 1)? == 1)
     }
 
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {

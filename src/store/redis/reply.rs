@@ -7,7 +7,8 @@ use fred::types::Value;
 
 use crate::ids::{ContentId, DeviceId, ProfileId, SessionId, SessionName, UserId};
 use crate::model::{
-    ClientInfo, Device, DeviceType, EndReason, PlaybackState, Session, SessionState, Termination,
+    ClientInfo, Device, DeviceType, EndReason, PlaybackState, Progress, Session, SessionState,
+    Termination,
 };
 use crate::store::{Beat, Event, EventKind, StoreError};
 
@@ -85,6 +86,41 @@ pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, Store
         })
         .collect::<Result<Vec<_>, _>>()?;
     decode_session(fields)
+}
+
+/// A progress entry at `index`: `{content, pos, dur, done, updated_ms, device}`
+/// (`progress_entry` in the prelude), of `user`'s `profile`.
+pub(super) fn progress_at(
+    reply: &[Value],
+    index: usize,
+    user: &UserId,
+    profile: &ProfileId,
+) -> Result<Progress, StoreError> {
+    let Some(Value::Array(entry)) = reply.get(index) else {
+        return Err(corrupt(format!("expected a progress entry at {index}")));
+    };
+    let number = |i: usize, what: &str| -> Result<u64, StoreError> {
+        text_at(entry, i)?
+            .parse()
+            .map_err(|_| corrupt(format!("progress {what} is not a number")))
+    };
+    let content = text_at(entry, 0)?;
+    let device = text_at(entry, 5)?;
+    Ok(Progress {
+        user: user.clone(),
+        profile: profile.clone(),
+        content: ContentId::parse("content", &content)
+            .map_err(|_| corrupt(format!("bad content id {content:?}")))?,
+        position_ms: number(1, "position")?,
+        duration_ms: match text_at(entry, 2)?.as_str() {
+            "" => None,
+            _ => Some(number(2, "duration")?),
+        },
+        completed: text_at(entry, 3)? == "1",
+        updated_ms: number(4, "update time")?,
+        device: DeviceId::parse("device", &device)
+            .map_err(|_| corrupt(format!("bad device id {device:?}")))?,
+    })
 }
 
 /// A brief heartbeat's answer at `index`: `st, dl, pos, ps, hb, pt` (`device_call` in

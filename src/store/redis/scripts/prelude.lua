@@ -330,6 +330,13 @@ local function live_session(user, sid, now)
   return s
 end
 
+-- A progress entry as replies carry it: {content, pos, dur, done, updated_ms, device},
+-- from its stored value "pos,dur,done,updated_ms,device" (dur '' when unknown).
+local function progress_entry(content, value)
+  local pos, dur, done, updated, device = string.match(value, '^(%d+),(%d*),([01]),(%d+),(.+)$')
+  return {content, pos, dur, done, updated, device}
+end
+
 -- Device calls (deviceCalls.lua). ARGV after the common three:
 --   ARGV[4]  heartbeat timeout, ms
 --   ARGV[5]  maximum pause, ms
