@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "usher/v1/concurrency.proto",
     "usher/v1/token.proto",
     "usher/v1/streaming.proto",
+    "usher/v1/progress.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

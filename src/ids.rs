@@ -240,6 +240,34 @@ pub fn position(
     Ok(Some(d.as_millis() as u64))
 }
 
+/// A listing's `page_size`: 0 means `default`, more than `max` means `max`, and a
+/// negative size is refused.
+pub fn page_size(
+    field: &str,
+    value: i32,
+    default: usize,
+    max: usize,
+) -> Result<usize, FieldViolation> {
+    match value {
+        0 => Ok(default),
+        n if n < 0 => Err(FieldViolation::new(field, "must not be negative")),
+        n => Ok((n as usize).min(max)),
+    }
+}
+
+/// A listing's `page_token`: none when empty, else what `decode` makes of it.
+pub fn page_token<T>(
+    field: &str,
+    value: &str,
+    decode: impl FnOnce(&str, &str) -> Result<T, FieldViolation>,
+) -> Result<Option<T>, FieldViolation> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        decode(field, value).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

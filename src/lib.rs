@@ -11,6 +11,7 @@
 //! - [`session`]: the session operations (create, heartbeat, pause, resume, stop,
 //!   terminate, list) and `PlaybackSessionService`.
 //! - [`concurrency`]: the user's seats, read-only, and `ConcurrencyService`.
+//! - [`progress`]: watch progress per profile and title, and `ProgressService`.
 //! - [`entitlement`]: may this user play this, and with how many seats (provider trait and
 //!   the embedded static policy).
 //! - [`token`]: playback tokens: key sets and rotation, issue and verify (with a cache of
@@ -52,7 +53,7 @@
 //! ```text
 //! server, config, bench
 //!   streaming                     (the device stream, over the session operations)
-//!   session, concurrency          (operations and their gRPC adapters)
+//!   session, concurrency, progress (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
 //!       token, manifest           (issue, verify, TokenService; signed manifest URLs)
 //!         store                   (the Store trait, memory, Redis)
@@ -75,6 +76,7 @@ pub mod manifest;
 pub mod model;
 pub mod net;
 pub mod observe;
+pub mod progress;
 pub mod proto;
 pub mod server;
 pub mod session;

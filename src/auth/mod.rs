@@ -100,6 +100,7 @@ pub fn builtin_roles() -> HashMap<String, Vec<String>> {
                 "usher.v1.PlaybackSessionService/ListSessions",
                 "usher.v1.ConcurrencyService/*",
                 "usher.v1.TokenService/*",
+                "usher.v1.ProgressService/*",
             ]),
         ),
         (
@@ -109,6 +110,9 @@ pub fn builtin_roles() -> HashMap<String, Vec<String>> {
                 "usher.v1.PlaybackSessionService/ListSessions",
                 "usher.v1.PlaybackSessionService/TerminateSession",
                 "usher.v1.ConcurrencyService/*",
+                "usher.v1.ProgressService/GetProgress",
+                "usher.v1.ProgressService/ListProgress",
+                "usher.v1.ProgressService/DeleteProgress",
             ]),
         ),
         ("device-proxy".to_owned(), role(&DEVICE_METHODS)),

@@ -11,6 +11,7 @@ use crate::concurrency::ConcurrencyOps;
 use crate::config::{Config, StoreConfig};
 use crate::entitlement::{EntitlementProvider, StaticPolicy};
 use crate::manifest::Origins;
+use crate::progress::ProgressOps;
 use crate::session::ops::{SessionPolicy, Sessions};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -98,6 +99,7 @@ pub struct App {
     pub concurrency: Arc<ConcurrencyOps>,
     pub token_ops: Arc<TokenOps>,
     pub streams: Arc<Streams>,
+    pub progress: Arc<ProgressOps>,
 }
 
 impl App {
@@ -139,6 +141,7 @@ impl App {
             config.streams.clone(),
         ));
         let token_ops = Arc::new(TokenOps::new(tokens.clone(), store.clone()));
+        let progress = Arc::new(ProgressOps::new(store.clone()));
         let authenticator = Arc::new(Authenticator::new(
             credentials,
             tokens.clone(),
@@ -152,6 +155,7 @@ impl App {
             concurrency,
             token_ops,
             streams,
+            progress,
         }
     }
 }

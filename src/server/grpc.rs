@@ -18,8 +18,10 @@ use crate::auth::layer::AuthLayer;
 use crate::concurrency::grpc::ConcurrencyGrpc;
 use crate::config::Config;
 use crate::net::Incoming;
+use crate::progress::grpc::ProgressGrpc;
 use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
 use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
+use crate::proto::progress_service_server::ProgressServiceServer;
 use crate::proto::streaming_service_server::StreamingServiceServer;
 use crate::proto::token_service_server::TokenServiceServer;
 use crate::session::grpc::SessionGrpc;
@@ -65,6 +67,12 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(
             <StreamingServiceServer<StreamingGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <ProgressServiceServer<ProgressGrpc> as NamedService>::NAME,
             status,
         )
         .await;
@@ -137,6 +145,9 @@ pub(super) fn serve(
     let token_service = TokenServiceServer::new(TokenGrpc::new(app.token_ops.clone()))
         .max_decoding_message_size(size)
         .max_encoding_message_size(size);
+    let progress_service = ProgressServiceServer::new(ProgressGrpc::new(app.progress.clone()))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
     let streaming_service = StreamingServiceServer::new(StreamingGrpc::new(app.streams.clone()))
         .max_decoding_message_size(size)
         .max_encoding_message_size(size);
@@ -192,7 +203,8 @@ pub(super) fn serve(
         .add_service(session_service)
         .add_service(concurrency_service)
         .add_service(token_service)
-        .add_service(streaming_service);
+        .add_service(streaming_service)
+        .add_service(progress_service);
     let shutdown_timeout = limits.shutdown_timeout;
     Ok(tokio::spawn(async move {
         let serving = router.serve_with_incoming_shutdown(incoming, drain);

@@ -315,26 +315,20 @@ impl TryFrom<proto::ListSessionsRequest> for ListSessions {
     fn try_from(request: proto::ListSessionsRequest) -> Result<Self, Error> {
         let mut v = Violations::default();
         let user = v.check(crate::ids::parse_user_name("parent", &request.parent));
-        if request.page_size < 0 {
-            v.add("page_size", "must not be negative");
-        }
-        let after = if request.page_token.is_empty() {
-            Some(None)
-        } else {
-            v.check(PageToken::decode(
-                "page_token",
-                &request.page_token,
-                user.as_ref(),
-            ))
-            .map(Some)
-        };
+        let page_size = v.check(crate::ids::page_size(
+            "page_size",
+            request.page_size,
+            DEFAULT_PAGE_SIZE,
+            MAX_PAGE_SIZE,
+        ));
+        let after = v.check(crate::ids::page_token(
+            "page_token",
+            &request.page_token,
+            |field, token| PageToken::decode(field, token, user.as_ref()),
+        ));
         v.finish()?;
-        let (Some(user), Some(after)) = (user, after) else {
+        let (Some(user), Some(after), Some(page_size)) = (user, after, page_size) else {
             return Err(Error::Internal("violations not recorded".into()));
-        };
-        let page_size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => (n as usize).min(MAX_PAGE_SIZE),
         };
         Ok(Self {
             user,

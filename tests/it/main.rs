@@ -9,6 +9,7 @@ mod hardening;
 mod http;
 mod manifest;
 mod otlp;
+mod progress;
 mod python;
 mod race;
 mod redis_only;

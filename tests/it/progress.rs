@@ -1,0 +1,271 @@
+//! ProgressService through the real server: written, read, listed as the "continue
+//! watching" row, deleted; over gRPC and REST; bad input refused naming the field.
+
+use std::sync::Arc;
+
+use tonic::Code;
+use usher::proto;
+use usher::proto::progress_service_client::ProgressServiceClient;
+use usher::store::OverLimitPolicy;
+use usher::store::memory::MemoryStore;
+
+use crate::support::{bad_fields, http_json, reason, serve, test_settings};
+
+fn entry(content: &str, seconds: i64, completed: bool) -> proto::UpdateProgressRequest {
+    proto::UpdateProgressRequest {
+        progress: Some(proto::Progress {
+            name: format!("users/mia/profiles/main/progress/{content}"),
+            position: Some(prost_types::Duration { seconds, nanos: 0 }),
+            duration: Some(prost_types::Duration {
+                seconds: 5_400,
+                nanos: 0,
+            }),
+            completed,
+            device_id: "living-room-tv".into(),
+            update_time: None,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_written_listed_and_removed() {
+    let server = serve(
+        Arc::new(MemoryStore::new(test_settings())),
+        2,
+        OverLimitPolicy::RejectNew,
+    )
+    .await;
+    let mut progress = ProgressServiceClient::new(server.channel.clone());
+    let before = std::time::SystemTime::now();
+    let written = progress
+        .update_progress(entry("title-1", 61, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert_eq!(written.position.unwrap().seconds, 61);
+    // usher's clock, to the millisecond.
+    let stamped = std::time::SystemTime::try_from(written.update_time.unwrap()).unwrap();
+    let after = std::time::SystemTime::now();
+    assert!(stamped + std::time::Duration::from_millis(1) >= before && stamped <= after);
+    progress
+        .update_progress(entry("title-2", 5_300, true))
+        .await
+        .unwrap();
+    progress
+        .update_progress(entry("title-3", 10, false))
+        .await
+        .unwrap();
+
+    let got = progress
+        .get_progress(proto::GetProgressRequest {
+            name: "users/mia/profiles/main/progress/title-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert_eq!(got.device_id, "living-room-tv");
+
+    // The row: most recent first, the finished title left out unless asked.
+    let list =
+        |show_completed: bool, page_size: i32, page_token: String| proto::ListProgressRequest {
+            parent: "users/mia/profiles/main".into(),
+            page_size,
+            page_token,
+            show_completed,
+        };
+    let names = |page: &proto::ListProgressResponse| -> Vec<String> {
+        page.progress
+            .iter()
+            .map(|p| p.name.rsplit('/').next().unwrap().to_owned())
+            .collect()
+    };
+    let row = progress
+        .list_progress(list(false, 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&row), ["title-3", "title-1"]);
+    assert!(row.next_page_token.is_empty());
+    let all = progress
+        .list_progress(list(true, 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&all), ["title-3", "title-2", "title-1"]);
+    // One at a time, by page token.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = progress
+            .list_progress(list(true, 1, token))
+            .await
+            .unwrap()
+            .into_inner();
+        paged.extend(names(&page));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(paged, ["title-3", "title-2", "title-1"]);
+
+    progress
+        .delete_progress(proto::DeleteProgressRequest {
+            name: "users/mia/profiles/main/progress/title-3".into(),
+        })
+        .await
+        .unwrap();
+    let gone = progress
+        .get_progress(proto::GetProgressRequest {
+            name: "users/mia/profiles/main/progress/title-3".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let again = progress
+        .delete_progress(proto::DeleteProgressRequest {
+            name: "users/mia/profiles/main/progress/title-3".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+
+    // The same over REST.
+    let addr = server.running.addr;
+    let patched = http_json(
+        addr,
+        "PATCH",
+        "/v1/users/mia/profiles/kids/progress/cartoon-7",
+        &[],
+        r#"{"position": "30s", "deviceId": "tablet"}"#,
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let row = http_json(addr, "GET", "/v1/users/mia/profiles/kids/progress", &[], "").await;
+    assert_eq!(row.status, 200, "{}", row.body);
+    let body: serde_json::Value = serde_json::from_str(&row.body).unwrap();
+    assert_eq!(
+        body["progress"][0]["name"],
+        "users/mia/profiles/kids/progress/cartoon-7"
+    );
+    assert_eq!(body["progress"][0]["position"], "30s");
+    let deleted = http_json(
+        addr,
+        "DELETE",
+        "/v1/users/mia/profiles/kids/progress/cartoon-7",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_progress_requests_name_the_field_and_write_nothing() {
+    let server = serve(
+        Arc::new(MemoryStore::new(test_settings())),
+        2,
+        OverLimitPolicy::RejectNew,
+    )
+    .await;
+    let mut progress = ProgressServiceClient::new(server.channel.clone());
+    let cases: Vec<(proto::UpdateProgressRequest, &str)> = vec![
+        (proto::UpdateProgressRequest { progress: None }, "progress"),
+        (
+            {
+                let mut r = entry("title-1", 1, false);
+                r.progress.as_mut().unwrap().name = "users/mia/progress/title-1".into();
+                r
+            },
+            "progress.name",
+        ),
+        (
+            {
+                let mut r = entry("title-1", 1, false);
+                r.progress.as_mut().unwrap().position = None;
+                r
+            },
+            "progress.position",
+        ),
+        (
+            {
+                let mut r = entry("title-1", 1, false);
+                r.progress.as_mut().unwrap().position = Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                });
+                r
+            },
+            "progress.position",
+        ),
+        (
+            {
+                let mut r = entry("title-1", 1, false);
+                r.progress.as_mut().unwrap().device_id = "no spaces".into();
+                r
+            },
+            "progress.device_id",
+        ),
+    ];
+    for (request, field) in cases {
+        let refused = progress.update_progress(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{field}");
+        assert_eq!(bad_fields(&refused), [field]);
+    }
+    let nothing = progress
+        .list_progress(proto::ListProgressRequest {
+            parent: "users/mia/profiles/main".into(),
+            show_completed: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(nothing.progress.is_empty(), "nothing was written");
+
+    // A page token of another profile's row.
+    progress
+        .update_progress(entry("a", 1, false))
+        .await
+        .unwrap();
+    progress
+        .update_progress(entry("b", 1, false))
+        .await
+        .unwrap();
+    let first = progress
+        .list_progress(proto::ListProgressRequest {
+            parent: "users/mia/profiles/main".into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    let crossed = progress
+        .list_progress(proto::ListProgressRequest {
+            parent: "users/mia/profiles/kids".into(),
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(crossed.code(), Code::InvalidArgument);
+    assert_eq!(bad_fields(&crossed), ["page_token"]);
+    let negative = progress
+        .list_progress(proto::ListProgressRequest {
+            parent: "users/mia/profiles/main".into(),
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&negative), ["page_size"]);
+    assert_eq!(reason(&negative), "INVALID_ARGUMENT");
+    server.running.shutdown().await.unwrap();
+}
