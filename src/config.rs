@@ -2,6 +2,7 @@
 //! variable; [`ServeArgs::into_config`] checks them once into a typed [`Config`] that is
 //! passed down. Nothing else reads the environment.
 
+use crate::progress::ResumeRules;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -323,6 +324,23 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_MANIFEST_ORIGINS")]
     pub manifest_origins: Option<PathBuf>,
 
+    /// A title stopped before this fraction of its duration resumes from the start.
+    #[arg(long, env = "USHER_RESUME_MIN_FRACTION", default_value_t = 0.05)]
+    pub resume_min_fraction: f64,
+
+    /// Past this fraction of its duration a title is finished: marked completed, and
+    /// started from the beginning next time.
+    #[arg(long, env = "USHER_RESUME_COMPLETE_FRACTION", default_value_t = 0.90)]
+    pub resume_complete_fraction: f64,
+
+    /// Within this much of its end (the credits) a title is finished too.
+    #[arg(long, env = "USHER_RESUME_CREDITS", default_value = "0s", value_parser = duration)]
+    pub resume_credits: Duration,
+
+    /// Titles shorter than this always start from the beginning.
+    #[arg(long, env = "USHER_RESUME_MIN_DURATION", default_value = "5m", value_parser = duration)]
+    pub resume_min_duration: Duration,
+
     /// How long a signed manifest URL works.
     #[arg(long, env = "USHER_MANIFEST_URL_TTL", default_value = "5m", value_parser = duration)]
     pub manifest_url_ttl: Duration,
@@ -566,6 +584,7 @@ pub struct Config {
     pub entitlements: Option<PathBuf>,
     pub manifest_origins: Option<PathBuf>,
     pub manifest_url_ttl: Duration,
+    pub resume: ResumeRules,
     pub over_limit_policy: OverLimitPolicy,
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
@@ -699,6 +718,20 @@ impl ServeArgs {
             if value.is_zero() {
                 return Err(ConfigError::new(flag, "must be more than 0"));
             }
+        }
+        for (flag, fraction) in [
+            ("--resume-min-fraction", self.resume_min_fraction),
+            ("--resume-complete-fraction", self.resume_complete_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(ConfigError::new(flag, "must be between 0 and 1"));
+            }
+        }
+        if self.resume_min_fraction >= self.resume_complete_fraction {
+            return Err(ConfigError::new(
+                "--resume-min-fraction",
+                "must be below --resume-complete-fraction",
+            ));
         }
         if self.heartbeat_interval >= self.heartbeat_timeout {
             return Err(ConfigError::new(
@@ -869,6 +902,12 @@ impl ServeArgs {
             entitlements: self.entitlements,
             manifest_origins: self.manifest_origins,
             manifest_url_ttl: self.manifest_url_ttl,
+            resume: ResumeRules {
+                min_fraction: self.resume_min_fraction,
+                complete_fraction: self.resume_complete_fraction,
+                credits: self.resume_credits,
+                min_duration: self.resume_min_duration,
+            },
             over_limit_policy: self.over_limit_policy,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval,
@@ -958,6 +997,35 @@ mod tests {
             config.store_settings.heartbeat_timeout,
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn resume_rules_are_checked_and_named() {
+        let rules = serve(&["--resume-credits", "90s"]).unwrap().resume;
+        assert_eq!(rules.credits, Duration::from_secs(90));
+        assert_eq!(rules.complete_fraction, 0.9);
+        for (args, named) in [
+            (
+                &["--resume-min-fraction", "1.5"][..],
+                "--resume-min-fraction",
+            ),
+            (
+                &["--resume-complete-fraction", "1.2"][..],
+                "--resume-complete-fraction",
+            ),
+            (
+                &[
+                    "--resume-min-fraction",
+                    "0.5",
+                    "--resume-complete-fraction",
+                    "0.4",
+                ][..],
+                "--resume-min-fraction",
+            ),
+        ] {
+            let error = serve(args).unwrap_err();
+            assert!(error.contains(named), "{args:?}: {error}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod grpc;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::deadline::Deadline;
 use crate::error::{Error, FieldViolation, Violations};
@@ -12,6 +13,60 @@ use crate::ids::{ContentId, DeviceId, ProfileId, UserId, position};
 use crate::model::Progress;
 use crate::proto;
 use crate::store::{ProgressCursor, ProgressKey, ProgressWrite, Store};
+
+/// When a title resumes where it stopped, and when it counts as finished.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResumeRules {
+    /// Stopped before this fraction of the duration: start from the beginning.
+    pub min_fraction: f64,
+    /// Past this fraction of the duration the title is finished.
+    pub complete_fraction: f64,
+    /// Within this much of the end (the credits) it is finished too.
+    pub credits: Duration,
+    /// Titles shorter than this always start from the beginning.
+    pub min_duration: Duration,
+}
+
+impl Default for ResumeRules {
+    fn default() -> Self {
+        Self {
+            min_fraction: 0.05,
+            complete_fraction: 0.90,
+            credits: Duration::ZERO,
+            min_duration: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ResumeRules {
+    /// Whether stopping at `position_ms` of `duration_ms` finishes the title.
+    pub fn finishes(&self, position_ms: u64, duration_ms: u64) -> bool {
+        position_ms as f64 >= self.complete_fraction * duration_ms as f64
+            || duration_ms.saturating_sub(position_ms) <= self.credits.as_millis() as u64
+    }
+
+    /// Where playback of a title starts, from the profile's progress in it: where it
+    /// stopped, or 0 (from the beginning) when there is none, the title was finished, it
+    /// is short, or it had hardly begun. Without a known duration, where it stopped.
+    pub fn resume_at(&self, progress: Option<&Progress>) -> u64 {
+        let Some(progress) = progress else {
+            return 0;
+        };
+        if progress.completed {
+            return 0;
+        }
+        match progress.duration_ms {
+            Some(duration) if duration < self.min_duration.as_millis() as u64 => 0,
+            Some(duration)
+                if (progress.position_ms as f64) < self.min_fraction * duration as f64 =>
+            {
+                0
+            }
+            Some(duration) if self.finishes(progress.position_ms, duration) => 0,
+            _ => progress.position_ms,
+        }
+    }
+}
 
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 100;
@@ -194,11 +249,12 @@ pub struct ProgressPage {
 /// The progress operations.
 pub struct ProgressOps {
     store: Arc<dyn Store>,
+    rules: ResumeRules,
 }
 
 impl ProgressOps {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, rules: ResumeRules) -> Self {
+        Self { store, rules }
     }
 
     pub async fn get(&self, key: &ProgressKey, deadline: Deadline) -> Result<Progress, Error> {
@@ -260,12 +316,17 @@ impl ProgressOps {
         })
     }
 
+    /// Writes progress; a position past the finish (`ResumeRules::finishes`) marks the
+    /// title completed.
     pub async fn update(
         &self,
         request: UpdateProgress,
         deadline: Deadline,
     ) -> Result<Progress, Error> {
-        let write = request.0;
+        let mut write = request.0;
+        if let Some(duration) = write.duration_ms {
+            write.completed |= self.rules.finishes(write.position_ms, duration);
+        }
         let resource = format!(
             "users/{}/profiles/{}/progress/{}",
             write.key.user, write.key.profile, write.key.content
@@ -295,5 +356,46 @@ impl ProgressOps {
                 resource: resource(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(position_s: u64, duration_s: Option<u64>, completed: bool) -> Progress {
+        Progress {
+            user: UserId::parse("user", "u").unwrap(),
+            profile: ProfileId::parse("profile", "p").unwrap(),
+            content: ContentId::parse("content", "c").unwrap(),
+            position_ms: position_s * 1000,
+            duration_ms: duration_s.map(|d| d * 1000),
+            completed,
+            device: DeviceId::parse("device", "tv").unwrap(),
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn resume_rules() {
+        let rules = ResumeRules::default();
+        let at = |p: Progress| rules.resume_at(Some(&p)) / 1000;
+        assert_eq!(rules.resume_at(None), 0, "nothing watched");
+        assert_eq!(at(progress(1200, Some(6000), false)), 1200, "midway");
+        assert_eq!(at(progress(290, Some(6000), false)), 0, "under 5 %");
+        assert_eq!(at(progress(300, Some(6000), false)), 300, "at 5 %");
+        assert_eq!(at(progress(5400, Some(6000), false)), 0, "at 90 %");
+        assert_eq!(at(progress(5399, Some(6000), false)), 5399, "under 90 %");
+        assert_eq!(at(progress(250, Some(299), false)), 0, "a short title");
+        assert_eq!(at(progress(1200, Some(6000), true)), 0, "finished");
+        assert_eq!(at(progress(1200, None, false)), 1200, "duration unknown");
+        // The credits: the last 60 s of a title whose 99 % is further on.
+        let credits = ResumeRules {
+            complete_fraction: 0.99,
+            credits: Duration::from_secs(60),
+            ..rules
+        };
+        assert!(credits.finishes(5_940_000, 6_000_000));
+        assert!(!credits.finishes(5_939_000, 6_000_000));
     }
 }

@@ -124,6 +124,7 @@ impl App {
                     over_limit: config.over_limit_policy,
                     heartbeat_interval: config.heartbeat_interval,
                     heartbeat_timeout: config.store_settings.heartbeat_timeout,
+                    resume: config.resume,
                 },
             )
             .with_manifests(manifests),
@@ -141,7 +142,7 @@ impl App {
             config.streams.clone(),
         ));
         let token_ops = Arc::new(TokenOps::new(tokens.clone(), store.clone()));
-        let progress = Arc::new(ProgressOps::new(store.clone()));
+        let progress = Arc::new(ProgressOps::new(store.clone(), config.resume));
         let authenticator = Arc::new(Authenticator::new(
             credentials,
             tokens.clone(),

@@ -60,6 +60,7 @@ impl PlaybackSessionService for SessionGrpc {
                 started.token.claims.exp,
             )),
             manifest: started.manifest.as_ref().map(manifest_to_proto),
+            resume_position: Some(crate::proto::duration_ms(started.resume_position_ms)),
         }))
     }
 

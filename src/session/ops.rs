@@ -15,9 +15,11 @@ use crate::ids::{
     ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
 };
 use crate::manifest::{Manifest, ManifestType, Origins, SignError};
+use crate::progress::ResumeRules;
 use crate::proto;
 use crate::store::{
-    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, Store, StoreError,
+    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, ProgressKey, Store,
+    StoreError,
 };
 use crate::token::{IssuedToken, Tokens};
 
@@ -345,6 +347,8 @@ pub struct SessionPolicy {
     /// What devices are told to keep to.
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// Where a new session of a title starts, from the profile's progress in it.
+    pub resume: ResumeRules,
 }
 
 impl SessionPolicy {
@@ -398,6 +402,9 @@ pub struct Started {
     pub created: Created,
     pub token: IssuedToken,
     pub manifest: Option<Manifest>,
+    /// Where playback starts: the profile's progress in the title under the resume
+    /// rules; 0 for the beginning.
+    pub resume_position_ms: u64,
 }
 
 /// A page of sessions.
@@ -524,6 +531,18 @@ impl Sessions {
             self.origins_of(&request.content)?;
         }
         let manifest_type = request.manifest_type;
+        // Read before the seat is taken: a store that cannot answer fails the call whole.
+        let progress_key = ProgressKey {
+            user: request.user.clone(),
+            profile: request.profile.clone(),
+            content: request.content.clone(),
+        };
+        let progress = self
+            .store
+            .get_progress(&progress_key, deadline)
+            .await
+            .map_err(|e| e.into_error(|| request.user.to_string()))?;
+        let resume_position_ms = self.policy.resume.resume_at(progress.as_ref());
         let name = SessionName {
             user: request.user,
             session: SessionId::generate(),
@@ -582,6 +601,7 @@ impl Sessions {
             created,
             token,
             manifest,
+            resume_position_ms,
         })
     }
 

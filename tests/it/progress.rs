@@ -9,6 +9,7 @@ use usher::proto::progress_service_client::ProgressServiceClient;
 use usher::store::OverLimitPolicy;
 use usher::store::memory::MemoryStore;
 
+use crate::e2e::create_request;
 use crate::support::{bad_fields, http_json, reason, serve, test_settings};
 
 fn entry(content: &str, seconds: i64, completed: bool) -> proto::UpdateProgressRequest {
@@ -267,5 +268,68 @@ async fn bad_progress_requests_name_the_field_and_write_nothing() {
         .unwrap_err();
     assert_eq!(bad_fields(&negative), ["page_size"]);
     assert_eq!(reason(&negative), "INVALID_ARGUMENT");
+    server.running.shutdown().await.unwrap();
+}
+
+/// CreateSession answers where the profile stopped in the title, under the resume rules;
+/// a position past 90 % marks the title finished, and it starts from the beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_resumes_where_the_profile_stopped() {
+    let mut server = serve(
+        Arc::new(MemoryStore::new(test_settings())),
+        2,
+        OverLimitPolicy::RejectNew,
+    )
+    .await;
+    let mut progress = ProgressServiceClient::new(server.channel.clone());
+    let at = |seconds: i64| proto::UpdateProgressRequest {
+        progress: Some(proto::Progress {
+            // create_request's profile and title.
+            name: "users/noor/profiles/profile-1/progress/title-1".into(),
+            position: Some(prost_types::Duration { seconds, nanos: 0 }),
+            duration: Some(prost_types::Duration {
+                seconds: 6_000,
+                nanos: 0,
+            }),
+            completed: false,
+            device_id: "phone".into(),
+            update_time: None,
+        }),
+    };
+    let resume = |created: proto::CreateSessionResponse| created.resume_position.unwrap().seconds;
+
+    let first = server
+        .sessions
+        .create_session(create_request("noor", "tv"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resume(first), 0, "nothing watched yet");
+
+    progress.update_progress(at(1_200)).await.unwrap();
+    let second = server
+        .sessions
+        .create_session(create_request("noor", "tablet"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resume(second), 1_200);
+
+    // 5,500 s of 6,000: past 90 %, so finished.
+    let finished = progress
+        .update_progress(at(5_500))
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert!(finished.completed);
+    let third = server
+        .sessions
+        .create_session(create_request("noor", "tv"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resume(third), 0, "a finished title starts over");
     server.running.shutdown().await.unwrap();
 }
