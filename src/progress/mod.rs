@@ -105,6 +105,15 @@ pub fn parse_parent(field: &str, value: &str) -> Result<(UserId, ProfileId), Fie
     ))
 }
 
+/// `users/{user}/profiles/{profile}/progress/{content}` of `key`.
+pub fn key_name(key: &ProgressKey) -> String {
+    format!(
+        "users/{}/profiles/{}/progress/{}",
+        key.user, key.profile, key.content
+    )
+}
+
+/// The resource name of `progress`.
 pub fn name_of(progress: &Progress) -> String {
     format!(
         "users/{}/profiles/{}/progress/{}",
@@ -258,12 +267,7 @@ impl ProgressOps {
     }
 
     pub async fn get(&self, key: &ProgressKey, deadline: Deadline) -> Result<Progress, Error> {
-        let resource = || {
-            format!(
-                "users/{}/profiles/{}/progress/{}",
-                key.user, key.profile, key.content
-            )
-        };
+        let resource = || key_name(key);
         self.store
             .get_progress(key, deadline)
             .await
@@ -327,10 +331,7 @@ impl ProgressOps {
         if let Some(duration) = write.duration_ms {
             write.completed |= self.rules.finishes(write.position_ms, duration);
         }
-        let resource = format!(
-            "users/{}/profiles/{}/progress/{}",
-            write.key.user, write.key.profile, write.key.content
-        );
+        let resource = key_name(&write.key);
         self.store
             .write_progress(write, deadline)
             .await
@@ -338,12 +339,7 @@ impl ProgressOps {
     }
 
     pub async fn delete(&self, key: &ProgressKey, deadline: Deadline) -> Result<(), Error> {
-        let resource = || {
-            format!(
-                "users/{}/profiles/{}/progress/{}",
-                key.user, key.profile, key.content
-            )
-        };
+        let resource = || key_name(key);
         let removed = self
             .store
             .delete_progress(key, deadline)
