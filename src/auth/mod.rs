@@ -41,6 +41,9 @@ pub enum Access {
     /// RefreshToken: a service key with the method in a role, or the playback token being
     /// refreshed (a device refreshing its own token).
     Refresh,
+    /// Watch progress (`ProgressService`): a service key with the method in a role, or a
+    /// playback token, which reaches only its own user's profile (the operations check).
+    Viewer,
     /// The device stream: the playback token alone, which names the session (no
     /// service acts for a device on it, and `--insecure-dev` does not waive it).
     Stream,
@@ -74,6 +77,8 @@ pub fn access_of(path: &str) -> Access {
         Access::Stream
     } else if method == "usher.v1.TokenService/RefreshToken" {
         Access::Refresh
+    } else if method.starts_with("usher.v1.ProgressService/") {
+        Access::Viewer
     } else {
         Access::Internal
     }
@@ -426,6 +431,10 @@ impl Authenticator {
                 }
                 _ => self.internal(method, bearer, subjects),
             },
+            Access::Viewer => match bearer {
+                Some(token) if looks_like_jwt(token) => self.device(self.tokens.verify(token)),
+                _ => self.internal(method, bearer, subjects),
+            },
             Access::Internal => self.internal(method, bearer, subjects),
         }
     }
@@ -529,6 +538,10 @@ mod tests {
             Access::Refresh
         );
         assert_eq!(access_of("/something.Else/Method"), Access::Internal);
+        assert_eq!(
+            access_of("/usher.v1.ProgressService/UpdateProgress"),
+            Access::Viewer
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{ListProgress, ProgressOps, UpdateProgress, name_of, parse_name};
+use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::model::Progress;
@@ -40,9 +41,10 @@ impl ProgressService for ProgressGrpc {
         request: Request<proto::GetProgressRequest>,
     ) -> Result<Response<proto::GetProgressResponse>, Status> {
         let deadline = Deadline::of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let key = parse_name("name", &request.into_inner().name)
             .map_err(|v| Error::InvalidArgument(vec![v]))?;
-        let progress = self.ops.get(&key, deadline).await?;
+        let progress = self.ops.get(&key, caller.as_ref(), deadline).await?;
         Ok(Response::new(proto::GetProgressResponse {
             progress: Some(to_proto(&progress)),
         }))
@@ -53,8 +55,9 @@ impl ProgressService for ProgressGrpc {
         request: Request<proto::ListProgressRequest>,
     ) -> Result<Response<proto::ListProgressResponse>, Status> {
         let deadline = Deadline::of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = ListProgress::try_from(request.into_inner())?;
-        let page = self.ops.list(request, deadline).await?;
+        let page = self.ops.list(request, caller.as_ref(), deadline).await?;
         Ok(Response::new(proto::ListProgressResponse {
             progress: page.entries.iter().map(to_proto).collect(),
             next_page_token: page.next_page_token,
@@ -66,8 +69,9 @@ impl ProgressService for ProgressGrpc {
         request: Request<proto::UpdateProgressRequest>,
     ) -> Result<Response<proto::UpdateProgressResponse>, Status> {
         let deadline = Deadline::of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = UpdateProgress::try_from(request.into_inner())?;
-        let progress = self.ops.update(request, deadline).await?;
+        let progress = self.ops.update(request, caller.as_ref(), deadline).await?;
         Ok(Response::new(proto::UpdateProgressResponse {
             progress: Some(to_proto(&progress)),
         }))
@@ -78,9 +82,10 @@ impl ProgressService for ProgressGrpc {
         request: Request<proto::DeleteProgressRequest>,
     ) -> Result<Response<proto::DeleteProgressResponse>, Status> {
         let deadline = Deadline::of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let key = parse_name("name", &request.into_inner().name)
             .map_err(|v| Error::InvalidArgument(vec![v]))?;
-        self.ops.delete(&key, deadline).await?;
+        self.ops.delete(&key, caller.as_ref(), deadline).await?;
         Ok(Response::new(proto::DeleteProgressResponse {}))
     }
 }

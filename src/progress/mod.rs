@@ -7,12 +7,14 @@ pub mod grpc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::error::{Error, FieldViolation, Violations};
-use crate::ids::{ContentId, DeviceId, ProfileId, UserId, position};
-use crate::model::Progress;
+use crate::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId, position};
+use crate::model::{Progress, holds_seat};
 use crate::proto;
 use crate::store::{ProgressCursor, ProgressKey, ProgressWrite, Store};
+use crate::token::PlaybackClaims;
 
 /// When a title resumes where it stopped, and when it counts as finished.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -255,6 +257,30 @@ pub struct ProgressPage {
     pub next_page_token: String,
 }
 
+/// What `caller` may reach: a service (its role let the call through) any profile; a
+/// device, with its playback token, its own user's profile only (anything else is
+/// NOT_FOUND, so other profiles cannot be probed). The device's claims, when it is one.
+fn reachable<'a>(
+    caller: Option<&'a Caller>,
+    user: &UserId,
+    profile: &ProfileId,
+    resource: impl FnOnce() -> String,
+) -> Result<Option<&'a PlaybackClaims>, Error> {
+    match caller {
+        Some(Caller::Device { claims, .. }) => {
+            if claims.sub == user.as_str() && claims.pid == profile.as_str() {
+                Ok(Some(claims))
+            } else {
+                Err(Error::NotFound {
+                    resource: resource(),
+                })
+            }
+        }
+        Some(Caller::Service(_)) | Some(Caller::Development) => Ok(None),
+        Some(Caller::Public) | None => Err(Error::Unauthenticated),
+    }
+}
+
 /// The progress operations.
 pub struct ProgressOps {
     store: Arc<dyn Store>,
@@ -266,8 +292,14 @@ impl ProgressOps {
         Self { store, rules }
     }
 
-    pub async fn get(&self, key: &ProgressKey, deadline: Deadline) -> Result<Progress, Error> {
+    pub async fn get(
+        &self,
+        key: &ProgressKey,
+        caller: Option<&Caller>,
+        deadline: Deadline,
+    ) -> Result<Progress, Error> {
         let resource = || key_name(key);
+        reachable(caller, &key.user, &key.profile, resource)?;
         self.store
             .get_progress(key, deadline)
             .await
@@ -283,9 +315,11 @@ impl ProgressOps {
     pub async fn list(
         &self,
         request: ListProgress,
+        caller: Option<&Caller>,
         deadline: Deadline,
     ) -> Result<ProgressPage, Error> {
         let parent = || format!("users/{}/profiles/{}", request.user, request.profile);
+        reachable(caller, &request.user, &request.profile, parent)?;
         let read = self
             .store
             .list_progress(
@@ -321,25 +355,61 @@ impl ProgressOps {
     }
 
     /// Writes progress; a position past the finish (`ResumeRules::finishes`) marks the
-    /// title completed.
+    /// title completed. A device writes only its session's title, as its device, and
+    /// only while the session is live with the token's generation: a write from an
+    /// ended session is refused (SESSION_ENDED), as its other device calls are.
     pub async fn update(
         &self,
         request: UpdateProgress,
+        caller: Option<&Caller>,
         deadline: Deadline,
     ) -> Result<Progress, Error> {
         let mut write = request.0;
+        let resource = key_name(&write.key);
+        let not_found = || Error::NotFound {
+            resource: resource.clone(),
+        };
+        if let Some(claims) = reachable(caller, &write.key.user, &write.key.profile, || {
+            resource.clone()
+        })? {
+            if claims.cid != write.key.content.as_str() {
+                return Err(not_found());
+            }
+            // The claim is the session's name, of the same user (checked above).
+            let session = SessionName::parse("sid", &claims.sid).map_err(|_| not_found())?;
+            let live = self
+                .store
+                .get_session(&session, deadline)
+                .await
+                .map_err(|e| e.into_error(|| session.to_string()))?
+                .ok_or_else(not_found)?;
+            if live.generation != claims.r#gen {
+                return Err(not_found());
+            }
+            if !holds_seat(live.state) {
+                return Err(Error::SessionEnded {
+                    state: Some(live.state.to_proto()),
+                });
+            }
+            write.device = live.device.id;
+        }
         if let Some(duration) = write.duration_ms {
             write.completed |= self.rules.finishes(write.position_ms, duration);
         }
-        let resource = key_name(&write.key);
         self.store
             .write_progress(write, deadline)
             .await
             .map_err(|e| e.into_error(|| resource))
     }
 
-    pub async fn delete(&self, key: &ProgressKey, deadline: Deadline) -> Result<(), Error> {
+    pub async fn delete(
+        &self,
+        key: &ProgressKey,
+        caller: Option<&Caller>,
+        deadline: Deadline,
+    ) -> Result<(), Error> {
         let resource = || key_name(key);
+        reachable(caller, &key.user, &key.profile, resource)?;
         let removed = self
             .store
             .delete_progress(key, deadline)

@@ -480,6 +480,123 @@ async fn a_manifest_is_only_for_its_own_sessions_token() {
     s.server.running.shutdown().await.unwrap();
 }
 
+/// A player reaches watch progress with its playback token: its own user's profile, and
+/// writes only for its session's title while the session is live; services by role.
+#[tokio::test]
+async fn a_playback_token_reaches_only_its_own_profiles_progress() {
+    use usher::proto::progress_service_client::ProgressServiceClient;
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let (session, token) = s.start("finn", "tv").await;
+    let mut progress = ProgressServiceClient::new(s.server.channel.clone());
+    // create_request's profile and title.
+    let write = |name: &str, bearer: &str| {
+        with_bearer(
+            proto::UpdateProgressRequest {
+                progress: Some(proto::Progress {
+                    name: name.to_owned(),
+                    position: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    device_id: "claimed-by-request".into(),
+                    ..Default::default()
+                }),
+            },
+            bearer,
+        )
+    };
+    const OWN: &str = "users/finn/profiles/profile-1/progress/title-1";
+    let written = progress
+        .update_progress(write(OWN, &token))
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert_eq!(
+        written.device_id, "tv",
+        "the session's device, not the request's"
+    );
+    let read = |name: &str, bearer: &str| {
+        with_bearer(
+            proto::GetProgressRequest {
+                name: name.to_owned(),
+            },
+            bearer,
+        )
+    };
+    progress.get_progress(read(OWN, &token)).await.unwrap();
+    let row = with_bearer(
+        proto::ListProgressRequest {
+            parent: "users/finn/profiles/profile-1".into(),
+            ..Default::default()
+        },
+        &token,
+    );
+    assert_eq!(
+        progress
+            .list_progress(row)
+            .await
+            .unwrap()
+            .into_inner()
+            .progress
+            .len(),
+        1
+    );
+    // Another profile, another user, another title: as if there were none.
+    for name in [
+        "users/finn/profiles/kids/progress/title-1",
+        "users/gwen/profiles/profile-1/progress/title-1",
+        "users/finn/profiles/profile-1/progress/title-2",
+    ] {
+        let refused = progress
+            .update_progress(write(name, &token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::NotFound, "{name}: {refused:?}");
+    }
+    let other = progress
+        .get_progress(read(
+            "users/gwen/profiles/profile-1/progress/title-1",
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+    // No credential; a role that may read but not write; one that may write.
+    let bare = progress
+        .get_progress(proto::GetProgressRequest { name: OWN.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(bare.code(), Code::Unauthenticated);
+    let support = progress
+        .update_progress(write(OWN, SUPPORT_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(support.code(), Code::PermissionDenied);
+    progress.get_progress(read(OWN, SUPPORT_KEY)).await.unwrap();
+    progress
+        .update_progress(write(OWN, PLAYBACK_KEY))
+        .await
+        .unwrap();
+    // Once the session is over, its token writes nothing more.
+    let stop = with_bearer(
+        proto::StopSessionRequest {
+            name: session.name.clone(),
+            ..Default::default()
+        },
+        &token,
+    );
+    s.server.sessions.stop_session(stop).await.unwrap();
+    let ended = progress
+        .update_progress(write(OWN, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&ended), "SESSION_ENDED");
+    s.server.running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn tokens_of_ended_sessions_and_older_generations_are_dead() {
     let mut s = secured(KeyAlgorithm::Eddsa).await;
