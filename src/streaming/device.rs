@@ -64,6 +64,11 @@ pub fn describe(message: &proto::StreamHeartbeatsResponse) -> Value {
         Some(Out::Token(token)) => json!({"token": {
             "expire_time": timestamp(&token.expire_time),
             "playback_token": token.playback_token,
+            "manifest": token.manifest.as_ref().map_or(Value::Null, |m| json!({
+                "url": m.url,
+                "type": proto::ManifestType::try_from(m.r#type).map_or("?", |t| t.as_str_name()),
+                "expire_time": timestamp(&m.expire_time),
+            })),
         }}),
         Some(Out::Reconnect(reconnect)) => json!({"reconnect": {
             "delay_ms": millis(&reconnect.delay),
@@ -206,5 +211,35 @@ pub async fn run(options: DeviceOptions, mut print: impl FnMut(Value)) -> Result
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_push_is_printed_with_its_manifest() {
+        let push = proto::StreamHeartbeatsResponse {
+            kind: Some(Out::Token(proto::TokenRefresh {
+                playback_token: "t".into(),
+                expire_time: None,
+                manifest: Some(proto::Manifest {
+                    url: "https://cdn.example.com/t/manifest.mpd?token=x".into(),
+                    r#type: proto::ManifestType::Dash as i32,
+                    expire_time: None,
+                }),
+            })),
+        };
+        let line = describe(&push);
+        assert_eq!(
+            line["token"]["manifest"]["url"],
+            "https://cdn.example.com/t/manifest.mpd?token=x"
+        );
+        assert_eq!(line["token"]["manifest"]["type"], "MANIFEST_TYPE_DASH");
+        let without = proto::StreamHeartbeatsResponse {
+            kind: Some(Out::Token(proto::TokenRefresh::default())),
+        };
+        assert_eq!(describe(&without)["token"]["manifest"], Value::Null);
     }
 }
