@@ -386,6 +386,11 @@ fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, E
     }
 }
 
+/// No origin serves `content`.
+fn unserved(content: impl std::fmt::Display) -> Error {
+    Error::ManifestUnavailable(format!("no origin serves content {content}"))
+}
+
 /// The session operations.
 pub struct Sessions {
     store: Arc<dyn Store>,
@@ -436,16 +441,18 @@ impl Sessions {
         self
     }
 
-    /// The origins that sign `content`'s manifest, or why there is none.
-    fn origins_of(&self, content: &ContentId) -> Result<&Origins, Error> {
-        let origins = self.manifests.as_deref().ok_or_else(|| {
-            Error::ManifestUnavailable("this usher signs no manifest URLs".into())
-        })?;
-        match origins.origin_of(content) {
-            Some(_) => Ok(origins),
-            None => Err(Error::ManifestUnavailable(format!(
-                "no origin serves content {content}"
-            ))),
+    /// The manifest origins, or why there are none.
+    fn origins(&self) -> Result<&Origins, Error> {
+        self.manifests
+            .as_deref()
+            .ok_or_else(|| Error::ManifestUnavailable("this usher signs no manifest URLs".into()))
+    }
+
+    /// Whether an origin serves `content`: checked before a create takes a seat.
+    fn check_served(&self, content: &ContentId) -> Result<(), Error> {
+        match self.origins()?.origin_of(content) {
+            Some(_) => Ok(()),
+            None => Err(unserved(content)),
         }
     }
 
@@ -456,12 +463,10 @@ impl Sessions {
 
     /// A fresh signed URL of `session`'s manifest.
     pub fn sign_manifest(&self, session: &Session, kind: ManifestType) -> Result<Manifest, Error> {
-        self.origins_of(&session.content)?
+        self.origins()?
             .manifest(&session.name, &session.content, kind, SystemTime::now())
             .map_err(|e| match e {
-                SignError::NoOrigin(content) => {
-                    Error::ManifestUnavailable(format!("no origin serves content {content}"))
-                }
+                SignError::NoOrigin(content) => unserved(content),
                 SignError::Signing(cause) => Error::Internal(format!("manifest URL: {cause}")),
             })
     }
@@ -528,7 +533,7 @@ impl Sessions {
         };
         // A title no origin serves fails before it takes a seat.
         if self.manifests.is_some() {
-            self.origins_of(&request.content)?;
+            self.check_served(&request.content)?;
         }
         let manifest_type = request.manifest_type;
         // Read before the seat is taken: a store that cannot answer fails the call whole.
