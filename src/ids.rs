@@ -255,6 +255,21 @@ pub fn page_size(
     }
 }
 
+/// A page token as clients see it: base64url (no padding) of its plain text.
+pub fn seal_page_token(plain: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+}
+
+/// The plain text of a page token `seal_page_token` made, or `None`.
+pub fn open_page_token(value: &str) -> Option<String> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(value)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
 /// A listing's `page_token`: none when empty, else what `decode` makes of it.
 pub fn page_token<T>(
     field: &str,

@@ -132,12 +132,10 @@ const PAGE_TOKEN_VERSION: &str = "g1";
 
 impl PageToken {
     fn encode(&self, user: &UserId, profile: &ProfileId) -> String {
-        use base64::Engine;
-        let plain = format!(
+        crate::ids::seal_page_token(&format!(
             "{PAGE_TOKEN_VERSION}/{user}/{profile}/{}/{}",
             self.cursor.updated_ms, self.cursor.content
-        );
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+        ))
     }
 
     fn decode(
@@ -145,13 +143,8 @@ impl PageToken {
         value: &str,
         parent: Option<&(UserId, ProfileId)>,
     ) -> Result<Self, FieldViolation> {
-        use base64::Engine;
         let malformed = || FieldViolation::new(field, "not a page token of ListProgress");
-        let plain = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(value)
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(malformed)?;
+        let plain = crate::ids::open_page_token(value).ok_or_else(malformed)?;
         let Some([PAGE_TOKEN_VERSION, user, profile, updated_ms, content]) =
             crate::ids::split_exact(&plain, '/')
         else {

@@ -258,24 +258,17 @@ const PAGE_TOKEN_VERSION: &str = "p1";
 impl PageToken {
     /// Opaque to clients: base64url of the version, the listing's user and the position.
     pub fn encode(&self) -> String {
-        use base64::Engine;
-        let plain = format!(
+        crate::ids::seal_page_token(&format!(
             "{PAGE_TOKEN_VERSION}/{}/{}/{}",
             self.user, self.created_ms, self.session
-        );
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+        ))
     }
 
     /// Decodes a token and checks it belongs to `user`'s listing (when the request's
     /// parent is itself valid).
     pub fn decode(field: &str, value: &str, user: Option<&UserId>) -> Result<Self, FieldViolation> {
-        use base64::Engine;
         let malformed = || FieldViolation::new(field, "not a page token of ListSessions");
-        let plain = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(value)
-            .ok()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(malformed)?;
+        let plain = crate::ids::open_page_token(value).ok_or_else(malformed)?;
         let Some([PAGE_TOKEN_VERSION, owner, created_ms, session]) =
             crate::ids::split_exact(&plain, '/')
         else {
