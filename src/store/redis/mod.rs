@@ -214,17 +214,18 @@ impl Library {
 
     /// FCALL of `function`, loading the library first when the server lacks it (it
     /// restarted without persistence, or a node joined a Cluster).
+    /// The keys and arguments are copied per attempt (reference-counted bytes).
     async fn call(
         &self,
         client: &Client,
         function: &str,
-        keys: Vec<fred::types::Key>,
-        args: Vec<Value>,
+        keys: &[fred::types::Key],
+        args: &[Value],
     ) -> Result<Value, fred::error::Error> {
-        match client.fcall(function, keys.clone(), args.clone()).await {
+        match client.fcall(function, keys.to_vec(), args.to_vec()).await {
             Err(error) if error.details().contains("Function not found") => {
                 self.load(client).await?;
-                client.fcall(function, keys, args).await
+                client.fcall(function, keys.to_vec(), args.to_vec()).await
             }
             result => result,
         }
@@ -914,7 +915,7 @@ impl Core {
                 let reply = self
                     .scripts
                     .library
-                    .call(client, function, key_list.clone(), args.clone())
+                    .call(client, function, &key_list, &args)
                     .await
                     .map_err(classify)?;
                 let Value::Array(reply) = reply else {
