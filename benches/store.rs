@@ -99,13 +99,12 @@ async fn rates(store: Arc<dyn Store>, pid: Option<u32>) -> Rates {
         let store = heartbeat_store.clone();
         let names = names.clone();
         async move {
+            let playing = DeviceAction::Heartbeat {
+                playback_state: PlaybackState::Playing,
+            };
             let call = DeviceCall {
-                name: names[i % names.len()].clone(),
-                generation: None,
                 position_ms: Some(i as u64),
-                action: DeviceAction::Heartbeat {
-                    playback_state: PlaybackState::Playing,
-                },
+                ..DeviceCall::new(names[i % names.len()].clone(), None, playing)
             };
             store.device_call(call, Deadline::NONE).await.unwrap();
         }

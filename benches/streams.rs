@@ -301,13 +301,12 @@ async fn heartbeat_rates(server: &redis::RedisServer) {
         tasks.spawn(async move {
             let mut done = 0u64;
             while Instant::now() < until {
+                let playing = DeviceAction::Heartbeat {
+                    playback_state: usher::session::PlaybackState::Playing,
+                };
                 let call = DeviceCall {
-                    name: name.clone(),
-                    generation: None,
                     position_ms: Some(done),
-                    action: DeviceAction::Heartbeat {
-                        playback_state: usher::session::PlaybackState::Playing,
-                    },
+                    ..DeviceCall::new(name.clone(), None, playing)
                 };
                 store.device_call(call, Deadline::NONE).await.unwrap();
                 done += 1;

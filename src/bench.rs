@@ -1035,7 +1035,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                                 name: playing.name.clone(),
                                 position: position(i),
                                 playback_state: proto::PlaybackState::Playing as i32,
-                                generation: 0,
+                                ..Default::default()
                             },
                             Some(&playing.token),
                         );
@@ -1105,13 +1105,13 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 report.raw.push(
                     processes
                         .measure_redis(drive(name, mode, bounds, move |i| {
+                            let name = names[(i % names.len() as u64) as usize].clone();
+                            let playing = DeviceAction::Heartbeat {
+                                playback_state: PlaybackState::Playing,
+                            };
                             let call = DeviceCall {
-                                name: names[(i % names.len() as u64) as usize].clone(),
-                                generation: None,
                                 position_ms: Some(i),
-                                action: DeviceAction::Heartbeat {
-                                    playback_state: PlaybackState::Playing,
-                                },
+                                ..DeviceCall::new(name, None, playing)
                             };
                             let store = store.clone();
                             async move {
@@ -1194,13 +1194,14 @@ async fn raw_batches(
             move |i| {
                 let calls: Vec<DeviceCall> = batches[(i % batches.len() as u64) as usize]
                     .iter()
-                    .map(|name| DeviceCall {
-                        name: name.clone(),
-                        generation: None,
-                        position_ms: Some(i),
-                        action: DeviceAction::Heartbeat {
+                    .map(|name| {
+                        let playing = DeviceAction::Heartbeat {
                             playback_state: PlaybackState::Playing,
-                        },
+                        };
+                        DeviceCall {
+                            position_ms: Some(i),
+                            ..DeviceCall::new(name.clone(), None, playing)
+                        }
                     })
                     .collect();
                 let store = store.clone();

@@ -141,6 +141,11 @@ pub struct DeviceArgs {
     #[arg(long, env = "USHER_DEVICE_PAUSED")]
     pub paused: bool,
 
+    /// The title's duration, reported with every heartbeat and the stop, so usher can
+    /// mark the title completed.
+    #[arg(long, env = "USHER_DEVICE_DURATION", value_parser = duration)]
+    pub duration: Option<Duration>,
+
     /// For a TLS listener: the CA (PEM) that signed the server's certificate.
     #[arg(long, env = "USHER_DEVICE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -340,6 +345,20 @@ pub struct ServeArgs {
     /// Titles shorter than this always start from the beginning.
     #[arg(long, env = "USHER_RESUME_MIN_DURATION", default_value = "5m", value_parser = duration)]
     pub resume_min_duration: Duration,
+
+    /// A session's heartbeats write its title's progress at most once per this; pauses
+    /// and stops always write.
+    #[arg(long, env = "USHER_PROGRESS_WRITE_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub progress_write_interval: Duration,
+
+    /// A profile's watch progress is forgotten this long after its last write.
+    #[arg(long, env = "USHER_PROGRESS_RETENTION", default_value = "365d", value_parser = duration)]
+    pub progress_retention: Duration,
+
+    /// A profile keeps the progress of at most this many titles (its "continue
+    /// watching" row); a new title beyond drops the least recently written.
+    #[arg(long, env = "USHER_PROGRESS_CAP", default_value_t = 200)]
+    pub progress_cap: u32,
 
     /// How long a signed manifest URL works.
     #[arg(long, env = "USHER_MANIFEST_URL_TTL", default_value = "5m", value_parser = duration)]
@@ -709,6 +728,8 @@ impl ServeArgs {
             ("--request-id-ttl", self.request_id_ttl),
             ("--token-ttl", self.token_ttl),
             ("--manifest-url-ttl", self.manifest_url_ttl),
+            ("--progress-write-interval", self.progress_write_interval),
+            ("--progress-retention", self.progress_retention),
             (
                 "--token-keys-reload-interval",
                 self.token_keys_reload_interval,
@@ -732,6 +753,9 @@ impl ServeArgs {
                 "--resume-min-fraction",
                 "must be below --resume-complete-fraction",
             ));
+        }
+        if self.progress_cap == 0 {
+            return Err(ConfigError::new("--progress-cap", "must be at least 1"));
         }
         if self.heartbeat_interval >= self.heartbeat_timeout {
             return Err(ConfigError::new(
@@ -879,6 +903,12 @@ impl ServeArgs {
             }),
             _ => None,
         };
+        let resume = ResumeRules {
+            min_fraction: self.resume_min_fraction,
+            complete_fraction: self.resume_complete_fraction,
+            credits: self.resume_credits,
+            min_duration: self.resume_min_duration,
+        };
         Ok(Config {
             listen: self.listen,
             store,
@@ -891,6 +921,10 @@ impl ServeArgs {
                 heartbeat_events: self.heartbeat_events,
                 heartbeat_event_interval: self.heartbeat_event_interval,
                 event_stream_maxlen: self.event_stream_maxlen,
+                progress_write_interval: self.progress_write_interval,
+                progress_retention: self.progress_retention,
+                progress_cap: self.progress_cap,
+                resume,
                 ..StoreSettings::default()
             },
             memory_limits: MemoryLimits {
@@ -902,12 +936,7 @@ impl ServeArgs {
             entitlements: self.entitlements,
             manifest_origins: self.manifest_origins,
             manifest_url_ttl: self.manifest_url_ttl,
-            resume: ResumeRules {
-                min_fraction: self.resume_min_fraction,
-                complete_fraction: self.resume_complete_fraction,
-                credits: self.resume_credits,
-                min_duration: self.resume_min_duration,
-            },
+            resume,
             over_limit_policy: self.over_limit_policy,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval,

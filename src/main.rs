@@ -56,6 +56,7 @@ async fn device(args: DeviceArgs) -> ExitCode {
         interval: args.interval,
         stop_after: args.stop_after,
         paused: args.paused,
+        duration: args.duration,
         tls,
     };
     let printed = usher::streaming::device::run(options, |line| println!("{line}")).await;

@@ -5,70 +5,16 @@
 pub mod grpc;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::error::{Error, FieldViolation, Violations};
 use crate::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId, position};
+pub use crate::model::ResumeRules;
 use crate::model::{Progress, holds_seat};
 use crate::proto;
 use crate::store::{ProgressCursor, ProgressKey, ProgressWrite, Store};
 use crate::token::PlaybackClaims;
-
-/// When a title resumes where it stopped, and when it counts as finished.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResumeRules {
-    /// Stopped before this fraction of the duration: start from the beginning.
-    pub min_fraction: f64,
-    /// Past this fraction of the duration the title is finished.
-    pub complete_fraction: f64,
-    /// Within this much of the end (the credits) it is finished too.
-    pub credits: Duration,
-    /// Titles shorter than this always start from the beginning.
-    pub min_duration: Duration,
-}
-
-impl Default for ResumeRules {
-    fn default() -> Self {
-        Self {
-            min_fraction: 0.05,
-            complete_fraction: 0.90,
-            credits: Duration::ZERO,
-            min_duration: Duration::from_secs(300),
-        }
-    }
-}
-
-impl ResumeRules {
-    /// Whether stopping at `position_ms` of `duration_ms` finishes the title.
-    pub fn finishes(&self, position_ms: u64, duration_ms: u64) -> bool {
-        position_ms as f64 >= self.complete_fraction * duration_ms as f64
-            || duration_ms.saturating_sub(position_ms) <= self.credits.as_millis() as u64
-    }
-
-    /// Where playback of a title starts, from the profile's progress in it: where it
-    /// stopped, or 0 (from the beginning) when there is none, the title was finished, it
-    /// is short, or it had hardly begun. Without a known duration, where it stopped.
-    pub fn resume_at(&self, progress: Option<&Progress>) -> u64 {
-        let Some(progress) = progress else {
-            return 0;
-        };
-        if progress.completed {
-            return 0;
-        }
-        match progress.duration_ms {
-            Some(duration) if duration < self.min_duration.as_millis() as u64 => 0,
-            Some(duration)
-                if (progress.position_ms as f64) < self.min_fraction * duration as f64 =>
-            {
-                0
-            }
-            Some(duration) if self.finishes(progress.position_ms, duration) => 0,
-            _ => progress.position_ms,
-        }
-    }
-}
 
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 100;
@@ -420,6 +366,8 @@ impl ProgressOps {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn progress(position_s: u64, duration_s: Option<u64>, completed: bool) -> Progress {

@@ -155,22 +155,25 @@ pub struct DeviceRequest(pub DeviceCall);
 fn device_request(
     name: &str,
     position_value: Option<&prost_types::Duration>,
+    duration_value: Option<&prost_types::Duration>,
     generation: u64,
     action: Result<DeviceAction, FieldViolation>,
 ) -> Result<DeviceRequest, Error> {
     let mut v = Violations::default();
     let name = v.check(SessionName::parse("name", name));
     let position_ms = v.check(position("position", position_value));
+    let duration_ms = v.check(position("duration", duration_value));
     let action = v.check(action);
     v.finish()?;
-    let (Some(name), Some(position_ms), Some(action)) = (name, position_ms, action) else {
+    let (Some(name), Some(position_ms), Some(duration_ms), Some(action)) =
+        (name, position_ms, duration_ms, action)
+    else {
         return Err(Error::Internal("violations not recorded".into()));
     };
     Ok(DeviceRequest(DeviceCall {
-        name,
-        generation: (generation != 0).then_some(generation),
         position_ms,
-        action,
+        duration_ms,
+        ..DeviceCall::new(name, (generation != 0).then_some(generation), action)
     }))
 }
 
@@ -185,6 +188,7 @@ impl TryFrom<proto::HeartbeatRequest> for DeviceRequest {
         device_request(
             &request.name,
             request.position.as_ref(),
+            request.duration.as_ref(),
             request.generation,
             action,
         )
@@ -202,6 +206,7 @@ macro_rules! device_request_from {
                     device_request(
                         &request.name,
                         request.position.as_ref(),
+                        request.duration.as_ref(),
                         request.generation,
                         Ok(DeviceAction::$action),
                     )
@@ -370,6 +375,7 @@ fn bind_device(caller: Option<&Caller>, call: &mut DeviceCall) -> Result<bool, E
                 return Err(not_found());
             }
             call.generation = Some(claims.r#gen);
+            call.profile = ProfileId::parse("pid", &claims.pid).ok();
             Ok(true)
         }
         // A service the layer let through acts for devices (its role names the method);

@@ -97,6 +97,8 @@ struct Record {
     /// What expiry at the current deadline would be called.
     deadline_reason: EndReason,
     last_heartbeat_event_ms: u64,
+    /// When the session last wrote its title's progress (its start until then).
+    last_progress_ms: u64,
 }
 
 /// A user's seat-holding sessions and their deadlines. A handful at most (the seat
@@ -660,6 +662,7 @@ impl Op<'_> {
                 session: session.clone(),
                 deadline_reason: EndReason::HeartbeatTimeout,
                 last_heartbeat_event_ms: self.now,
+                last_progress_ms: self.now,
             },
         );
         self.append(EventKind::Started, &session);
@@ -725,6 +728,7 @@ impl Op<'_> {
         if call.generation.is_some_and(|g| g != session.generation) {
             return Err(StoreError::StaleGeneration);
         }
+        self.progress_of_call(&call, &session);
         let now = self.now;
         let interval = self.settings.heartbeat_event_interval.as_millis() as u64;
         let mode = self.settings.heartbeat_events;
@@ -781,6 +785,63 @@ impl Op<'_> {
             self.append(kind, &session);
         }
         Ok(session)
+    }
+
+    /// The progress write of a device call on the live `session`, when one is due
+    /// (see `Store::device_call`), with its `playback.completed` event.
+    fn progress_of_call(&mut self, call: &DeviceCall, session: &Session) {
+        let position_ms = call.position_ms.unwrap_or(session.position_ms);
+        let pauses = session.state == SessionState::Active
+            && matches!(
+                call.action,
+                DeviceAction::Pause
+                    | DeviceAction::Heartbeat {
+                        playback_state: PlaybackState::Paused
+                    }
+            );
+        let interval = self.settings.progress_write_interval.as_millis() as u64;
+        let Some(record) = self.state.sessions.get_mut(&call.name) else {
+            return;
+        };
+        let due = call.action == DeviceAction::Stop
+            || pauses
+            || (call.position_ms.is_some()
+                && self.now.saturating_sub(record.last_progress_ms) >= interval);
+        if position_ms == 0 || !due {
+            return;
+        }
+        record.last_progress_ms = self.now;
+        let key = ProgressKey {
+            user: session.name.user.clone(),
+            profile: session.profile.clone(),
+            content: session.content.clone(),
+        };
+        let before = self
+            .profile_progress(&key.user, &key.profile)
+            .and_then(|profile| profile.titles.get(&key.content))
+            .map(|entry| (entry.duration_ms, entry.completed));
+        let duration_ms = call
+            .duration_ms
+            .or(before.and_then(|(duration, _)| duration));
+        let completed = duration_ms
+            .is_some_and(|duration| self.settings.resume.finishes(position_ms, duration));
+        let write = ProgressWrite {
+            key,
+            position_ms,
+            duration_ms,
+            completed,
+            device: session.device.id.clone(),
+        };
+        if let Err(error) = self.write_progress(write) {
+            // The seat matters more than the bookmark: the call goes on without it.
+            tracing::warn!(%error, session = %session.name, "progress not written");
+            return;
+        }
+        if completed && !before.is_some_and(|(_, done)| done) {
+            let mut finished = session.clone();
+            finished.position_ms = position_ms;
+            self.append(EventKind::Completed, &finished);
+        }
     }
 
     fn terminate(
@@ -1066,6 +1127,8 @@ mod tests {
             name: created.session.name,
             generation: None,
             position_ms: None,
+            duration_ms: None,
+            profile: None,
             action: DeviceAction::Stop,
         };
         let first = store

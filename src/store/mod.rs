@@ -23,7 +23,8 @@ use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
 use crate::model::{
-    ClientInfo, Device, EndReason, PlaybackState, Progress, Session, SessionState, Termination,
+    ClientInfo, Device, EndReason, PlaybackState, Progress, ResumeRules, Session, SessionState,
+    Termination,
 };
 
 /// Partitions (hash tags) by default: several times the shards a large deployment may
@@ -75,6 +76,11 @@ pub struct StoreSettings {
     /// A profile keeps the progress of at most this many titles; a write beyond drops
     /// the least recently written.
     pub progress_cap: u32,
+    /// A session's heartbeats write its title's progress at most once per this (pauses
+    /// and stops always write; see [`Store::device_call`]).
+    pub progress_write_interval: Duration,
+    /// When a write finishes a title (`ResumeRules::finishes`).
+    pub resume: ResumeRules,
 }
 
 impl Default for StoreSettings {
@@ -91,6 +97,8 @@ impl Default for StoreSettings {
             max_evictions_per_call: 64,
             progress_retention: Duration::from_secs(365 * 24 * 3600),
             progress_cap: 200,
+            progress_write_interval: Duration::from_secs(60),
+            resume: ResumeRules::default(),
         }
     }
 }
@@ -165,7 +173,28 @@ pub struct DeviceCall {
     /// The generation the device holds; `None` skips the fencing check.
     pub generation: Option<u64>,
     pub position_ms: Option<u64>,
+    /// The title's duration, when the player reported it: with it a progress write
+    /// can mark the title completed.
+    pub duration_ms: Option<u64>,
+    /// The session's profile, when the caller knows it (a playback token names it): it
+    /// lets Redis write progress in the call's first round trip. A wrong one is not
+    /// trusted (the record's own profile is); the call is only sent again.
+    pub profile: Option<ProfileId>,
     pub action: DeviceAction,
+}
+
+impl DeviceCall {
+    /// A call with no position, duration or profile.
+    pub fn new(name: SessionName, generation: Option<u64>, action: DeviceAction) -> Self {
+        Self {
+            name,
+            generation,
+            position_ms: None,
+            duration_ms: None,
+            profile: None,
+            action,
+        }
+    }
 }
 
 /// What a device call changed on a live session, without the parts that never change:
@@ -270,18 +299,21 @@ pub enum EventKind {
     Resumed,
     Heartbeat,
     Stopped,
+    /// A progress write finished the title (`ResumeRules::finishes`).
+    Completed,
     Terminated,
     Expired,
     Evicted,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Started,
         EventKind::Paused,
         EventKind::Resumed,
         EventKind::Heartbeat,
         EventKind::Stopped,
+        EventKind::Completed,
         EventKind::Terminated,
         EventKind::Expired,
         EventKind::Evicted,
@@ -294,6 +326,7 @@ impl EventKind {
             EventKind::Resumed => "playback.resumed",
             EventKind::Heartbeat => "playback.heartbeat",
             EventKind::Stopped => "playback.stopped",
+            EventKind::Completed => "playback.completed",
             EventKind::Terminated => "playback.terminated",
             EventKind::Expired => "playback.expired",
             EventKind::Evicted => "playback.evicted",
@@ -544,6 +577,16 @@ pub trait Store: Send + Sync + 'static {
     /// expired now, with its event) or its seat was lost (it is evicted now, reason
     /// `seat_lost`). Pausing a paused session and resuming an active one change no
     /// state and append no event.
+    ///
+    /// In the same step the call writes its title's progress for the session's profile
+    /// (as `write_progress` does, as the session's device) when the session's position
+    /// is not 0 and the call is a stop, a pause (explicit, or a heartbeat reporting
+    /// PAUSED that pauses the session), or reports a position when
+    /// `progress_write_interval` has passed since the session's last progress write (or
+    /// its start). The duration is the call's, or else the one the entry has. When it
+    /// is known and `settings.resume.finishes` the position, the entry is completed, and
+    /// if it was not, `playback.completed` is appended before the call's own event. A
+    /// refused call writes no progress.
     async fn device_call(
         &self,
         call: DeviceCall,

@@ -30,6 +30,8 @@ pub struct DeviceOptions {
     pub stop_after: Option<Duration>,
     /// Report PAUSED in the heartbeats.
     pub paused: bool,
+    /// The title's duration, reported with the heartbeats and the stop.
+    pub duration: Option<Duration>,
     /// For https: the CA (PEM) and the name the server's certificate is for.
     pub tls: Option<(Vec<u8>, String)>,
 }
@@ -83,8 +85,8 @@ enum Ended {
     Reconnect(Duration),
 }
 
-fn heartbeat(position: Duration, paused: bool) -> proto::StreamHeartbeatsRequest {
-    let state = if paused {
+fn heartbeat(position: Duration, options: &DeviceOptions) -> proto::StreamHeartbeatsRequest {
+    let state = if options.paused {
         proto::PlaybackState::Paused
     } else {
         proto::PlaybackState::Playing
@@ -93,6 +95,7 @@ fn heartbeat(position: Duration, paused: bool) -> proto::StreamHeartbeatsRequest
         kind: Some(In::Heartbeat(proto::StreamHeartbeat {
             position: Some(crate::proto::duration(position)),
             playback_state: state as i32,
+            duration: options.duration.map(crate::proto::duration),
             device_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             ..Default::default()
         })),
@@ -126,7 +129,7 @@ async fn one_stream(
     let (sender, requests) = mpsc::channel(4);
     let position = |at: Instant| options.position + at.duration_since(started);
     sender
-        .send(heartbeat(position(Instant::now()), options.paused))
+        .send(heartbeat(position(Instant::now()), options))
         .await
         .map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(ReceiverStream::new(requests));
@@ -173,12 +176,13 @@ async fn one_stream(
             }
             () = tokio::time::sleep_until(beat_at), if next_beat.is_some() => {
                 next_beat = None;
-                let _ = sender.send(heartbeat(position(Instant::now()), options.paused)).await;
+                let _ = sender.send(heartbeat(position(Instant::now()), options)).await;
             }
             () = tokio::time::sleep_until(stop_deadline.unwrap_or(beat_at)), if stop_deadline.is_some() => {
                 let stop = proto::StreamHeartbeatsRequest {
                     kind: Some(In::Stop(proto::StreamStop {
                         position: Some(crate::proto::duration(position(Instant::now()))),
+                        duration: options.duration.map(crate::proto::duration),
                     })),
                 };
                 let _ = sender.send(stop).await;

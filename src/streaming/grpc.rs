@@ -71,22 +71,26 @@ fn inbound(message: proto::StreamHeartbeatsRequest) -> Result<Inbound, Error> {
             };
             Inbound::Heartbeat {
                 position_ms: position("heartbeat.position", beat.position)?,
+                duration_ms: position("heartbeat.duration", beat.duration)?,
                 playback_state,
                 manifest_type,
             }
         }
         Some(In::Pause(pause)) => Inbound::Heartbeat {
             position_ms: position("pause.position", pause.position)?,
+            duration_ms: position("pause.duration", pause.duration)?,
             playback_state: PlaybackState::Paused,
             manifest_type: None,
         },
         Some(In::Resume(resume)) => Inbound::Heartbeat {
             position_ms: position("resume.position", resume.position)?,
+            duration_ms: position("resume.duration", resume.duration)?,
             playback_state: PlaybackState::Playing,
             manifest_type: None,
         },
         Some(In::Stop(stop)) => Inbound::Stop {
             position_ms: position("stop.position", stop.position)?,
+            duration_ms: position("stop.duration", stop.duration)?,
         },
         None => {
             return Err(Error::InvalidArgument(vec![FieldViolation::new(

@@ -82,12 +82,15 @@ pub enum Inbound {
     /// which the store treats exactly as the explicit calls.
     Heartbeat {
         position_ms: Option<u64>,
+        /// The title's duration; `None` keeps the last one the stream was given.
+        duration_ms: Option<u64>,
         playback_state: PlaybackState,
         /// The manifest the token pushes should carry from now on; `None` keeps it.
         manifest_type: Option<ManifestType>,
     },
     Stop {
         position_ms: Option<u64>,
+        duration_ms: Option<u64>,
     },
 }
 
@@ -450,6 +453,7 @@ impl Streams {
             out,
             last_write: None,
             pending: None,
+            duration_ms: None,
             heard: Instant::now(),
             token_due: Instant::now(),
             manifest_type: ManifestType::Hls,
@@ -554,6 +558,8 @@ struct Run<'a> {
     out: mpsc::Sender<Outbound>,
     last_write: Option<Instant>,
     pending: Option<Pending>,
+    /// The title's duration, as the device last gave it.
+    duration_ms: Option<u64>,
     /// When the device last sent anything.
     heard: Instant,
     /// When the next token is due.
@@ -663,10 +669,9 @@ impl Run<'_> {
         position_ms: Option<u64>,
     ) -> Result<bool, Error> {
         let call = DeviceCall {
-            name: self.name.clone(),
-            generation: Some(self.claims.r#gen),
             position_ms,
-            action,
+            duration_ms: self.duration_ms,
+            ..DeviceCall::new(self.name.clone(), Some(self.claims.r#gen), action)
         };
         self.last_write = Some(Instant::now());
         let caller = Caller::Device {
@@ -711,7 +716,11 @@ impl Run<'_> {
 
     async fn receive(&mut self, message: Inbound) -> Result<bool, Error> {
         match message {
-            Inbound::Stop { position_ms } => {
+            Inbound::Stop {
+                position_ms,
+                duration_ms,
+            } => {
+                self.duration_ms = duration_ms.or(self.duration_ms);
                 if self.call(DeviceAction::Stop, position_ms).await? {
                     return Ok(true);
                 }
@@ -721,9 +730,11 @@ impl Run<'_> {
             }
             Inbound::Heartbeat {
                 position_ms,
+                duration_ms,
                 playback_state,
                 manifest_type,
             } => {
+                self.duration_ms = duration_ms.or(self.duration_ms);
                 if let Some(kind) = manifest_type {
                     self.manifest_type = kind;
                 }

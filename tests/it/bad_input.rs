@@ -123,9 +123,10 @@ async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
                 position: duration(-1, 0),
                 playback_state: 42,
                 generation: 0,
+                duration: duration(-60, 0),
             })
             .await,
-        &["position", "playback_state"],
+        &["position", "duration", "playback_state"],
     )
     .await;
     assert_invalid(
@@ -147,9 +148,10 @@ async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
                 name: name.clone(),
                 position: duration(0, -5),
                 generation: 0,
+                duration: duration(8 * 24 * 3600, 0),
             })
             .await,
-        &["position"],
+        &["position", "duration"],
     )
     .await;
     assert_invalid(
@@ -158,7 +160,7 @@ async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
             .pause_session(proto::PauseSessionRequest {
                 name: name.clone(),
                 position: duration(8 * 24 * 3600, 0),
-                generation: 0,
+                ..Default::default()
             })
             .await,
         &["position"],
@@ -170,7 +172,7 @@ async fn refuse_bad_calls_on(server: &mut TestServer, name: &str) {
             .resume_session(proto::ResumeSessionRequest {
                 name: name.clone(),
                 position: duration(1, 2_000_000_000),
-                generation: 0,
+                ..Default::default()
             })
             .await,
         &["position"],

@@ -24,6 +24,8 @@ fn call(name: &SessionName, action: DeviceAction) -> DeviceCall {
         name: name.clone(),
         generation: None,
         position_ms: None,
+        duration_ms: None,
+        profile: None,
         action,
     }
 }
@@ -482,6 +484,8 @@ pub async fn a_brief_device_call_answers_what_the_full_one_changed(kind: Kind) {
             name: name.clone(),
             generation: Some(created.generation),
             position_ms,
+            duration_ms: None,
+            profile: None,
             action,
         };
         async move { store.device_call_brief(call, Deadline::NONE).await }
@@ -1152,6 +1156,186 @@ pub async fn progress_is_forgotten_after_its_retention(kind: Kind) {
     );
 }
 
+/// A device call of `name` at `position_ms`, reporting `duration_ms` if given.
+fn at(
+    name: &SessionName,
+    action: DeviceAction,
+    position_ms: u64,
+    duration_ms: Option<u64>,
+) -> DeviceCall {
+    DeviceCall {
+        position_ms: Some(position_ms),
+        duration_ms,
+        ..call(name, action)
+    }
+}
+
+const PLAYING: DeviceAction = DeviceAction::Heartbeat {
+    playback_state: PlaybackState::Playing,
+};
+
+/// The session's title's progress for its profile (`new_session`'s: profile-1,
+/// title-1): its position, or `None`.
+async fn progress_of(b: &Backend, user: &UserId) -> Option<usher::model::Progress> {
+    let key = progress_key(user, "profile-1", "title-1");
+    b.store.get_progress(&key, Deadline::NONE).await.unwrap()
+}
+
+pub async fn device_calls_write_progress_at_most_once_per_interval(kind: Kind) {
+    let mut settings = test_settings();
+    settings.progress_write_interval = Duration::from_millis(1000);
+    let b = Backend::open(kind, settings).await;
+    let user = fresh_user();
+    let created = b.create(&user, "tv", 1, RejectNew).await;
+    let name = &created.session.name;
+    // Within the interval from the start: kept on the session only.
+    b.call(at(name, PLAYING, 10_000, None)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await, None);
+    b.advance(Duration::from_millis(1100)).await;
+    // A heartbeat without a position writes nothing, even when the interval is up.
+    b.call(heartbeat(name)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await, None);
+    let written = b
+        .call(at(name, PLAYING, 20_000, Some(6_000_000)))
+        .await
+        .unwrap();
+    let progress = progress_of(&b, &user)
+        .await
+        .expect("written after the interval");
+    assert_eq!(progress.position_ms, 20_000);
+    assert_eq!(progress.duration_ms, Some(6_000_000));
+    assert!(!progress.completed);
+    assert_eq!(progress.device.as_str(), "tv");
+    assert!(progress.updated_ms >= written.last_heartbeat_ms);
+    b.call(at(name, PLAYING, 25_000, None)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 20_000);
+    // A refused call writes nothing.
+    let stale = DeviceCall {
+        generation: Some(created.session.generation + 1),
+        ..at(name, DeviceAction::Pause, 99_000, None)
+    };
+    assert!(matches!(
+        b.call(stale).await,
+        Err(StoreError::StaleGeneration)
+    ));
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 20_000);
+    // A pause always writes, keeping the duration the entry has.
+    b.call(at(name, DeviceAction::Pause, 30_000, None))
+        .await
+        .unwrap();
+    let paused = progress_of(&b, &user).await.unwrap();
+    assert_eq!(
+        (paused.position_ms, paused.duration_ms),
+        (30_000, Some(6_000_000))
+    );
+    b.call(at(name, DeviceAction::Resume, 31_000, None))
+        .await
+        .unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 30_000);
+    // A stop always writes: the last position the session had.
+    b.call(call(name, DeviceAction::Stop)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 31_000);
+    // An ended session's call is refused and writes nothing.
+    assert!(matches!(
+        b.call(at(name, DeviceAction::Stop, 50_000, None)).await,
+        Err(StoreError::SessionEnded(_))
+    ));
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 31_000);
+}
+
+pub async fn a_reported_pause_writes_progress_and_an_unplayed_session_none(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "tv", 1, RejectNew).await.session.name;
+    // Never given a position: a stop leaves the profile's progress alone.
+    b.call(call(&name, DeviceAction::Pause)).await.unwrap();
+    b.call(call(&name, DeviceAction::Stop)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await, None);
+    let name = b.create(&user, "tv", 1, RejectNew).await.session.name;
+    let paused = DeviceAction::Heartbeat {
+        playback_state: PlaybackState::Paused,
+    };
+    b.call(at(&name, paused, 7_000, None)).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 7_000);
+}
+
+pub async fn finishing_a_title_completes_it_with_one_event(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "tv", 1, RejectNew).await.session.name;
+    let duration = Some(6_000_000);
+    // 90 % of the duration is the finish (the default rules).
+    b.call(at(&name, DeviceAction::Pause, 5_399_000, duration))
+        .await
+        .unwrap();
+    assert!(!progress_of(&b, &user).await.unwrap().completed);
+    b.call(at(&name, DeviceAction::Resume, 5_400_000, None))
+        .await
+        .unwrap();
+    b.call(at(&name, DeviceAction::Pause, 5_400_000, None))
+        .await
+        .unwrap();
+    let finished = progress_of(&b, &user).await.unwrap();
+    assert!(finished.completed, "{finished:?}");
+    b.call(at(&name, DeviceAction::Stop, 5_900_000, None))
+        .await
+        .unwrap();
+    assert!(progress_of(&b, &user).await.unwrap().completed);
+    let kinds = b.kinds_for(&name).await;
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Started,
+            EventKind::Paused,
+            EventKind::Resumed,
+            EventKind::Completed,
+            EventKind::Paused,
+            EventKind::Stopped,
+        ]
+    );
+    let completed = b
+        .events_of(&user)
+        .await
+        .into_iter()
+        .find(|e| e.kind == EventKind::Completed)
+        .unwrap();
+    assert_eq!(completed.position_ms, 5_400_000);
+    assert_eq!(completed.profile.as_str(), "profile-1");
+    assert_eq!(completed.content.as_str(), "title-1");
+    // Watching again from the start: the latest write wins, no longer completed.
+    let again = b.create(&user, "phone", 1, RejectNew).await.session.name;
+    b.call(at(&again, DeviceAction::Stop, 60_000, None))
+        .await
+        .unwrap();
+    let rewatched = progress_of(&b, &user).await.unwrap();
+    assert_eq!(rewatched.position_ms, 60_000);
+    assert_eq!(rewatched.device.as_str(), "phone");
+    assert!(!rewatched.completed);
+}
+
+pub async fn progress_goes_to_the_sessions_profile_whatever_the_call_says(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "tv", 1, RejectNew).await.session.name;
+    let wrong = DeviceCall {
+        profile: Some(ProfileId::parse("p", "someone-else").unwrap()),
+        ..at(&name, DeviceAction::Pause, 42_000, None)
+    };
+    b.call(wrong).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 42_000);
+    let other = progress_key(&user, "someone-else", "title-1");
+    assert_eq!(
+        b.store.get_progress(&other, Deadline::NONE).await.unwrap(),
+        None
+    );
+    let right = DeviceCall {
+        profile: Some(ProfileId::parse("p", "profile-1").unwrap()),
+        ..at(&name, DeviceAction::Stop, 43_000, None)
+    };
+    b.call(right).await.unwrap();
+    assert_eq!(progress_of(&b, &user).await.unwrap().position_ms, 43_000);
+}
+
 /// Stamps one `#[tokio::test]` per case for a backend.
 macro_rules! stamp {
     ($kind:expr; $($case:ident),* $(,)?) => {
@@ -1206,6 +1390,10 @@ macro_rules! conformance_suite {
                     progress_lists_most_recent_first_in_pages,
                     progress_keeps_the_most_recent_titles_up_to_the_cap,
                     progress_is_forgotten_after_its_retention,
+                    device_calls_write_progress_at_most_once_per_interval,
+                    a_reported_pause_writes_progress_and_an_unplayed_session_none,
+                    finishing_a_title_completes_it_with_one_event,
+                    progress_goes_to_the_sessions_profile_whatever_the_call_says,
                 );
             }
         )*

@@ -50,6 +50,7 @@ async fn a_session_lives_from_create_to_stop() {
             }),
             playback_state: proto::PlaybackState::Playing as i32,
             generation: session.generation,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -81,7 +82,7 @@ async fn a_session_lives_from_create_to_stop() {
                 seconds: 120,
                 nanos: 0,
             }),
-            generation: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

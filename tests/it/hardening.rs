@@ -413,12 +413,8 @@ async fn the_embedded_store_is_bounded() {
     });
     let ann = user("ann");
     let first = create(&store, &ann, "a", 5).await.unwrap().session;
-    let stop = usher::store::DeviceCall {
-        name: first.name.clone(),
-        generation: None,
-        position_ms: None,
-        action: usher::store::DeviceAction::Stop,
-    };
+    let stop =
+        usher::store::DeviceCall::new(first.name.clone(), None, usher::store::DeviceAction::Stop);
     store.device_call(stop, Deadline::NONE).await.unwrap();
     for device in ["b", "c"] {
         create(&store, &ann, device, 5).await.unwrap();
@@ -474,12 +470,7 @@ async fn the_embedded_store_is_bounded() {
         users.create_session(carl.clone(), Deadline::NONE).await,
         Err(StoreError::Full(_))
     ));
-    let stop = usher::store::DeviceCall {
-        name: bob.name,
-        generation: None,
-        position_ms: None,
-        action: usher::store::DeviceAction::Stop,
-    };
+    let stop = usher::store::DeviceCall::new(bob.name, None, usher::store::DeviceAction::Stop);
     users.device_call(stop, Deadline::NONE).await.unwrap();
     users.create_session(carl, Deadline::NONE).await.unwrap();
     assert_eq!(

@@ -2,15 +2,24 @@
 //! watching" row, deleted; over gRPC and REST; bad input refused naming the field.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use usher::proto;
 use usher::proto::progress_service_client::ProgressServiceClient;
-use usher::store::OverLimitPolicy;
+use usher::proto::stream_heartbeats_request::Kind as In;
+use usher::proto::stream_heartbeats_response::Kind as Out;
+use usher::proto::streaming_service_client::StreamingServiceClient;
 use usher::store::memory::MemoryStore;
+use usher::store::redis::{RedisStore, RedisTarget};
+use usher::store::{EventKind, OverLimitPolicy, Store};
 
 use crate::e2e::create_request;
-use crate::support::{bad_fields, http_json, reason, serve, test_settings};
+use crate::support::{
+    bad_fields, http_json, reason, redis, redis_options, serve, test_settings, unique_prefix,
+};
 
 fn entry(content: &str, seconds: i64, completed: bool) -> proto::UpdateProgressRequest {
     proto::UpdateProgressRequest {
@@ -332,4 +341,174 @@ async fn a_new_session_resumes_where_the_profile_stopped() {
         .into_inner();
     assert_eq!(resume(third), 0, "a finished title starts over");
     server.running.shutdown().await.unwrap();
+}
+
+/// The resume flow through the real server: a device streams, heartbeats and stops at a
+/// position; a new session on another device starts there. A service (no playback token:
+/// usher must find the session's profile itself) pauses and stops the next session
+/// unary, past the finish: the title is completed, with its event, and starts over.
+async fn resume_flow(store: Arc<dyn Store>) {
+    let mut server = serve(store.clone(), 2, OverLimitPolicy::RejectNew).await;
+    let user = crate::support::fresh_user();
+    let created = server
+        .sessions
+        .create_session(create_request(user.as_str(), "tv"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.resume_position.unwrap().seconds, 0);
+    let seconds = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+    let (sender, requests) = mpsc::channel(8);
+    let message = |kind| proto::StreamHeartbeatsRequest { kind: Some(kind) };
+    sender
+        .send(message(In::Heartbeat(proto::StreamHeartbeat {
+            position: seconds(100),
+            duration: seconds(6_000),
+            playback_state: proto::PlaybackState::Playing as i32,
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", created.playback_token)
+            .parse()
+            .unwrap(),
+    );
+    let mut answers = StreamingServiceClient::new(server.channel.clone())
+        .stream_heartbeats(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .kind
+            .unwrap()
+    };
+    assert!(matches!(next().await, Out::Ack(_)));
+    sender
+        .send(message(In::Stop(proto::StreamStop {
+            position: seconds(1_234),
+            duration: None,
+        })))
+        .await
+        .unwrap();
+    loop {
+        if let Out::Stop(_) = next().await {
+            break;
+        }
+    }
+    let name = format!("users/{user}/profiles/profile-1/progress/title-1");
+    let mut progress = ProgressServiceClient::new(server.channel.clone());
+    let get = proto::GetProgressRequest { name: name.clone() };
+    let stopped = progress
+        .get_progress(get.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert_eq!(stopped.position.unwrap().seconds, 1_234);
+    assert_eq!(
+        stopped.duration.unwrap().seconds,
+        6_000,
+        "the stream's duration"
+    );
+    assert_eq!(stopped.device_id, "tv");
+
+    // Another device resumes there.
+    let phone = server
+        .sessions
+        .create_session(create_request(user.as_str(), "phone"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phone.resume_position.unwrap().seconds, 1_234);
+    let session = phone.session.unwrap().name;
+    server
+        .sessions
+        .pause_session(proto::PauseSessionRequest {
+            name: session.clone(),
+            position: seconds(2_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let paused = progress
+        .get_progress(get.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    assert_eq!(paused.position.unwrap().seconds, 2_000);
+    assert_eq!(paused.device_id, "phone");
+    server
+        .sessions
+        .stop_session(proto::StopSessionRequest {
+            name: session.clone(),
+            position: seconds(5_500),
+            duration: seconds(6_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        progress
+            .get_progress(get)
+            .await
+            .unwrap()
+            .into_inner()
+            .progress
+            .unwrap()
+            .completed
+    );
+    let partition = usher::store::partition_of(&user, test_settings().partitions);
+    let events = store.read_events(partition, None, 10_000).await.unwrap();
+    let completed: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Completed && e.session.user == user)
+        .collect();
+    assert_eq!(completed.len(), 1, "{events:?}");
+    assert_eq!(completed[0].session.to_string(), session);
+    assert_eq!(completed[0].position_ms, 5_500_000);
+    let again = server
+        .sessions
+        .create_session(create_request(user.as_str(), "tv"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.resume_position.unwrap().seconds,
+        0,
+        "finished: from the start"
+    );
+    server.running.shutdown().await.unwrap();
+}
+
+async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
+    let options = redis_options(target, &unique_prefix());
+    Arc::new(RedisStore::connect(options, test_settings()).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resume_flow_in_memory() {
+    resume_flow(Arc::new(MemoryStore::new(test_settings()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resume_flow_on_redis() {
+    let url = redis::shared_redis().url();
+    resume_flow(redis_store(RedisTarget::Single { url }).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resume_flow_on_a_cluster() {
+    let nodes = redis::shared_cluster().node_list();
+    resume_flow(redis_store(RedisTarget::Cluster { nodes }).await).await;
 }

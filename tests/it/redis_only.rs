@@ -171,6 +171,8 @@ async fn calls_survive_a_server_that_lost_the_functions() {
         name: created.name.clone(),
         generation: Some(created.generation),
         position_ms: Some(10),
+        duration_ms: None,
+        profile: None,
         action: DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
         },
@@ -207,6 +209,8 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
         name: created.session.name.clone(),
         generation: None,
         position_ms: None,
+        duration_ms: None,
+        profile: None,
         action: DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
         },
@@ -541,6 +545,8 @@ async fn scripts_touch_only_the_keys_they_are_given() {
             name: tablet.session.name.clone(),
             generation: None,
             position_ms: Some(5),
+            duration_ms: None,
+            profile: None,
             action,
         };
         store.device_call(call, Deadline::NONE).await.unwrap();
@@ -637,6 +643,8 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
         name: session.name.clone(),
         generation: Some(generation),
         position_ms: Some(position),
+        duration_ms: None,
+        profile: None,
         action: DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
         },

@@ -733,6 +733,7 @@ async fn stop_on_the_stream_releases_the_seat_and_paused_pauses() {
                 seconds: 42,
                 nanos: 0,
             }),
+            duration: None,
         })),
     };
     device.sender.send(stop).await.unwrap();
@@ -1120,6 +1121,8 @@ async fn reads_and_heartbeats_follow_a_moved_slot_at_once() {
         name: name.clone(),
         generation: None,
         position_ms: Some(1_000),
+        duration_ms: None,
+        profile: None,
         action: usher::store::DeviceAction::Heartbeat {
             playback_state: usher::session::PlaybackState::Playing,
         },

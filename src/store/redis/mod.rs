@@ -326,6 +326,7 @@ fn refusal(code: ReplyCode, reply: Vec<Value>) -> Result<(ReplyCode, Vec<Value>)
         ReplyCode::StaleGeneration => Err(StoreError::StaleGeneration),
         ReplyCode::RequestIdReused => Err(StoreError::RequestIdReused),
         ReplyCode::RecordsNeeded => Err(StoreError::Corrupt("records still needed".into())),
+        ReplyCode::ProfileNeeded => Err(StoreError::Corrupt("a profile still needed".into())),
     }
 }
 
@@ -802,8 +803,47 @@ impl Core {
 
     /// Runs device calls of sessions of one partition in one script call
     /// (deviceCalls.lua): each call's answer, in order (a brief heartbeat's is what it
-    /// changed). A refused call is its error; the others are done all the same.
+    /// changed). A refused call is its error; the others are done all the same. A call
+    /// whose progress write needed a profile it was not given (it wrote nothing) is sent
+    /// again with it, once.
     async fn device_calls(
+        &self,
+        calls: &[DeviceCall],
+        brief: bool,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Vec<Value>, StoreError>>, StoreError> {
+        let mut answers = self.device_calls_once(calls, brief, deadline).await?;
+        let mut again = Vec::new();
+        for (i, answer) in answers.iter().enumerate() {
+            if let Ok(reply) = answer
+                && ReplyCode::try_from(int_at(reply, 0)?)? == ReplyCode::ProfileNeeded
+            {
+                let id = text_at(reply, 1)?;
+                let profile = ProfileId::parse("profile", &id)
+                    .map_err(|_| StoreError::Corrupt(format!("bad profile id {id:?}")))?;
+                let mut call = calls[i].clone();
+                call.profile = Some(profile);
+                again.push((i, call));
+            }
+        }
+        if again.is_empty() {
+            return Ok(answers);
+        }
+        let calls: Vec<DeviceCall> = again.iter().map(|(_, call)| call.clone()).collect();
+        let second = self.device_calls_once(&calls, brief, deadline).await?;
+        for ((i, _), answer) in again.into_iter().zip(second) {
+            answers[i] = match answer {
+                Ok(reply) if int_at(&reply, 0)? == -7 => Err(StoreError::Corrupt(
+                    "a device call needed its profile twice".into(),
+                )),
+                other => other,
+            };
+        }
+        Ok(answers)
+    }
+
+    /// One deviceCalls script call: each call's answer, a `ProfileNeeded` one as it is.
+    async fn device_calls_once(
         &self,
         calls: &[DeviceCall],
         brief: bool,
@@ -815,6 +855,7 @@ impl Core {
         let keys = self.keys(&first.name.user);
         let mut key_list = vec![keys.deadlines(), keys.events()];
         let mut args = self.common_args(&keys);
+        let resume = &self.settings.resume;
         args.extend([
             ms(self.settings.heartbeat_timeout),
             ms(self.settings.max_pause),
@@ -822,10 +863,18 @@ impl Core {
             ms(self.settings.heartbeat_event_interval),
             ms(GENERATION_IDLE_TTL),
             if brief { "brief" } else { "" }.to_owned(),
+            ms(self.settings.progress_write_interval),
+            resume.complete_fraction.to_string(),
+            ms(resume.credits),
+            self.settings.progress_cap.to_string(),
+            ms(self.settings.progress_retention),
         ]);
         for call in calls {
             key_list.push(keys.session(&call.name.session));
             key_list.push(keys.user(&call.name.user));
+            if let Some(profile) = &call.profile {
+                key_list.extend(keys.progress(&call.name.user, profile));
+            }
             let playback_state = match call.action {
                 DeviceAction::Heartbeat { playback_state } => playback_state,
                 _ => PlaybackState::Unspecified,
@@ -837,6 +886,11 @@ impl Core {
                 call.generation.unwrap_or(0).to_string(),
                 call.position_ms.map(|p| p.to_string()).unwrap_or_default(),
                 playback_state.code().to_string(),
+                call.duration_ms.map(|d| d.to_string()).unwrap_or_default(),
+                call.profile
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             ]);
         }
         // A stop found done by a second run would answer differently: sent once.
@@ -872,6 +926,9 @@ impl Core {
                     )));
                 };
                 let code = ReplyCode::try_from(int_at(&answer, 0)?)?;
+                if code == ReplyCode::ProfileNeeded {
+                    return Ok(answer);
+                }
                 refusal(code, answer).map(|(_, answer)| answer)
             })
             .collect())

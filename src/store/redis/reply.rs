@@ -36,6 +36,9 @@ pub(super) enum ReplyCode {
     /// -6: the script needs the records of the session ids that follow in its KEYS;
     /// it wrote nothing.
     RecordsNeeded,
+    /// -7: a device call needs its session's profile (the id follows) to write its
+    /// progress; it wrote nothing.
+    ProfileNeeded,
 }
 
 impl TryFrom<i64> for ReplyCode {
@@ -51,6 +54,7 @@ impl TryFrom<i64> for ReplyCode {
             -4 => ReplyCode::StaleGeneration,
             -5 => ReplyCode::RequestIdReused,
             -6 => ReplyCode::RecordsNeeded,
+            -7 => ReplyCode::ProfileNeeded,
             other => return Err(corrupt(format!("unknown script reply code {other}"))),
         })
     }

@@ -26,6 +26,8 @@
 --   -4  stale generation
 --   -5  request_id reused for a different request
 --   -6  records needed: {-6, session id, ...}; nothing was written
+--   -7  profile needed (a device call's answer): {-7, profile id}; the call wrote
+--       nothing, and is to be sent again with that profile's progress keys
 -- A record is a flat field/value array of the session hash, with its id (field 'id')
 -- added: the hash itself does not repeat the id its key already names.
 --
@@ -144,23 +146,25 @@ local function notice(s)
 end
 
 -- What every device call changes is one field of the record, 'h':
--- "st,dl,hb,pos,ps,pt,he,dr" (pt, he and dr empty when they do not apply), so a
--- heartbeat reads and writes one field, not eight. Scripts see them as fields of s.
+-- "st,dl,hb,pos,ps,pt,he,dr,pw" (pt, he, dr and pw empty when they do not apply; pw,
+-- the last progress write, is absent from records written before it existed), so a
+-- heartbeat reads and writes one field, not nine. Scripts see them as fields of s.
 local function packed(s)
   return table.concat({
-    s.st, s.dl, s.hb, s.pos, s.ps, s.pt or '', s.he or '', s.dr or '',
+    s.st, s.dl, s.hb, s.pos, s.ps, s.pt or '', s.he or '', s.dr or '', s.pw or '',
   }, ',')
 end
 
 -- s with its 'h' unpacked into its fields.
 local function unpacked(s)
   if s.h then
-    local pt, he, dr
-    s.st, s.dl, s.hb, s.pos, s.ps, pt, he, dr =
-      string.match(s.h, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d*),(%d*),(%a*)$')
+    local pt, he, dr, pw
+    s.st, s.dl, s.hb, s.pos, s.ps, pt, he, dr, pw =
+      string.match(s.h, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d*),(%d*),(%a*),?(%d*)$')
     s.pt = pt ~= '' and pt or nil
     s.he = he ~= '' and he or nil
     s.dr = dr ~= '' and dr or nil
+    s.pw = pw ~= '' and pw or nil
     s.h = nil
   end
   return s
@@ -337,22 +341,49 @@ local function progress_entry(content, value)
   return {content, pos, dur, done, updated, device}
 end
 
+-- Writes a title's progress into a profile's keys (hash: content -> stored value;
+-- recent: content -> updated_ms), stamped now, keeping at most cap titles (the least
+-- recently written go) for retention_ms. Returns the stored value.
+local function put_progress(hash, recent, content, pos, dur, done, device, now, cap, retention_ms)
+  local value = table.concat({pos, dur, done, int(now), device}, ',')
+  local added = redis.call('HSET', hash, content, value)
+  redis.call('ZADD', recent, now, content)
+  if added == 1 then
+    local over = redis.call('ZCARD', recent) - tonumber(cap)
+    if over > 0 then
+      local oldest = redis.call('ZRANGE', recent, 0, over - 1)
+      redis.call('ZREM', recent, unpack(oldest))
+      redis.call('HDEL', hash, unpack(oldest))
+    end
+  end
+  redis.call('PEXPIRE', hash, retention_ms)
+  redis.call('PEXPIRE', recent, retention_ms)
+  return value
+end
+
 -- Device calls (deviceCalls.lua). ARGV after the common three:
---   ARGV[4]  heartbeat timeout, ms
---   ARGV[5]  maximum pause, ms
---   ARGV[6]  heartbeat events: 'off' | 'sampled' | 'all'
---   ARGV[7]  sampled heartbeat event interval, ms
---   ARGV[8]  how long the user hash (generation counter) is kept after a call, ms
---   ARGV[9]  'brief': a done heartbeat answers {0, st, dl, pos, ps, hb, pt} (what it
---            changed, pt '' when playing) instead of {0, record}
---   then six per call, from ARGV[10]: action ('heartbeat' | 'pause' | 'resume' |
+--   ARGV[4]   heartbeat timeout, ms
+--   ARGV[5]   maximum pause, ms
+--   ARGV[6]   heartbeat events: 'off' | 'sampled' | 'all'
+--   ARGV[7]   sampled heartbeat event interval, ms
+--   ARGV[8]   how long the user hash (generation counter) is kept after a call, ms
+--   ARGV[9]   'brief': a done heartbeat answers {0, st, dl, pos, ps, hb, pt} (what it
+--             changed, pt '' when playing) instead of {0, record}
+--   ARGV[10]  a session's heartbeats write progress at most once per this, ms
+--   ARGV[11]  past this fraction of its duration a title is finished
+--   ARGV[12]  within this of its end (the credits) too, ms
+--   ARGV[13]  at most this many titles per profile (see put_progress)
+--   ARGV[14]  how long a profile's progress is kept after a write, ms
+--   then eight per call, from ARGV[15]: action ('heartbeat' | 'pause' | 'resume' |
 --   'stop'), user id, session id, the generation the device holds ('0' skips the
 --   check), position in ms ('' keeps the last one), playback state (its stored code,
---   PlaybackState::code; '0' keeps the last one).
-local FIRST_CALL, CALL_ARGS = 10, 6
+--   PlaybackState::code; '0' keeps the last one), the title's duration in ms ('' when
+--   the player did not say), and the session's profile id when the caller knows it
+--   ('' otherwise): then that profile's progress keys are in KEYS after the call's two.
+local FIRST_CALL, CALL_ARGS = 15, 8
 
 -- What a brief heartbeat reads of the record; the rest only when it needs it (to end
--- the session or to write an event).
+-- the session, write an event or progress).
 local BEAT_FIELDS = {'u', 'g', 'ct', 'h'}
 local EVENT_FIELDS = {'d', 'c', 'p'}
 
@@ -378,10 +409,60 @@ local function beating_session(user, sid, now)
   return nil
 end
 
+-- Whether a device call writes its session's progress (s already carries the call's
+-- position): the session has a position, and the call stops, pauses, or reports a
+-- position once the write interval has passed since the last write (or the start).
+local function progress_due(s, action, position, pauses, now)
+  if s.pos == '0' then
+    return false
+  end
+  if action == 'stop' or pauses then
+    return true
+  end
+  return position ~= '' and now - tonumber(s.pw or s.ct) >= tonumber(ARGV[10])
+end
+
+-- The progress keys of s's profile, if the call was given them.
+local function progress_keys(s)
+  local profile = s.u .. '/' .. s.p
+  local hash, recent = PREFIX .. 'prog:' .. profile, PREFIX .. 'recent:' .. profile
+  if DECLARED[hash] and DECLARED[recent] then
+    return hash, recent
+  end
+  return nil
+end
+
+-- Writes s's progress in its title (s.pos; the duration the call gave, or else the one
+-- the entry has), marking it completed past the finish, and appends
+-- 'playback.completed' when that finished it. The keys come from progress_keys.
+local function write_session_progress(s, hash, recent, duration, now)
+  local before = redis.call('HGET', hash, s.c)
+  local was_done = false
+  if before then
+    local entry = progress_entry(s.c, before)
+    was_done = entry[4] == '1'
+    if duration == '' then
+      duration = entry[3]
+    end
+  end
+  local done = '0'
+  if duration ~= '' then
+    local pos, dur = tonumber(s.pos), tonumber(duration)
+    if pos >= tonumber(ARGV[11]) * dur or dur - pos <= tonumber(ARGV[12]) then
+      done = '1'
+    end
+  end
+  put_progress(hash, recent, s.c, s.pos, duration, done, s.d, now, ARGV[13], ARGV[14])
+  s.pw = int(now)
+  if done == '1' and not was_done then
+    append_event('playback.completed', s, now)
+  end
+end
+
 -- One device call, the one whose ARGV start at a: its reply.
 local function device_call(a, now)
   local action, user, sid, generation = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local position, reported = ARGV[a + 4], ARGV[a + 5]
+  local position, reported, duration = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local brief = action == 'heartbeat' and ARGV[9] == 'brief'
   local s = brief and beating_session(user, sid, now)
   if not s then
@@ -399,10 +480,6 @@ local function device_call(a, now)
   s.hb = int(now)
   if position ~= '' then
     s.pos = position
-  end
-  if action == 'stop' then
-    end_session(s, STOPPED, 'stopped_by_device', now)
-    return {0, flat(s)}
   end
   local state, playback = tonumber(s.st), nil
   local event
@@ -425,6 +502,24 @@ local function device_call(a, now)
     event, playback = 'playback.paused', tostring(PLAYBACK_PAUSED)
   elseif action == 'resume' and state == PAUSED then
     event, playback = 'playback.resumed', tostring(PLAYBACK_PLAYING)
+  end
+  -- Progress first: a call that lacks its profile's keys must leave before any write.
+  if progress_due(s, action, position, event == 'playback.paused', now) then
+    if not s.d then
+      load_fields(s, EVENT_FIELDS)
+    end
+    local hash, recent = progress_keys(s)
+    if not hash then
+      return {-7, s.p}
+    end
+    write_session_progress(s, hash, recent, duration, now)
+  end
+  if action == 'stop' then
+    if not s.d then
+      load_fields(s, EVENT_FIELDS)
+    end
+    end_session(s, STOPPED, 'stopped_by_device', now)
+    return {0, flat(s)}
   end
   if playback then
     s.ps = playback

@@ -17,15 +17,6 @@
 
 local now = now_ms()
 local content = ARGV[4]
-local value = table.concat({ARGV[5], ARGV[6], ARGV[7], int(now), ARGV[8]}, ',')
-redis.call('HSET', KEYS[1], content, value)
-redis.call('ZADD', KEYS[2], now, content)
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[9])
-if over > 0 then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, over - 1)
-  redis.call('ZREM', KEYS[2], unpack(oldest))
-  redis.call('HDEL', KEYS[1], unpack(oldest))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[10])
-redis.call('PEXPIRE', KEYS[2], ARGV[10])
+local value = put_progress(KEYS[1], KEYS[2], content, ARGV[5], ARGV[6], ARGV[7], ARGV[8], now,
+  ARGV[9], ARGV[10])
 return {0, progress_entry(content, value)}
