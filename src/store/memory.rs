@@ -99,6 +99,8 @@ struct Record {
     last_heartbeat_event_ms: u64,
     /// When the session last wrote its title's progress (its start until then).
     last_progress_ms: u64,
+    /// The title's duration, once a device call gave it.
+    duration_ms: Option<u64>,
 }
 
 /// A user's seat-holding sessions and their deadlines. A handful at most (the seat
@@ -663,6 +665,7 @@ impl Op<'_> {
                 deadline_reason: EndReason::HeartbeatTimeout,
                 last_heartbeat_event_ms: self.now,
                 last_progress_ms: self.now,
+                duration_ms: None,
             },
         );
         self.append(EventKind::Started, &session);
@@ -803,6 +806,10 @@ impl Op<'_> {
         let Some(record) = self.state.sessions.get_mut(&call.name) else {
             return;
         };
+        if call.duration_ms.is_some() {
+            record.duration_ms = call.duration_ms;
+        }
+        let session_duration = record.duration_ms;
         let due = call.action == DeviceAction::Stop
             || pauses
             || (call.position_ms.is_some()
@@ -820,9 +827,7 @@ impl Op<'_> {
             .profile_progress(&key.user, &key.profile)
             .and_then(|profile| profile.titles.get(&key.content))
             .map(|entry| (entry.duration_ms, entry.completed));
-        let duration_ms = call
-            .duration_ms
-            .or(before.and_then(|(duration, _)| duration));
+        let duration_ms = session_duration.or(before.and_then(|(duration, _)| duration));
         let completed = duration_ms
             .is_some_and(|duration| self.settings.resume.finishes(position_ms, duration));
         let write = ProgressWrite {

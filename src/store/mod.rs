@@ -583,10 +583,10 @@ pub trait Store: Send + Sync + 'static {
     /// is not 0 and the call is a stop, a pause (explicit, or a heartbeat reporting
     /// PAUSED that pauses the session), or reports a position when
     /// `progress_write_interval` has passed since the session's last progress write (or
-    /// its start). The duration is the call's, or else the one the entry has. When it
-    /// is known and `settings.resume.finishes` the position, the entry is completed, and
-    /// if it was not, `playback.completed` is appended before the call's own event. A
-    /// refused call writes no progress.
+    /// its start). The duration is the last one the session's calls gave, or else the
+    /// one the entry has. When it is known and `settings.resume.finishes` the position,
+    /// the entry is completed, and if it was not, `playback.completed` is appended before
+    /// the call's own event. A refused call writes no progress.
     async fn device_call(
         &self,
         call: DeviceCall,

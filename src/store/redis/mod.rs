@@ -37,10 +37,11 @@
 //!
 //! Session record fields: `u p c d dt dn ip ua rg` (ids, device and client), `g`
 //! generation, `ct` created ms, and `h`, what device calls change, packed as
-//! `st,dl,hb,pos,ps,pt,he,dr` (`packed` in the prelude): state, deadline ms, last
+//! `st,dl,hb,pos,ps,pt,he,dr,pw` (`packed` in the prelude): state, deadline ms, last
 //! heartbeat ms, position ms, playback state, pause start ms, last heartbeat event ms,
-//! `p` when the deadline is the pause's cap (the last three empty when they do not
-//! apply). An ended record adds `et` end ms and `er` end reason (stored name,
+//! `p` when the deadline is the pause's cap, last progress write ms (the last four
+//! empty when they do not apply; `pw` absent from records written before it). `du`, the
+//! title's duration in ms, is there once a device call gave it. An ended record adds `et` end ms and `er` end reason (stored name,
 //! `EndReason::as_str`), and a terminated one `em` and `eb`, the operator's message and
 //! name. Replies carry every field by name, unpacked, and add `id`.
 

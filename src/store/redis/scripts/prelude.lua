@@ -384,7 +384,7 @@ local FIRST_CALL, CALL_ARGS = 15, 8
 
 -- What a brief heartbeat reads of the record; the rest only when it needs it (to end
 -- the session, write an event or progress).
-local BEAT_FIELDS = {'u', 'g', 'ct', 'h'}
+local BEAT_FIELDS = {'u', 'g', 'ct', 'h', 'du'}
 local EVENT_FIELDS = {'d', 'c', 'p'}
 
 -- The fields of sid's record into s (absent ones stay nil).
@@ -432,10 +432,11 @@ local function progress_keys(s)
   return nil
 end
 
--- Writes s's progress in its title (s.pos; the duration the call gave, or else the one
--- the entry has), marking it completed past the finish, and appends
--- 'playback.completed' when that finished it. The keys come from progress_keys.
-local function write_session_progress(s, hash, recent, duration, now)
+-- Writes s's progress in its title (s.pos; the duration the session was last told,
+-- s.du, or else the one the entry has), marking it completed past the finish, and
+-- appends 'playback.completed' when that finished it. The keys come from progress_keys.
+local function write_session_progress(s, hash, recent, now)
+  local duration = s.du or ''
   local before = redis.call('HGET', hash, s.c)
   local was_done = false
   if before then
@@ -481,6 +482,11 @@ local function device_call(a, now)
   if position ~= '' then
     s.pos = position
   end
+  -- The title's duration, kept on the record ('du') once a call gives it.
+  local new_duration = duration ~= '' and duration ~= s.du
+  if new_duration then
+    s.du = duration
+  end
   local state, playback = tonumber(s.st), nil
   local event
   if action == 'heartbeat' then
@@ -512,7 +518,7 @@ local function device_call(a, now)
     if not hash then
       return {-7, s.p}
     end
-    write_session_progress(s, hash, recent, duration, now)
+    write_session_progress(s, hash, recent, now)
   end
   if action == 'stop' then
     if not s.d then
@@ -530,7 +536,11 @@ local function device_call(a, now)
     s.st, s.pt = tostring(ACTIVE), nil
   end
   next_deadline(s, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  redis.call('HSET', key, 'h', packed(s))
+  if new_duration then
+    redis.call('HSET', key, 'h', packed(s), 'du', s.du)
+  else
+    redis.call('HSET', key, 'h', packed(s))
+  end
   hold_until_deadline(s, now, needs_refresh(s, last, now), tonumber(ARGV[8]))
   if event then
     if not s.d then
