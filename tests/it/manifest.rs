@@ -9,6 +9,7 @@
 //! - An edge's check written in Python from the documented token format accepts the edge
 //!   token and refuses a tampered path, a tampered token and an expired one.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -20,15 +21,16 @@ use usher::manifest::edge::EdgeTokenSigner;
 use usher::manifest::s3::S3Presigner;
 use usher::manifest::{Grant, ManifestType, Origin, Origins, Signer};
 use usher::proto;
-use usher::store::OverLimitPolicy;
 use usher::store::memory::MemoryStore;
+use usher::store::redis::{RedisStore, RedisTarget};
+use usher::store::{OverLimitPolicy, Store};
 
 use crate::e2e::create_request;
 use crate::grpcurl::tool_available;
-use crate::support::redis::free_port;
+use crate::support::redis::{self, free_port};
 use crate::support::{
-    TestServer, bad_fields, components, http, reason, serve, serve_components, test_config,
-    test_settings,
+    TestServer, bad_fields, components, fresh_user, http, reason, redis_options, serve,
+    serve_components, test_config, test_settings, unique_prefix,
 };
 
 /// s3rver's own credentials, which it checks signatures with.
@@ -307,9 +309,14 @@ fn an_independent_edge_check_accepts_the_token_and_refuses_tampering() {
 
 const DASH: &str = "<?xml version=\"1.0\"?><MPD/>";
 
-/// A server (embedded store, two seats each) whose one origin is `s3`, serving the
-/// titles whose ids start with `title-`; title-1's manifests are uploaded.
+/// A server (on the embedded store, two seats each) whose one origin is `s3`, serving
+/// the titles whose ids start with `title-`; title-1's manifests are uploaded.
 async fn server_on(s3: &S3rver) -> TestServer {
+    server_with_store(s3, Arc::new(MemoryStore::new(test_settings()))).await
+}
+
+/// [`server_on`], on `store`.
+async fn server_with_store(s3: &S3rver, store: Arc<dyn Store>) -> TestServer {
     let presigner = s3.presigner(S3RVER_KEY);
     let now = SystemTime::now();
     for (path, body) in [
@@ -331,7 +338,6 @@ async fn server_on(s3: &S3rver) -> TestServer {
         }],
         Duration::from_secs(300),
     );
-    let store = Arc::new(MemoryStore::new(test_settings()));
     let mut components = components(store, Arc::new(StaticPolicy::open(2).unwrap()));
     components.manifests = Some(Arc::new(origins));
     serve_components(&test_config(OverLimitPolicy::RejectNew), components).await
@@ -339,14 +345,50 @@ async fn server_on(s3: &S3rver) -> TestServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_come_with_signed_manifests_that_end_with_them() {
+    signed_manifests_end_with_their_sessions(|| async {
+        Arc::new(MemoryStore::new(test_settings())) as Arc<dyn Store>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_manifests_end_with_their_sessions_on_redis() {
+    signed_manifests_end_with_their_sessions(|| async {
+        let url = redis::shared_redis().url();
+        redis_store(RedisTarget::Single { url }).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_manifests_end_with_their_sessions_on_a_cluster() {
+    signed_manifests_end_with_their_sessions(|| async {
+        let nodes = redis::shared_cluster().node_list();
+        redis_store(RedisTarget::Cluster { nodes }).await
+    })
+    .await;
+}
+
+async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
+    let options = redis_options(target, &unique_prefix());
+    Arc::new(RedisStore::connect(options, test_settings()).await.unwrap())
+}
+
+/// Through the server on the store `open` makes (only when s3rver is there): a create
+/// answers a manifest the origin serves, HLS or DASH, over gRPC and REST, and an ended
+/// session gets none.
+async fn signed_manifests_end_with_their_sessions<F: Future<Output = Arc<dyn Store>>>(
+    open: impl FnOnce() -> F,
+) {
     let Some(s3) = S3rver::start() else { return };
-    let mut server = server_on(&s3).await;
+    let mut server = server_with_store(&s3, open().await).await;
+    let user = fresh_user();
     let before = SystemTime::now();
 
     // CreateSession answers the title's HLS manifest, which the origin serves.
     let created = server
         .sessions
-        .create_session(create_request("mia", "tv"))
+        .create_session(create_request(user.as_str(), "tv"))
         .await
         .unwrap()
         .into_inner();
@@ -361,7 +403,7 @@ async fn sessions_come_with_signed_manifests_that_end_with_them() {
     assert!((Duration::from_secs(299)..=Duration::from_secs(301)).contains(&lifetime));
 
     // DASH when asked, at create and from GetManifest.
-    let mut request = create_request("mia", "phone");
+    let mut request = create_request(user.as_str(), "phone");
     request.manifest_type = proto::ManifestType::Dash as i32;
     let phone = server
         .sessions
