@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "usher/v1/token.proto",
     "usher/v1/streaming.proto",
     "usher/v1/progress.proto",
+    "usher/v1/events.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,6 +12,8 @@
 //!   terminate, list) and `PlaybackSessionService`.
 //! - [`concurrency`]: the user's seats, read-only, and `ConcurrencyService`.
 //! - [`progress`]: watch progress per profile and title, and `ProgressService`.
+//! - [`events`]: the event log read back: `EventService` (`WatchEvents` from a cursor
+//!   over every partition, `ListEvents` for a user) and the CloudEvents form.
 //! - [`entitlement`]: may this user play this, and with how many seats (provider trait and
 //!   the embedded static policy).
 //! - [`token`]: playback tokens: key sets and rotation, issue and verify (with a cache of
@@ -53,7 +55,7 @@
 //! ```text
 //! server, config, bench
 //!   streaming                     (the device stream, over the session operations)
-//!   session, concurrency, progress (operations and their gRPC adapters)
+//!   session, concurrency, progress, events (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
 //!       token, manifest           (issue, verify, TokenService; signed manifest URLs)
 //!         store                   (the Store trait, memory, Redis)
@@ -70,6 +72,7 @@ pub mod config;
 pub mod deadline;
 pub mod entitlement;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod ids;
 pub mod manifest;

@@ -95,6 +95,7 @@ pub fn builtin_roles() -> HashMap<String, Vec<String>> {
                 "usher.v1.PlaybackSessionService/*",
                 "usher.v1.ConcurrencyService/*",
                 "usher.v1.TokenService/*",
+                "usher.v1.EventService/*",
             ]),
         ),
         (
@@ -118,8 +119,11 @@ pub fn builtin_roles() -> HashMap<String, Vec<String>> {
                 "usher.v1.ProgressService/GetProgress",
                 "usher.v1.ProgressService/ListProgress",
                 "usher.v1.ProgressService/DeleteProgress",
+                "usher.v1.EventService/ListEvents",
             ]),
         ),
+        // Analytics, billing and audit consumers: every event as it happens.
+        ("events".to_owned(), role(&["usher.v1.EventService/*"])),
         ("device-proxy".to_owned(), role(&DEVICE_METHODS)),
         (
             "edge".to_owned(),

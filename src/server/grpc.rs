@@ -17,9 +17,12 @@ use super::{StartError, layers, read};
 use crate::auth::layer::AuthLayer;
 use crate::concurrency::grpc::ConcurrencyGrpc;
 use crate::config::Config;
+use crate::events::EventOps;
+use crate::events::grpc::EventGrpc;
 use crate::net::Incoming;
 use crate::progress::grpc::ProgressGrpc;
 use crate::proto::concurrency_service_server::ConcurrencyServiceServer;
+use crate::proto::event_service_server::EventServiceServer;
 use crate::proto::playback_session_service_server::PlaybackSessionServiceServer;
 use crate::proto::progress_service_server::ProgressServiceServer;
 use crate::proto::streaming_service_server::StreamingServiceServer;
@@ -73,6 +76,12 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(
             <ProgressServiceServer<ProgressGrpc> as NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <EventServiceServer<EventGrpc> as NamedService>::NAME,
             status,
         )
         .await;
@@ -151,6 +160,10 @@ pub(super) fn serve(
     let streaming_service = StreamingServiceServer::new(StreamingGrpc::new(app.streams.clone()))
         .max_decoding_message_size(size)
         .max_encoding_message_size(size);
+    let events = Arc::new(EventOps::new(app.store.clone(), stop.clone()));
+    let event_service = EventServiceServer::new(EventGrpc::new(events))
+        .max_decoding_message_size(size)
+        .max_encoding_message_size(size);
 
     let mut drained = stop.clone();
     let drain_health = health.clone();
@@ -204,7 +217,8 @@ pub(super) fn serve(
         .add_service(concurrency_service)
         .add_service(token_service)
         .add_service(streaming_service)
-        .add_service(progress_service);
+        .add_service(progress_service)
+        .add_service(event_service);
     let shutdown_timeout = limits.shutdown_timeout;
     Ok(tokio::spawn(async move {
         let serving = router.serve_with_incoming_shutdown(incoming, drain);

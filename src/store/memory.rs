@@ -1017,6 +1017,27 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn read_events_back(
+        &self,
+        partition: u32,
+        before: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let before = before.map(parse_event_id).transpose()?;
+        Ok(self.with_state(|op| {
+            let Some(log) = op.state.partitions.get(partition as usize) else {
+                return Vec::new();
+            };
+            log.events
+                .iter()
+                .rev()
+                .filter(|e| before.is_none_or(|b| parse_event_id(&e.id).is_ok_and(|id| id < b)))
+                .take(count as usize)
+                .cloned()
+                .collect()
+        }))
+    }
+
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
         Ok(EndedFeed::new(self.ended.subscribe()))
     }

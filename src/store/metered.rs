@@ -172,6 +172,18 @@ impl Store for Metered {
         metered!("read_events", self.0.read_events(partition, after, count))
     }
 
+    async fn read_events_back(
+        &self,
+        partition: u32,
+        before: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        metered!(
+            "read_events_back",
+            self.0.read_events_back(partition, before, count)
+        )
+    }
+
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {
         self.0.ended_sessions().await
     }

@@ -628,6 +628,15 @@ pub trait Store: Send + Sync + 'static {
         count: u32,
     ) -> Result<Vec<Event>, StoreError>;
 
+    /// Up to `count` events of `partition` before `before` (from the newest when `None`),
+    /// newest first: the log read backwards.
+    async fn read_events_back(
+        &self,
+        partition: u32,
+        before: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError>;
+
     /// Subscribes to the notices of sessions that end from now on, in every partition
     /// (see [`EndedFeed`]). Every change that ends a session (stop, terminate, eviction,
     /// expiry by a create, a read, a device call or the sweep) sends its notice after the

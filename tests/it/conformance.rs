@@ -1156,6 +1156,36 @@ pub async fn progress_is_forgotten_after_its_retention(kind: Kind) {
     );
 }
 
+pub async fn the_event_log_reads_backwards_newest_first(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "a", 1, RejectNew).await.session.name;
+    for action in [
+        DeviceAction::Pause,
+        DeviceAction::Resume,
+        DeviceAction::Stop,
+    ] {
+        b.call(call(&name, action)).await.unwrap();
+    }
+    let forwards = b.events_of(&user).await;
+    assert_eq!(forwards.len(), 4);
+    let partition = partition_of(&user, b.store.settings().partitions);
+    let newest = b.store.read_events_back(partition, None, 2).await.unwrap();
+    let older = b
+        .store
+        .read_events_back(partition, Some(&newest[1].id), 10)
+        .await
+        .unwrap();
+    let backwards: Vec<_> = newest.into_iter().chain(older).collect();
+    let mut expected = forwards;
+    expected.reverse();
+    assert_eq!(backwards, expected);
+    assert!(matches!(
+        b.store.read_events_back(partition, Some("nope"), 1).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
 /// A device call of `name` at `position_ms`, reporting `duration_ms` if given.
 fn at(
     name: &SessionName,
@@ -1394,6 +1424,7 @@ macro_rules! conformance_suite {
                     progress_keeps_the_most_recent_titles_up_to_the_cap,
                     progress_is_forgotten_after_its_retention,
                     device_calls_write_progress_at_most_once_per_interval,
+                    the_event_log_reads_backwards_newest_first,
                     a_reported_pause_writes_progress_and_an_unplayed_session_none,
                     finishing_a_title_completes_it_with_one_event,
                     progress_goes_to_the_sessions_profile_whatever_the_call_says,

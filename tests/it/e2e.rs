@@ -498,6 +498,14 @@ impl Store for BrokenPartitionZero {
     ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
         self.0.read_events(partition, after, count).await
     }
+    async fn read_events_back(
+        &self,
+        partition: u32,
+        before: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
+        self.0.read_events_back(partition, before, count).await
+    }
     async fn ended_sessions(&self) -> Result<usher::store::EndedFeed, usher::store::StoreError> {
         self.0.ended_sessions().await
     }

@@ -16,6 +16,7 @@ use tonic::metadata::MetadataValue;
 use usher::auth::{Credentials, CredentialsFile};
 use usher::entitlement::StaticPolicy;
 use usher::proto;
+use usher::proto::event_service_client::EventServiceClient;
 use usher::proto::token_service_client::TokenServiceClient;
 use usher::server::Components;
 use usher::store::memory::MemoryStore;
@@ -33,6 +34,7 @@ const SUPPORT_KEY: &str = "support-key-0123456789abcdef0123456789";
 const EDGE_KEY: &str = "edge-key-0123456789abcdef0123456789abcd";
 const ADMIN_KEY: &str = "admin-key-0123456789abcdef0123456789abc";
 const PROXY_KEY: &str = "device-proxy-key-0123456789abcdef012345";
+const EVENTS_KEY: &str = "events-key-0123456789abcdef0123456789ab";
 
 fn credentials() -> Credentials {
     let text = format!(
@@ -57,6 +59,10 @@ fn credentials() -> Credentials {
         name = "heartbeat-gateway"
         key = "{PROXY_KEY}"
         roles = ["device-proxy"]
+        [[service]]
+        name = "analytics"
+        key = "{EVENTS_KEY}"
+        roles = ["events"]
         [[client_certificate]]
         subject = "edge.usher.test"
         roles = ["edge"]
@@ -594,6 +600,67 @@ async fn a_playback_token_reaches_only_its_own_profiles_progress() {
         .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition);
     assert_eq!(reason(&ended), "SESSION_ENDED");
+    s.server.running.shutdown().await.unwrap();
+}
+
+/// WatchEvents needs the `events` role (or admin); support may list a user's events;
+/// the playback API may do neither. A terminate shows who did it and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_need_their_role() {
+    let mut s = secured(KeyAlgorithm::Eddsa).await;
+    let mut events = EventServiceClient::new(s.server.channel.clone());
+    let watch = |key: &str| with_bearer(proto::WatchEventsRequest::default(), key);
+    let list = |key: &str| {
+        with_bearer(
+            proto::ListEventsRequest {
+                parent: "users/hana".into(),
+                ..Default::default()
+            },
+            key,
+        )
+    };
+    for key in [PLAYBACK_KEY, SUPPORT_KEY] {
+        let refused = events.watch_events(watch(key)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{key}");
+    }
+    let bare = events
+        .watch_events(proto::WatchEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(bare.code(), Code::Unauthenticated);
+    let refused = events.list_events(list(PLAYBACK_KEY)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    events.watch_events(watch(EVENTS_KEY)).await.unwrap();
+    events.watch_events(watch(ADMIN_KEY)).await.unwrap();
+
+    let (session, _) = s.start("hana", "tv").await;
+    let terminate = with_bearer(
+        proto::TerminateSessionRequest {
+            name: session.name.clone(),
+            reason: "chargeback".into(),
+        },
+        SUPPORT_KEY,
+    );
+    s.server
+        .sessions
+        .terminate_session(terminate)
+        .await
+        .unwrap();
+    let listed = events
+        .list_events(list(SUPPORT_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let kinds: Vec<&str> = listed.iter().map(|e| e.r#type.as_str()).collect();
+    assert_eq!(kinds, ["playback.terminated", "playback.started"]);
+    assert_eq!(listed[0].actor, "support");
+    assert_eq!(listed[0].operator_reason, "chargeback");
+    assert_eq!(
+        listed[0].end_reason,
+        proto::EndReason::TerminatedByOperator as i32
+    );
+    assert_eq!(listed[1].actor, "");
     s.server.running.shutdown().await.unwrap();
 }
 

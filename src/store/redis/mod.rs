@@ -1252,6 +1252,31 @@ impl Store for RedisStore {
             .collect()
     }
 
+    async fn read_events_back(
+        &self,
+        partition: u32,
+        before: Option<&str>,
+        count: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        if let Some(before) = before {
+            super::parse_event_id(before)?;
+        }
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
+        let end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+        let entries: Vec<(String, Vec<(String, String)>)> = self
+            .core
+            .bounded(
+                self.core
+                    .client
+                    .xrevrange(keys.events(), end, "-", Some(u64::from(count))),
+            )
+            .await?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| decode_event(id, fields))
+            .collect()
+    }
+
     async fn write_progress(
         &self,
         write: ProgressWrite,
