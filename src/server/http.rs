@@ -297,6 +297,11 @@ where
             );
         }
     };
+    let events = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/event-stream"));
     let mut call = http::Request::new(Body::new(Full::new(framed)));
     *call.method_mut() = Method::POST;
     *call.uri_mut() = route.grpc_path.parse().expect("a method path");
@@ -316,6 +321,22 @@ where
         return internal("the gRPC stack failed".into());
     };
     let (head, body) = answer.into_parts();
+    if route.streaming {
+        // A refusal before the first message comes as headers alone.
+        if let Some((code, message, details)) = grpc_outcome(&head.headers)
+            && code != 0
+        {
+            let code = tonic::Code::from_i32(code);
+            let status = StatusCode::from_u16(crate::error::http_status(code))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return respond(
+                status,
+                "application/json",
+                status_json(&rest.pool, code as i32, &message, details.as_deref()),
+            );
+        }
+        return streamed(rest.clone(), route.clone(), body, events);
+    }
     let collected = match body.collect().await {
         Ok(collected) => collected,
         Err(status) => return internal(status.message().to_owned()),
@@ -339,6 +360,111 @@ where
         "application/json",
         status_json(&rest.pool, code as i32, &message, details.as_deref()),
     )
+}
+
+/// A server-streaming answer as it comes: each message one line of JSON,
+/// `{"result": <message>}`, and a failure after the first message a last line
+/// `{"error": <google.rpc.Status>}`, as grpc-gateway streams; or the same documents as
+/// server-sent events (`data:`, and `event: error` for the failure).
+fn streamed(
+    rest: Arc<Rest>,
+    route: super::rest::Route,
+    body: Body,
+    events: bool,
+) -> Response<Body> {
+    use super::rest::{grpc_outcome, json_answer, status_json};
+    use bytes::{Buf, BytesMut};
+    use http_body::Frame;
+    let line = move |kind: &str, json: String| -> Bytes {
+        let document = format!("{{\"{kind}\":{json}}}");
+        Bytes::from(match (events, kind) {
+            (true, "error") => format!("event: error\ndata: {document}\n\n"),
+            (true, _) => format!("data: {document}\n\n"),
+            (false, _) => format!("{document}\n"),
+        })
+    };
+    struct State {
+        body: Body,
+        buffer: BytesMut,
+        done: bool,
+    }
+    let state = State {
+        body,
+        buffer: BytesMut::new(),
+        done: false,
+    };
+    let lines = futures::stream::unfold(state, move |mut state| {
+        let (rest, route) = (rest.clone(), route.clone());
+        async move {
+            if state.done {
+                return None;
+            }
+            let failed = |state: State, message: &str| {
+                let json = status_json(&rest.pool, tonic::Code::Internal as i32, message, None);
+                Some((
+                    Ok::<_, std::convert::Infallible>(Frame::data(line("error", json))),
+                    State {
+                        done: true,
+                        ..state
+                    },
+                ))
+            };
+            loop {
+                if state.buffer.len() >= 5 {
+                    let length = u32::from_be_bytes([
+                        state.buffer[1],
+                        state.buffer[2],
+                        state.buffer[3],
+                        state.buffer[4],
+                    ]) as usize;
+                    if state.buffer.len() >= 5 + length {
+                        let framed = state.buffer.split_to(5 + length).freeze();
+                        return match json_answer(&route, framed) {
+                            Ok(json) => Some((Ok(Frame::data(line("result", json))), state)),
+                            Err(error) => failed(state, &error),
+                        };
+                    }
+                }
+                match state.body.frame().await {
+                    None => return None,
+                    Some(Err(status)) => return failed(state, status.message()),
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(mut data) => {
+                            let chunk = data.copy_to_bytes(data.remaining());
+                            state.buffer.extend_from_slice(&chunk);
+                        }
+                        Err(frame) => {
+                            let trailers = frame.into_trailers().unwrap_or_default();
+                            return match grpc_outcome(&trailers) {
+                                Some((code, message, details)) if code != 0 => {
+                                    let json =
+                                        status_json(&rest.pool, code, &message, details.as_deref());
+                                    Some((
+                                        Ok(Frame::data(line("error", json))),
+                                        State {
+                                            done: true,
+                                            ..state
+                                        },
+                                    ))
+                                }
+                                _ => None,
+                            };
+                        }
+                    },
+                }
+            }
+        }
+    });
+    let content_type = if events {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let mut response = Response::new(Body::new(http_body_util::StreamBody::new(lines)));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 fn hex(bytes: &[u8]) -> String {

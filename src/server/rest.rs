@@ -42,6 +42,9 @@ pub struct Route {
     pub grpc_path: String,
     /// The method: its input and output types, and its documentation.
     rpc: MethodDescriptor,
+    /// A server-streaming method: its messages are answered as they come, one JSON
+    /// document per line (or as server-sent events).
+    pub streaming: bool,
 }
 
 /// The path variables a route bound: each field path and its (decoded) value.
@@ -168,7 +171,7 @@ impl Route {
     }
 }
 
-/// Every binding of the annotated unary methods of `pool`.
+/// Every binding of the annotated unary and server-streaming methods of `pool`.
 pub fn routes(pool: &DescriptorPool) -> Vec<Route> {
     let Some(http) = pool.get_extension_by_name("google.api.http") else {
         return Vec::new();
@@ -176,7 +179,7 @@ pub fn routes(pool: &DescriptorPool) -> Vec<Route> {
     let mut routes = Vec::new();
     for service in pool.services() {
         for method in service.methods() {
-            if method.is_client_streaming() || method.is_server_streaming() {
+            if method.is_client_streaming() {
                 continue;
             }
             let options = method.options();
@@ -219,6 +222,7 @@ pub fn routes(pool: &DescriptorPool) -> Vec<Route> {
                     response_body: text("response_body"),
                     grpc_path: format!("/{}/{}", service.full_name(), method.name()),
                     rpc: method.clone(),
+                    streaming: method.is_server_streaming(),
                 });
             }
         }
@@ -263,8 +267,23 @@ fn set_path(object: &mut Map<String, Value>, path: &[String], value: Value) {
     at.insert(last.clone(), value);
 }
 
-/// The JSON a query parameter's text stands for, by the field's kind.
-fn query_value(message: &MessageDescriptor, path: &[String], text: &str) -> Result<Value, Refused> {
+/// Takes the value at `path` out of a JSON object, if there is one.
+fn take_path(object: &mut Map<String, Value>, path: &[String]) -> Option<Value> {
+    let (last, parents) = path.split_last()?;
+    let mut at = object;
+    for name in parents {
+        at = at.get_mut(name)?.as_object_mut()?;
+    }
+    at.remove(last)
+}
+
+/// The JSON a query parameter's text stands for, by the field's kind, and whether the
+/// field is repeated (its parameter may come several times: each adds a value).
+fn query_value(
+    message: &MessageDescriptor,
+    path: &[String],
+    text: &str,
+) -> Result<(Value, bool), Refused> {
     let mut descriptor = message.clone();
     let unknown = || bad_request(format!("unknown query parameter {:?}", path.join(".")));
     for (i, name) in path.iter().enumerate() {
@@ -273,19 +292,21 @@ fn query_value(message: &MessageDescriptor, path: &[String], text: &str) -> Resu
             .or_else(|| descriptor.get_field_by_json_name(name))
             .ok_or_else(unknown)?;
         let last = i + 1 == path.len();
+        let repeated = field.is_list();
         match field.kind() {
-            Kind::Message(inner) if !last => descriptor = inner,
+            Kind::Message(inner) if !last && !repeated => descriptor = inner,
             Kind::Bool if last => {
                 return match text {
-                    "true" => Ok(Value::Bool(true)),
-                    "false" => Ok(Value::Bool(false)),
+                    "true" => Ok((Value::Bool(true), repeated)),
+                    "false" => Ok((Value::Bool(false), repeated)),
                     _ => Err(bad_request(format!(
                         "{}: expected true or false",
                         path.join(".")
                     ))),
                 };
             }
-            _ if last => return Ok(Value::String(text.to_owned())),
+            Kind::Message(_) if last => return Err(unknown()),
+            _ if last => return Ok((Value::String(text.to_owned()), repeated)),
             _ => return Err(unknown()),
         }
     }
@@ -342,8 +363,17 @@ pub fn grpc_body(
                     "unknown query parameter {key:?}: this method takes its fields in the body"
                 )));
             }
-            let value = query_value(&route.rpc.input(), &path, &text)?;
-            set_path(&mut object, &path, value);
+            let (value, repeated) = query_value(&route.rpc.input(), &path, &text)?;
+            if repeated {
+                let mut values = match take_path(&mut object, &path) {
+                    Some(Value::Array(values)) => values,
+                    _ => Vec::new(),
+                };
+                values.push(value);
+                set_path(&mut object, &path, Value::Array(values));
+            } else {
+                set_path(&mut object, &path, value);
+            }
         }
     }
     let message = DynamicMessage::deserialize_with_options(
@@ -598,7 +628,9 @@ pub fn openapi(pool: &DescriptorPool, routes: &[Route]) -> Value {
     if let Some(status) = pool.get_message_by_name("google.rpc.Status") {
         collect_schemas(&status, &mut schemas);
     }
-    for route in routes {
+    // A stream that never ends is no request/response operation: the README documents
+    // the streaming routes instead.
+    for route in routes.iter().filter(|route| !route.streaming) {
         collect_schemas(&route.rpc.input(), &mut schemas);
         collect_schemas(&route.rpc.output(), &mut schemas);
         let (path, parameters) = openapi_path(route);

@@ -349,3 +349,81 @@ async fn a_backlog_comes_in_batches_each_resumable() {
     assert_eq!(count, 800);
     server.running.shutdown().await.unwrap();
 }
+
+/// `curl` on `path` for `seconds`, its output: what a REST client of the stream reads.
+fn curl_for(
+    addr: std::net::SocketAddr,
+    path: &str,
+    accept: &str,
+    seconds: u32,
+) -> std::process::Child {
+    std::process::Command::new("curl")
+        .args(["-sN", "--max-time", &seconds.to_string()])
+        .args(["-H", &format!("accept: {accept}")])
+        .arg(format!("http://{addr}{path}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs")
+}
+
+/// WatchEvents over HTTP: one JSON batch per line, or server-sent events; a bad request
+/// is refused before the stream starts, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_watched_over_http_as_lines_or_server_sent_events() {
+    let mut server = serve(
+        Arc::new(MemoryStore::new(settings())),
+        5,
+        OverLimitPolicy::RejectNew,
+    )
+    .await;
+    let addr = server.running.addr;
+    let lines = curl_for(addr, "/v1/events:watch?types=playback.started", "*/*", 3);
+    // A repeated field's parameter comes once per value.
+    let events = curl_for(
+        addr,
+        "/v1/events:watch?types=playback.started&types=playback.stopped&userId=kai",
+        "text/event-stream",
+        3,
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let session = server.start("kai", "tv").await;
+    server.stop(&session.name).await.unwrap();
+    let lines = String::from_utf8(lines.wait_with_output().unwrap().stdout).unwrap();
+    let batches: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON document per line"))
+        .collect();
+    let sent: Vec<&serde_json::Value> = batches
+        .iter()
+        .flat_map(|b| b["result"]["events"].as_array().expect(&lines))
+        .collect();
+    assert_eq!(sent.len(), 1, "{lines}");
+    assert_eq!(sent[0]["type"], "playback.started");
+    assert_eq!(sent[0]["session"], session.name.as_str());
+    assert!(
+        batches[0]["result"]["cursor"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+    );
+
+    let events = String::from_utf8(events.wait_with_output().unwrap().stdout).unwrap();
+    let types: Vec<String> = events
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .flat_map(|data| {
+            let batch: serde_json::Value = serde_json::from_str(data).unwrap();
+            batch["result"]["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["type"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(types, ["playback.started", "playback.stopped"], "{events}");
+
+    let refused = http(addr, "GET", "/v1/events:watch?types=playback.nope", &[]).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("types[0]"), "{}", refused.body);
+    server.running.shutdown().await.unwrap();
+}
