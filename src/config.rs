@@ -582,6 +582,21 @@ pub struct ServeArgs {
     /// `OTEL_SERVICE_NAME` is set.
     #[arg(long, env = "USHER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+
+    /// Deliver every event, at least once, to this sink: `nats://host:port` (NATS
+    /// JetStream; stream USHER_EVENTS, subjects usher.events.<type>). Repeat (or
+    /// comma-separate) for more. [default: none]
+    #[arg(long, env = "USHER_RELAY", value_delimiter = ',')]
+    pub relay: Vec<String>,
+
+    /// The CloudEvents `source` of relayed events: names this deployment.
+    #[arg(long, env = "USHER_RELAY_SOURCE", default_value = "usher")]
+    pub relay_source: String,
+
+    /// A relayed batch its sink has not confirmed within this is delivered again, by
+    /// whichever relay reads next (one on another instance, after a crash).
+    #[arg(long, env = "USHER_RELAY_CLAIM_AFTER", default_value = "30s", value_parser = duration)]
+    pub relay_claim_after: Duration,
 }
 
 /// Where state is kept.
@@ -618,6 +633,16 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log: String,
     pub otlp_endpoint: Option<String>,
+    pub relay: RelayConfig,
+}
+
+/// The relay's sinks and how it runs (`--relay`).
+#[derive(Clone, Debug, Default)]
+pub struct RelayConfig {
+    /// `nats://host:port` URLs.
+    pub sinks: Vec<String>,
+    pub source: String,
+    pub claim_after: Duration,
 }
 
 /// The listener's TLS material.
@@ -787,6 +812,25 @@ impl ServeArgs {
                     ),
                 ));
             }
+        }
+        for sink in &self.relay {
+            let host = sink.strip_prefix("nats://");
+            if host.is_none_or(|host| host.is_empty() || host.contains(['/', ' '])) {
+                return Err(ConfigError::new(
+                    "--relay",
+                    format!("{sink:?} is not a sink usher relays to: nats://host:port"),
+                ));
+            }
+        }
+        let window = crate::relay::nats::DUPLICATE_WINDOW;
+        if self.relay_claim_after.is_zero() || self.relay_claim_after >= window {
+            return Err(ConfigError::new(
+                "--relay-claim-after",
+                format!(
+                    "must be more than 0 and less than JetStream's duplicate window ({}s)",
+                    window.as_secs()
+                ),
+            ));
         }
         if self.token_push_before >= self.token_ttl {
             return Err(ConfigError::new(
@@ -981,6 +1025,11 @@ impl ServeArgs {
             log_format: self.log_format,
             log: self.log,
             otlp_endpoint: self.otlp_endpoint,
+            relay: RelayConfig {
+                sinks: self.relay,
+                source: self.relay_source,
+                claim_after: self.relay_claim_after,
+            },
         })
     }
 }

@@ -20,6 +20,8 @@
 //!   verified tokens), and `TokenService`.
 //! - [`manifest`]: manifest URLs signed per origin (S3 presigned GETs, HMAC edge
 //!   tokens), short-lived.
+//! - [`relay`]: every event delivered to other systems at least once (NATS JetStream),
+//!   through a consumer group per sink on every partition's log.
 //! - [`streaming`]: the device stream, `StreamingService`: heartbeats in, acks, "stop
 //!   now", tokens and reconnects out; the fan-out of the store's ended-session feed; and
 //!   `usher device`, a small client of it.
@@ -54,7 +56,7 @@
 //!
 //! ```text
 //! server, config, bench
-//!   streaming                     (the device stream, over the session operations)
+//!   streaming, relay              (the device stream; the relay of the event log)
 //!   session, concurrency, progress, events (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
 //!       token, manifest           (issue, verify, TokenService; signed manifest URLs)
@@ -81,6 +83,7 @@ pub mod net;
 pub mod observe;
 pub mod progress;
 pub mod proto;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod store;

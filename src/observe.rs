@@ -18,6 +18,8 @@
 //! | `usher_streams_open` | gauge | |
 //! | `usher_seats_in_use` | gauge | | (every user's, from the store, about every 16 s)
 //! | `usher_stop_propagation_seconds` | histogram | `path` (how the stop reached the stream) |
+//! | `usher_relay_delivered_total` | counter | `group` (the sink's consumer group) |
+//! | `usher_relay_failed_total` | counter | `group`: events of batches the sink refused |
 
 use std::sync::OnceLock;
 
@@ -131,6 +133,16 @@ pub fn seats_in_use(count: u64) {
 
 pub fn streams_open(delta: f64) {
     metrics::gauge!("usher_streams_open").increment(delta);
+}
+
+pub fn relay_delivered(group: &str, count: usize) {
+    metrics::counter!("usher_relay_delivered_total", "group" => group.to_owned())
+        .increment(count as u64);
+}
+
+pub fn relay_failed(group: &str, count: usize) {
+    metrics::counter!("usher_relay_failed_total", "group" => group.to_owned())
+        .increment(count as u64);
 }
 
 pub fn stop_propagation(path: &'static str, seconds: f64) {

@@ -56,6 +56,8 @@ pub enum StartError {
     Stopped(String),
     #[error("--metrics-listen {0}: cannot serve metrics there (address in use?)")]
     Metrics(SocketAddr),
+    #[error("--relay: {0}")]
+    Relay(#[from] crate::relay::SinkError),
 }
 
 /// A server running in the background.
@@ -112,7 +114,7 @@ pub async fn start(
     );
     let feed = app.store.ended_sessions().await?;
     let fanout = tokio::spawn(app.streams.clone().run_fanout(feed));
-    let background = [
+    let mut background: Vec<_> = [
         Some(probe),
         Some(sweeper),
         Some(fanout),
@@ -122,6 +124,20 @@ pub async fn start(
     .into_iter()
     .flatten()
     .collect();
+    for url in &config.relay.sinks {
+        let sink = crate::relay::nats::NatsSink::connect(url, &config.relay.source).await?;
+        let settings = crate::relay::RelaySettings {
+            claim_after: config.relay.claim_after,
+            ..crate::relay::RelaySettings::default()
+        };
+        tracing::info!(sink = %url, "relaying events");
+        background.push(crate::relay::spawn(
+            app.store.clone(),
+            std::sync::Arc::new(sink),
+            settings,
+            stop.clone(),
+        ));
+    }
     let connections = Arc::new(ConnectionStats::default());
     let incoming = crate::net::accept(
         listener,

@@ -165,6 +165,26 @@ struct Partition {
     events: VecDeque<Event>,
     last_event_ms: u64,
     last_event_seq: u64,
+    /// The relay's consumer groups of this log, by name.
+    groups: HashMap<String, Group>,
+}
+
+/// A consumer group of a partition's log, as Redis keeps one: the last entry it gave
+/// out, and the entries given out and not acknowledged (by id: owner, when given).
+#[derive(Default)]
+struct Group {
+    last_given: Option<(u64, u64)>,
+    pending: std::collections::BTreeMap<(u64, u64), (String, u64)>,
+}
+
+/// The log's entries after `after` (all of them when `None`): the index of the first.
+fn first_after(events: &VecDeque<Event>, after: Option<(u64, u64)>) -> usize {
+    match after {
+        None => 0,
+        Some(after) => {
+            events.partition_point(|e| parse_event_id(&e.id).is_ok_and(|id| id <= after))
+        }
+    }
 }
 
 struct State {
@@ -1010,7 +1030,7 @@ impl Store for MemoryStore {
             };
             log.events
                 .iter()
-                .filter(|e| after.is_none_or(|a| parse_event_id(&e.id).is_ok_and(|id| id > a)))
+                .skip(first_after(&log.events, after))
                 .take(count as usize)
                 .cloned()
                 .collect()
@@ -1035,6 +1055,87 @@ impl Store for MemoryStore {
                 .take(count as usize)
                 .cloned()
                 .collect()
+        }))
+    }
+
+    async fn relay_events(
+        &self,
+        partition: u32,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        claim_after: Duration,
+    ) -> Result<Vec<Event>, StoreError> {
+        let claim_after = claim_after.as_millis() as u64;
+        Ok(self.with_state(|op| {
+            let now = op.now;
+            let Some(Partition { events, groups, .. }) =
+                op.state.partitions.get_mut(partition as usize)
+            else {
+                return Vec::new();
+            };
+            let group = groups.entry(group.to_owned()).or_default();
+            let mut given = Vec::new();
+            let mut gone = Vec::new();
+            for (id, (owner, at)) in group.pending.iter_mut() {
+                if given.len() >= count as usize {
+                    break;
+                }
+                if now.saturating_sub(*at) < claim_after {
+                    continue;
+                }
+                let index = first_after(events, Some(*id)).checked_sub(1);
+                match index
+                    .and_then(|i| events.get(i))
+                    .filter(|e| parse_event_id(&e.id).ok() == Some(*id))
+                {
+                    Some(event) => {
+                        *owner = consumer.to_owned();
+                        *at = now;
+                        given.push(event.clone());
+                    }
+                    // Trimmed from the log since: not an event any more.
+                    None => gone.push(*id),
+                }
+            }
+            for id in gone {
+                group.pending.remove(&id);
+            }
+            let start = first_after(events, group.last_given);
+            let wanted = (count as usize).saturating_sub(given.len());
+            for event in events.iter().skip(start).take(wanted) {
+                if let Ok(id) = parse_event_id(&event.id) {
+                    group.pending.insert(id, (consumer.to_owned(), now));
+                    group.last_given = Some(id);
+                    given.push(event.clone());
+                }
+            }
+            given
+        }))
+    }
+
+    async fn ack_events(
+        &self,
+        partition: u32,
+        group: &str,
+        ids: &[String],
+    ) -> Result<u64, StoreError> {
+        let ids = ids
+            .iter()
+            .map(|id| parse_event_id(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.with_state(|op| {
+            let Some(group) = op
+                .state
+                .partitions
+                .get_mut(partition as usize)
+                .and_then(|log| log.groups.get_mut(group))
+            else {
+                return 0;
+            };
+            ids.iter()
+                .filter(|id| group.pending.remove(id).is_some())
+                .count() as u64
         }))
     }
 

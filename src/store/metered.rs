@@ -3,7 +3,7 @@
 //! sessions (not found, ended, over the limit) are not failures.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -182,6 +182,30 @@ impl Store for Metered {
             "read_events_back",
             self.0.read_events_back(partition, before, count)
         )
+    }
+
+    async fn relay_events(
+        &self,
+        partition: u32,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        claim_after: Duration,
+    ) -> Result<Vec<Event>, StoreError> {
+        metered!(
+            "relay_events",
+            self.0
+                .relay_events(partition, group, consumer, count, claim_after)
+        )
+    }
+
+    async fn ack_events(
+        &self,
+        partition: u32,
+        group: &str,
+        ids: &[String],
+    ) -> Result<u64, StoreError> {
+        metered!("ack_events", self.0.ack_events(partition, group, ids))
     }
 
     async fn ended_sessions(&self) -> Result<EndedFeed, StoreError> {

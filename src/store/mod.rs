@@ -637,6 +637,31 @@ pub trait Store: Send + Sync + 'static {
         count: u32,
     ) -> Result<Vec<Event>, StoreError>;
 
+    /// The relay's read of `partition`'s log: up to `count` events for `consumer` of
+    /// `group` (one group per sink; made at the log's start on first use). First the
+    /// events the group gave out and that were not acknowledged within `claim_after`
+    /// (their consumer died, or their delivery failed: they now belong to `consumer`),
+    /// then events the group has not given out yet, in log order. Each stays pending in
+    /// the group until [`Store::ack_events`]. Several consumers of a group share the log:
+    /// each event is given to one, and again only once it has been pending that long.
+    async fn relay_events(
+        &self,
+        partition: u32,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        claim_after: Duration,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Acknowledges events of `partition` for `group`: they are not given out again.
+    /// How many of them were pending.
+    async fn ack_events(
+        &self,
+        partition: u32,
+        group: &str,
+        ids: &[String],
+    ) -> Result<u64, StoreError>;
+
     /// Subscribes to the notices of sessions that end from now on, in every partition
     /// (see [`EndedFeed`]). Every change that ends a session (stop, terminate, eviction,
     /// expiry by a create, a read, a device call or the sweep) sends its notice after the

@@ -1186,6 +1186,76 @@ pub async fn the_event_log_reads_backwards_newest_first(kind: Kind) {
     ));
 }
 
+pub async fn relay_groups_give_each_event_once_until_it_is_acknowledged(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let name = b.create(&user, "a", 1, RejectNew).await.session.name;
+    for action in [DeviceAction::Pause, DeviceAction::Stop] {
+        b.call(call(&name, action)).await.unwrap();
+    }
+    let log: Vec<String> = b.events_of(&user).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(log.len(), 3);
+    let partition = partition_of(&user, b.store.settings().partitions);
+    let wait = Duration::from_millis(1000);
+    let ids = |events: Vec<usher::store::Event>| -> Vec<String> {
+        events.into_iter().map(|e| e.id).collect()
+    };
+    let relay = |consumer: &'static str, count: u32| {
+        let store = b.store.clone();
+        async move {
+            store
+                .relay_events(partition, "sink", consumer, count, wait)
+                .await
+                .unwrap()
+        }
+    };
+    // Two consumers share the log: each event is given to one.
+    let to_a = ids(relay("a", 2).await);
+    assert_eq!(to_a, log[..2]);
+    let to_b = ids(relay("b", 10).await);
+    assert_eq!(to_b, log[2..]);
+    assert!(relay("b", 10).await.is_empty(), "nothing given twice");
+    assert_eq!(
+        b.store
+            .ack_events(partition, "sink", &to_a[..1])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        b.store
+            .ack_events(partition, "sink", &to_a[..1])
+            .await
+            .unwrap(),
+        0,
+        "acknowledged once"
+    );
+    // Unacknowledged past the wait: given again, to whoever asks.
+    b.advance(Duration::from_millis(1100)).await;
+    let again = ids(relay("b", 10).await);
+    assert_eq!(again, [log[1].clone(), log[2].clone()]);
+    assert!(relay("a", 10).await.is_empty(), "now b's, and fresh");
+    assert_eq!(
+        b.store.ack_events(partition, "sink", &again).await.unwrap(),
+        2
+    );
+    b.advance(Duration::from_millis(1100)).await;
+    assert!(relay("a", 10).await.is_empty(), "acknowledged: never again");
+    // Another group reads the whole log for itself.
+    let other = b
+        .store
+        .relay_events(partition, "other-sink", "a", 10, wait)
+        .await
+        .unwrap();
+    assert_eq!(ids(other), log);
+    assert!(matches!(
+        b.store
+            .ack_events(partition, "sink", &["nope".to_owned()])
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
 /// A device call of `name` at `position_ms`, reporting `duration_ms` if given.
 fn at(
     name: &SessionName,
@@ -1425,6 +1495,7 @@ macro_rules! conformance_suite {
                     progress_is_forgotten_after_its_retention,
                     device_calls_write_progress_at_most_once_per_interval,
                     the_event_log_reads_backwards_newest_first,
+                    relay_groups_give_each_event_once_until_it_is_acknowledged,
                     a_reported_pause_writes_progress_and_an_unplayed_session_none,
                     finishing_a_title_completes_it_with_one_event,
                     progress_goes_to_the_sessions_profile_whatever_the_call_says,

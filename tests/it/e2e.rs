@@ -506,6 +506,26 @@ impl Store for BrokenPartitionZero {
     ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
         self.0.read_events_back(partition, before, count).await
     }
+    async fn relay_events(
+        &self,
+        partition: u32,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        claim_after: std::time::Duration,
+    ) -> Result<Vec<usher::store::Event>, usher::store::StoreError> {
+        self.0
+            .relay_events(partition, group, consumer, count, claim_after)
+            .await
+    }
+    async fn ack_events(
+        &self,
+        partition: u32,
+        group: &str,
+        ids: &[String],
+    ) -> Result<u64, usher::store::StoreError> {
+        self.0.ack_events(partition, group, ids).await
+    }
     async fn ended_sessions(&self) -> Result<usher::store::EndedFeed, usher::store::StoreError> {
         self.0.ended_sessions().await
     }

@@ -14,6 +14,7 @@ mod progress;
 mod python;
 mod race;
 mod redis_only;
+mod relay;
 mod security;
 mod streaming;
 mod support;

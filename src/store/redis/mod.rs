@@ -147,7 +147,7 @@ impl Keys {
 
 /// Every script of `scripts/` but the prelude: its name and text. Each becomes one
 /// function of the library.
-const SCRIPTS: [(&str, &str); 10] = [
+const SCRIPTS: [(&str, &str); 11] = [
     ("createSession", include_str!("scripts/createSession.lua")),
     ("deviceCalls", include_str!("scripts/deviceCalls.lua")),
     (
@@ -161,6 +161,7 @@ const SCRIPTS: [(&str, &str); 10] = [
     ("getProgress", include_str!("scripts/getProgress.lua")),
     ("listProgress", include_str!("scripts/listProgress.lua")),
     ("deleteProgress", include_str!("scripts/deleteProgress.lua")),
+    ("relayRead", include_str!("scripts/relayRead.lua")),
 ];
 
 /// usher's scripts as one Redis Functions library: the prelude, then each script as a
@@ -246,6 +247,7 @@ struct Scripts {
     get_progress: String,
     list_progress: String,
     delete_progress: String,
+    relay_read: String,
 }
 
 impl Scripts {
@@ -262,6 +264,7 @@ impl Scripts {
             get_progress: library.function("getProgress"),
             list_progress: library.function("listProgress"),
             delete_progress: library.function("deleteProgress"),
+            relay_read: library.function("relayRead"),
             library,
         }
     }
@@ -1275,6 +1278,80 @@ impl Store for RedisStore {
             .into_iter()
             .map(|(id, fields)| decode_event(id, fields))
             .collect()
+    }
+
+    async fn relay_events(
+        &self,
+        partition: u32,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        claim_after: Duration,
+    ) -> Result<Vec<Event>, StoreError> {
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
+        let mut args = self.core.common_args(&keys);
+        args.extend([
+            group.to_owned(),
+            consumer.to_owned(),
+            count.to_string(),
+            ms(claim_after),
+        ]);
+        // Run once only: a second run would give out more entries than were answered.
+        let (_, reply) = self
+            .core
+            .run(
+                &self.core.scripts.relay_read,
+                Resend::Never,
+                &keys,
+                vec![keys.events()],
+                args,
+                Deadline::NONE,
+            )
+            .await?;
+        reply
+            .into_iter()
+            .skip(1)
+            .map(|entry| {
+                let Value::Array(mut pair) = entry else {
+                    return Err(StoreError::Corrupt("a relayed entry is not a pair".into()));
+                };
+                let (Some(Value::Array(flat)), Some(id)) = (pair.pop(), pair.pop()) else {
+                    return Err(StoreError::Corrupt("a relayed entry is not a pair".into()));
+                };
+                let id = id
+                    .as_string()
+                    .ok_or_else(|| StoreError::Corrupt("an entry id is not text".into()))?;
+                let fields = flat
+                    .chunks(2)
+                    .map(|pair| match pair {
+                        [field, value] => Ok((
+                            field.as_string().unwrap_or_default(),
+                            value.as_string().unwrap_or_default(),
+                        )),
+                        _ => Err(StoreError::Corrupt("an odd entry".into())),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                decode_event(id, fields)
+            })
+            .collect()
+    }
+
+    async fn ack_events(
+        &self,
+        partition: u32,
+        group: &str,
+        ids: &[String],
+    ) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        for id in ids {
+            super::parse_event_id(id)?;
+        }
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
+        self.core
+            .bounded(self.core.client.xack(keys.events(), group, ids.to_vec()))
+            .await
     }
 
     async fn write_progress(

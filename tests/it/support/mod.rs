@@ -1,6 +1,7 @@
 //! What the tests share: stores to run against, a real server on port 0 with its clients,
 //! and decoding of error details.
 
+pub mod nats;
 pub mod redis;
 
 use std::sync::Arc;

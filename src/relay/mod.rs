@@ -1,0 +1,150 @@
+//! The relay: every event of every partition's log delivered to other systems, at least
+//! once. Each sink has a consumer group on every partition's log (the store's
+//! [`Store::relay_events`]): the relay takes a batch, hands it to the sink, and
+//! acknowledges it only once the sink confirmed it. A batch that a relay took and never
+//! acknowledged (it crashed, the sink refused) is taken over by any relay of the same
+//! sink once it has been pending `claim_after`, so several usher instances share the
+//! work and a crash redelivers instead of losing. Sinks drop what they already have by
+//! the event's stable id (JetStream: `Nats-Msg-Id`).
+
+pub mod nats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::events::to_proto;
+use crate::proto;
+use crate::store::Store;
+
+/// A sink refused or could not take a batch: it is delivered again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where events go.
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// The sink's consumer group: one per kind of sink, shared by every relay of it.
+    fn group(&self) -> &str;
+
+    /// Delivers `events` (of one partition, in log order): `Ok` only once the sink holds
+    /// all of them. Delivering one again must not duplicate it at the sink.
+    async fn deliver(&self, events: &[proto::Event]) -> Result<(), SinkError>;
+}
+
+/// How a relay runs.
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    /// This relay's consumer name: unique per process, so a restarted relay is a new
+    /// consumer and the old one's pending batches are taken over.
+    pub consumer: String,
+    /// Events per batch (one partition's).
+    pub batch: u32,
+    /// A batch pending this long is taken over by whichever relay reads next.
+    pub claim_after: Duration,
+    /// Between passes over the partitions while events come.
+    pub busy_poll: Duration,
+    /// Between passes while none do.
+    pub idle_poll: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            consumer: format!(
+                "relay-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            batch: 256,
+            claim_after: Duration::from_secs(30),
+            busy_poll: Duration::from_millis(100),
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Partitions read at once by one relay.
+const CONCURRENCY: usize = 16;
+
+/// Runs a relay of `sink` until `stop` turns true.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    sink: Arc<dyn Sink>,
+    settings: RelaySettings,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let partitions = store.settings().partitions;
+        tracing::info!(group = sink.group(), consumer = %settings.consumer, "relay started");
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let delivered: usize = futures::stream::iter(0..partitions)
+                .map(|partition| relay_partition(&*store, &*sink, &settings, partition))
+                .buffer_unordered(CONCURRENCY)
+                .fold(0, |sum, count| async move { sum + count })
+                .await;
+            let pause = if delivered > 0 {
+                settings.busy_poll
+            } else {
+                settings.idle_poll
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One batch of one partition, delivered and acknowledged: how many events.
+async fn relay_partition(
+    store: &dyn Store,
+    sink: &dyn Sink,
+    settings: &RelaySettings,
+    partition: u32,
+) -> usize {
+    let group = sink.group();
+    let taken = store
+        .relay_events(
+            partition,
+            group,
+            &settings.consumer,
+            settings.batch,
+            settings.claim_after,
+        )
+        .await;
+    let events = match taken {
+        Ok(events) if events.is_empty() => return 0,
+        Ok(events) => events,
+        Err(error) => {
+            tracing::warn!(%error, partition, group, "relay: reading the log failed");
+            return 0;
+        }
+    };
+    let batch: Vec<proto::Event> = events.iter().map(|e| to_proto(partition, e)).collect();
+    if let Err(error) = sink.deliver(&batch).await {
+        // Not acknowledged: taken over and delivered again after `claim_after`.
+        tracing::warn!(%error, partition, group, events = batch.len(), "relay: the sink refused a batch");
+        crate::observe::relay_failed(group, batch.len());
+        return 0;
+    }
+    let ids: Vec<String> = events.into_iter().map(|e| e.id).collect();
+    if let Err(error) = store.ack_events(partition, group, &ids).await {
+        // Delivered but not acknowledged: delivered again later, dropped by the sink.
+        tracing::warn!(%error, partition, group, "relay: acknowledging failed");
+    }
+    crate::observe::relay_delivered(group, ids.len());
+    ids.len()
+}

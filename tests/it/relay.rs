@@ -1,0 +1,249 @@
+//! The relay to NATS JetStream, against a `nats-server -js` the test starts: after mixed
+//! traffic, every event of the store's logs is in JetStream exactly once, although one
+//! relay hung after publishing a batch and was killed before acknowledging it, and the
+//! NATS server was killed and started again meanwhile. On memory, Redis and the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use usher::deadline::Deadline;
+use usher::proto;
+use usher::relay::nats::{NatsSink, STREAM};
+use usher::relay::{RelaySettings, Sink, SinkError};
+use usher::store::memory::MemoryStore;
+use usher::store::redis::{RedisStore, RedisTarget};
+use usher::store::{DeviceAction, DeviceCall, OverLimitPolicy, Store, StoreSettings};
+
+use crate::support::nats::NatsServer;
+use crate::support::{new_session, redis, redis_options, test_settings, unique_prefix, user};
+
+/// A sink that delivers `good` batches, then publishes the next one and hangs before
+/// confirming it: a relay that dies mid-batch.
+struct HangsMidBatch {
+    inner: NatsSink,
+    good: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for HangsMidBatch {
+    fn group(&self) -> &str {
+        self.inner.group()
+    }
+
+    async fn deliver(&self, events: &[proto::Event]) -> Result<(), SinkError> {
+        self.inner.deliver(events).await?;
+        if self.good.fetch_sub(1, Ordering::SeqCst) == 0 {
+            futures::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+fn settings(consumer: &str) -> RelaySettings {
+    RelaySettings {
+        consumer: consumer.into(),
+        batch: 8,
+        claim_after: Duration::from_millis(700),
+        busy_poll: Duration::from_millis(20),
+        idle_poll: Duration::from_millis(50),
+    }
+}
+
+/// Sessions of `users` users started, paused, resumed and stopped (every third one
+/// terminated instead): a mix of every kind of ending a run has.
+async fn traffic(store: &Arc<dyn Store>, tag: &str, users: usize) {
+    for i in 0..users {
+        let owner = user(&format!("relay-{tag}-{i}"));
+        let created = store
+            .create_session(
+                new_session(&owner, "tv", 3, OverLimitPolicy::RejectNew),
+                Deadline::NONE,
+            )
+            .await
+            .unwrap();
+        let name = created.session.name;
+        for action in [DeviceAction::Pause, DeviceAction::Resume] {
+            let call = DeviceCall::new(name.clone(), None, action);
+            store.device_call(call, Deadline::NONE).await.unwrap();
+        }
+        if i % 3 == 0 {
+            let termination = usher::session::Termination {
+                message: "test".into(),
+                by: "relay-test".into(),
+            };
+            store
+                .terminate(&name, &termination, Deadline::NONE)
+                .await
+                .unwrap();
+        } else {
+            let call = DeviceCall::new(name, None, DeviceAction::Stop);
+            store.device_call(call, Deadline::NONE).await.unwrap();
+        }
+    }
+}
+
+/// Every event id of the store's logs, with its type.
+async fn logged(store: &Arc<dyn Store>) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    for partition in 0..store.settings().partitions {
+        for event in store.read_events(partition, None, 100_000).await.unwrap() {
+            all.insert(
+                usher::events::event_id(partition, &event),
+                event.kind.as_str().to_owned(),
+            );
+        }
+    }
+    all
+}
+
+/// Every message of the JetStream stream: its `Nats-Msg-Id` and subject, in order.
+async fn in_jetstream(url: &str) -> Vec<(String, String)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let Ok(mut stream) = jetstream.get_stream(STREAM).await else {
+        return Vec::new();
+    };
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut messages = Vec::new();
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let id = match message.headers.get(async_nats::header::NATS_MESSAGE_ID) {
+            Some(id) => id.to_string(),
+            None => panic!("no Nats-Msg-Id: {:?}", message.headers),
+        };
+        let cloud: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(cloud["id"], id.as_str());
+        assert_eq!(cloud["specversion"], "1.0");
+        assert_eq!(
+            message.subject.as_str(),
+            format!("usher.events.{}", cloud["type"].as_str().unwrap())
+        );
+        messages.push((id, cloud["type"].as_str().unwrap().to_owned()));
+    }
+    messages
+}
+
+async fn every_event_once(store: Arc<dyn Store>) {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let url = nats.url();
+    let (stop, stopped) = watch::channel(false);
+    // A relay that publishes two batches, then hangs on its third, unconfirmed.
+    let hanging = HangsMidBatch {
+        inner: NatsSink::connect(&url, "usher-test").await.unwrap(),
+        good: AtomicUsize::new(2),
+    };
+    let first = usher::relay::spawn(
+        store.clone(),
+        Arc::new(hanging),
+        settings("a"),
+        stopped.clone(),
+    );
+    traffic(&store, "one", 12).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.abort();
+
+    // NATS goes down while more traffic comes, and a second relay starts.
+    nats.kill();
+    traffic(&store, "two", 6).await;
+    let sink = NatsSink::connect(&url, "usher-test").await.unwrap();
+    let second = usher::relay::spawn(store.clone(), Arc::new(sink), settings("b"), stopped);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+
+    let expected = logged(&store).await;
+    assert!(expected.len() >= 18 * 4, "{}", expected.len());
+    let started = Instant::now();
+    let delivered = loop {
+        let delivered = in_jetstream(&url).await;
+        if delivered.len() >= expected.len() || started.elapsed() > Duration::from_secs(30) {
+            break delivered;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // A moment more: anything duplicated late would show.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let delivered = if delivered.len() == expected.len() {
+        in_jetstream(&url).await
+    } else {
+        delivered
+    };
+    let ids: BTreeSet<&String> = delivered.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), delivered.len(), "an event twice in JetStream");
+    let delivered: BTreeMap<String, String> = delivered.into_iter().collect();
+    assert_eq!(delivered, expected, "every event, once");
+    let count = |kind: &str| expected.values().filter(|k| *k == kind).count();
+    assert_eq!(count("playback.started"), 18);
+    assert_eq!(count("playback.terminated"), 6);
+    assert_eq!(count("playback.stopped"), 12);
+    stop.send(true).unwrap();
+    second.await.unwrap();
+}
+
+fn store_settings() -> StoreSettings {
+    StoreSettings {
+        heartbeat_timeout: Duration::from_secs(60),
+        ..test_settings()
+    }
+}
+
+async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
+    let options = redis_options(target, &unique_prefix());
+    Arc::new(
+        RedisStore::connect(options, store_settings())
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_delivers_every_event_once_in_memory() {
+    every_event_once(Arc::new(MemoryStore::new(store_settings()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_delivers_every_event_once_on_redis() {
+    let url = redis::shared_redis().url();
+    every_event_once(redis_store(RedisTarget::Single { url }).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_delivers_every_event_once_on_a_cluster() {
+    let nodes = redis::shared_cluster().node_list();
+    every_event_once(redis_store(RedisTarget::Cluster { nodes }).await).await;
+}
+
+/// `--relay nats://...`: the server relays what its calls write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_relays_with_the_relay_flag() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
+    config.relay.sinks = vec![nats.url()];
+    config.relay.source = "usher://test".into();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(store_settings()));
+    let components = crate::support::components(
+        store,
+        Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
+    );
+    let mut server = crate::support::serve_components(&config, components).await;
+    let session = server.start("lena", "tv").await;
+    server.stop(&session.name).await.unwrap();
+    let started = Instant::now();
+    let delivered = loop {
+        let delivered = in_jetstream(&nats.url()).await;
+        if delivered.len() >= 2 || started.elapsed() > Duration::from_secs(10) {
+            break delivered;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let types: Vec<&str> = delivered.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(types, ["playback.started", "playback.stopped"]);
+    server.running.shutdown().await.unwrap();
+}
