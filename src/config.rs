@@ -584,8 +584,9 @@ pub struct ServeArgs {
     pub otlp_endpoint: Option<String>,
 
     /// Deliver every event, at least once, to this sink: `nats://host:port` (NATS
-    /// JetStream; stream USHER_EVENTS, subjects usher.events.<type>). Repeat (or
-    /// comma-separate) for more. [default: none]
+    /// JetStream; stream USHER_EVENTS, subjects usher.events.<type>) or
+    /// `postgres://user@host:port/database` (the session history; usher applies its
+    /// migrations at start). Repeat (or comma-separate) for more. [default: none]
     #[arg(long, env = "USHER_RELAY", value_delimiter = ',')]
     pub relay: Vec<String>,
 
@@ -639,7 +640,7 @@ pub struct Config {
 /// The relay's sinks and how it runs (`--relay`).
 #[derive(Clone, Debug, Default)]
 pub struct RelayConfig {
-    /// `nats://host:port` URLs.
+    /// `nats://host:port` and `postgres://...` URLs.
     pub sinks: Vec<String>,
     pub source: String,
     pub claim_after: Duration,
@@ -814,11 +815,20 @@ impl ServeArgs {
             }
         }
         for sink in &self.relay {
-            let host = sink.strip_prefix("nats://");
-            if host.is_none_or(|host| host.is_empty() || host.contains(['/', ' '])) {
+            let nats = sink
+                .strip_prefix("nats://")
+                .is_some_and(|host| !host.is_empty() && !host.contains(['/', ' ']));
+            let postgres = ["postgres://", "postgresql://"].iter().any(|scheme| {
+                sink.strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty())
+            });
+            if !nats && !postgres {
                 return Err(ConfigError::new(
                     "--relay",
-                    format!("{sink:?} is not a sink usher relays to: nats://host:port"),
+                    format!(
+                        "{sink:?} is not a sink usher relays to: nats://host:port or \
+                         postgres://user@host:port/database"
+                    ),
                 ));
             }
         }

@@ -8,6 +8,7 @@
 //! the event's stable id (JetStream: `Nats-Msg-Id`).
 
 pub mod nats;
+pub mod postgres;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +67,20 @@ impl Default for RelaySettings {
             busy_poll: Duration::from_millis(100),
             idle_poll: Duration::from_secs(1),
         }
+    }
+}
+
+/// `url` without the password it may carry, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
+            let user = rest[..at - scheme.len() - 3]
+                .split(':')
+                .next()
+                .unwrap_or_default();
+            format!("{scheme}://{user}:***@{}", &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -147,4 +162,18 @@ async fn relay_partition(
     }
     crate::observe::relay_delivered(group, ids.len());
     ids.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_are_left_out_of_logged_urls() {
+        assert_eq!(
+            redacted("postgres://usher:s3cret@db:5432/usher"),
+            "postgres://usher:***@db:5432/usher"
+        );
+        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
 }

@@ -125,15 +125,21 @@ pub async fn start(
     .flatten()
     .collect();
     for url in &config.relay.sinks {
-        let sink = crate::relay::nats::NatsSink::connect(url, &config.relay.source).await?;
+        let sink: std::sync::Arc<dyn crate::relay::Sink> = if url.starts_with("nats://") {
+            std::sync::Arc::new(
+                crate::relay::nats::NatsSink::connect(url, &config.relay.source).await?,
+            )
+        } else {
+            std::sync::Arc::new(crate::relay::postgres::PostgresSink::connect(url).await?)
+        };
         let settings = crate::relay::RelaySettings {
             claim_after: config.relay.claim_after,
             ..crate::relay::RelaySettings::default()
         };
-        tracing::info!(sink = %url, "relaying events");
+        tracing::info!(sink = %crate::relay::redacted(url), "relaying events");
         background.push(crate::relay::spawn(
             app.store.clone(),
-            std::sync::Arc::new(sink),
+            sink,
             settings,
             stop.clone(),
         ));

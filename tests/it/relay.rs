@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use usher::deadline::Deadline;
 use usher::proto;
 use usher::relay::nats::{NatsSink, STREAM};
+use usher::relay::postgres::PostgresSink;
 use usher::relay::{RelaySettings, Sink, SinkError};
 use usher::store::memory::MemoryStore;
 use usher::store::redis::{RedisStore, RedisTarget};
@@ -21,10 +22,10 @@ use usher::store::{DeviceAction, DeviceCall, OverLimitPolicy, Store, StoreSettin
 use crate::support::nats::NatsServer;
 use crate::support::{new_session, redis, redis_options, test_settings, unique_prefix, user};
 
-/// A sink that delivers `good` batches, then publishes the next one and hangs before
+/// A sink that delivers `good` batches, then delivers the next one and hangs before
 /// confirming it: a relay that dies mid-batch.
 struct HangsMidBatch {
-    inner: NatsSink,
+    inner: Arc<dyn Sink>,
     good: AtomicUsize,
 }
 
@@ -135,7 +136,7 @@ async fn every_event_once(store: Arc<dyn Store>) {
     let (stop, stopped) = watch::channel(false);
     // A relay that publishes two batches, then hangs on its third, unconfirmed.
     let hanging = HangsMidBatch {
-        inner: NatsSink::connect(&url, "usher-test").await.unwrap(),
+        inner: Arc::new(NatsSink::connect(&url, "usher-test").await.unwrap()),
         good: AtomicUsize::new(2),
     };
     let first = usher::relay::spawn(
@@ -246,4 +247,170 @@ async fn the_server_relays_with_the_relay_flag() {
     let types: Vec<&str> = delivered.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(types, ["playback.started", "playback.stopped"]);
     server.running.shutdown().await.unwrap();
+}
+
+/// A database of its own for one test on the machine's PostgreSQL (127.0.0.1:5432,
+/// trust), dropped when the test ends, whatever happens.
+struct Database {
+    name: String,
+}
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+impl Database {
+    /// `None` when no PostgreSQL answers (outside CI; under CI that fails the test).
+    async fn create() -> Option<Database> {
+        let Ok((client, connection)) =
+            tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls).await
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL on 127.0.0.1:5432 is required under CI"
+            );
+            eprintln!("skipped: no PostgreSQL on 127.0.0.1:5432");
+            return None;
+        };
+        tokio::spawn(connection);
+        let name = format!("usher_test_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Some(Database { name })
+    }
+
+    fn url(&self) -> String {
+        format!("{POSTGRES}/{}", self.name)
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Its own thread and runtime: Drop cannot wait on the test's.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
+                        .await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The PostgreSQL sink: every event once in `playback_events`, one row per session with
+/// its start, end, reason and actor, and the latest position per title, although a relay
+/// hung mid-batch (its batch committed, never acknowledged) and another took over; and
+/// the migrations apply once, whoever starts first.
+async fn history_in_postgres(store: Arc<dyn Store>) {
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let (stop, stopped) = watch::channel(false);
+    let sink: Arc<dyn Sink> = Arc::new(PostgresSink::connect(&database.url()).await.unwrap());
+    // A second instance starting on the same database applies nothing again.
+    PostgresSink::connect(&database.url()).await.unwrap();
+    let hanging = HangsMidBatch {
+        inner: sink.clone(),
+        good: AtomicUsize::new(2),
+    };
+    let first = usher::relay::spawn(
+        store.clone(),
+        Arc::new(hanging),
+        settings("a"),
+        stopped.clone(),
+    );
+    traffic(&store, "pg", 12).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.abort();
+    let second = usher::relay::spawn(store.clone(), sink, settings("b"), stopped);
+
+    let expected = logged(&store).await;
+    let client = database.client().await;
+    let started = Instant::now();
+    loop {
+        let count: i64 = client
+            .query_one("SELECT count(*) FROM playback_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if count as usize >= expected.len() || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = client
+        .query("SELECT id, type FROM playback_events", &[])
+        .await
+        .unwrap();
+    let stored: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(stored, expected, "every event, once");
+    let sessions = client
+        .query(
+            "SELECT session, started IS NOT NULL, ended IS NOT NULL, end_reason, actor,
+                    operator_reason, final_position_ms
+             FROM playback_sessions ORDER BY session",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sessions.len(), 12);
+    let mut terminated = 0;
+    for row in &sessions {
+        assert!(
+            row.get::<_, bool>(1) && row.get::<_, bool>(2),
+            "started and ended"
+        );
+        match row.get::<_, Option<&str>>(3) {
+            Some("END_REASON_TERMINATED_BY_OPERATOR") => {
+                terminated += 1;
+                assert_eq!(row.get::<_, Option<&str>>(4), Some("relay-test"));
+                assert_eq!(row.get::<_, Option<&str>>(5), Some("test"));
+            }
+            Some("END_REASON_STOPPED_BY_DEVICE") => {
+                assert_eq!(row.get::<_, Option<&str>>(4), None);
+            }
+            other => panic!("unexpected end reason {other:?}"),
+        }
+        assert_eq!(row.get::<_, Option<i64>>(6), Some(0));
+    }
+    assert_eq!(terminated, 4);
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM usher_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+    stop.send(true).unwrap();
+    second.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_the_session_history_in_postgres_on_redis() {
+    let url = redis::shared_redis().url();
+    history_in_postgres(redis_store(RedisTarget::Single { url }).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_the_session_history_in_postgres_in_memory() {
+    history_in_postgres(Arc::new(MemoryStore::new(store_settings()))).await;
 }
