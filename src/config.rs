@@ -41,10 +41,26 @@ pub enum Command {
     /// Play the device's side of a session's stream: heartbeat with its playback token
     /// and print every message usher sends (one JSON line each) until usher stops it.
     Device(DeviceArgs),
+    /// Run only the relays of `--relay` (no server): deliver every event of the store's
+    /// logs to the sinks, sharing the work with every other relay of them. Takes the
+    /// flags of `serve`; `--status` prints how far each sink is behind and exits.
+    Relay(Box<RelayArgs>),
     /// Measure the hot paths side by side in one run: creates, unary and streamed
     /// heartbeats, ValidateToken and an empty RPC through usher, and (given the Redis it
     /// uses) the same store scripts driven straight at Redis, with CPU and memory per call.
     Bench(Box<BenchArgs>),
+}
+
+/// `usher relay` flags: those of `serve` (the store, the sinks), and `--status`.
+#[derive(Clone, Debug, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// Print each sink's lag (events not acknowledged, in all partitions and in the
+    /// partition furthest behind) as a JSON line, and exit.
+    #[arg(long, env = "USHER_RELAY_STATUS")]
+    pub status: bool,
 }
 
 /// `usher bench` flags.
@@ -1051,7 +1067,11 @@ impl Config {
             Command::Serve(args) => args
                 .into_config()
                 .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}")),
-            Command::Health(_) | Command::Keys(_) | Command::Device(_) | Command::Bench(_) => {
+            Command::Health(_)
+            | Command::Keys(_)
+            | Command::Device(_)
+            | Command::Bench(_)
+            | Command::Relay(_) => {
                 unreachable!("parsed `usher serve`")
             }
         }
@@ -1070,9 +1090,11 @@ mod tests {
             .command
         {
             Command::Serve(args) => args.into_config().map_err(|e| e.to_string()),
-            Command::Health(_) | Command::Keys(_) | Command::Device(_) | Command::Bench(_) => {
-                Err("parsed another command".into())
-            }
+            Command::Health(_)
+            | Command::Keys(_)
+            | Command::Device(_)
+            | Command::Bench(_)
+            | Command::Relay(_) => Err("parsed another command".into()),
         }
     }
 

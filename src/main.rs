@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::Keys(command) => keys(command),
         Command::Device(args) => device(args).await,
         Command::Bench(args) => bench(*args).await,
+        Command::Relay(args) => relay(*args).await,
     }
 }
 
@@ -143,6 +144,35 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "usher could not start");
+            ExitCode::FAILURE
+        }
+    };
+    telemetry.shutdown().await;
+    code
+}
+
+async fn relay(args: usher::config::RelayArgs) -> ExitCode {
+    let signal = usher::server::shutdown_signal();
+    let status = args.status;
+    let config = match args.serve.into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("usher relay: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let telemetry = match usher::telemetry::init(config.log_format, &config.log, None) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("usher relay: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match usher::server::relay(config, status, signal).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "usher relay could not run");
+            eprintln!("usher relay: {error}");
             ExitCode::FAILURE
         }
     };

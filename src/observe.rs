@@ -20,6 +20,8 @@
 //! | `usher_stop_propagation_seconds` | histogram | `path` (how the stop reached the stream) |
 //! | `usher_relay_delivered_total` | counter | `group` (the sink's consumer group) |
 //! | `usher_relay_failed_total` | counter | `group`: events of batches the sink refused |
+//! | `usher_relay_lag_events` | gauge | `group`: events not acknowledged, all partitions |
+//! | `usher_relay_lag_max_partition_events` | gauge | `group`: the same, the partition furthest behind |
 
 use std::sync::OnceLock;
 
@@ -138,6 +140,12 @@ pub fn streams_open(delta: f64) {
 pub fn relay_delivered(group: &str, count: usize) {
     metrics::counter!("usher_relay_delivered_total", "group" => group.to_owned())
         .increment(count as u64);
+}
+
+pub fn relay_lag(group: &str, total: u64, worst_partition: u64) {
+    metrics::gauge!("usher_relay_lag_events", "group" => group.to_owned()).set(total as f64);
+    metrics::gauge!("usher_relay_lag_max_partition_events", "group" => group.to_owned())
+        .set(worst_partition as f64);
 }
 
 pub fn relay_failed(group: &str, count: usize) {

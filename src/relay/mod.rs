@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::events::to_proto;
 use crate::proto;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// A sink refused or could not take a batch: it is delivered again later.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,20 @@ impl Default for RelaySettings {
     }
 }
 
+/// The sink a `--relay` URL names: `nats://...` or `postgres://...`.
+pub async fn connect_sink(url: &str, source: &str) -> Result<Arc<dyn Sink>, SinkError> {
+    if url.starts_with("nats://") {
+        Ok(Arc::new(nats::NatsSink::connect(url, source).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresSink::connect(url).await?))
+    } else {
+        Err(SinkError(format!(
+            "{}: not a sink usher relays to (nats:// or postgres://)",
+            redacted(url)
+        )))
+    }
+}
+
 /// `url` without the password it may carry, for logs and errors.
 pub fn redacted(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
@@ -87,6 +101,51 @@ pub fn redacted(url: &str) -> String {
 /// Partitions read at once by one relay.
 const CONCURRENCY: usize = 16;
 
+/// How often a relay measures its group's lag in every partition.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where `group` stands in every partition's log: the sum of what is not acknowledged,
+/// and the partition furthest behind with its count.
+pub async fn lag(store: &dyn Store, group: &str) -> Result<(u64, u32, u64), StoreError> {
+    let lags: Vec<_> = futures::stream::iter(0..store.settings().partitions)
+        .map(|partition| async move { (partition, store.relay_lag(partition, group).await) })
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut total = 0;
+    let mut worst = (0, 0);
+    for (partition, lag) in lags {
+        let behind = lag?.behind();
+        total += behind;
+        if behind > worst.1 {
+            worst = (partition, behind);
+        }
+    }
+    Ok((total, worst.0, worst.1))
+}
+
+/// Measures the lag into the metrics, and warns while a partition is more than half
+/// the log's cap behind: past the cap, entries are trimmed whether delivered or not.
+async fn watch_lag(store: &dyn Store, group: &str) {
+    match lag(store, group).await {
+        Ok((total, partition, behind)) => {
+            crate::observe::relay_lag(group, total, behind);
+            let cap = store.settings().event_stream_maxlen;
+            if behind > cap / 2 {
+                tracing::warn!(
+                    group,
+                    partition,
+                    behind,
+                    cap,
+                    "relay falling behind: a partition's log keeps about --event-stream-maxlen \
+                     entries, and what is trimmed before it is delivered is lost"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, group, "relay: measuring the lag failed"),
+    }
+}
+
 /// Runs a relay of `sink` until `stop` turns true.
 pub fn spawn(
     store: Arc<dyn Store>,
@@ -97,9 +156,14 @@ pub fn spawn(
     tokio::spawn(async move {
         let partitions = store.settings().partitions;
         tracing::info!(group = sink.group(), consumer = %settings.consumer, "relay started");
+        let mut measured: Option<tokio::time::Instant> = None;
         loop {
             if *stop.borrow() {
                 return;
+            }
+            if measured.is_none_or(|at| at.elapsed() >= LAG_INTERVAL) {
+                watch_lag(&*store, sink.group()).await;
+                measured = Some(tokio::time::Instant::now());
             }
             let delivered: usize = futures::stream::iter(0..partitions)
                 .map(|partition| relay_partition(&*store, &*sink, &settings, partition))

@@ -125,13 +125,7 @@ pub async fn start(
     .flatten()
     .collect();
     for url in &config.relay.sinks {
-        let sink: std::sync::Arc<dyn crate::relay::Sink> = if url.starts_with("nats://") {
-            std::sync::Arc::new(
-                crate::relay::nats::NatsSink::connect(url, &config.relay.source).await?,
-            )
-        } else {
-            std::sync::Arc::new(crate::relay::postgres::PostgresSink::connect(url).await?)
-        };
+        let sink = crate::relay::connect_sink(url, &config.relay.source).await?;
         let settings = crate::relay::RelaySettings {
             claim_after: config.relay.claim_after,
             ..crate::relay::RelaySettings::default()
@@ -193,6 +187,61 @@ pub async fn serve(config: Config, signal: impl Future<Output = ()>) -> Result<(
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
 /// when it is first polled: call it before listening, so a SIGTERM that arrives while
 /// the server starts (a supervisor stopping it at once) drains instead of killing.
+/// `usher relay`: the relays of `config.relay.sinks` alone, no server, until `signal`.
+/// With `status`, prints where each sink's group stands instead (one JSON line each)
+/// and returns.
+pub async fn relay(
+    config: Config,
+    status: bool,
+    signal: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    if config.relay.sinks.is_empty() {
+        return Err(StartError::Relay(crate::relay::SinkError(
+            "name at least one sink (nats://... or postgres://...)".into(),
+        )));
+    }
+    let store = app::open_store(&config).await?;
+    let mut sinks = Vec::new();
+    for url in &config.relay.sinks {
+        sinks.push(crate::relay::connect_sink(url, &config.relay.source).await?);
+    }
+    if status {
+        for sink in &sinks {
+            let (total, partition, behind) = crate::relay::lag(&*store, sink.group()).await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "group": sink.group(),
+                    "behind": total,
+                    "worst_partition": partition,
+                    "worst_partition_behind": behind,
+                    "log_cap": store.settings().event_stream_maxlen,
+                })
+            );
+        }
+        return Ok(());
+    }
+    let (stop, stopped) = watch::channel(false);
+    let relays: Vec<_> = sinks
+        .into_iter()
+        .map(|sink| {
+            let settings = crate::relay::RelaySettings {
+                claim_after: config.relay.claim_after,
+                ..crate::relay::RelaySettings::default()
+            };
+            crate::relay::spawn(store.clone(), sink, settings, stopped.clone())
+        })
+        .collect();
+    tracing::info!(sinks = relays.len(), "usher relay running");
+    signal.await;
+    let _ = stop.send(true);
+    for relay in relays {
+        let _ = relay.await;
+    }
+    tracing::info!("usher relay stopped");
+    Ok(())
+}
+
 pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {

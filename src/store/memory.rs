@@ -24,8 +24,8 @@ use tokio::sync::broadcast;
 use super::{
     Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
     ENDED_FEED_CAPACITY, EndedFeed, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite, Seats, Store,
-    StoreError, StoreSettings, Swept, parse_event_id, partition_of,
+    NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite, RelayLag, Seats,
+    Store, StoreError, StoreSettings, Swept, parse_event_id, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{ContentId, ProfileId, RequestId, SessionId, SessionName, UserId};
@@ -1111,6 +1111,22 @@ impl Store for MemoryStore {
                 }
             }
             given
+        }))
+    }
+
+    async fn relay_lag(&self, partition: u32, group: &str) -> Result<RelayLag, StoreError> {
+        Ok(self.with_state(|op| {
+            let Some(log) = op.state.partitions.get(partition as usize) else {
+                return RelayLag::default();
+            };
+            let (last_given, pending) = log
+                .groups
+                .get(group)
+                .map_or((None, 0), |g| (g.last_given, g.pending.len() as u64));
+            RelayLag {
+                pending,
+                unread: (log.events.len() - first_after(&log.events, last_given)) as u64,
+            }
         }))
     }
 

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 
 use super::{
     Beat, Created, DeviceCall, EndedFeed, Event, NewSession, OverLimitPolicy, Preview,
-    ProgressCursor, ProgressKey, ProgressWrite, Seats, Store, StoreError, StoreSettings, Swept,
+    ProgressCursor, ProgressKey, ProgressWrite, RelayLag, Seats, Store, StoreError, StoreSettings,
+    Swept,
 };
 use crate::deadline::Deadline;
 use crate::ids::{DeviceId, ProfileId, SessionName, UserId};
@@ -197,6 +198,10 @@ impl Store for Metered {
             self.0
                 .relay_events(partition, group, consumer, count, claim_after)
         )
+    }
+
+    async fn relay_lag(&self, partition: u32, group: &str) -> Result<RelayLag, StoreError> {
+        metered!("relay_lag", self.0.relay_lag(partition, group))
     }
 
     async fn ack_events(

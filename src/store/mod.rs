@@ -282,6 +282,22 @@ pub fn preview(
     }
 }
 
+/// How far a relay's consumer group is behind in one partition's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayLag {
+    /// Given out and not acknowledged yet.
+    pub pending: u64,
+    /// In the log and not given out yet.
+    pub unread: u64,
+}
+
+impl RelayLag {
+    /// Entries not acknowledged: what trimming the log would lose.
+    pub fn behind(&self) -> u64 {
+        self.pending + self.unread
+    }
+}
+
 /// The seats of a user as one consistent read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seats {
@@ -652,6 +668,10 @@ pub trait Store: Send + Sync + 'static {
         count: u32,
         claim_after: Duration,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// How far `group` is behind in `partition`'s log (a group never read from is the
+    /// whole log behind).
+    async fn relay_lag(&self, partition: u32, group: &str) -> Result<RelayLag, StoreError>;
 
     /// Acknowledges events of `partition` for `group`: they are not given out again.
     /// How many of them were pending.

@@ -1209,12 +1209,22 @@ pub async fn relay_groups_give_each_event_once_until_it_is_acknowledged(kind: Ki
                 .unwrap()
         }
     };
+    let lag = || {
+        let store = b.store.clone();
+        async move {
+            let lag = store.relay_lag(partition, "sink").await.unwrap();
+            (lag.pending, lag.unread)
+        }
+    };
+    assert_eq!(lag().await, (0, 3), "never read: the whole log");
     // Two consumers share the log: each event is given to one.
     let to_a = ids(relay("a", 2).await);
+    assert_eq!(lag().await, (2, 1));
     assert_eq!(to_a, log[..2]);
     let to_b = ids(relay("b", 10).await);
     assert_eq!(to_b, log[2..]);
     assert!(relay("b", 10).await.is_empty(), "nothing given twice");
+    assert_eq!(lag().await, (3, 0));
     assert_eq!(
         b.store
             .ack_events(partition, "sink", &to_a[..1])
@@ -1239,6 +1249,7 @@ pub async fn relay_groups_give_each_event_once_until_it_is_acknowledged(kind: Ki
         b.store.ack_events(partition, "sink", &again).await.unwrap(),
         2
     );
+    assert_eq!(lag().await, (0, 0));
     b.advance(Duration::from_millis(1100)).await;
     assert!(relay("a", 10).await.is_empty(), "acknowledged: never again");
     // Another group reads the whole log for itself.

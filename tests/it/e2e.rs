@@ -518,6 +518,13 @@ impl Store for BrokenPartitionZero {
             .relay_events(partition, group, consumer, count, claim_after)
             .await
     }
+    async fn relay_lag(
+        &self,
+        partition: u32,
+        group: &str,
+    ) -> Result<usher::store::RelayLag, usher::store::StoreError> {
+        self.0.relay_lag(partition, group).await
+    }
     async fn ack_events(
         &self,
         partition: u32,

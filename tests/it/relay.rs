@@ -414,3 +414,66 @@ async fn the_relay_keeps_the_session_history_in_postgres_on_redis() {
 async fn the_relay_keeps_the_session_history_in_postgres_in_memory() {
     history_in_postgres(Arc::new(MemoryStore::new(store_settings()))).await;
 }
+
+/// `usher relay` as a process of its own: `--status` shows the backlog, the relay
+/// delivers it, `--status` then shows nothing behind, and SIGTERM stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usher_relay_runs_as_its_own_process() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let redis_url = redis::shared_redis().url();
+    let prefix = unique_prefix();
+    let options = redis_options(
+        RedisTarget::Single {
+            url: redis_url.clone(),
+        },
+        &prefix,
+    );
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(options, store_settings())
+            .await
+            .unwrap(),
+    );
+    traffic(&store, "process", 3).await;
+    let expected = logged(&store).await;
+    let usher = |extra: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_usher"));
+        command
+            .args([
+                "relay",
+                "--store",
+                &redis_url,
+                "--redis-key-prefix",
+                &prefix,
+            ])
+            .args(["--partitions", "4", "--relay", &nats.url(), "--log", "warn"])
+            .args(extra);
+        command
+    };
+    let status = |expected_behind: usize| {
+        let output = usher(&["--status"]).output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(line["group"], "relay-nats");
+        assert_eq!(line["behind"], expected_behind, "{line}");
+    };
+    status(expected.len());
+    let mut relay = usher(&[]).spawn().unwrap();
+    let started = Instant::now();
+    while in_jetstream(&nats.url()).await.len() < expected.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not relayed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    status(0);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let exited = relay.wait().unwrap();
+    assert!(exited.success(), "{exited:?}");
+    let delivered: BTreeMap<String, String> = in_jetstream(&nats.url()).await.into_iter().collect();
+    assert_eq!(delivered, expected);
+}

@@ -60,7 +60,7 @@ use self::reply::{ReplyCode, decode_event, int_at, progress_at, session_at, text
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
     GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, ProgressCursor, ProgressKey,
-    ProgressWrite, Seats, Store, StoreError, StoreSettings, Swept, partition_of,
+    ProgressWrite, RelayLag, Seats, Store, StoreError, StoreSettings, Swept, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{ProfileId, RequestId, SessionId, SessionName, UserId};
@@ -1334,6 +1334,60 @@ impl Store for RedisStore {
                 decode_event(id, fields)
             })
             .collect()
+    }
+
+    async fn relay_lag(&self, partition: u32, group: &str) -> Result<RelayLag, StoreError> {
+        let keys = Keys::new(&self.core.options.key_prefix, partition);
+        let key = keys.events();
+        let length: u64 = self.core.bounded(self.core.client.xlen(&key)).await?;
+        let groups: Value = match self
+            .core
+            .within(
+                async { self.core.client.xinfo_groups(&key).await.map_err(classify) },
+                Deadline::NONE,
+            )
+            .await
+        {
+            Ok(groups) => groups,
+            // No log yet: nothing behind.
+            Err(StoreError::Corrupt(_)) if length == 0 => return Ok(RelayLag::default()),
+            Err(error) => return Err(error),
+        };
+        let Value::Array(groups) = groups else {
+            return Ok(RelayLag {
+                pending: 0,
+                unread: length,
+            });
+        };
+        for info in groups {
+            let fields: Vec<Value> = match info {
+                Value::Array(fields) => fields,
+                Value::Map(map) => map
+                    .inner()
+                    .into_iter()
+                    .flat_map(|(k, v)| [Value::from(k.as_str().unwrap_or_default().to_owned()), v])
+                    .collect(),
+                _ => continue,
+            };
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| pair[0].as_str().is_some_and(|n| n == name))
+                    .and_then(|pair| pair.get(1).cloned())
+            };
+            if field("name").and_then(|v| v.as_string()).as_deref() != Some(group) {
+                continue;
+            }
+            let pending = field("pending").and_then(|v| v.as_u64()).unwrap_or(0);
+            // `lag` is unknown (nil) after entries were deleted from the middle of the
+            // log; then everything is counted unread, an overestimate.
+            let unread = field("lag").and_then(|v| v.as_u64()).unwrap_or(length);
+            return Ok(RelayLag { pending, unread });
+        }
+        Ok(RelayLag {
+            pending: 0,
+            unread: length,
+        })
     }
 
     async fn ack_events(
