@@ -54,36 +54,94 @@ fn settings(consumer: &str) -> RelaySettings {
     }
 }
 
-/// Sessions of `users` users started, paused, resumed and stopped (every third one
-/// terminated instead): a mix of every kind of ending a run has.
+/// Sessions of `users` users that make every kind of event but expiry (see `linger`):
+/// started, a heartbeat, paused (every fourth past the finish of its title, so
+/// completed too), resumed, and then terminated, stopped, or evicted by the same
+/// device's next session (which is stopped).
 async fn traffic(store: &Arc<dyn Store>, tag: &str, users: usize) {
     for i in 0..users {
         let owner = user(&format!("relay-{tag}-{i}"));
-        let created = store
-            .create_session(
-                new_session(&owner, "tv", 3, OverLimitPolicy::RejectNew),
-                Deadline::NONE,
-            )
-            .await
-            .unwrap();
-        let name = created.session.name;
-        for action in [DeviceAction::Pause, DeviceAction::Resume] {
-            let call = DeviceCall::new(name.clone(), None, action);
-            store.device_call(call, Deadline::NONE).await.unwrap();
-        }
-        if i % 3 == 0 {
-            let termination = usher::session::Termination {
-                message: "test".into(),
-                by: "relay-test".into(),
-            };
+        let start = || async {
             store
-                .terminate(&name, &termination, Deadline::NONE)
+                .create_session(
+                    new_session(&owner, "tv", 3, OverLimitPolicy::RejectNew),
+                    Deadline::NONE,
+                )
                 .await
-                .unwrap();
-        } else {
-            let call = DeviceCall::new(name, None, DeviceAction::Stop);
+                .unwrap()
+                .session
+                .name
+        };
+        let name = start().await;
+        let call = |action, position_ms: Option<u64>, duration_ms: Option<u64>| DeviceCall {
+            position_ms,
+            duration_ms,
+            ..DeviceCall::new(name.clone(), None, action)
+        };
+        let playing = DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        };
+        let finish = (i % 4 == 1).then_some(5_500_000);
+        for call in [
+            call(playing, Some(60_000), None),
+            call(DeviceAction::Pause, finish, Some(6_000_000)),
+            call(DeviceAction::Resume, None, None),
+        ] {
             store.device_call(call, Deadline::NONE).await.unwrap();
         }
+        match i % 3 {
+            0 => {
+                let termination = usher::session::Termination {
+                    message: "test".into(),
+                    by: "relay-test".into(),
+                };
+                store
+                    .terminate(&name, &termination, Deadline::NONE)
+                    .await
+                    .unwrap();
+            }
+            1 => {
+                let stop = DeviceCall::new(name, None, DeviceAction::Stop);
+                store.device_call(stop, Deadline::NONE).await.unwrap();
+            }
+            _ => {
+                let next = start().await;
+                let stop = DeviceCall::new(next, None, DeviceAction::Stop);
+                store.device_call(stop, Deadline::NONE).await.unwrap();
+            }
+        }
+    }
+}
+
+/// A session left to expire: `expire` ends it once its deadline has passed.
+async fn linger(store: &Arc<dyn Store>, tag: &str) -> Instant {
+    let owner = user(&format!("relay-{tag}-lingering"));
+    store
+        .create_session(
+            new_session(&owner, "tv", 3, OverLimitPolicy::RejectNew),
+            Deadline::NONE,
+        )
+        .await
+        .unwrap();
+    Instant::now()
+}
+
+/// Sweeps every partition once the lingering session's deadline has passed.
+async fn expire(store: &Arc<dyn Store>, since: Instant) {
+    let timeout = store.settings().heartbeat_timeout + Duration::from_millis(300);
+    tokio::time::sleep(timeout.saturating_sub(since.elapsed())).await;
+    for partition in 0..store.settings().partitions {
+        store.sweep(partition, 100).await.unwrap();
+    }
+}
+
+/// Every kind of event is among `events` (types by id).
+fn every_kind(events: &BTreeMap<String, String>) {
+    for kind in usher::store::EventKind::ALL {
+        assert!(
+            events.values().any(|k| k == kind.as_str()),
+            "no {kind} in the run"
+        );
     }
 }
 
@@ -145,6 +203,7 @@ async fn every_event_once(store: Arc<dyn Store>) {
         settings("a"),
         stopped.clone(),
     );
+    let lingering = linger(&store, "one").await;
     traffic(&store, "one", 12).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.abort();
@@ -152,13 +211,29 @@ async fn every_event_once(store: Arc<dyn Store>) {
     // NATS goes down while more traffic comes, and a second relay starts.
     nats.kill();
     traffic(&store, "two", 6).await;
-    let sink = NatsSink::connect(&url, "usher-test").await.unwrap();
-    let second = usher::relay::spawn(store.clone(), Arc::new(sink), settings("b"), stopped);
+    // Two relays take over and share the work from now on.
+    let mut relays = Vec::new();
+    let mut shares = Vec::new();
+    for consumer in ["b", "c"] {
+        let sink = Arc::new(Counted {
+            inner: Arc::new(NatsSink::connect(&url, "usher-test").await.unwrap()),
+            delivered: AtomicUsize::new(0),
+        });
+        shares.push(sink.clone());
+        relays.push(usher::relay::spawn(
+            store.clone(),
+            sink,
+            settings(consumer),
+            stopped.clone(),
+        ));
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart();
+    traffic(&store, "three", 20).await;
+    expire(&store, lingering).await;
 
     let expected = logged(&store).await;
-    assert!(expected.len() >= 18 * 4, "{}", expected.len());
+    every_kind(&expected);
     let started = Instant::now();
     let delivered = loop {
         let delivered = in_jetstream(&url).await;
@@ -178,17 +253,43 @@ async fn every_event_once(store: Arc<dyn Store>) {
     assert_eq!(ids.len(), delivered.len(), "an event twice in JetStream");
     let delivered: BTreeMap<String, String> = delivered.into_iter().collect();
     assert_eq!(delivered, expected, "every event, once");
-    let count = |kind: &str| expected.values().filter(|k| *k == kind).count();
-    assert_eq!(count("playback.started"), 18);
-    assert_eq!(count("playback.terminated"), 6);
-    assert_eq!(count("playback.stopped"), 12);
+    let shares: Vec<usize> = shares
+        .iter()
+        .map(|s| s.delivered.load(Ordering::SeqCst))
+        .collect();
+    assert!(
+        shares.iter().all(|n| *n > 0),
+        "both relays take part: {shares:?}"
+    );
     stop.send(true).unwrap();
-    second.await.unwrap();
+    for relay in relays {
+        relay.await.unwrap();
+    }
 }
 
+/// A sink that counts what it delivered.
+struct Counted {
+    inner: Arc<dyn Sink>,
+    delivered: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for Counted {
+    fn group(&self) -> &str {
+        self.inner.group()
+    }
+
+    async fn deliver(&self, events: &[proto::Event]) -> Result<(), SinkError> {
+        self.inner.deliver(events).await?;
+        self.delivered.fetch_add(events.len(), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Sessions live 2 s without a heartbeat: the lingering one expires during the run.
 fn store_settings() -> StoreSettings {
     StoreSettings {
-        heartbeat_timeout: Duration::from_secs(60),
+        heartbeat_timeout: Duration::from_secs(2),
         ..test_settings()
     }
 }
@@ -339,12 +440,15 @@ async fn history_in_postgres(store: Arc<dyn Store>) {
         settings("a"),
         stopped.clone(),
     );
+    let lingering = linger(&store, "pg").await;
     traffic(&store, "pg", 12).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.abort();
     let second = usher::relay::spawn(store.clone(), sink, settings("b"), stopped);
+    expire(&store, lingering).await;
 
     let expected = logged(&store).await;
+    every_kind(&expected);
     let client = database.client().await;
     let started = Instant::now();
     loop {
@@ -373,27 +477,40 @@ async fn history_in_postgres(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
-    assert_eq!(sessions.len(), 12);
-    let mut terminated = 0;
+    // 12 sessions, 4 replacements (evicting the first), and the lingering one.
+    assert_eq!(sessions.len(), 17);
+    let mut reasons = BTreeMap::new();
     for row in &sessions {
         assert!(
             row.get::<_, bool>(1) && row.get::<_, bool>(2),
             "started and ended"
         );
-        match row.get::<_, Option<&str>>(3) {
-            Some("END_REASON_TERMINATED_BY_OPERATOR") => {
-                terminated += 1;
-                assert_eq!(row.get::<_, Option<&str>>(4), Some("relay-test"));
-                assert_eq!(row.get::<_, Option<&str>>(5), Some("test"));
-            }
-            Some("END_REASON_STOPPED_BY_DEVICE") => {
-                assert_eq!(row.get::<_, Option<&str>>(4), None);
-            }
-            other => panic!("unexpected end reason {other:?}"),
+        let reason: String = row.get::<_, Option<String>>(3).expect("an end reason");
+        if reason == "END_REASON_TERMINATED_BY_OPERATOR" {
+            assert_eq!(row.get::<_, Option<&str>>(4), Some("relay-test"));
+            assert_eq!(row.get::<_, Option<&str>>(5), Some("test"));
+        } else {
+            assert_eq!(row.get::<_, Option<&str>>(4), None);
         }
-        assert_eq!(row.get::<_, Option<i64>>(6), Some(0));
+        *reasons.entry(reason).or_insert(0) += 1;
     }
-    assert_eq!(terminated, 4);
+    let reasons: Vec<(&str, i32)> = reasons.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("END_REASON_HEARTBEAT_TIMEOUT", 1),
+            ("END_REASON_REPLACED_BY_SAME_DEVICE", 4),
+            ("END_REASON_STOPPED_BY_DEVICE", 8),
+            ("END_REASON_TERMINATED_BY_OPERATOR", 4),
+        ]
+    );
+    // The latest position per title of each user who played one.
+    let progress: i64 = client
+        .query_one("SELECT count(*) FROM watch_progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(progress, 12);
     let versions: i64 = client
         .query_one("SELECT count(*) FROM usher_schema", &[])
         .await
@@ -408,6 +525,12 @@ async fn history_in_postgres(store: Arc<dyn Store>) {
 async fn the_relay_keeps_the_session_history_in_postgres_on_redis() {
     let url = redis::shared_redis().url();
     history_in_postgres(redis_store(RedisTarget::Single { url }).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_the_session_history_in_postgres_on_a_cluster() {
+    let nodes = redis::shared_cluster().node_list();
+    history_in_postgres(redis_store(RedisTarget::Cluster { nodes }).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
