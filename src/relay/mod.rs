@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::events::to_proto;
 use crate::proto;
-use crate::store::{Store, StoreError};
+use crate::store::{RelayLag, Store, StoreError};
 
 /// A sink refused or could not take a batch: it is delivered again later.
 #[derive(Debug, thiserror::Error)]
@@ -104,24 +104,30 @@ const CONCURRENCY: usize = 16;
 /// How often a relay measures its group's lag in every partition.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Where `group` stands in every partition's log: the sum of what is not acknowledged,
-/// and the partition furthest behind with its count.
-pub async fn lag(store: &dyn Store, group: &str) -> Result<(u64, u32, u64), StoreError> {
-    let lags: Vec<_> = futures::stream::iter(0..store.settings().partitions)
-        .map(|partition| async move { (partition, store.relay_lag(partition, group).await) })
+/// Where `group` stands in every partition's log: what is not acknowledged, by
+/// partition.
+pub async fn lags(store: &dyn Store, group: &str) -> Result<Vec<RelayLag>, StoreError> {
+    futures::stream::iter(0..store.settings().partitions)
+        .map(|partition| store.relay_lag(partition, group))
         .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
         .collect()
-        .await;
-    let mut total = 0;
-    let mut worst = (0, 0);
-    for (partition, lag) in lags {
-        let behind = lag?.behind();
-        total += behind;
-        if behind > worst.1 {
-            worst = (partition, behind);
-        }
-    }
-    Ok((total, worst.0, worst.1))
+}
+
+/// The sum of what `group` has not acknowledged, and the partition furthest behind with
+/// its count.
+pub async fn lag(store: &dyn Store, group: &str) -> Result<(u64, u32, u64), StoreError> {
+    let lags = lags(store, group).await?;
+    let total = lags.iter().map(RelayLag::behind).sum();
+    let (partition, behind) = lags
+        .iter()
+        .enumerate()
+        .map(|(partition, lag)| (partition as u32, lag.behind()))
+        .max_by_key(|(_, behind)| *behind)
+        .unwrap_or((0, 0));
+    Ok((total, partition, behind))
 }
 
 /// Measures the lag into the metrics, and warns while a partition is more than half

@@ -207,15 +207,28 @@ pub async fn relay(
     }
     if status {
         for sink in &sinks {
-            let (total, partition, behind) = crate::relay::lag(&*store, sink.group()).await?;
+            let lags = crate::relay::lags(&*store, sink.group()).await?;
+            let behind: serde_json::Map<String, serde_json::Value> = lags
+                .iter()
+                .enumerate()
+                .filter(|(_, lag)| lag.behind() > 0)
+                .map(|(partition, lag)| {
+                    (
+                        partition.to_string(),
+                        serde_json::json!({"pending": lag.pending, "unread": lag.unread}),
+                    )
+                })
+                .collect();
+            let total: u64 = lags.iter().map(|lag| lag.behind()).sum();
+            let worst = lags.iter().map(|lag| lag.behind()).max().unwrap_or(0);
             println!(
                 "{}",
                 serde_json::json!({
                     "group": sink.group(),
                     "behind": total,
-                    "worst_partition": partition,
-                    "worst_partition_behind": behind,
+                    "worst_partition_behind": worst,
                     "log_cap": store.settings().event_stream_maxlen,
+                    "partitions_behind": behind,
                 })
             );
         }

@@ -580,6 +580,13 @@ async fn usher_relay_runs_as_its_own_process() {
         let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(line["group"], "relay-nats");
         assert_eq!(line["behind"], expected_behind, "{line}");
+        let by_partition: u64 = line["partitions_behind"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| p["pending"].as_u64().unwrap() + p["unread"].as_u64().unwrap())
+            .sum();
+        assert_eq!(by_partition as usize, expected_behind, "{line}");
     };
     status(expected.len());
     let mut relay = usher(&[]).spawn().unwrap();
