@@ -10,12 +10,10 @@ use usher::deadline::Deadline;
 use usher::proto;
 use usher::proto::event_service_client::EventServiceClient;
 use usher::store::memory::MemoryStore;
-use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{DeviceAction, DeviceCall, OverLimitPolicy, Store, StoreSettings};
 
 use crate::support::{
-    TestServer, bad_fields, fresh_user, http, reason, redis, redis_options, serve, test_settings,
-    unique_prefix,
+    Kind, TestServer, bad_fields, fresh_user, http, reason, serve, store_of, test_settings,
 };
 
 type Client = EventServiceClient<tonic::transport::Channel>;
@@ -214,26 +212,19 @@ fn settings() -> StoreSettings {
     }
 }
 
-async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
-    let options = redis_options(target, &unique_prefix());
-    Arc::new(RedisStore::connect(options, settings()).await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_watched_and_listed_in_memory() {
-    watch_and_list(Arc::new(MemoryStore::new(settings()))).await;
+    watch_and_list(store_of(Kind::Memory, settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_watched_and_listed_on_redis() {
-    let url = redis::shared_redis().url();
-    watch_and_list(redis_store(RedisTarget::Single { url }).await).await;
+    watch_and_list(store_of(Kind::Redis, settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_watched_and_listed_on_a_cluster() {
-    let nodes = redis::shared_cluster().node_list();
-    watch_and_list(redis_store(RedisTarget::Cluster { nodes }).await).await;
+    watch_and_list(store_of(Kind::Cluster, settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

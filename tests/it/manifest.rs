@@ -22,15 +22,14 @@ use usher::manifest::s3::S3Presigner;
 use usher::manifest::{Grant, ManifestType, Origin, Origins, Signer};
 use usher::proto;
 use usher::store::memory::MemoryStore;
-use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{OverLimitPolicy, Store};
 
 use crate::e2e::create_request;
 use crate::grpcurl::tool_available;
-use crate::support::redis::{self, free_port};
+use crate::support::redis::free_port;
 use crate::support::{
-    TestServer, bad_fields, components, fresh_user, http, reason, redis_options, serve,
-    serve_components, test_config, test_settings, unique_prefix,
+    Kind, TestServer, bad_fields, components, fresh_user, http, reason, serve, serve_components,
+    store_of, test_config, test_settings,
 };
 
 /// s3rver's own credentials, which it checks signatures with.
@@ -345,33 +344,17 @@ async fn server_with_store(s3: &S3rver, store: Arc<dyn Store>) -> TestServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_come_with_signed_manifests_that_end_with_them() {
-    signed_manifests_end_with_their_sessions(|| async {
-        Arc::new(MemoryStore::new(test_settings())) as Arc<dyn Store>
-    })
-    .await;
+    signed_manifests_end_with_their_sessions(|| store_of(Kind::Memory, test_settings())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_manifests_end_with_their_sessions_on_redis() {
-    signed_manifests_end_with_their_sessions(|| async {
-        let url = redis::shared_redis().url();
-        redis_store(RedisTarget::Single { url }).await
-    })
-    .await;
+    signed_manifests_end_with_their_sessions(|| store_of(Kind::Redis, test_settings())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_manifests_end_with_their_sessions_on_a_cluster() {
-    signed_manifests_end_with_their_sessions(|| async {
-        let nodes = redis::shared_cluster().node_list();
-        redis_store(RedisTarget::Cluster { nodes }).await
-    })
-    .await;
-}
-
-async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
-    let options = redis_options(target, &unique_prefix());
-    Arc::new(RedisStore::connect(options, test_settings()).await.unwrap())
+    signed_manifests_end_with_their_sessions(|| store_of(Kind::Cluster, test_settings())).await;
 }
 
 /// Through the server on the store `open` makes (only when s3rver is there): a create

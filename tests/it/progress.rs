@@ -13,13 +13,10 @@ use usher::proto::stream_heartbeats_request::Kind as In;
 use usher::proto::stream_heartbeats_response::Kind as Out;
 use usher::proto::streaming_service_client::StreamingServiceClient;
 use usher::store::memory::MemoryStore;
-use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{EventKind, OverLimitPolicy, Store};
 
 use crate::e2e::create_request;
-use crate::support::{
-    bad_fields, http_json, reason, redis, redis_options, serve, test_settings, unique_prefix,
-};
+use crate::support::{Kind, bad_fields, http_json, reason, serve, store_of, test_settings};
 
 fn entry(content: &str, seconds: i64, completed: bool) -> proto::UpdateProgressRequest {
     proto::UpdateProgressRequest {
@@ -491,24 +488,17 @@ async fn resume_flow(store: Arc<dyn Store>) {
     server.running.shutdown().await.unwrap();
 }
 
-async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
-    let options = redis_options(target, &unique_prefix());
-    Arc::new(RedisStore::connect(options, test_settings()).await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resume_flow_in_memory() {
-    resume_flow(Arc::new(MemoryStore::new(test_settings()))).await;
+    resume_flow(store_of(Kind::Memory, test_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resume_flow_on_redis() {
-    let url = redis::shared_redis().url();
-    resume_flow(redis_store(RedisTarget::Single { url }).await).await;
+    resume_flow(store_of(Kind::Redis, test_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resume_flow_on_a_cluster() {
-    let nodes = redis::shared_cluster().node_list();
-    resume_flow(redis_store(RedisTarget::Cluster { nodes }).await).await;
+    resume_flow(store_of(Kind::Cluster, test_settings()).await).await;
 }

@@ -20,7 +20,9 @@ use usher::store::redis::{RedisStore, RedisTarget};
 use usher::store::{DeviceAction, DeviceCall, OverLimitPolicy, Store, StoreSettings};
 
 use crate::support::nats::NatsServer;
-use crate::support::{new_session, redis, redis_options, test_settings, unique_prefix, user};
+use crate::support::{
+    Kind, new_session, redis, redis_options, store_of, test_settings, unique_prefix, user,
+};
 
 /// A sink that delivers `good` batches, then delivers the next one and hangs before
 /// confirming it: a relay that dies mid-batch.
@@ -294,30 +296,19 @@ fn store_settings() -> StoreSettings {
     }
 }
 
-async fn redis_store(target: RedisTarget) -> Arc<dyn Store> {
-    let options = redis_options(target, &unique_prefix());
-    Arc::new(
-        RedisStore::connect(options, store_settings())
-            .await
-            .unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_delivers_every_event_once_in_memory() {
-    every_event_once(Arc::new(MemoryStore::new(store_settings()))).await;
+    every_event_once(store_of(Kind::Memory, store_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_delivers_every_event_once_on_redis() {
-    let url = redis::shared_redis().url();
-    every_event_once(redis_store(RedisTarget::Single { url }).await).await;
+    every_event_once(store_of(Kind::Redis, store_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_delivers_every_event_once_on_a_cluster() {
-    let nodes = redis::shared_cluster().node_list();
-    every_event_once(redis_store(RedisTarget::Cluster { nodes }).await).await;
+    every_event_once(store_of(Kind::Cluster, store_settings()).await).await;
 }
 
 /// `--relay nats://...`: the server relays what its calls write.
@@ -523,19 +514,17 @@ async fn history_in_postgres(store: Arc<dyn Store>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_keeps_the_session_history_in_postgres_on_redis() {
-    let url = redis::shared_redis().url();
-    history_in_postgres(redis_store(RedisTarget::Single { url }).await).await;
+    history_in_postgres(store_of(Kind::Redis, store_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_keeps_the_session_history_in_postgres_on_a_cluster() {
-    let nodes = redis::shared_cluster().node_list();
-    history_in_postgres(redis_store(RedisTarget::Cluster { nodes }).await).await;
+    history_in_postgres(store_of(Kind::Cluster, store_settings()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_keeps_the_session_history_in_postgres_in_memory() {
-    history_in_postgres(Arc::new(MemoryStore::new(store_settings()))).await;
+    history_in_postgres(store_of(Kind::Memory, store_settings()).await).await;
 }
 
 /// `usher relay` as a process of its own: `--status` shows the backlog, the relay

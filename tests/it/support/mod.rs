@@ -76,6 +76,25 @@ pub fn redis_options(target: RedisTarget, prefix: &str) -> RedisOptions {
     }
 }
 
+/// A store of `kind` for one test, on real time: the memory store, or a key prefix of
+/// its own on the shared redis-server or cluster.
+pub async fn store_of(kind: Kind, settings: StoreSettings) -> Arc<dyn Store> {
+    let target = match kind {
+        Kind::Memory => return Arc::new(MemoryStore::new(settings)),
+        Kind::Redis => RedisTarget::Single {
+            url: redis::shared_redis().url(),
+        },
+        Kind::Cluster => RedisTarget::Cluster {
+            nodes: redis::shared_cluster().node_list(),
+        },
+    };
+    Arc::new(
+        RedisStore::connect(redis_options(target, &unique_prefix()), settings)
+            .await
+            .expect("connect to the test redis"),
+    )
+}
+
 impl Backend {
     pub async fn open(kind: Kind, settings: StoreSettings) -> Backend {
         let prefix = unique_prefix();
