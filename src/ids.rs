@@ -219,6 +219,15 @@ impl SessionName {
 /// Longest position accepted: a week of playback.
 const MAX_POSITION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// A title's duration as a player reports it: a position's bounds, and 0 (a live
+/// stream, or a player that does not know yet) the same as unset.
+pub fn title_duration(
+    field: &str,
+    value: Option<&prost_types::Duration>,
+) -> Result<Option<u64>, FieldViolation> {
+    Ok(position(field, value)?.filter(|ms| *ms > 0))
+}
+
 /// A playback position: not negative, at most a week, in milliseconds.
 pub fn position(
     field: &str,
@@ -286,6 +295,19 @@ pub fn page_token<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_title_duration_of_zero_is_unknown_and_a_negative_one_is_refused() {
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        assert_eq!(title_duration("duration", d(0, 0).as_ref()), Ok(None));
+        assert_eq!(title_duration("duration", None), Ok(None));
+        assert_eq!(
+            title_duration("duration", d(5400, 500_000_000).as_ref()),
+            Ok(Some(5_400_500))
+        );
+        let refused = title_duration("duration", d(-1, 0).as_ref()).unwrap_err();
+        assert_eq!(refused.field, "duration");
+    }
 
     #[test]
     fn session_names_round_trip() {

@@ -162,7 +162,7 @@ fn device_request(
     let mut v = Violations::default();
     let name = v.check(SessionName::parse("name", name));
     let position_ms = v.check(position("position", position_value));
-    let duration_ms = v.check(position("duration", duration_value));
+    let duration_ms = v.check(crate::ids::title_duration("duration", duration_value));
     let action = v.check(action);
     v.finish()?;
     let (Some(name), Some(position_ms), Some(duration_ms), Some(action)) =

@@ -35,6 +35,10 @@ fn position(field: &str, value: Option<prost_types::Duration>) -> Result<Option<
     crate::ids::position(field, value.as_ref()).map_err(|v| Error::InvalidArgument(vec![v]))
 }
 
+fn duration(field: &str, value: Option<prost_types::Duration>) -> Result<Option<u64>, Error> {
+    crate::ids::title_duration(field, value.as_ref()).map_err(|v| Error::InvalidArgument(vec![v]))
+}
+
 /// One message of the device, in the domain's terms.
 fn inbound(message: proto::StreamHeartbeatsRequest) -> Result<Inbound, Error> {
     Ok(match message.kind {
@@ -71,26 +75,26 @@ fn inbound(message: proto::StreamHeartbeatsRequest) -> Result<Inbound, Error> {
             };
             Inbound::Heartbeat {
                 position_ms: position("heartbeat.position", beat.position)?,
-                duration_ms: position("heartbeat.duration", beat.duration)?,
+                duration_ms: duration("heartbeat.duration", beat.duration)?,
                 playback_state,
                 manifest_type,
             }
         }
         Some(In::Pause(pause)) => Inbound::Heartbeat {
             position_ms: position("pause.position", pause.position)?,
-            duration_ms: position("pause.duration", pause.duration)?,
+            duration_ms: duration("pause.duration", pause.duration)?,
             playback_state: PlaybackState::Paused,
             manifest_type: None,
         },
         Some(In::Resume(resume)) => Inbound::Heartbeat {
             position_ms: position("resume.position", resume.position)?,
-            duration_ms: position("resume.duration", resume.duration)?,
+            duration_ms: duration("resume.duration", resume.duration)?,
             playback_state: PlaybackState::Playing,
             manifest_type: None,
         },
         Some(In::Stop(stop)) => Inbound::Stop {
             position_ms: position("stop.position", stop.position)?,
-            duration_ms: position("stop.duration", stop.duration)?,
+            duration_ms: duration("stop.duration", stop.duration)?,
         },
         None => {
             return Err(Error::InvalidArgument(vec![FieldViolation::new(
