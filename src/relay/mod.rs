@@ -171,11 +171,24 @@ pub fn spawn(
                 watch_lag(&*store, sink.group()).await;
                 measured = Some(tokio::time::Instant::now());
             }
-            let delivered: usize = futures::stream::iter(0..partitions)
+            let pass = futures::stream::iter(0..partitions)
                 .map(|partition| relay_partition(&*store, &*sink, &settings, partition))
                 .buffer_unordered(CONCURRENCY)
-                .fold(0, |sum, count| async move { sum + count })
+                .fold(
+                    Pass::default(),
+                    |pass, outcome| async move { pass.add(outcome) },
+                )
                 .await;
+            // One line per pass, however many partitions failed the same way.
+            if let Some(error) = &pass.first_error {
+                tracing::warn!(
+                    group = sink.group(),
+                    failed_partitions = pass.failed,
+                    %error,
+                    "relay: batches not delivered (they will be again)"
+                );
+            }
+            let delivered = pass.delivered;
             let pause = if delivered > 0 {
                 settings.busy_poll
             } else {
@@ -193,15 +206,36 @@ pub fn spawn(
     })
 }
 
-/// One batch of one partition, delivered and acknowledged: how many events.
+/// What one pass over the partitions did.
+#[derive(Default)]
+struct Pass {
+    delivered: usize,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+impl Pass {
+    fn add(mut self, outcome: Result<usize, String>) -> Pass {
+        match outcome {
+            Ok(delivered) => self.delivered += delivered,
+            Err(error) => {
+                self.failed += 1;
+                self.first_error.get_or_insert(error);
+            }
+        }
+        self
+    }
+}
+
+/// One batch of one partition, delivered and acknowledged: how many events, or why not.
 async fn relay_partition(
     store: &dyn Store,
     sink: &dyn Sink,
     settings: &RelaySettings,
     partition: u32,
-) -> usize {
+) -> Result<usize, String> {
     let group = sink.group();
-    let taken = store
+    let events = store
         .relay_events(
             partition,
             group,
@@ -209,29 +243,27 @@ async fn relay_partition(
             settings.batch,
             settings.claim_after,
         )
-        .await;
-    let events = match taken {
-        Ok(events) if events.is_empty() => return 0,
-        Ok(events) => events,
-        Err(error) => {
-            tracing::warn!(%error, partition, group, "relay: reading the log failed");
-            return 0;
-        }
-    };
+        .await
+        .map_err(|error| format!("reading partition {partition}'s log: {error}"))?;
+    if events.is_empty() {
+        return Ok(0);
+    }
     let batch: Vec<proto::Event> = events.iter().map(|e| to_proto(partition, e)).collect();
     if let Err(error) = sink.deliver(&batch).await {
         // Not acknowledged: taken over and delivered again after `claim_after`.
-        tracing::warn!(%error, partition, group, events = batch.len(), "relay: the sink refused a batch");
         crate::observe::relay_failed(group, batch.len());
-        return 0;
+        return Err(format!(
+            "the sink refused partition {partition}'s batch: {error}"
+        ));
     }
     let ids: Vec<String> = events.into_iter().map(|e| e.id).collect();
-    if let Err(error) = store.ack_events(partition, group, &ids).await {
-        // Delivered but not acknowledged: delivered again later, dropped by the sink.
-        tracing::warn!(%error, partition, group, "relay: acknowledging failed");
-    }
     crate::observe::relay_delivered(group, ids.len());
-    ids.len()
+    // Delivered but not acknowledged: delivered again later, dropped by the sink.
+    store
+        .ack_events(partition, group, &ids)
+        .await
+        .map_err(|error| format!("acknowledging partition {partition}'s batch: {error}"))?;
+    Ok(ids.len())
 }
 
 #[cfg(test)]
