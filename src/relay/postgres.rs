@@ -76,6 +76,9 @@ const ENDINGS: [&str; 4] = [
 
 pub struct PostgresSink {
     pool: Pool,
+    /// Set once the migrations are applied: at start, or at the first delivery when the
+    /// database was unreachable then (usher starts and serves without it).
+    migrated: tokio::sync::OnceCell<()>,
 }
 
 fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> SinkError + '_ {
@@ -91,7 +94,8 @@ fn failed(what: &str) -> impl Fn(tokio_postgres::Error) -> SinkError + '_ {
 
 impl PostgresSink {
     /// A sink on the database at `url` (`postgres://user@host:port/db`), its migrations
-    /// applied.
+    /// applied now if the database answers, or else at the first delivery. Only a
+    /// malformed URL is an error: a database that is down delays delivery, not usher.
     pub async fn connect(url: &str) -> Result<PostgresSink, SinkError> {
         let mut config = deadpool_postgres::Config::new();
         config.url = Some(url.to_owned());
@@ -107,9 +111,22 @@ impl PostgresSink {
         let pool = config
             .create_pool(Some(Runtime::Tokio1), NoTls)
             .map_err(|e| SinkError(format!("PostgreSQL at {}: {e}", super::redacted(url))))?;
-        let sink = PostgresSink { pool };
-        sink.migrate().await?;
+        let sink = PostgresSink {
+            pool,
+            migrated: tokio::sync::OnceCell::new(),
+        };
+        if let Err(error) = sink.migrated().await {
+            tracing::warn!(%error, "PostgreSQL sink: not ready yet; it migrates at its first delivery");
+        }
         Ok(sink)
+    }
+
+    /// The migrations, applied once.
+    async fn migrated(&self) -> Result<(), SinkError> {
+        self.migrated
+            .get_or_try_init(|| self.migrate())
+            .await
+            .map(|_| ())
     }
 
     /// Applies the migrations not applied yet, each in its own transaction, one
@@ -192,6 +209,7 @@ impl Sink for PostgresSink {
     }
 
     async fn deliver(&self, events: &[proto::Event]) -> Result<(), SinkError> {
+        self.migrated().await?;
         let mut client = self.client().await?;
         let transaction = client
             .transaction()

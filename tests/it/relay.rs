@@ -596,3 +596,29 @@ async fn usher_relay_runs_as_its_own_process() {
     let delivered: BTreeMap<String, String> = in_jetstream(&nats.url()).await.into_iter().collect();
     assert_eq!(delivered, expected);
 }
+
+/// A sink that is down at start does not keep usher from serving: the relay delivers
+/// once it answers (here it never does), and calls are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_at_start_does_not_stop_the_server() {
+    let port = crate::support::redis::free_port();
+    let mut config = crate::support::test_config(OverLimitPolicy::RejectNew);
+    config.relay.sinks = vec![
+        format!("postgres://postgres@127.0.0.1:{port}/nowhere"),
+        format!("nats://127.0.0.1:{port}"),
+    ];
+    let components = crate::support::components(
+        store_of(Kind::Memory, store_settings()).await,
+        Arc::new(usher::entitlement::StaticPolicy::open(2).unwrap()),
+    );
+    let started = Instant::now();
+    let mut server = crate::support::serve_components(&config, components).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let session = server.start("mo", "tv").await;
+    server.stop(&session.name).await.unwrap();
+    server.running.shutdown().await.unwrap();
+}
