@@ -344,6 +344,16 @@ async fn a_new_session_resumes_where_the_profile_stopped() {
 /// position; a new session on another device starts there. A service (no playback token:
 /// usher must find the session's profile itself) pauses and stops the next session
 /// unary, past the finish: the title is completed, with its event, and starts over.
+/// GetProgress that must find the entry.
+async fn read(
+    progress: &mut ProgressServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> proto::Progress {
+    let request = proto::GetProgressRequest { name: name.into() };
+    let answer = progress.get_progress(request).await.unwrap().into_inner();
+    answer.progress.expect("an entry")
+}
+
 async fn resume_flow(store: Arc<dyn Store>) {
     let mut server = serve(store.clone(), 2, OverLimitPolicy::RejectNew).await;
     let user = crate::support::fresh_user();
@@ -402,14 +412,7 @@ async fn resume_flow(store: Arc<dyn Store>) {
     }
     let name = format!("users/{user}/profiles/profile-1/progress/title-1");
     let mut progress = ProgressServiceClient::new(server.channel.clone());
-    let get = proto::GetProgressRequest { name: name.clone() };
-    let stopped = progress
-        .get_progress(get.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .progress
-        .unwrap();
+    let stopped = read(&mut progress, &name).await;
     assert_eq!(stopped.position.unwrap().seconds, 1_234);
     assert_eq!(
         stopped.duration.unwrap().seconds,
@@ -436,13 +439,7 @@ async fn resume_flow(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    let paused = progress
-        .get_progress(get.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .progress
-        .unwrap();
+    let paused = read(&mut progress, &name).await;
     assert_eq!(paused.position.unwrap().seconds, 2_000);
     assert_eq!(paused.device_id, "phone");
     server
@@ -455,16 +452,7 @@ async fn resume_flow(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    assert!(
-        progress
-            .get_progress(get)
-            .await
-            .unwrap()
-            .into_inner()
-            .progress
-            .unwrap()
-            .completed
-    );
+    assert!(read(&mut progress, &name).await.completed);
     let partition = usher::store::partition_of(&user, test_settings().partitions);
     let events = store.read_events(partition, None, 10_000).await.unwrap();
     let completed: Vec<_> = events
