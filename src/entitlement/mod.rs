@@ -3,7 +3,7 @@
 //! usher asks an [`EntitlementProvider`]. The embedded default is [`StaticPolicy`], a
 //! policy from flags or a TOML file. Providers that call an identity or catalogue service
 //! over the network fit the same trait: they are async and report their own outages as
-//! `Error::EntitlementUnavailable`.
+//! [`EntitlementError`], which callers see as `UNAVAILABLE` / `ENTITLEMENT_UNAVAILABLE`.
 
 mod static_policy;
 
@@ -47,8 +47,25 @@ pub enum Entitlement {
     Denied(Denial),
 }
 
+/// A provider could not answer. A refusal is an answer (`Entitlement::Denied`), never
+/// this.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EntitlementError {
+    /// The services that decide were unreachable, too slow, or answered nonsense.
+    #[error("entitlement unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<EntitlementError> for Error {
+    fn from(error: EntitlementError) -> Error {
+        match error {
+            EntitlementError::Unavailable(cause) => Error::EntitlementUnavailable(cause),
+        }
+    }
+}
+
 /// Decides entitlement. Implementations must answer within the request deadline.
 #[async_trait]
 pub trait EntitlementProvider: Send + Sync + 'static {
-    async fn check(&self, query: EntitlementQuery<'_>) -> Result<Entitlement, Error>;
+    async fn check(&self, query: EntitlementQuery<'_>) -> Result<Entitlement, EntitlementError>;
 }

@@ -8,8 +8,11 @@ use std::path::Path;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{Entitlement, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT, MissingRegion};
-use crate::error::{Denial, Error};
+use super::{
+    Entitlement, EntitlementError, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT,
+    MissingRegion,
+};
+use crate::error::Denial;
 use crate::files::{FileError, read_toml};
 use crate::ids::ContentId;
 
@@ -230,7 +233,7 @@ impl StaticPolicy {
 
 #[async_trait]
 impl EntitlementProvider for StaticPolicy {
-    async fn check(&self, query: EntitlementQuery<'_>) -> Result<Entitlement, Error> {
+    async fn check(&self, query: EntitlementQuery<'_>) -> Result<Entitlement, EntitlementError> {
         Ok(self.decide(query))
     }
 }

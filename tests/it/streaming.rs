@@ -864,12 +864,14 @@ impl usher::entitlement::EntitlementProvider for Withdrawable {
     async fn check(
         &self,
         _: usher::entitlement::EntitlementQuery<'_>,
-    ) -> Result<usher::entitlement::Entitlement, usher::error::Error> {
+    ) -> Result<usher::entitlement::Entitlement, usher::entitlement::EntitlementError> {
         use usher::entitlement::Entitlement;
         match self.0.load(std::sync::atomic::Ordering::SeqCst) {
             ALLOWED => Ok(Entitlement::Allowed { seat_limit: 2 }),
             WITHDRAWN => Ok(Entitlement::Denied(usher::error::Denial::Content)),
-            _ => Err(usher::error::Error::EntitlementUnavailable("down".into())),
+            _ => Err(usher::entitlement::EntitlementError::Unavailable(
+                "down".into(),
+            )),
         }
     }
 }
