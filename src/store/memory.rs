@@ -1048,10 +1048,15 @@ impl Store for MemoryStore {
             let Some(log) = op.state.partitions.get(partition as usize) else {
                 return Vec::new();
             };
+            let end = match before {
+                None => log.events.len(),
+                Some(before) => log
+                    .events
+                    .partition_point(|e| parse_event_id(&e.id).is_ok_and(|id| id < before)),
+            };
             log.events
-                .iter()
+                .range(..end)
                 .rev()
-                .filter(|e| before.is_none_or(|b| parse_event_id(&e.id).is_ok_and(|id| id < b)))
                 .take(count as usize)
                 .cloned()
                 .collect()

@@ -767,6 +767,50 @@ impl RedisStore {
     }
 }
 
+/// Which way a read of a partition's log goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Forwards,
+    Backwards,
+}
+
+impl RedisStore {
+    /// Up to `count` entries of `partition`'s log past `from` (exclusive; from the end
+    /// the direction starts at when `None`), in `direction`.
+    async fn read_log(
+        &self,
+        partition: u32,
+        from: Option<&str>,
+        count: u32,
+        direction: Direction,
+    ) -> Result<Vec<Event>, StoreError> {
+        if let Some(from) = from {
+            super::parse_event_id(from)?;
+        }
+        let key = Keys::new(&self.core.options.key_prefix, partition).events();
+        let count = Some(u64::from(count));
+        let client = &self.core.client;
+        let entries: Vec<(String, Vec<(String, String)>)> = match direction {
+            Direction::Forwards => {
+                let start = from.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+                self.core
+                    .bounded(client.xrange(key, start, "+", count))
+                    .await?
+            }
+            Direction::Backwards => {
+                let end = from.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+                self.core
+                    .bounded(client.xrevrange(key, end, "-", count))
+                    .await?
+            }
+        };
+        entries
+            .into_iter()
+            .map(|(id, fields)| decode_event(id, fields))
+            .collect()
+    }
+}
+
 impl Core {
     /// A Redis command within the store's own timeout (no caller is waiting on it).
     async fn bounded<T>(
@@ -1236,23 +1280,8 @@ impl Store for RedisStore {
         after: Option<&str>,
         count: u32,
     ) -> Result<Vec<Event>, StoreError> {
-        if let Some(after) = after {
-            super::parse_event_id(after)?;
-        }
-        let keys = Keys::new(&self.core.options.key_prefix, partition);
-        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let entries: Vec<(String, Vec<(String, String)>)> = self
-            .core
-            .bounded(
-                self.core
-                    .client
-                    .xrange(keys.events(), start, "+", Some(u64::from(count))),
-            )
-            .await?;
-        entries
-            .into_iter()
-            .map(|(id, fields)| decode_event(id, fields))
-            .collect()
+        self.read_log(partition, after, count, Direction::Forwards)
+            .await
     }
 
     async fn read_events_back(
@@ -1261,23 +1290,8 @@ impl Store for RedisStore {
         before: Option<&str>,
         count: u32,
     ) -> Result<Vec<Event>, StoreError> {
-        if let Some(before) = before {
-            super::parse_event_id(before)?;
-        }
-        let keys = Keys::new(&self.core.options.key_prefix, partition);
-        let end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-        let entries: Vec<(String, Vec<(String, String)>)> = self
-            .core
-            .bounded(
-                self.core
-                    .client
-                    .xrevrange(keys.events(), end, "-", Some(u64::from(count))),
-            )
-            .await?;
-        entries
-            .into_iter()
-            .map(|(id, fields)| decode_event(id, fields))
-            .collect()
+        self.read_log(partition, before, count, Direction::Backwards)
+            .await
     }
 
     async fn relay_events(
