@@ -67,10 +67,16 @@ fn in_process() {
     );
     for algorithm in [KeyAlgorithm::Eddsa, KeyAlgorithm::Hs256] {
         let uncached_tokens = tokens(algorithm, 0);
-        let token = uncached_tokens.issue(&sample_session()).unwrap().token;
+        let token = uncached_tokens
+            .issue(&sample_session(), &Default::default())
+            .unwrap()
+            .token;
         let uncached = per_verify(&uncached_tokens, &token);
         let cached_tokens = tokens(algorithm, 10_000);
-        let token = cached_tokens.issue(&sample_session()).unwrap().token;
+        let token = cached_tokens
+            .issue(&sample_session(), &Default::default())
+            .unwrap()
+            .token;
         let cached = per_verify(&cached_tokens, &token);
         println!(
             "{:<8} {:>12.0} {:>12.0} {:>9.1}x",
@@ -93,7 +99,9 @@ fn signing() {
         TokenSettings::default(),
         KeyRing::from_set(&set, Duration::ZERO).unwrap(),
     );
-    let issued = tokens.issue(&sample_session()).unwrap();
+    let issued = tokens
+        .issue(&sample_session(), &Default::default())
+        .unwrap();
     let seed: [u8; 32] = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(set.keys[0].d.as_ref().unwrap())
         .unwrap()
@@ -118,7 +126,12 @@ fn signing() {
         started.elapsed().as_nanos() as f64 / f64::from(IN_PROCESS)
     };
     let signer = &tokens;
-    let ours = time(&|| signer.issue(&sample_session()).unwrap().token);
+    let ours = time(&|| {
+        signer
+            .issue(&sample_session(), &Default::default())
+            .unwrap()
+            .token
+    });
     let theirs = time(&|| jsonwebtoken::encode(&header, &issued.claims, &encoding).unwrap());
     println!("signing, {IN_PROCESS} EdDSA tokens each (ns per token)");
     println!(

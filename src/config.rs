@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::entitlement::{MAX_SEAT_LIMIT, MissingRegion};
+use crate::entitlement::{DegradedMode, HttpSettings, MAX_SEAT_LIMIT, MissingRegion, service_url};
 use crate::store::memory::MemoryLimits;
 use crate::store::redis::{RedisOptions, RedisTarget};
 use crate::store::{
@@ -339,6 +339,69 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_ENTITLEMENTS")]
     pub entitlements: Option<PathBuf>,
 
+    /// The identity service asked whether a user may play (`GET {url}/entitlements`,
+    /// see docs/entitlement-http.md), after the static policy. [default: none]
+    #[arg(long, env = "USHER_ENTITLEMENT_IDENTITY_URL")]
+    pub entitlement_identity_url: Option<String>,
+
+    /// The content service asked whether a title may play in a region (`GET
+    /// {url}/availability`), after the static policy. [default: none]
+    #[arg(long, env = "USHER_ENTITLEMENT_CONTENT_URL")]
+    pub entitlement_content_url: Option<String>,
+
+    /// Each attempt at an entitlement service waits at most this long (and never past
+    /// the request's deadline).
+    #[arg(long, env = "USHER_ENTITLEMENT_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    pub entitlement_timeout: Duration,
+
+    /// Further attempts after a failure that is safe to repeat (no connection, HTTP
+    /// 502/503/504), with jittered backoff; 0 to 5.
+    #[arg(long, env = "USHER_ENTITLEMENT_RETRIES", default_value_t = 1)]
+    pub entitlement_retries: u32,
+
+    /// How long an allowing answer is cached, unless the service's Cache-Control
+    /// max-age says otherwise.
+    #[arg(long, env = "USHER_ENTITLEMENT_CACHE_TTL", default_value = "5m", value_parser = duration)]
+    pub entitlement_cache_ttl: Duration,
+
+    /// How long a refusal is cached, unless the service's Cache-Control max-age says
+    /// otherwise.
+    #[arg(long, env = "USHER_ENTITLEMENT_NEGATIVE_TTL", default_value = "30s", value_parser = duration)]
+    pub entitlement_negative_ttl: Duration,
+
+    /// Answers cached per entitlement service.
+    #[arg(long, env = "USHER_ENTITLEMENT_CACHE_SIZE", default_value_t = 100_000)]
+    pub entitlement_cache_size: u64,
+
+    /// Consecutive failures that open an entitlement service's circuit breaker (calls
+    /// then fail fast); 0 never opens it.
+    #[arg(long, env = "USHER_ENTITLEMENT_BREAKER_FAILURES", default_value_t = 5)]
+    pub entitlement_breaker_failures: u32,
+
+    /// How long an open breaker fails calls before one probe goes through.
+    #[arg(long, env = "USHER_ENTITLEMENT_BREAKER_COOLDOWN", default_value = "5s", value_parser = duration)]
+    pub entitlement_breaker_cooldown: Duration,
+
+    /// When an entitlement service cannot answer: `fail-closed` (UNAVAILABLE,
+    /// ENTITLEMENT_UNAVAILABLE) or `serve-stale` (its last answer, up to
+    /// --entitlement-max-stale old).
+    #[arg(
+        long,
+        env = "USHER_ENTITLEMENT_DEGRADED",
+        value_enum,
+        default_value = "fail-closed"
+    )]
+    pub entitlement_degraded: DegradedMode,
+
+    /// The oldest answer serve-stale serves.
+    #[arg(long, env = "USHER_ENTITLEMENT_MAX_STALE", default_value = "15m", value_parser = duration)]
+    pub entitlement_max_stale: Duration,
+
+    /// A streaming session's entitlement is asked again this often, with a fresh token
+    /// [default: at each token push; unary sessions at each RefreshToken]
+    #[arg(long, env = "USHER_ENTITLEMENT_RECHECK_INTERVAL", value_parser = duration)]
+    pub entitlement_recheck_interval: Option<Duration>,
+
     /// TOML file of manifest origins (S3 presigned GETs or HMAC edge tokens, per title
     /// prefix): CreateSession and GetManifest then return signed manifest URLs. [default:
     /// none, no manifest URLs]
@@ -633,6 +696,8 @@ pub struct Config {
     pub default_seat_limit: Option<u32>,
     pub missing_region: MissingRegion,
     pub entitlements: Option<PathBuf>,
+    /// The HTTP entitlement services, when any is configured.
+    pub entitlement_http: Option<HttpSettings>,
     pub manifest_origins: Option<PathBuf>,
     pub manifest_url_ttl: Duration,
     pub resume: ResumeRules,
@@ -757,6 +822,68 @@ pub fn parse_store(
 }
 
 impl ServeArgs {
+    /// The HTTP entitlement provider's settings, when a service URL is given.
+    fn entitlement_http(&self) -> Result<Option<HttpSettings>, ConfigError> {
+        let url = |flag: &'static str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|value| {
+                    service_url(flag, value).map_err(|problem| ConfigError::new(flag, problem))
+                })
+                .transpose()
+        };
+        let identity_url = url("--entitlement-identity-url", &self.entitlement_identity_url)?;
+        let content_url = url("--entitlement-content-url", &self.entitlement_content_url)?;
+        let positive = [
+            ("--entitlement-timeout", self.entitlement_timeout),
+            (
+                "--entitlement-breaker-cooldown",
+                self.entitlement_breaker_cooldown,
+            ),
+            ("--entitlement-max-stale", self.entitlement_max_stale),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::new(flag, "must be more than 0"));
+        }
+        if self.entitlement_retries > 5 {
+            return Err(ConfigError::new(
+                "--entitlement-retries",
+                "must be at most 5",
+            ));
+        }
+        if self.entitlement_cache_size == 0 {
+            return Err(ConfigError::new(
+                "--entitlement-cache-size",
+                "must be more than 0",
+            ));
+        }
+        if self
+            .entitlement_recheck_interval
+            .is_some_and(|every| every < Duration::from_secs(1))
+        {
+            return Err(ConfigError::new(
+                "--entitlement-recheck-interval",
+                "must be at least 1s",
+            ));
+        }
+        if identity_url.is_none() && content_url.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(HttpSettings {
+            identity_url,
+            content_url,
+            timeout: self.entitlement_timeout,
+            retries: self.entitlement_retries,
+            positive_ttl: self.entitlement_cache_ttl,
+            negative_ttl: self.entitlement_negative_ttl,
+            cache_size: self.entitlement_cache_size,
+            breaker_failures: self.entitlement_breaker_failures,
+            breaker_cooldown: self.entitlement_breaker_cooldown,
+            degraded: self.entitlement_degraded,
+            max_stale: self.entitlement_max_stale,
+        }))
+    }
+
     /// Checks the flags together and builds the typed config. Errors name the flag.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let positive = [
@@ -891,6 +1018,7 @@ impl ServeArgs {
                 format!("must be at most {MAX_SEAT_LIMIT}"),
             ));
         }
+        let entitlement_http = self.entitlement_http()?;
         if self.event_stream_maxlen == 0 {
             return Err(ConfigError::new(
                 "--event-stream-maxlen",
@@ -1004,6 +1132,7 @@ impl ServeArgs {
             default_seat_limit: self.default_seat_limit,
             missing_region: self.missing_region,
             entitlements: self.entitlements,
+            entitlement_http,
             manifest_origins: self.manifest_origins,
             manifest_url_ttl: self.manifest_url_ttl,
             resume,
@@ -1032,6 +1161,7 @@ impl ServeArgs {
                 token_push_before: self.token_push_before,
                 reconnect_spread: self.reconnect_spread,
                 call_timeout: self.request_timeout,
+                entitlement_recheck: self.entitlement_recheck_interval,
             },
             tokens: TokenSettings {
                 issuer: self.token_issuer,
@@ -1107,6 +1237,48 @@ mod tests {
             config.store_settings.heartbeat_timeout,
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn entitlement_services_are_checked_and_named() {
+        assert!(serve(&[]).unwrap().entitlement_http.is_none());
+        let http = serve(&[
+            "--entitlement-identity-url",
+            "http://identity.internal/v1",
+            "--entitlement-degraded",
+            "serve-stale",
+            "--entitlement-cache-ttl",
+            "1m",
+        ])
+        .unwrap()
+        .entitlement_http
+        .expect("an identity URL turns the HTTP provider on");
+        assert_eq!(
+            http.identity_url.unwrap().as_str(),
+            "http://identity.internal/v1"
+        );
+        assert!(http.content_url.is_none());
+        assert_eq!(http.degraded, DegradedMode::ServeStale);
+        assert_eq!(http.positive_ttl, Duration::from_secs(60));
+        assert_eq!(http.negative_ttl, Duration::from_secs(30));
+        for (args, named) in [
+            (
+                &["--entitlement-content-url", "ftp://content"][..],
+                "--entitlement-content-url",
+            ),
+            (
+                &["--entitlement-timeout", "0s"][..],
+                "--entitlement-timeout",
+            ),
+            (&["--entitlement-retries", "9"][..], "--entitlement-retries"),
+            (
+                &["--entitlement-recheck-interval", "10ms"][..],
+                "--entitlement-recheck-interval",
+            ),
+        ] {
+            let refused = serve(args).unwrap_err();
+            assert!(refused.contains(named), "{refused}");
+        }
     }
 
     #[test]

@@ -15,10 +15,12 @@ use crate::proto;
 /// The `ErrorInfo.domain` of every error usher returns.
 pub const ERROR_DOMAIN: &str = "usher";
 
-/// Why the entitlement refused playback.
+/// Why the entitlement refused playback. Each has a stable `ErrorInfo` reason; the
+/// entitlement services answer with the same words (see `docs/entitlement-http.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Denial {
-    /// The user's plan does not allow playback (no plan, suspended, zero seats).
+    /// The user's plan does not allow playback (no plan, zero seats), for a reason the
+    /// entitlement did not name.
     Entitlement,
     /// The title is not available to this user.
     Content,
@@ -27,9 +29,37 @@ pub enum Denial {
     /// The title is restricted to some regions and the request did not say where the
     /// viewer is.
     RegionRequired,
+    /// The account has no active subscription.
+    NoSubscription,
+    /// The user's plan does not include this title.
+    PlanExcludesContent,
+    /// The profile may not watch this title (parental rules).
+    ProfileRestricted,
+    /// The account is suspended.
+    AccountSuspended,
+    /// The user's plan does not allow this kind of device.
+    DeviceNotAllowed,
+    /// The title's availability window has not opened yet.
+    NotYetAvailable,
+    /// The title's availability window has closed.
+    Expired,
 }
 
 impl Denial {
+    const ALL: [Denial; 11] = [
+        Denial::Entitlement,
+        Denial::Content,
+        Denial::Geo,
+        Denial::RegionRequired,
+        Denial::NoSubscription,
+        Denial::PlanExcludesContent,
+        Denial::ProfileRestricted,
+        Denial::AccountSuspended,
+        Denial::DeviceNotAllowed,
+        Denial::NotYetAvailable,
+        Denial::Expired,
+    ];
+
     /// The stable `ErrorInfo` reason.
     pub fn reason(self) -> &'static str {
         match self {
@@ -37,7 +67,27 @@ impl Denial {
             Denial::Content => "CONTENT_UNAVAILABLE",
             Denial::Geo => "GEO_BLOCKED",
             Denial::RegionRequired => "REGION_REQUIRED",
+            Denial::NoSubscription => "NO_SUBSCRIPTION",
+            Denial::PlanExcludesContent => "PLAN_EXCLUDES_CONTENT",
+            Denial::ProfileRestricted => "PROFILE_RESTRICTED",
+            Denial::AccountSuspended => "ACCOUNT_SUSPENDED",
+            Denial::DeviceNotAllowed => "DEVICE_NOT_ALLOWED",
+            Denial::NotYetAvailable => "NOT_YET_AVAILABLE",
+            Denial::Expired => "EXPIRED",
         }
+    }
+
+    /// Whether it refuses the user everything, not just this title, region or device.
+    pub fn is_user_wide(self) -> bool {
+        matches!(
+            self,
+            Denial::Entitlement | Denial::NoSubscription | Denial::AccountSuspended
+        )
+    }
+
+    /// The denial a reason names, if it is one of usher's.
+    pub fn from_reason(reason: &str) -> Option<Denial> {
+        Self::ALL.into_iter().find(|d| d.reason() == reason)
     }
 }
 

@@ -100,6 +100,34 @@ impl PlaybackState {
 }
 
 impl DeviceType {
+    pub const ALL: [DeviceType; 7] = [
+        DeviceType::Tv,
+        DeviceType::Mobile,
+        DeviceType::Tablet,
+        DeviceType::Web,
+        DeviceType::Console,
+        DeviceType::SetTopBox,
+        DeviceType::Desktop,
+    ];
+
+    /// The name entitlement services and policy files use: `tv`, `mobile`, `tablet`,
+    /// `web`, `console`, `set_top_box`, `desktop`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceType::Tv => "tv",
+            DeviceType::Mobile => "mobile",
+            DeviceType::Tablet => "tablet",
+            DeviceType::Web => "web",
+            DeviceType::Console => "console",
+            DeviceType::SetTopBox => "set_top_box",
+            DeviceType::Desktop => "desktop",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
     /// The device type of a request; `None` when it was left unspecified.
     pub fn from_proto(value: proto::DeviceType) -> Option<Self> {
         Some(match value {
@@ -396,4 +424,68 @@ impl ResumeRules {
             _ => progress.position_ms,
         }
     }
+}
+
+/// A DRM system a license server may issue keys for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrmSystem {
+    Widevine,
+    Playready,
+    Fairplay,
+}
+
+impl DrmSystem {
+    pub fn name(self) -> &'static str {
+        match self {
+            DrmSystem::Widevine => "widevine",
+            DrmSystem::Playready => "playready",
+            DrmSystem::Fairplay => "fairplay",
+        }
+    }
+}
+
+impl SecurityLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurityLevel::L1 => "L1",
+            SecurityLevel::L2 => "L2",
+            SecurityLevel::L3 => "L3",
+        }
+    }
+}
+
+/// The minimum robustness of the device's DRM, in Widevine's terms (PlayReady SL3000
+/// and hardware FairPlay count as `L1`, PlayReady SL2000 as `L3`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum SecurityLevel {
+    /// Keys and decoding in a hardware trusted execution environment.
+    L1,
+    /// Keys in a trusted execution environment, decoding outside.
+    L2,
+    /// Software only.
+    L3,
+}
+
+/// What the license server must enforce.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrmRule {
+    /// The systems allowed; empty: any.
+    #[serde(rename = "sys", default, skip_serializing_if = "Vec::is_empty")]
+    pub systems: Vec<DrmSystem>,
+    /// The minimum security level, when there is one.
+    #[serde(rename = "lvl", default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<SecurityLevel>,
+}
+
+/// What an entitlement allows a session on its device: carried into every playback
+/// token for the edge and the license server to enforce.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlaybackRules {
+    /// The highest resolution allowed, in lines (720, 1080, 2160); `None`: no limit.
+    pub max_resolution: Option<u32>,
+    /// The DRM the license server must require; `None`: no requirement.
+    pub drm: Option<DrmRule>,
 }

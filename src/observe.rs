@@ -153,6 +153,36 @@ pub fn relay_failed(group: &str, count: usize) {
         .increment(count as u64);
 }
 
+/// Where an entitlement service's answer came from: `hit`, `miss`, `stale`, or
+/// `unavailable`.
+pub fn entitlement_answer(service: &'static str, source: &'static str) {
+    metrics::counter!("usher_entitlement_answers_total", "service" => service, "source" => source)
+        .increment(1);
+}
+
+/// One HTTP attempt at an entitlement service: `ok`, `error`, or `refused` by its open
+/// circuit breaker.
+pub fn entitlement_upstream(service: &'static str, outcome: &'static str) {
+    metrics::counter!("usher_entitlement_upstream_calls_total", "service" => service, "outcome" => outcome)
+        .increment(1);
+}
+
+pub fn entitlement_latency(service: &'static str, seconds: f64) {
+    metrics::histogram!("usher_entitlement_upstream_duration_seconds", "service" => service)
+        .record(seconds);
+}
+
+/// 0 closed, 1 open, 2 half-open.
+pub fn entitlement_breaker(service: &'static str, position: u8) {
+    metrics::gauge!("usher_entitlement_breaker_state", "service" => service).set(position as f64);
+}
+
+/// A live session's entitlement checked again: `kept`, `lost`, or `unknown` (the
+/// provider could not answer; the session is kept).
+pub fn entitlement_recheck(outcome: &'static str) {
+    metrics::counter!("usher_entitlement_rechecks_total", "outcome" => outcome).increment(1);
+}
+
 pub fn stop_propagation(path: &'static str, seconds: f64) {
     metrics::histogram!("usher_stop_propagation_seconds", "path" => path).record(seconds);
 }

@@ -132,7 +132,7 @@ impl ConcurrencyOps {
 
     /// The user's seats; a user the entitlement denies has a limit of 0.
     pub async fn get(&self, user: UserId, deadline: Deadline) -> Result<Concurrency, Error> {
-        let (limit, _) = self.limit(&user, None, None).await?;
+        let (limit, _) = self.limit(&user, None, None, deadline).await?;
         let seats = self
             .store
             .seats(&user, deadline)
@@ -152,7 +152,12 @@ impl ConcurrencyOps {
         deadline: Deadline,
     ) -> Result<(Admission, Concurrency), Error> {
         let (limit, denial) = self
-            .limit(&query.user, query.content.as_ref(), query.region.as_deref())
+            .limit(
+                &query.user,
+                query.content.as_ref(),
+                query.region.as_deref(),
+                deadline,
+            )
             .await?;
         let (seats, preview) = self
             .store
@@ -179,32 +184,27 @@ impl ConcurrencyOps {
         user: &UserId,
         content: Option<&ContentId>,
         region: Option<&str>,
+        deadline: Deadline,
     ) -> Result<(u32, Option<Denial>), Error> {
         let entitlement = self
             .entitlements
             .check(EntitlementQuery {
-                user,
-                profile: None,
                 content,
                 region,
+                ..EntitlementQuery::seats(user, deadline)
             })
             .await?;
         let (limit, denial) = match entitlement {
-            Entitlement::Allowed { seat_limit } => (seat_limit, None),
-            Entitlement::Denied(Denial::Entitlement) => (0, Some(Denial::Entitlement)),
+            Entitlement::Allowed(grant) => (grant.seat_limit, None),
+            Entitlement::Denied(denial) if denial.is_user_wide() => (0, Some(denial)),
             Entitlement::Denied(denial) => {
                 // Denied for this title or region only: the user's seats still count.
                 let seats = self
                     .entitlements
-                    .check(EntitlementQuery {
-                        user,
-                        profile: None,
-                        content: None,
-                        region: None,
-                    })
+                    .check(EntitlementQuery::seats(user, deadline))
                     .await?;
                 match seats {
-                    Entitlement::Allowed { seat_limit } => (seat_limit, Some(denial)),
+                    Entitlement::Allowed(grant) => (grant.seat_limit, Some(denial)),
                     Entitlement::Denied(_) => (0, Some(denial)),
                 }
             }

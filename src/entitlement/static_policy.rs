@@ -1,6 +1,6 @@
-//! The embedded entitlement policy: a default seat limit, plans with their limits, users
-//! mapped to plans, content allow and deny lists, and region restrictions, from flags or a
-//! TOML file (see `docs/entitlements.example.toml`).
+//! The embedded entitlement policy: a default seat limit, plans with their limits and
+//! device rules, users mapped to plans, content allow and deny lists, and region
+//! restrictions, from flags or a TOML file (see `docs/entitlements.example.toml`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{
-    Entitlement, EntitlementError, EntitlementProvider, EntitlementQuery, MAX_SEAT_LIMIT,
-    MissingRegion,
+    DeviceRules, Entitlement, EntitlementError, EntitlementProvider, EntitlementQuery, Grant,
+    MAX_SEAT_LIMIT, MissingRegion,
 };
 use crate::error::Denial;
 use crate::files::{FileError, read_toml};
@@ -38,6 +38,9 @@ pub struct PolicyFile {
 pub struct Plan {
     /// 0 denies playback (a suspended account).
     pub seat_limit: u32,
+    /// The devices the plan allows, their resolutions and DRM.
+    #[serde(default)]
+    pub devices: DeviceRules,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -69,7 +72,7 @@ pub struct RegionRules {
 #[derive(Clone, Debug)]
 pub struct StaticPolicy {
     default_seat_limit: u32,
-    user_limits: HashMap<String, u32>,
+    user_plans: HashMap<String, Plan>,
     content_allow: HashSet<String>,
     content_deny: HashSet<String>,
     content_regions: HashMap<String, HashSet<String>>,
@@ -89,6 +92,12 @@ pub enum PolicyError {
     Region { what: String, region: String },
     #[error("users.{user}: no plan named {plan:?}")]
     UnknownPlan { user: String, plan: String },
+    #[error("plans.{plan}.devices.{field}: {name:?} is not a device type")]
+    DeviceType {
+        plan: String,
+        field: &'static str,
+        name: String,
+    },
 }
 
 fn check_limit(what: &str, limit: u32) -> Result<u32, PolicyError> {
@@ -136,14 +145,21 @@ impl StaticPolicy {
         )?;
         for (name, plan) in &file.plans {
             check_limit(&format!("plans.{name}"), plan.seat_limit)?;
+            if let Some((field, unknown)) = plan.devices.unknown_name() {
+                return Err(PolicyError::DeviceType {
+                    plan: name.clone(),
+                    field,
+                    name: unknown.to_owned(),
+                });
+            }
         }
-        let user_limits = file
+        let user_plans = file
             .users
             .iter()
             .map(|(user, plan)| {
                 file.plans
                     .get(plan)
-                    .map(|p| (user.clone(), p.seat_limit))
+                    .map(|p| (user.clone(), p.clone()))
                     .ok_or_else(|| PolicyError::UnknownPlan {
                         user: user.clone(),
                         plan: plan.clone(),
@@ -168,7 +184,7 @@ impl StaticPolicy {
             .collect::<Result<_, PolicyError>>()?;
         Ok(Self {
             default_seat_limit,
-            user_limits,
+            user_plans,
             content_allow: file.content.allow.into_iter().collect(),
             content_deny: file.content.deny.into_iter().collect(),
             content_regions,
@@ -193,15 +209,17 @@ impl StaticPolicy {
             || self.content_regions.contains_key(content.as_str())
     }
 
-    fn decide(&self, query: EntitlementQuery<'_>) -> Entitlement {
-        let seat_limit = self
-            .user_limits
-            .get(query.user.as_str())
-            .copied()
-            .unwrap_or(self.default_seat_limit);
+    pub(super) fn decide(&self, query: EntitlementQuery<'_>) -> Entitlement {
+        let plan = self.user_plans.get(query.user.as_str());
+        let seat_limit = plan.map_or(self.default_seat_limit, |p| p.seat_limit);
         if seat_limit == 0 {
             return Entitlement::Denied(Denial::Entitlement);
         }
+        let rules = match plan.map(|p| p.devices.apply(query.device)) {
+            None => Default::default(),
+            Some(Ok(rules)) => rules,
+            Some(Err(denial)) => return Entitlement::Denied(denial),
+        };
         if let Some(content) = query.content {
             let content = content.as_str();
             let listed = self.content_allow.is_empty() || self.content_allow.contains(content);
@@ -227,7 +245,7 @@ impl StaticPolicy {
                 return Entitlement::Denied(Denial::Geo);
             }
         }
-        Entitlement::Allowed { seat_limit }
+        Entitlement::Allowed(Grant { seat_limit, rules })
     }
 }
 
@@ -242,6 +260,7 @@ impl EntitlementProvider for StaticPolicy {
 mod tests {
     use super::*;
     use crate::ids::{ContentId, UserId};
+    use crate::model::DeviceType;
 
     const POLICY: &str = r#"
         default_seat_limit = 2
@@ -271,6 +290,8 @@ mod tests {
             profile: None,
             content: Some(&content),
             region,
+            device: None,
+            deadline: Default::default(),
         })
     }
 
@@ -278,11 +299,11 @@ mod tests {
     fn plans_set_the_seat_limit() {
         assert_eq!(
             ask("alice", "t", Some("US")),
-            Entitlement::Allowed { seat_limit: 4 }
+            Entitlement::Allowed(Grant::seats(4))
         );
         assert_eq!(
             ask("bob", "t", Some("US")),
-            Entitlement::Allowed { seat_limit: 2 }
+            Entitlement::Allowed(Grant::seats(2))
         );
         assert_eq!(
             ask("mallory", "t", Some("US")),
@@ -311,10 +332,12 @@ mod tests {
             profile: None,
             content: Some(&content),
             region: None,
+            device: None,
+            deadline: Default::default(),
         };
         assert_eq!(
             open.decide(query),
-            Entitlement::Allowed { seat_limit: 2 },
+            Entitlement::Allowed(Grant::seats(2)),
             "no region rule: no region needed"
         );
         let lenient = policy().with_missing_region(MissingRegion::Allow);
@@ -324,7 +347,7 @@ mod tests {
                 content: Some(&content),
                 ..query
             }),
-            Entitlement::Allowed { seat_limit: 2 }
+            Entitlement::Allowed(Grant::seats(2))
         );
         // Seats-only questions name no title and need no region.
         assert_eq!(
@@ -332,7 +355,7 @@ mod tests {
                 content: None,
                 ..query
             }),
-            Entitlement::Allowed { seat_limit: 2 }
+            Entitlement::Allowed(Grant::seats(2))
         );
     }
 
@@ -352,8 +375,63 @@ mod tests {
         );
         assert_eq!(
             ask("bob", "us-only", Some("US")),
-            Entitlement::Allowed { seat_limit: 2 }
+            Entitlement::Allowed(Grant::seats(2))
         );
+    }
+
+    #[test]
+    fn plans_carry_device_rules() {
+        let file: PolicyFile = toml::from_str(
+            r#"
+            [plans.mobile]
+            seat_limit = 1
+            devices = { allowed_types = ["mobile"], max_resolution = { default = 540 }, drm = { systems = ["widevine"], min_security_level = "L1" } }
+            [users]
+            mo = "mobile"
+            "#,
+        )
+        .unwrap();
+        let policy = StaticPolicy::from_file(file, None).unwrap();
+        let user = UserId::parse("u", "mo").unwrap();
+        let ask = |device| {
+            policy.decide(EntitlementQuery {
+                device: Some(device),
+                ..EntitlementQuery::seats(&user, Default::default())
+            })
+        };
+        assert_eq!(
+            ask(DeviceType::Tv),
+            Entitlement::Denied(Denial::DeviceNotAllowed)
+        );
+        let Entitlement::Allowed(grant) = ask(DeviceType::Mobile) else {
+            panic!("a phone plays");
+        };
+        assert_eq!(grant.rules.max_resolution, Some(540));
+        let drm = grant.rules.drm.unwrap();
+        assert_eq!(drm.systems, [crate::model::DrmSystem::Widevine]);
+        assert_eq!(drm.level, Some(crate::model::SecurityLevel::L1));
+        // A seats-only question names no device: the seats are the plan's.
+        assert_eq!(
+            policy.decide(EntitlementQuery::seats(&user, Default::default())),
+            Entitlement::Allowed(Grant::seats(1))
+        );
+        let typo: PolicyFile =
+            toml::from_str("[plans.p]\nseat_limit = 1\ndevices = { allowed_types = [\"telly\"] }")
+                .unwrap();
+        let refused = StaticPolicy::from_file(typo, None).unwrap_err().to_string();
+        assert!(
+            refused.contains("plans.p.devices.allowed_types"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn the_example_file_loads() {
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/entitlements.example.toml"
+        );
+        StaticPolicy::load(Path::new(example), None).unwrap();
     }
 
     #[test]

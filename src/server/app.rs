@@ -9,7 +9,7 @@ use super::StartError;
 use crate::auth::{Authenticator, Credentials};
 use crate::concurrency::ConcurrencyOps;
 use crate::config::{Config, StoreConfig};
-use crate::entitlement::{EntitlementProvider, StaticPolicy};
+use crate::entitlement::{EntitlementProvider, HttpEntitlements, StaticPolicy};
 use crate::manifest::Origins;
 use crate::progress::ProgressOps;
 use crate::session::ops::{SessionPolicy, Sessions};
@@ -39,7 +39,12 @@ pub fn open_entitlements(config: &Config) -> Result<Arc<dyn EntitlementProvider>
         None => StaticPolicy::open(config.default_seat_limit.unwrap_or(2)),
     };
     let policy = policy?.with_missing_region(config.missing_region);
-    Ok(Arc::new(policy))
+    Ok(match &config.entitlement_http {
+        Some(settings) => Arc::new(
+            HttpEntitlements::new(policy, settings.clone()).map_err(StartError::EntitlementHttp)?,
+        ),
+        None => Arc::new(policy),
+    })
 }
 
 /// What the services run on, built from the config (tests build their own).
@@ -138,10 +143,10 @@ impl App {
             sessions.clone(),
             store.clone(),
             tokens.clone(),
-            entitlements,
             config.streams.clone(),
         ));
-        let token_ops = Arc::new(TokenOps::new(tokens.clone(), store.clone()));
+        let token_ops =
+            Arc::new(TokenOps::new(tokens.clone(), store.clone()).with_recheck(sessions.clone()));
         let progress = Arc::new(ProgressOps::new(store.clone(), config.resume));
         let authenticator = Arc::new(Authenticator::new(
             credentials,

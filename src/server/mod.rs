@@ -32,6 +32,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("entitlements: {0}")]
     Entitlements(#[from] crate::entitlement::PolicyError),
+    #[error("entitlements over HTTP: {0}")]
+    EntitlementHttp(String),
     #[error("token keys: {0}")]
     Tokens(#[from] crate::token::keys::KeyError),
     #[error("credentials: {0}")]

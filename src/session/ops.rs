@@ -9,18 +9,20 @@ use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination}
 use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
-use crate::error::{Error, FieldViolation, Violations};
+use crate::error::{Denial, Error, FieldViolation, Violations};
 use crate::ids::position;
 use crate::ids::{
     ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
 };
 use crate::manifest::{Manifest, ManifestType, Origins, SignError};
+use crate::model::PlaybackRules;
 use crate::progress::ResumeRules;
 use crate::proto;
 use crate::store::{
     Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, ProgressKey, Store,
     StoreError,
 };
+use crate::token::ops::Recheck;
 use crate::token::{IssuedToken, Tokens};
 
 /// Longest free-text fields.
@@ -521,10 +523,12 @@ impl Sessions {
                 profile: Some(&request.profile),
                 content: Some(&request.content),
                 region,
+                device: Some(request.device.kind),
+                deadline,
             })
             .await?;
-        let seat_limit = match entitlement {
-            Entitlement::Allowed { seat_limit } => seat_limit,
+        let grant = match entitlement {
+            Entitlement::Allowed(grant) => grant,
             Entitlement::Denied(denial) => {
                 crate::observe::session_denied(denial.reason());
                 return Err(Error::Denied(denial));
@@ -562,7 +566,7 @@ impl Sessions {
                     device: request.device,
                     client: request.client,
                     request_id: request.request_id,
-                    limit: seat_limit,
+                    limit: grant.seat_limit,
                     policy: self.policy.over_limit,
                 },
                 deadline,
@@ -596,7 +600,7 @@ impl Sessions {
                 state: Some(created.session.state.to_proto()),
             });
         }
-        let token = self.tokens.issue(&created.session)?;
+        let token = self.tokens.issue(&created.session, &grant.rules)?;
         let manifest = match self.manifests {
             Some(_) => Some(self.sign_manifest(&created.session, manifest_type)?),
             None => None,
@@ -607,6 +611,50 @@ impl Sessions {
             manifest,
             resume_position_ms,
         })
+    }
+
+    /// Asks the entitlement again for a live session, as at its start.
+    pub async fn recheck_entitlement(&self, session: &Session, deadline: Deadline) -> Rechecked {
+        let region = &session.client.region;
+        let answer = self
+            .entitlements
+            .check(EntitlementQuery {
+                user: &session.name.user,
+                profile: Some(&session.profile),
+                content: Some(&session.content),
+                region: (!region.is_empty()).then_some(region.as_str()),
+                device: Some(session.device.kind),
+                deadline,
+            })
+            .await;
+        let rechecked = match answer {
+            Ok(Entitlement::Allowed(grant)) => Rechecked::Kept(grant.rules),
+            Ok(Entitlement::Denied(denial)) => Rechecked::Lost(denial),
+            Err(error) => {
+                tracing::warn!(session = %session.name, %error, "entitlement unknown at a re-check: the session is kept");
+                Rechecked::Unknown
+            }
+        };
+        crate::observe::entitlement_recheck(rechecked.outcome());
+        rechecked
+    }
+
+    /// Ends a session whose entitlement was withdrawn: an operator's termination by
+    /// usher, its message naming the denial.
+    pub async fn end_for_entitlement(
+        &self,
+        name: &SessionName,
+        denial: Denial,
+        deadline: Deadline,
+    ) -> Result<Session, StoreError> {
+        let termination = Termination {
+            message: format!("the entitlement was withdrawn: {}", denial.reason()),
+            by: "usher".to_owned(),
+        };
+        let ended = self.store.terminate(name, &termination, deadline).await?;
+        tracing::info!(session = %name, reason = denial.reason(), "session ended: entitlement lost");
+        crate::observe::sessions_ended("entitlement_lost", 1);
+        Ok(ended)
     }
 
     pub async fn get(&self, name: &SessionName, deadline: Deadline) -> Result<Session, Error> {
@@ -731,5 +779,51 @@ impl Sessions {
         );
         crate::observe::sessions_ended(crate::model::EndReason::TerminatedByOperator.as_str(), 1);
         Ok(session)
+    }
+}
+
+/// What a re-check of a live session's entitlement found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rechecked {
+    /// Still entitled, under these rules.
+    Kept(PlaybackRules),
+    /// The provider could not answer: the session is kept with the rules it had.
+    Unknown,
+    /// The entitlement was withdrawn.
+    Lost(Denial),
+}
+
+impl Rechecked {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Rechecked::Kept(_) => "kept",
+            Rechecked::Unknown => "unknown",
+            Rechecked::Lost(_) => "lost",
+        }
+    }
+}
+
+/// A refresh asks the entitlement again; a withdrawn one ends the session and refuses
+/// the refresh with the denial.
+#[async_trait::async_trait]
+impl Recheck for Sessions {
+    async fn recheck(
+        &self,
+        session: &Session,
+        deadline: Deadline,
+    ) -> Result<Option<PlaybackRules>, Error> {
+        match self.recheck_entitlement(session, deadline).await {
+            Rechecked::Kept(rules) => Ok(Some(rules)),
+            Rechecked::Unknown => Ok(None),
+            Rechecked::Lost(denial) => {
+                match self
+                    .end_for_entitlement(&session.name, denial, deadline)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::SessionEnded(_)) => Err(Error::Denied(denial)),
+                    Err(error) => Err(error.into_error(|| session.name.to_string())),
+                }
+            }
+        }
     }
 }

@@ -30,12 +30,11 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::auth::Caller;
 use crate::deadline::Deadline;
-use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
 use crate::error::Error;
 use crate::ids::SessionName;
 use crate::manifest::{Manifest, ManifestType};
-use crate::model::{EndReason, PlaybackState, Session, SessionState, Termination, holds_seat};
-use crate::session::ops::{DeviceRequest, Sessions};
+use crate::model::{EndReason, PlaybackRules, PlaybackState, Session, SessionState, holds_seat};
+use crate::session::ops::{DeviceRequest, Rechecked, Sessions};
 use crate::store::{DeviceAction, DeviceCall, EndedFeed, Store, StoreError};
 use crate::token::{IssuedToken, PlaybackClaims, Tokens};
 
@@ -58,6 +57,9 @@ pub struct StreamSettings {
     pub reconnect_spread: Duration,
     /// How long each store call of a stream may take.
     pub call_timeout: Duration,
+    /// The entitlement is asked again this often (with a fresh token); `None`: at each
+    /// token push.
+    pub entitlement_recheck: Option<Duration>,
 }
 
 impl Default for StreamSettings {
@@ -71,6 +73,7 @@ impl Default for StreamSettings {
             token_push_before: Duration::from_secs(120),
             reconnect_spread: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
+            entitlement_recheck: None,
         }
     }
 }
@@ -232,7 +235,6 @@ pub struct Streams {
     sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
     tokens: Arc<Tokens>,
-    entitlements: Arc<dyn EntitlementProvider>,
     settings: StreamSettings,
     registry: Mutex<HashMap<SessionName, Entry>>,
     next_id: AtomicU64,
@@ -282,14 +284,12 @@ impl Streams {
         sessions: Arc<Sessions>,
         store: Arc<dyn Store>,
         tokens: Arc<Tokens>,
-        entitlements: Arc<dyn EntitlementProvider>,
         settings: StreamSettings,
     ) -> Self {
         Self {
             sessions,
             store,
             tokens,
-            entitlements,
             settings,
             registry: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -456,6 +456,7 @@ impl Streams {
             duration_ms: None,
             heard: Instant::now(),
             token_due: Instant::now(),
+            rules: opened.claims.rules(),
             manifest_type: ManifestType::Hls,
             // The device's URL from CreateSession expires about a URL lifetime from now.
             manifest_expires: self.sessions.manifest_ttl().map(|ttl| Instant::now() + ttl),
@@ -564,6 +565,8 @@ struct Run<'a> {
     heard: Instant,
     /// When the next token is due.
     token_due: Instant,
+    /// The playback rules the newest token carries.
+    rules: PlaybackRules,
     /// The manifest the token pushes carry.
     manifest_type: ManifestType,
     /// When the device's newest manifest URL expires, when usher signs them.
@@ -592,6 +595,10 @@ impl Run<'_> {
         let before = self.settings().token_push_before;
         let left = Duration::from_secs(exp).saturating_sub(unix_now());
         self.token_due = Instant::now() + left.saturating_sub(before);
+        // A re-check more often than tokens are due comes with a token of its own.
+        if let Some(every) = self.settings().entitlement_recheck {
+            self.token_due = self.token_due.min(Instant::now() + every);
+        }
         if let (Some(expires), Some(ttl)) =
             (self.manifest_expires, self.streams.sessions.manifest_ttl())
         {
@@ -799,28 +806,20 @@ impl Run<'_> {
     /// Pushes a fresh token, unless the entitlement was withdrawn: then the session is
     /// ended and the device told so.
     async fn push_token(&mut self) -> Result<bool, Error> {
-        let session = &self.session;
-        let region = (!session.client.region.is_empty()).then_some(session.client.region.as_str());
-        let entitlement = self
+        let deadline = self.deadline();
+        match self
             .streams
-            .entitlements
-            .check(EntitlementQuery {
-                user: &session.name.user,
-                profile: Some(&session.profile),
-                content: Some(&session.content),
-                region,
-            })
-            .await;
-        match entitlement {
-            Ok(Entitlement::Allowed { .. }) => {}
+            .sessions
+            .recheck_entitlement(&self.session, deadline)
+            .await
+        {
+            Rechecked::Kept(rules) => self.rules = rules,
             // A provider that cannot answer does not stop an admitted session: the token
-            // is pushed, and the next one asks again.
-            Err(error) => {
-                tracing::warn!(session = %self.name, %error, "entitlement unknown at token time");
-            }
-            Ok(Entitlement::Denied(denial)) => return self.entitlement_lost(denial).await,
+            // is pushed with the rules it had, and the next one asks again.
+            Rechecked::Unknown => {}
+            Rechecked::Lost(denial) => return self.entitlement_lost(denial).await,
         }
-        let issued = self.streams.tokens.issue(&self.session)?;
+        let issued = self.streams.tokens.issue(&self.session, &self.rules)?;
         let manifest = match self.streams.sessions.manifest_ttl() {
             None => None,
             Some(_) => match self
@@ -852,14 +851,10 @@ impl Run<'_> {
     /// The entitlement was withdrawn: the session ends (an operator's termination by
     /// usher, with the denial in its message) and the device is told.
     async fn entitlement_lost(&mut self, denial: crate::error::Denial) -> Result<bool, Error> {
-        let termination = Termination {
-            message: format!("the entitlement was withdrawn: {}", denial.reason()),
-            by: "usher".to_owned(),
-        };
         let ended = self
             .streams
-            .store
-            .terminate(&self.name, &termination, self.deadline())
+            .sessions
+            .end_for_entitlement(&self.name, denial, self.deadline())
             .await;
         let ended = match ended {
             Ok(ended) => ended,

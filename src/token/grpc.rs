@@ -50,6 +50,19 @@ pub fn claims_to_proto(claims: &PlaybackClaims) -> proto::TokenClaims {
         not_before: Some(timestamp_seconds(claims.nbf)),
         expire_time: Some(timestamp_seconds(claims.exp)),
         token_id: claims.jti.clone(),
+        max_resolution: claims.res.unwrap_or(0),
+        drm_systems: claims
+            .drm
+            .iter()
+            .flat_map(|drm| drm.systems.iter().map(|s| s.name().to_owned()))
+            .collect(),
+        drm_security_level: claims
+            .drm
+            .as_ref()
+            .and_then(|drm| drm.level)
+            .map(|level| level.name().to_owned())
+            .unwrap_or_default(),
+        region: claims.reg.clone().unwrap_or_default(),
     }
 }
 

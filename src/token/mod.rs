@@ -23,15 +23,16 @@ use serde::{Deserialize, Serialize};
 
 use self::keys::{KeyError, KeyRing, KeySet, PublicJwk};
 use crate::error::Error;
-use crate::model::Session;
+use crate::model::{DrmRule, PlaybackRules, Session};
 
 /// The `typ` header of every playback token.
 pub const TOKEN_TYPE: &str = "playback+jwt";
 /// Longer tokens are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 4096;
 
-/// The claims of a playback token. Every field is required; time claims are Unix seconds
-/// and must be JSON numbers.
+/// The claims of a playback token. Every field up to `jti` is required; time claims are
+/// Unix seconds and must be JSON numbers. `res`, `drm` and `reg` are present when the
+/// entitlement set them, for the edge and the license server to enforce.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaybackClaims {
     pub iss: String,
@@ -52,6 +53,25 @@ pub struct PlaybackClaims {
     pub nbf: u64,
     pub exp: u64,
     pub jti: String,
+    /// The highest resolution allowed, in lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub res: Option<u32>,
+    /// The DRM systems allowed (`sys`) and the minimum security level (`lvl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drm: Option<DrmRule>,
+    /// The ISO 3166-1 alpha-2 region the session was admitted in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reg: Option<String>,
+}
+
+impl PlaybackClaims {
+    /// The playback rules the token carries.
+    pub fn rules(&self) -> PlaybackRules {
+        PlaybackRules {
+            max_resolution: self.res,
+            drm: self.drm.clone(),
+        }
+    }
 }
 
 /// The playback token a device call authenticated with, as the auth layer puts it in the
@@ -223,8 +243,9 @@ impl Tokens {
         self.ring.load().keys.public_keys()
     }
 
-    /// Signs a token for a live session.
-    pub fn issue(&self, session: &Session) -> Result<IssuedToken, Error> {
+    /// Signs a token for a live session, carrying the entitlement's playback `rules` and
+    /// the region the session was admitted in.
+    pub fn issue(&self, session: &Session, rules: &PlaybackRules) -> Result<IssuedToken, Error> {
         let now = now_seconds();
         let claims = PlaybackClaims {
             iss: self.settings.issuer.clone(),
@@ -239,6 +260,9 @@ impl Tokens {
             nbf: now,
             exp: now + self.settings.ttl.as_secs(),
             jti: uuid::Uuid::new_v4().to_string(),
+            res: rules.max_resolution,
+            drm: rules.drm.clone(),
+            reg: (!session.client.region.is_empty()).then(|| session.client.region.clone()),
         };
         let token = self
             .ring
@@ -482,7 +506,7 @@ mod tests {
     #[test]
     fn a_verification_racing_a_reload_does_not_outlive_it() {
         let tokens = Tokens::new(TokenSettings::default(), ring());
-        let token = tokens.issue(&session()).unwrap().token;
+        let token = tokens.issue(&session(), &Default::default()).unwrap().token;
         // The interleaving: the signature is checked against the old ring, the keys are
         // replaced (and the cache cleared), then the old verification is cached.
         let old_ring = tokens.ring.load_full();
@@ -498,7 +522,7 @@ mod tests {
     #[test]
     fn a_retired_key_stops_verifying_on_time_without_a_reload() {
         let tokens = Tokens::new(TokenSettings::default(), ring());
-        let token = tokens.issue(&session()).unwrap().token;
+        let token = tokens.issue(&session(), &Default::default()).unwrap().token;
         assert!(tokens.verify(&token).is_ok(), "cached while trusted");
         // The signing key, now retired, with a trust window that has just ended.
         let old = tokens.ring.load();
@@ -523,7 +547,7 @@ mod tests {
     #[test]
     fn a_token_signed_after_its_key_retired_is_forged() {
         let tokens = Tokens::new(TokenSettings::default(), ring());
-        let token = tokens.issue(&session()).unwrap().token;
+        let token = tokens.issue(&session(), &Default::default()).unwrap().token;
         let old = tokens.ring.load();
         let kid = old.keys.signer.kid.clone();
         let now = now_seconds();

@@ -3,12 +3,28 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
+
 use super::{IssuedToken, PlaybackClaims, TokenError, Tokens};
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::SessionName;
-use crate::model::{Session, holds_seat};
+use crate::model::{PlaybackRules, Session, holds_seat};
 use crate::store::Store;
+
+/// Asked at every refresh: is the session still entitled? Implemented above this layer
+/// (the session operations, which know the entitlement provider).
+#[async_trait]
+pub trait Recheck: Send + Sync + 'static {
+    /// The rules the new token carries; `None` when the entitlement could not be asked
+    /// (the session keeps its rules); an error when the entitlement was withdrawn (the
+    /// session has been ended) or the store failed.
+    async fn recheck(
+        &self,
+        session: &Session,
+        deadline: Deadline,
+    ) -> Result<Option<PlaybackRules>, Error>;
+}
 
 /// The outcome of a validation: the claims, or why the token is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,11 +36,22 @@ pub enum Validity {
 pub struct TokenOps {
     tokens: Arc<Tokens>,
     store: Arc<dyn Store>,
+    recheck: Option<Arc<dyn Recheck>>,
 }
 
 impl TokenOps {
     pub fn new(tokens: Arc<Tokens>, store: Arc<dyn Store>) -> Self {
-        Self { tokens, store }
+        Self {
+            tokens,
+            store,
+            recheck: None,
+        }
+    }
+
+    /// Checks the entitlement again at every refresh.
+    pub fn with_recheck(mut self, recheck: Arc<dyn Recheck>) -> Self {
+        self.recheck = Some(recheck);
+        self
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -84,11 +111,17 @@ impl TokenOps {
         Ok(Validity::Valid(claims))
     }
 
-    /// A new token for the token's live session. Stateless, so concurrent refreshes of
-    /// one token each get a valid token and change nothing else.
+    /// A new token for the token's live session, once the entitlement has been asked
+    /// again. Stateless, so concurrent refreshes of one token each get a valid token and
+    /// change nothing else.
     pub async fn refresh(&self, token: &str, deadline: Deadline) -> Result<IssuedToken, Error> {
         let claims = self.tokens.verify_for_refresh(token)?;
         let session = self.live_session(&claims, deadline).await?;
-        self.tokens.issue(&session)
+        let rules = match &self.recheck {
+            Some(recheck) => recheck.recheck(&session, deadline).await?,
+            None => None,
+        };
+        let rules = rules.unwrap_or_else(|| claims.rules());
+        self.tokens.issue(&session, &rules)
     }
 }

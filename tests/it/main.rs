@@ -4,6 +4,7 @@ mod bad_input;
 mod bench;
 mod conformance;
 mod e2e;
+mod entitlement;
 mod events;
 mod grpcurl;
 mod hardening;

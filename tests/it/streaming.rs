@@ -29,7 +29,7 @@ use crate::support::{
 
 /// Stream timings short enough for tests: heartbeat every 500 ms (the store's timeout
 /// is 1.5 s), writes at most every 100 ms.
-fn stream_config(policy: OverLimitPolicy) -> Config {
+pub(crate) fn stream_config(policy: OverLimitPolicy) -> Config {
     let mut config = test_config(policy);
     config.heartbeat_interval = Duration::from_millis(500);
     config.streams.heartbeat_interval = Duration::from_millis(500);
@@ -48,12 +48,12 @@ fn memory_store() -> Arc<dyn Store> {
 }
 
 /// A device's open stream: what it sends, what it gets.
-struct Device {
-    sender: mpsc::Sender<proto::StreamHeartbeatsRequest>,
+pub(crate) struct Device {
+    pub(crate) sender: mpsc::Sender<proto::StreamHeartbeatsRequest>,
     answers: tonic::Streaming<proto::StreamHeartbeatsResponse>,
 }
 
-fn beat(seconds: i64, state: proto::PlaybackState) -> proto::StreamHeartbeatsRequest {
+pub(crate) fn beat(seconds: i64, state: proto::PlaybackState) -> proto::StreamHeartbeatsRequest {
     proto::StreamHeartbeatsRequest {
         kind: Some(In::Heartbeat(proto::StreamHeartbeat {
             position: Some(prost_types::Duration { seconds, nanos: 0 }),
@@ -63,12 +63,12 @@ fn beat(seconds: i64, state: proto::PlaybackState) -> proto::StreamHeartbeatsReq
     }
 }
 
-fn playing(seconds: i64) -> proto::StreamHeartbeatsRequest {
+pub(crate) fn playing(seconds: i64) -> proto::StreamHeartbeatsRequest {
     beat(seconds, proto::PlaybackState::Playing)
 }
 
 /// Opens a stream on `server` with `token` (sending `first` at once, as devices do).
-async fn try_open(
+pub(crate) async fn try_open(
     server: &TestServer,
     token: &str,
     first: proto::StreamHeartbeatsRequest,
@@ -87,7 +87,7 @@ async fn try_open(
     Ok(Device { sender, answers })
 }
 
-async fn open(server: &TestServer, token: &str) -> Device {
+pub(crate) async fn open(server: &TestServer, token: &str) -> Device {
     try_open(server, token, playing(1))
         .await
         .expect("stream opens")
@@ -112,7 +112,7 @@ fn partition_of(name: &str) -> (usher::ids::SessionName, u32) {
 
 impl Device {
     /// The next message, within `within`.
-    async fn next(&mut self, within: Duration) -> Out {
+    pub(crate) async fn next(&mut self, within: Duration) -> Out {
         tokio::time::timeout(within, self.answers.message())
             .await
             .expect("a message in time")
@@ -123,7 +123,7 @@ impl Device {
     }
 
     /// Messages until a stop, which it returns with how long it took.
-    async fn until_stop(&mut self, within: Duration) -> (proto::StopPlayback, Duration) {
+    pub(crate) async fn until_stop(&mut self, within: Duration) -> (proto::StopPlayback, Duration) {
         let started = Instant::now();
         loop {
             let left = within.saturating_sub(started.elapsed());
@@ -154,7 +154,7 @@ impl Device {
 }
 
 /// Starts a session on `server`: its name and token.
-async fn start(server: &mut TestServer, user: &str, device: &str) -> (String, String) {
+pub(crate) async fn start(server: &mut TestServer, user: &str, device: &str) -> (String, String) {
     let created = server
         .sessions
         .create_session(create_request(user, device))
@@ -164,7 +164,7 @@ async fn start(server: &mut TestServer, user: &str, device: &str) -> (String, St
     (created.session.unwrap().name, created.playback_token)
 }
 
-fn stop_reason(stop: &proto::StopPlayback) -> proto::StopReason {
+pub(crate) fn stop_reason(stop: &proto::StopPlayback) -> proto::StopReason {
     proto::StopReason::try_from(stop.reason).unwrap()
 }
 
@@ -620,7 +620,7 @@ async fn streams_are_refused_like_the_unary_device_calls() {
         .unwrap()
         .unwrap();
     older.generation -= 1;
-    let forged = tokens.issue(&older).unwrap().token;
+    let forged = tokens.issue(&older, &Default::default()).unwrap().token;
     let status = try_open(&server, &forged, playing(1)).await.err().unwrap();
     assert_eq!(refused(status), (Code::NotFound, "NOT_FOUND".into()));
 
@@ -628,7 +628,7 @@ async fn streams_are_refused_like_the_unary_device_calls() {
     let mut other = older.clone();
     other.generation += 1;
     other.name.session = usher::ids::SessionId::generate();
-    let forged = tokens.issue(&other).unwrap().token;
+    let forged = tokens.issue(&other, &Default::default()).unwrap().token;
     let status = try_open(&server, &forged, playing(1)).await.err().unwrap();
     assert_eq!(refused(status), (Code::NotFound, "NOT_FOUND".into()));
 
@@ -867,7 +867,7 @@ impl usher::entitlement::EntitlementProvider for Withdrawable {
     ) -> Result<usher::entitlement::Entitlement, usher::entitlement::EntitlementError> {
         use usher::entitlement::Entitlement;
         match self.0.load(std::sync::atomic::Ordering::SeqCst) {
-            ALLOWED => Ok(Entitlement::Allowed { seat_limit: 2 }),
+            ALLOWED => Ok(Entitlement::Allowed(usher::entitlement::Grant::seats(2))),
             WITHDRAWN => Ok(Entitlement::Denied(usher::error::Denial::Content)),
             _ => Err(usher::entitlement::EntitlementError::Unavailable(
                 "down".into(),
