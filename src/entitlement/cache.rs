@@ -116,14 +116,6 @@ where
     async fn stale_answer(&self, key: &K) -> Option<V> {
         self.stale.as_ref()?.get(key).await
     }
-
-    /// Forgets every answer (tests, and a change of the services).
-    pub fn clear(&self) {
-        self.fresh.invalidate_all();
-        if let Some(stale) = &self.stale {
-            stale.invalidate_all();
-        }
-    }
 }
 
 #[cfg(test)]

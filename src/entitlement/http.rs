@@ -25,6 +25,7 @@ use super::{
 };
 use crate::deadline::Deadline;
 use crate::error::Denial;
+use crate::manifest::ManifestPaths;
 use crate::model::DeviceType;
 
 /// The largest answer body read; a longer one is garbage.
@@ -117,7 +118,13 @@ struct ContentAnswer {
     available: bool,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    manifest: Option<ManifestPaths>,
 }
+
+/// The content service's verdict: where the title's manifests are (if it said), or why
+/// it may not play.
+type ContentVerdict = Result<Option<ManifestPaths>, Denial>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct IdentityKey {
@@ -148,7 +155,7 @@ struct Service<K, V> {
 pub struct HttpEntitlements {
     policy: StaticPolicy,
     identity: Option<Service<IdentityKey, Entitlement>>,
-    content: Option<Service<ContentKey, Option<Denial>>>,
+    content: Option<Service<ContentKey, ContentVerdict>>,
     settings: HttpSettings,
 }
 
@@ -209,9 +216,9 @@ impl HttpEntitlements {
     async fn ask_content(
         &self,
         query: EntitlementQuery<'_>,
-    ) -> Result<Option<Denial>, EntitlementError> {
+    ) -> Result<ContentVerdict, EntitlementError> {
         let (Some(service), Some(content)) = (&self.content, query.content) else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
         let key = ContentKey {
             content: content.to_string(),
@@ -228,12 +235,21 @@ impl HttpEntitlements {
         let fetch = async {
             let (body, max_age) = service.fetch(url, query.deadline).await?;
             let answer: ContentAnswer = service.parse(&body)?;
-            let denial = match answer.available {
-                true => None,
-                false => Some(denial_of(answer.reason.as_deref(), Denial::Content)),
+            let verdict = match answer.available {
+                true => {
+                    let paths = answer.manifest;
+                    if let Some(paths) = &paths {
+                        paths.check().map_err(|e| service.garbage(e))?;
+                    }
+                    Ok(paths)
+                }
+                false => Err(denial_of(answer.reason.as_deref(), Denial::Content)),
             };
-            let ttl = self.ttl(denial.is_none(), max_age);
-            Ok(Fresh { value: denial, ttl })
+            let ttl = self.ttl(verdict.is_ok(), max_age);
+            Ok(Fresh {
+                value: verdict,
+                ttl,
+            })
         };
         service.cached(key, fetch).await
     }
@@ -252,16 +268,6 @@ impl HttpEntitlements {
             true => self.settings.positive_ttl,
             false => self.settings.negative_ttl,
         })
-    }
-
-    /// Forgets every cached answer.
-    pub fn clear_cache(&self) {
-        if let Some(service) = &self.identity {
-            service.cache.clear();
-        }
-        if let Some(service) = &self.content {
-            service.cache.clear();
-        }
     }
 }
 
@@ -283,7 +289,11 @@ fn identity_verdict(
         return Ok(Entitlement::Denied(Denial::Entitlement));
     }
     Ok(match answer.devices.apply(device) {
-        Ok(rules) => Entitlement::Allowed(Grant { seat_limit, rules }),
+        Ok(rules) => Entitlement::Allowed(Grant {
+            seat_limit,
+            rules,
+            manifest: None,
+        }),
         Err(denial) => Entitlement::Denied(denial),
     })
 }
@@ -444,13 +454,16 @@ where
             Ok(response) => response,
             Err(error) => {
                 crate::observe::entitlement_upstream(self.name, "error");
+                // No answer came: the GET may be sent again (a refused connection, or a
+                // pooled one the service had closed). A time-out is not retried.
                 return Err(Failure {
-                    retry: error.is_connect() && !error.is_timeout(),
+                    retry: (error.is_connect() || error.is_request()) && !error.is_timeout(),
                     cause: describe(&error),
                 });
             }
         };
         let status = response.status();
+        crate::observe::entitlement_latency(self.name, started.elapsed().as_secs_f64());
         if status != StatusCode::OK {
             crate::observe::entitlement_upstream(self.name, "error");
             let retry = matches!(
@@ -467,7 +480,6 @@ where
         let max_age = max_age(response.headers());
         let body = read_body(response).await;
         crate::observe::entitlement_upstream(self.name, if body.is_ok() { "ok" } else { "error" });
-        crate::observe::entitlement_latency(self.name, started.elapsed().as_secs_f64());
         body.map(|body| (body, max_age)).map_err(|cause| Failure {
             cause,
             retry: false,
@@ -530,12 +542,16 @@ impl EntitlementProvider for HttpEntitlements {
         if let Ok(Some(denied @ Entitlement::Denied(_))) = identity {
             return Ok(denied);
         }
-        if let Ok(Some(denial)) = content {
+        if let Ok(Err(denial)) = content {
             return Ok(Entitlement::Denied(denial));
         }
-        content?;
+        let manifest = content?.ok().flatten();
         // The identity service, when there is one, owns the seats and the device rules.
-        Ok(identity?.unwrap_or(Entitlement::Allowed(grant)))
+        Ok(match identity? {
+            Some(Entitlement::Allowed(owned)) => Entitlement::Allowed(Grant { manifest, ..owned }),
+            Some(denied) => denied,
+            None => Entitlement::Allowed(Grant { manifest, ..grant }),
+        })
     }
 }
 

@@ -22,6 +22,7 @@ pub use self::static_policy::{PolicyError, PolicyFile, StaticPolicy};
 use crate::deadline::Deadline;
 use crate::error::{Denial, Error};
 use crate::ids::{ContentId, ProfileId, UserId};
+use crate::manifest::ManifestPaths;
 use crate::model::{DeviceType, DrmRule, PlaybackRules};
 
 /// The most seats one user can have; keeps every seat script's work bounded.
@@ -72,13 +73,15 @@ pub struct Grant {
     pub seat_limit: u32,
     /// What the session's tokens carry for the edge and the license server.
     pub rules: PlaybackRules,
+    /// Where the title's manifests are on its origin, when the content service said.
+    pub manifest: Option<ManifestPaths>,
 }
 
 impl Grant {
     pub fn seats(seat_limit: u32) -> Self {
         Self {
             seat_limit,
-            rules: PlaybackRules::default(),
+            ..Self::default()
         }
     }
 }

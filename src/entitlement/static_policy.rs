@@ -245,7 +245,11 @@ impl StaticPolicy {
                 return Entitlement::Denied(Denial::Geo);
             }
         }
-        Entitlement::Allowed(Grant { seat_limit, rules })
+        Entitlement::Allowed(Grant {
+            seat_limit,
+            rules,
+            manifest: None,
+        })
     }
 }
 

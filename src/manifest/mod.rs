@@ -40,6 +40,50 @@ pub struct Manifest {
     pub expires: SystemTime,
 }
 
+/// Where a title's manifests are on its origin, when the content service says so
+/// (instead of the origin's path templates).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ManifestPaths {
+    #[serde(default)]
+    pub hls: Option<String>,
+    #[serde(default)]
+    pub dash: Option<String>,
+}
+
+/// The longest manifest path taken from a content service.
+const MAX_PATH: usize = 1024;
+
+impl ManifestPaths {
+    pub fn get(&self, kind: ManifestType) -> Option<&str> {
+        match kind {
+            ManifestType::Hls => self.hls.as_deref(),
+            ManifestType::Dash => self.dash.as_deref(),
+        }
+    }
+
+    /// Each path is absolute, at most 1024 bytes of visible ASCII, without a query, a
+    /// fragment, a percent sign or a dot segment: it cannot leave the title's origin or
+    /// change what is signed.
+    pub fn check(&self) -> Result<(), String> {
+        for path in [&self.hls, &self.dash].into_iter().flatten() {
+            let visible = path.bytes().all(|b| b.is_ascii_graphic());
+            let dot_segment = path.split('/').any(|s| s == "." || s == "..");
+            let ok = path.starts_with('/')
+                && !path.starts_with("//")
+                && path.len() <= MAX_PATH
+                && visible
+                && !dot_segment
+                && !path.contains(['?', '#', '%', '\\']);
+            if !ok {
+                return Err(format!(
+                    "manifest path {path:?} is not an absolute path on the origin"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a URL is signed for: one session's path, from `now` for `ttl`.
 #[derive(Clone, Copy, Debug)]
 pub struct Grant<'a> {
@@ -129,18 +173,23 @@ impl Origins {
             .find(|origin| content.as_str().starts_with(&origin.content_prefix))
     }
 
-    /// A fresh URL of `content`'s manifest for `session`, signed at `now`.
+    /// A fresh URL of `content`'s manifest for `session`, signed at `now`: at the path
+    /// `paths` gives for `kind`, else at the origin's template.
     pub fn manifest(
         &self,
         session: &SessionName,
         content: &ContentId,
         kind: ManifestType,
+        paths: Option<&ManifestPaths>,
         now: SystemTime,
     ) -> Result<Manifest, SignError> {
         let origin = self
             .origin_of(content)
             .ok_or_else(|| SignError::NoOrigin(content.to_string()))?;
-        let path = origin.path(content, kind);
+        let path = match paths.and_then(|p| p.get(kind)) {
+            Some(path) => path.to_owned(),
+            None => origin.path(content, kind),
+        };
         let url = origin.signer.sign(&Grant {
             session,
             path: &path,
@@ -294,13 +343,52 @@ mod tests {
     }
 
     #[test]
+    fn a_content_service_path_replaces_the_template_and_is_checked() {
+        let file: OriginsFile = toml::from_str(FILE).unwrap();
+        let origins = file.build(secrets, DEFAULT_URL_TTL).unwrap();
+        let live = ContentId::parse("content", "live-7").unwrap();
+        let paths = ManifestPaths {
+            hls: Some("/events/2026/final/master.m3u8".into()),
+            dash: None,
+        };
+        paths.check().unwrap();
+        let at = |kind| {
+            origins
+                .manifest(&session(), &live, kind, Some(&paths), SystemTime::now())
+                .unwrap()
+                .url
+        };
+        let hls = at(ManifestType::Hls);
+        assert!(
+            hls.starts_with("https://cdn.example.com/events/2026/final/master.m3u8?token="),
+            "{hls}"
+        );
+        // No DASH path given: the origin's template.
+        assert!(at(ManifestType::Dash).starts_with("https://cdn.example.com/live-7/manifest.mpd?"));
+        for bad in [
+            "relative/master.m3u8",
+            "//other.host/x.m3u8",
+            "/a/../b.m3u8",
+            "/a.m3u8?x=1",
+            "/a%2e.m3u8",
+            "/a b.m3u8",
+        ] {
+            let paths = ManifestPaths {
+                hls: Some(bad.into()),
+                dash: None,
+            };
+            assert!(paths.check().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn the_first_origin_whose_prefix_matches_signs() {
         let file: OriginsFile = toml::from_str(FILE).unwrap();
         let origins = file.build(secrets, DEFAULT_URL_TTL).unwrap();
         let now = SystemTime::now();
         let live = ContentId::parse("content", "live-7").unwrap();
         let manifest = origins
-            .manifest(&session(), &live, ManifestType::Hls, now)
+            .manifest(&session(), &live, ManifestType::Hls, None, now)
             .unwrap();
         assert!(
             manifest
@@ -312,7 +400,7 @@ mod tests {
         assert_eq!(manifest.expires, now + DEFAULT_URL_TTL);
         let vod = ContentId::parse("content", "title-42").unwrap();
         let manifest = origins
-            .manifest(&session(), &vod, ManifestType::Dash, now)
+            .manifest(&session(), &vod, ManifestType::Dash, None, now)
             .unwrap();
         assert!(
             manifest
@@ -371,7 +459,13 @@ mod tests {
         let origins = file.build(secrets, DEFAULT_URL_TTL).unwrap();
         let other = ContentId::parse("content", "clip-1").unwrap();
         assert!(matches!(
-            origins.manifest(&session(), &other, ManifestType::Hls, SystemTime::now()),
+            origins.manifest(
+                &session(),
+                &other,
+                ManifestType::Hls,
+                None,
+                SystemTime::now()
+            ),
             Err(SignError::NoOrigin(_))
         ));
     }

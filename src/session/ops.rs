@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime};
 use super::{ClientInfo, Device, DeviceType, PlaybackState, Session, Termination};
 use crate::auth::Caller;
 use crate::deadline::Deadline;
-use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery};
+use crate::entitlement::{Entitlement, EntitlementProvider, EntitlementQuery, Grant};
 use crate::error::{Denial, Error, FieldViolation, Violations};
 use crate::ids::position;
 use crate::ids::{
     ContentId, DeviceId, ProfileId, RequestId, SessionId, SessionName, UserId, region, text,
 };
-use crate::manifest::{Manifest, ManifestType, Origins, SignError};
+use crate::manifest::{Manifest, ManifestPaths, ManifestType, Origins, SignError};
 use crate::model::PlaybackRules;
 use crate::progress::ResumeRules;
 use crate::proto;
@@ -462,10 +462,17 @@ impl Sessions {
         self.manifests.as_ref().map(|origins| origins.ttl())
     }
 
-    /// A fresh signed URL of `session`'s manifest.
-    pub fn sign_manifest(&self, session: &Session, kind: ManifestType) -> Result<Manifest, Error> {
+    /// A fresh signed URL of `session`'s manifest, at `paths` when the content service
+    /// gave them.
+    pub fn sign_manifest(
+        &self,
+        session: &Session,
+        kind: ManifestType,
+        paths: Option<&ManifestPaths>,
+    ) -> Result<Manifest, Error> {
+        let now = SystemTime::now();
         self.origins()?
-            .manifest(&session.name, &session.content, kind, SystemTime::now())
+            .manifest(&session.name, &session.content, kind, paths, now)
             .map_err(|e| match e {
                 SignError::NoOrigin(content) => unserved(content),
                 SignError::Signing(cause) => Error::Internal(format!("manifest URL: {cause}")),
@@ -503,7 +510,12 @@ impl Sessions {
                 resource: name.to_string(),
             });
         }
-        self.sign_manifest(&session, kind)
+        self.origins()?;
+        // Where the manifest is may come from the content service: asked again, like a
+        // refresh (a lost entitlement ends the session; no answer signs the template).
+        let paths = self.recheck_or_end(&session, deadline).await?;
+        let paths = paths.and_then(|grant| grant.manifest);
+        self.sign_manifest(&session, kind, paths.as_ref())
     }
 
     pub fn policy(&self) -> &SessionPolicy {
@@ -602,7 +614,11 @@ impl Sessions {
         }
         let token = self.tokens.issue(&created.session, &grant.rules)?;
         let manifest = match self.manifests {
-            Some(_) => Some(self.sign_manifest(&created.session, manifest_type)?),
+            Some(_) => Some(self.sign_manifest(
+                &created.session,
+                manifest_type,
+                grant.manifest.as_ref(),
+            )?),
             None => None,
         };
         Ok(Started {
@@ -628,7 +644,7 @@ impl Sessions {
             })
             .await;
         let rechecked = match answer {
-            Ok(Entitlement::Allowed(grant)) => Rechecked::Kept(grant.rules),
+            Ok(Entitlement::Allowed(grant)) => Rechecked::Kept(grant),
             Ok(Entitlement::Denied(denial)) => Rechecked::Lost(denial),
             Err(error) => {
                 tracing::warn!(session = %session.name, %error, "entitlement unknown at a re-check: the session is kept");
@@ -785,8 +801,8 @@ impl Sessions {
 /// What a re-check of a live session's entitlement found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rechecked {
-    /// Still entitled, under these rules.
-    Kept(PlaybackRules),
+    /// Still entitled, under this grant's rules.
+    Kept(Grant),
     /// The provider could not answer: the session is kept with the rules it had.
     Unknown,
     /// The entitlement was withdrawn.
@@ -803,17 +819,17 @@ impl Rechecked {
     }
 }
 
-/// A refresh asks the entitlement again; a withdrawn one ends the session and refuses
-/// the refresh with the denial.
-#[async_trait::async_trait]
-impl Recheck for Sessions {
-    async fn recheck(
+impl Sessions {
+    /// A re-check for a call that goes on only while the entitlement holds: the grant
+    /// (`None` when the provider could not answer); a withdrawn entitlement ends the
+    /// session and refuses the call with the denial.
+    async fn recheck_or_end(
         &self,
         session: &Session,
         deadline: Deadline,
-    ) -> Result<Option<PlaybackRules>, Error> {
+    ) -> Result<Option<Grant>, Error> {
         match self.recheck_entitlement(session, deadline).await {
-            Rechecked::Kept(rules) => Ok(Some(rules)),
+            Rechecked::Kept(grant) => Ok(Some(grant)),
             Rechecked::Unknown => Ok(None),
             Rechecked::Lost(denial) => {
                 match self
@@ -825,5 +841,19 @@ impl Recheck for Sessions {
                 }
             }
         }
+    }
+}
+
+/// A refresh asks the entitlement again; a withdrawn one ends the session and refuses
+/// the refresh with the denial.
+#[async_trait::async_trait]
+impl Recheck for Sessions {
+    async fn recheck(
+        &self,
+        session: &Session,
+        deadline: Deadline,
+    ) -> Result<Option<PlaybackRules>, Error> {
+        let grant = self.recheck_or_end(session, deadline).await?;
+        Ok(grant.map(|grant| grant.rules))
     }
 }

@@ -32,7 +32,7 @@ use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::error::Error;
 use crate::ids::SessionName;
-use crate::manifest::{Manifest, ManifestType};
+use crate::manifest::{Manifest, ManifestPaths, ManifestType};
 use crate::model::{EndReason, PlaybackRules, PlaybackState, Session, SessionState, holds_seat};
 use crate::session::ops::{DeviceRequest, Rechecked, Sessions};
 use crate::store::{DeviceAction, DeviceCall, EndedFeed, Store, StoreError};
@@ -457,6 +457,7 @@ impl Streams {
             heard: Instant::now(),
             token_due: Instant::now(),
             rules: opened.claims.rules(),
+            manifest_paths: None,
             manifest_type: ManifestType::Hls,
             // The device's URL from CreateSession expires about a URL lifetime from now.
             manifest_expires: self.sessions.manifest_ttl().map(|ttl| Instant::now() + ttl),
@@ -567,6 +568,8 @@ struct Run<'a> {
     token_due: Instant,
     /// The playback rules the newest token carries.
     rules: PlaybackRules,
+    /// Where the title's manifests are, as the content service last said.
+    manifest_paths: Option<ManifestPaths>,
     /// The manifest the token pushes carry.
     manifest_type: ManifestType,
     /// When the device's newest manifest URL expires, when usher signs them.
@@ -813,7 +816,10 @@ impl Run<'_> {
             .recheck_entitlement(&self.session, deadline)
             .await
         {
-            Rechecked::Kept(rules) => self.rules = rules,
+            Rechecked::Kept(grant) => {
+                self.rules = grant.rules;
+                self.manifest_paths = grant.manifest;
+            }
             // A provider that cannot answer does not stop an admitted session: the token
             // is pushed with the rules it had, and the next one asks again.
             Rechecked::Unknown => {}
@@ -822,11 +828,11 @@ impl Run<'_> {
         let issued = self.streams.tokens.issue(&self.session, &self.rules)?;
         let manifest = match self.streams.sessions.manifest_ttl() {
             None => None,
-            Some(_) => match self
-                .streams
-                .sessions
-                .sign_manifest(&self.session, self.manifest_type)
-            {
+            Some(_) => match self.streams.sessions.sign_manifest(
+                &self.session,
+                self.manifest_type,
+                self.manifest_paths.as_ref(),
+            ) {
                 Ok(manifest) => {
                     let lifetime = manifest
                         .expires

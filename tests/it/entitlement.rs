@@ -876,3 +876,83 @@ async fn the_binary_asks_a_python_service_written_from_the_contract() {
         .unwrap();
     assert!(usher.terminate().success());
 }
+
+/// The content service may say where a title's manifests are: CreateSession and
+/// GetManifest sign that path on the title's origin instead of its template; a path that
+/// could leave the origin is an answer usher cannot use.
+#[tokio::test]
+async fn the_content_service_places_the_manifest() {
+    use usher::manifest::edge::EdgeTokenSigner;
+    use usher::manifest::{Origin, Origins};
+    let platform = Platform::start().await;
+    let services = &platform.services;
+    services.answer_content(
+        "final",
+        json!({"available": true, "manifest": {"hls": "/events/2026/final/master.m3u8"}}),
+    );
+    services.answer_content(
+        "escape",
+        json!({"available": true, "manifest": {"hls": "/../secrets/master.m3u8"}}),
+    );
+    let origins = Origins::new(
+        vec![Origin {
+            name: "edge".into(),
+            content_prefix: String::new(),
+            hls_path: "/{content}/master.m3u8".into(),
+            dash_path: "/{content}/manifest.mpd".into(),
+            signer: Box::new(EdgeTokenSigner::new("https://cdn.test".into(), vec![7; 32])),
+        }],
+        Duration::from_secs(300),
+    );
+    let provider = HttpEntitlements::new(StaticPolicy::open(2).unwrap(), platform.settings());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(test_settings()));
+    let mut parts = components(store, Arc::new(provider.unwrap()));
+    parts.manifests = Some(Arc::new(origins));
+    let mut server = serve_components(&test_config(OverLimitPolicy::RejectNew), parts).await;
+
+    let placed = server
+        .sessions
+        .create_session(create_of("viewer", "tv", "final"))
+        .await
+        .unwrap()
+        .into_inner();
+    let url = placed.manifest.unwrap().url;
+    assert!(
+        url.starts_with("https://cdn.test/events/2026/final/master.m3u8?"),
+        "{url}"
+    );
+    let again = server
+        .sessions
+        .get_manifest(proto::GetManifestRequest {
+            name: placed.session.unwrap().name,
+            manifest_type: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let url = again.manifest.unwrap().url;
+    assert!(
+        url.starts_with("https://cdn.test/events/2026/final/"),
+        "{url}"
+    );
+
+    let templated = server
+        .sessions
+        .create_session(create_of("viewer", "phone", "title-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let url = templated.manifest.unwrap().url;
+    assert!(
+        url.starts_with("https://cdn.test/title-1/master.m3u8?"),
+        "{url}"
+    );
+
+    let refused = server
+        .sessions
+        .create_session(create_of("viewer", "tablet", "escape"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), "ENTITLEMENT_UNAVAILABLE");
+    server.running.shutdown().await.unwrap();
+}

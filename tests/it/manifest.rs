@@ -159,7 +159,7 @@ async fn s3rver_serves_a_presigned_manifest_and_refuses_what_it_should() {
     );
     let content = ContentId::parse("content", "42").unwrap();
     let manifest = origins
-        .manifest(&session(), &content, ManifestType::Hls, now)
+        .manifest(&session(), &content, ManifestType::Hls, None, now)
         .unwrap();
     assert_eq!(
         fetch(s3.addr, "GET", &manifest.url, "").await,
