@@ -18,14 +18,8 @@ use axum::extract::{Query, State};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
-use usher::config::Config;
-use usher::entitlement::{EntitlementProvider, HttpEntitlements, HttpSettings, StaticPolicy};
+use usher::entitlement::{HttpEntitlements, HttpSettings, StaticPolicy};
 use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
-use usher::server::{Components, RunningServer};
-use usher::store::StoreSettings;
-use usher::store::memory::MemoryStore;
-use usher::token::keys::KeyRing;
-use usher::token::{TokenSettings, Tokens};
 
 /// The usher binary's allocator (src/main.rs).
 #[global_allocator]
@@ -63,32 +57,6 @@ async fn platform() -> (String, Arc<Calls>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, calls)
-}
-
-async fn server(entitlements: Arc<dyn EntitlementProvider>) -> (RunningServer, Channel) {
-    let mut config = Config::defaults();
-    config.insecure_dev = true;
-    config.limits.drain_delay = Duration::ZERO;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let components = Components {
-        store: Arc::new(MemoryStore::new(StoreSettings::default())),
-        entitlements,
-        tokens: Arc::new(Tokens::new(
-            TokenSettings::default(),
-            KeyRing::ephemeral().unwrap(),
-        )),
-        credentials: Default::default(),
-        manifests: None,
-    };
-    let server = usher::server::start(&config, components, listener)
-        .await
-        .unwrap();
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (server, channel)
 }
 
 struct Measured {
@@ -143,8 +111,9 @@ async fn run() {
         ..HttpSettings::default()
     };
     let http = HttpEntitlements::new(StaticPolicy::open(4).unwrap(), settings).unwrap();
-    let (static_server, static_channel) = server(Arc::new(StaticPolicy::open(4).unwrap())).await;
-    let (http_server, http_channel) = server(Arc::new(http)).await;
+    let (static_server, static_channel) =
+        support::serve_memory(Arc::new(StaticPolicy::open(4).unwrap())).await;
+    let (http_server, http_channel) = support::serve_memory(Arc::new(http)).await;
     // Warm: every pool user asked once, on every worker's device type (all TVs).
     let warm = creates(&http_channel).await;
     println!(

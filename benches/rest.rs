@@ -12,18 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use tokio::net::TcpListener;
-use tonic::transport::Channel;
 use tower::ServiceExt;
-use usher::config::Config;
 use usher::entitlement::StaticPolicy;
 use usher::proto;
 use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
-use usher::server::Components;
-use usher::store::StoreSettings;
-use usher::store::memory::MemoryStore;
-use usher::token::keys::KeyRing;
-use usher::token::{TokenSettings, Tokens};
 
 /// The usher binary's allocator (src/main.rs).
 #[global_allocator]
@@ -59,28 +51,7 @@ where
 }
 
 async fn run() {
-    let mut config = Config::defaults();
-    config.insecure_dev = true;
-    config.limits.drain_delay = Duration::ZERO;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let components = Components {
-        store: Arc::new(MemoryStore::new(StoreSettings::default())),
-        entitlements: Arc::new(StaticPolicy::open(4).unwrap()),
-        tokens: Arc::new(Tokens::new(
-            TokenSettings::default(),
-            KeyRing::ephemeral().unwrap(),
-        )),
-        credentials: Default::default(),
-        manifests: None,
-    };
-    let server = usher::server::start(&config, components, listener)
-        .await
-        .unwrap();
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (server, channel) = support::serve_memory(Arc::new(StaticPolicy::open(4).unwrap())).await;
     let mut sessions = PlaybackSessionServiceClient::new(channel.clone());
     let created = sessions
         .create_session(support::create_request("bench", "tv"))

@@ -13,6 +13,7 @@
 #[path = "../tests/it/support/redis.rs"]
 #[expect(dead_code, reason = "shared with the tests; the bench uses part of it")]
 mod redis;
+#[expect(dead_code, reason = "shared by the benches; this one uses part of it")]
 mod support;
 
 use std::sync::Arc;

@@ -3,8 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tonic::transport::Channel;
+use usher::config::Config;
+use usher::entitlement::EntitlementProvider;
+use usher::server::{Components, RunningServer};
+use usher::store::memory::MemoryStore;
 use usher::store::redis::{RedisOptions, RedisStore, RedisTarget};
 use usher::store::{Store, StoreSettings};
+use usher::token::keys::KeyRing;
+use usher::token::{TokenSettings, Tokens};
 
 /// Runs a benchmark's `run` on a multi-threaded runtime (nothing for `--list`, which
 /// `cargo test --benches` asks: there are no tests).
@@ -39,4 +46,32 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// A CreateSession request of `user` on `device` (a TV in the US).
 pub fn create_request(user: &str, device: &str) -> usher::proto::CreateSessionRequest {
     usher::bench::create_request(user, device)
+}
+
+/// A development-mode server on loopback over the memory store, with an ephemeral key
+/// and `entitlements`, and a channel to it.
+pub async fn serve_memory(entitlements: Arc<dyn EntitlementProvider>) -> (RunningServer, Channel) {
+    let mut config = Config::defaults();
+    config.insecure_dev = true;
+    config.limits.drain_delay = Duration::ZERO;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let components = Components {
+        store: Arc::new(MemoryStore::new(StoreSettings::default())),
+        entitlements,
+        tokens: Arc::new(Tokens::new(
+            TokenSettings::default(),
+            KeyRing::ephemeral().unwrap(),
+        )),
+        credentials: Default::default(),
+        manifests: None,
+    };
+    let server = usher::server::start(&config, components, listener)
+        .await
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (server, channel)
 }

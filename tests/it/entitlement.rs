@@ -773,24 +773,13 @@ async fn the_static_policy_refuses_before_the_services_are_asked() {
     server.running.shutdown().await.unwrap();
 }
 
-/// The Python packages of the contract check: PyYAML, openapi-spec-validator and
-/// openapi-schema-validator (schemathesis brings them; `.ci/run` installs it).
+/// The Python packages of the contract check (schemathesis brings them; `.ci/run`
+/// installs it).
 fn python_openapi_available() -> bool {
-    let found = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import yaml, openapi_spec_validator, openapi_schema_validator",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the Python OpenAPI packages are required under CI"
-        );
-        eprintln!("skipped: pip install openapi-spec-validator openapi-schema-validator pyyaml");
-    }
-    found
+    crate::python::python_has(
+        "yaml, openapi_spec_validator, openapi_schema_validator",
+        "pyyaml openapi-spec-validator openapi-schema-validator",
+    )
 }
 
 /// The real binary, configured by its flags, against an identity and content service

@@ -11,24 +11,28 @@ use std::process::Command;
 
 use crate::grpcurl::Usher;
 
-fn python_grpc_available() -> bool {
+/// Whether `python3` can import `modules` (a comma-separated import list). Without them a
+/// test is skipped with a note naming `install`, except under CI, where it fails.
+pub(crate) fn python_has(modules: &str, install: &str) -> bool {
     let found = Command::new("python3")
-        .args([
-            "-c",
-            "import grpc, grpc_tools, grpc_status, google.api, google.rpc.error_details_pb2",
-        ])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "the Python gRPC packages are required under CI"
+            "the Python packages of {install:?} are required under CI"
         );
-        eprintln!(
-            "skipped: pip install grpcio grpcio-tools grpcio-status googleapis-common-protos"
-        );
+        eprintln!("skipped: pip install {install}");
     }
     found
+}
+
+fn python_grpc_available() -> bool {
+    python_has(
+        "grpc, grpc_tools, grpc_status, google.api, google.rpc.error_details_pb2",
+        "grpcio grpcio-tools grpcio-status googleapis-common-protos",
+    )
 }
 
 #[test]
