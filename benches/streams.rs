@@ -278,6 +278,7 @@ async fn heartbeat_rates(server: &redis::RedisServer) {
             request_id: None,
             limit: 4,
             policy: usher::store::OverLimitPolicy::RejectNew,
+            rate: None,
         };
         new.client.region = "US".into();
         let created = sessions_client_store

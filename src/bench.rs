@@ -821,6 +821,7 @@ pub fn new_session(user: &str, limit: u32) -> Result<NewSession, String> {
         request_id: None,
         limit,
         policy: OverLimitPolicy::RejectNew,
+        rate: None,
     })
 }
 

@@ -14,7 +14,7 @@ use crate::store::memory::MemoryLimits;
 use crate::store::redis::{RedisOptions, RedisTarget};
 use crate::store::{
     DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, HeartbeatEvents, OverLimitPolicy,
-    StoreSettings,
+    RateLimit, StoreSettings,
 };
 use crate::streaming::StreamSettings;
 use crate::telemetry::LogFormat;
@@ -453,6 +453,15 @@ pub struct ServeArgs {
     )]
     pub missing_region: MissingRegion,
 
+    /// How fast one user may create sessions: `N/s`, `N/m`, `N/h`, or `off`. A plan in
+    /// the entitlement policy may set its own.
+    #[arg(long, env = "USHER_CREATE_RATE", default_value = "30/m")]
+    pub create_rate: String,
+
+    /// How many creates a user may make at once before --create-rate applies, 1 to 1000.
+    #[arg(long, env = "USHER_CREATE_BURST", default_value_t = 10)]
+    pub create_burst: u32,
+
     /// What a create over the limit does.
     #[arg(
         long,
@@ -702,6 +711,8 @@ pub struct Config {
     pub manifest_url_ttl: Duration,
     pub resume: ResumeRules,
     pub over_limit_policy: OverLimitPolicy,
+    /// The create rate limit per user; `None`: off.
+    pub create_rate: Option<RateLimit>,
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
     pub limits: ServerLimits,
@@ -1019,6 +1030,8 @@ impl ServeArgs {
             ));
         }
         let entitlement_http = self.entitlement_http()?;
+        let create_rate = RateLimit::parse(&self.create_rate, self.create_burst)
+            .map_err(|problem| ConfigError::new("--create-rate", problem))?;
         if self.event_stream_maxlen == 0 {
             return Err(ConfigError::new(
                 "--event-stream-maxlen",
@@ -1137,6 +1150,7 @@ impl ServeArgs {
             manifest_url_ttl: self.manifest_url_ttl,
             resume,
             over_limit_policy: self.over_limit_policy,
+            create_rate,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval,
             limits: ServerLimits {

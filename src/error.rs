@@ -107,6 +107,9 @@ pub enum Error {
         limit: u32,
         holders: Vec<proto::SeatHolder>,
     },
+    /// The user started sessions faster than the create rate limit allows.
+    #[error("too many new sessions; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
     #[error("playback not allowed")]
     Denied(Denial),
     /// The session is over; its final state when its record is still kept.
@@ -170,6 +173,7 @@ impl Error {
                 (Code::InvalidArgument, Denial::RegionRequired.reason())
             }
             Error::Denied(denial) => (Code::PermissionDenied, denial.reason()),
+            Error::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             Error::SessionEnded { .. } => (Code::FailedPrecondition, "SESSION_ENDED"),
             Error::TokenExpired => (Code::Unauthenticated, "TOKEN_EXPIRED"),
             Error::TokenInvalid(_) => (Code::Unauthenticated, "TOKEN_INVALID"),
@@ -272,6 +276,15 @@ impl From<Error> for Status {
             Error::TooManyStreams { limit, scope } => {
                 metadata.insert("limit".to_owned(), limit.to_string());
                 metadata.insert("scope".to_owned(), (*scope).to_owned());
+            }
+            Error::RateLimited { retry_after } => {
+                let retry_info = pb::RetryInfo {
+                    retry_delay: Some(prost_types::Duration {
+                        seconds: retry_after.as_secs() as i64,
+                        nanos: retry_after.subsec_nanos() as i32,
+                    }),
+                };
+                details.push(any("google.rpc.RetryInfo", &retry_info));
             }
             Error::Denied(_)
             | Error::MalformedRequest(_)

@@ -21,12 +21,13 @@ use super::breaker::{Breaker, Permit, Position};
 use super::cache::{AnswerCache, Fresh, Source};
 use super::{
     DeviceRules, Entitlement, EntitlementError, EntitlementProvider, EntitlementQuery, Grant,
-    MAX_SEAT_LIMIT, StaticPolicy,
+    MAX_SEAT_LIMIT, StaticPolicy, static_policy::DEFAULT_CREATE_BURST,
 };
 use crate::deadline::Deadline;
 use crate::error::Denial;
 use crate::manifest::ManifestPaths;
 use crate::model::DeviceType;
+use crate::store::RateLimit;
 
 /// The largest answer body read; a longer one is garbage.
 const MAX_BODY: usize = 64 * 1024;
@@ -110,6 +111,11 @@ struct IdentityAnswer {
     seat_limit: Option<u32>,
     #[serde(default)]
     devices: DeviceRules,
+    /// The plan's create rate limit (`N/s`, `N/m`, `N/h` or `off`); absent: the server's.
+    #[serde(default)]
+    create_rate: Option<String>,
+    #[serde(default)]
+    create_burst: Option<u32>,
 }
 
 /// The content service's answer, as it writes it.
@@ -288,11 +294,19 @@ fn identity_verdict(
     if seat_limit == 0 {
         return Ok(Entitlement::Denied(Denial::Entitlement));
     }
+    let create_rate = match &answer.create_rate {
+        Some(rate) => {
+            let burst = answer.create_burst.unwrap_or(DEFAULT_CREATE_BURST);
+            Some(RateLimit::parse(rate, burst).map_err(|e| format!("create_rate: {e}"))?)
+        }
+        None => None,
+    };
     Ok(match answer.devices.apply(device) {
         Ok(rules) => Entitlement::Allowed(Grant {
             seat_limit,
             rules,
             manifest: None,
+            create_rate,
         }),
         Err(denial) => Entitlement::Denied(denial),
     })
@@ -635,6 +649,15 @@ mod tests {
             identity_verdict(unknown, None).unwrap(),
             Entitlement::Denied(Denial::Entitlement)
         );
+        let trial = answer(
+            r#"{"allowed": true, "seat_limit": 1, "create_rate": "2/h", "create_burst": 1}"#,
+        );
+        let Entitlement::Allowed(grant) = identity_verdict(trial, None).unwrap() else {
+            panic!("allowed");
+        };
+        assert_eq!(grant.create_rate, Some(RateLimit::parse("2/h", 1).unwrap()));
+        let bad_rate = answer(r#"{"allowed": true, "seat_limit": 1, "create_rate": "often"}"#);
+        assert!(identity_verdict(bad_rate, None).is_err());
         assert!(identity_verdict(answer(r#"{"allowed": true}"#), None).is_err());
         assert!(identity_verdict(answer(r#"{"allowed": true, "seat_limit": 101}"#), None).is_err());
     }

@@ -24,6 +24,7 @@ use crate::error::{Denial, Error};
 use crate::ids::{ContentId, ProfileId, UserId};
 use crate::manifest::ManifestPaths;
 use crate::model::{DeviceType, DrmRule, PlaybackRules};
+use crate::store::RateLimit;
 
 /// The most seats one user can have; keeps every seat script's work bounded.
 pub const MAX_SEAT_LIMIT: u32 = 100;
@@ -75,6 +76,9 @@ pub struct Grant {
     pub rules: PlaybackRules,
     /// Where the title's manifests are on its origin, when the content service said.
     pub manifest: Option<ManifestPaths>,
+    /// The user's plan's own create rate limit (`Some(None)`: none); `None`: the
+    /// server's (`--create-rate`).
+    pub create_rate: Option<Option<RateLimit>>,
 }
 
 impl Grant {

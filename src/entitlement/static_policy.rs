@@ -15,6 +15,10 @@ use super::{
 use crate::error::Denial;
 use crate::files::{FileError, read_toml};
 use crate::ids::ContentId;
+use crate::store::RateLimit;
+
+/// A plan's `create_burst` when it sets `create_rate` alone.
+pub const DEFAULT_CREATE_BURST: u32 = 10;
 
 /// The TOML file, as written.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -41,6 +45,13 @@ pub struct Plan {
     /// The devices the plan allows, their resolutions and DRM.
     #[serde(default)]
     pub devices: DeviceRules,
+    /// How fast the plan's users may start sessions (`N/s`, `N/m`, `N/h` or `off`);
+    /// absent: the server's `--create-rate`.
+    #[serde(default)]
+    pub create_rate: Option<String>,
+    /// The burst of `create_rate` (default 10).
+    #[serde(default)]
+    pub create_burst: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -73,6 +84,8 @@ pub struct RegionRules {
 pub struct StaticPolicy {
     default_seat_limit: u32,
     user_plans: HashMap<String, Plan>,
+    /// The create rate limit of each user whose plan sets one (`None`: off).
+    user_rates: HashMap<String, Option<RateLimit>>,
     content_allow: HashSet<String>,
     content_deny: HashSet<String>,
     content_regions: HashMap<String, HashSet<String>>,
@@ -92,6 +105,8 @@ pub enum PolicyError {
     Region { what: String, region: String },
     #[error("users.{user}: no plan named {plan:?}")]
     UnknownPlan { user: String, plan: String },
+    #[error("plans.{plan}.create_rate: {problem}")]
+    CreateRate { plan: String, problem: String },
     #[error("plans.{plan}.devices.{field}: {name:?} is not a device type")]
     DeviceType {
         plan: String,
@@ -143,8 +158,18 @@ impl StaticPolicy {
             "default_seat_limit",
             default_seat_limit.or(file.default_seat_limit).unwrap_or(2),
         )?;
+        let mut plan_rates = HashMap::new();
         for (name, plan) in &file.plans {
             check_limit(&format!("plans.{name}"), plan.seat_limit)?;
+            if let Some(rate) = &plan.create_rate {
+                let burst = plan.create_burst.unwrap_or(DEFAULT_CREATE_BURST);
+                let rate =
+                    RateLimit::parse(rate, burst).map_err(|problem| PolicyError::CreateRate {
+                        plan: name.clone(),
+                        problem,
+                    })?;
+                plan_rates.insert(name.clone(), rate);
+            }
             if let Some((field, unknown)) = plan.devices.unknown_name() {
                 return Err(PolicyError::DeviceType {
                     plan: name.clone(),
@@ -166,6 +191,11 @@ impl StaticPolicy {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let user_rates = file
+            .users
+            .iter()
+            .filter_map(|(user, plan)| Some((user.clone(), *plan_rates.get(plan)?)))
+            .collect();
         let regions = |what: &str, list: &[String]| {
             list.iter()
                 .map(|r| check_region(what, r))
@@ -185,6 +215,7 @@ impl StaticPolicy {
         Ok(Self {
             default_seat_limit,
             user_plans,
+            user_rates,
             content_allow: file.content.allow.into_iter().collect(),
             content_deny: file.content.deny.into_iter().collect(),
             content_regions,
@@ -245,10 +276,12 @@ impl StaticPolicy {
                 return Entitlement::Denied(Denial::Geo);
             }
         }
+        let create_rate = self.user_rates.get(query.user.as_str()).copied();
         Entitlement::Allowed(Grant {
             seat_limit,
             rules,
             manifest: None,
+            create_rate,
         })
     }
 }

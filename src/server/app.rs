@@ -130,6 +130,7 @@ impl App {
                     heartbeat_interval: config.heartbeat_interval,
                     heartbeat_timeout: config.store_settings.heartbeat_timeout,
                     resume: config.resume,
+                    create_rate: config.create_rate,
                 },
             )
             .with_manifests(manifests),

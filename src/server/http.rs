@@ -355,11 +355,33 @@ where
     let code = tonic::Code::from_i32(code);
     let status = StatusCode::from_u16(crate::error::http_status(code))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    respond(
+    let mut response = respond(
         status,
         "application/json",
         status_json(&rest.pool, code as i32, &message, details.as_deref()),
-    )
+    );
+    if let Some(seconds) = details.as_deref().and_then(retry_after_seconds) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// The whole seconds (rounded up) of a `google.rpc.RetryInfo` among a status's details:
+/// the REST answer's `Retry-After`.
+fn retry_after_seconds(details: &[u8]) -> Option<u64> {
+    use prost::Message;
+    let status = tonic_types::pb::Status::decode(details).ok()?;
+    let info = status
+        .details
+        .iter()
+        .find(|d| d.type_url == "type.googleapis.com/google.rpc.RetryInfo")?;
+    let delay = tonic_types::pb::RetryInfo::decode(info.value.as_slice())
+        .ok()?
+        .retry_delay?;
+    let seconds = delay.seconds.max(0) as u64;
+    Some(seconds + u64::from(delay.nanos > 0))
 }
 
 /// A server-streaming answer as it comes: each message one line of JSON,

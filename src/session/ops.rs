@@ -19,8 +19,8 @@ use crate::model::PlaybackRules;
 use crate::progress::ResumeRules;
 use crate::proto;
 use crate::store::{
-    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, ProgressKey, Store,
-    StoreError,
+    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, ProgressKey, RateLimit,
+    Store, StoreError,
 };
 use crate::token::ops::Recheck;
 use crate::token::{IssuedToken, Tokens};
@@ -349,6 +349,8 @@ pub struct SessionPolicy {
     pub heartbeat_timeout: Duration,
     /// Where a new session of a title starts, from the profile's progress in it.
     pub resume: ResumeRules,
+    /// How fast a user may create sessions, unless its plan says otherwise.
+    pub create_rate: Option<RateLimit>,
 }
 
 impl SessionPolicy {
@@ -580,6 +582,7 @@ impl Sessions {
                     request_id: request.request_id,
                     limit: grant.seat_limit,
                     policy: self.policy.over_limit,
+                    rate: grant.create_rate.unwrap_or(self.policy.create_rate),
                 },
                 deadline,
             )
@@ -588,7 +591,7 @@ impl Sessions {
         let created = match created {
             Ok(created) => created,
             Err(error) => {
-                if let Error::ConcurrencyLimitReached { .. } = error {
+                if let Error::ConcurrencyLimitReached { .. } | Error::RateLimited { .. } = error {
                     crate::observe::session_denied(error.code_and_reason().1);
                 }
                 return Err(error);

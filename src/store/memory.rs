@@ -24,8 +24,8 @@ use tokio::sync::broadcast;
 use super::{
     Created, DEFAULT_MEMORY_MAX_SESSIONS, DEFAULT_MEMORY_MAX_USERS, DeviceAction, DeviceCall,
     ENDED_FEED_CAPACITY, EndedFeed, Event, EventKind, GENERATION_IDLE_TTL, HeartbeatEvents,
-    NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite, RelayLag, Seats,
-    Store, StoreError, StoreSettings, Swept, parse_event_id, partition_of,
+    NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite, RateLimit, RelayLag,
+    Seats, Store, StoreError, StoreSettings, Swept, parse_event_id, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{ContentId, ProfileId, RequestId, SessionId, SessionName, UserId};
@@ -143,6 +143,8 @@ struct UserSeats {
     generation_expires_ms: u64,
     /// Whether the user has an entry in `State::idle_users` (at most one each).
     idle_queued: bool,
+    /// The create rate limit's theoretical arrival time, ms (0: none yet).
+    rate_tat_ms: u64,
 }
 
 struct RememberedRequest {
@@ -455,6 +457,25 @@ impl Op<'_> {
         Ok(())
     }
 
+    /// The create rate limit's GCRA step. The user is kept at least as long as its cell
+    /// matters, as Redis keeps its hash: an entry made here, with no seat, is queued to
+    /// be forgotten after that.
+    fn take_rate_cell(&mut self, user: &UserId, rate: RateLimit) -> Result<(), StoreError> {
+        let tat = self.state.users.get(user).map_or(0, |u| u.rate_tat_ms);
+        let next = rate
+            .admit(tat, self.now)
+            .map_err(|retry_after| StoreError::RateLimited { retry_after })?;
+        let entry = self.state.users.entry(user.clone()).or_default();
+        entry.rate_tat_ms = next;
+        entry.generation_expires_ms = entry.generation_expires_ms.max(next + 1000);
+        if entry.seats.is_empty() && !entry.idle_queued {
+            entry.idle_queued = true;
+            let at = entry.generation_expires_ms;
+            self.state.idle_users.push_back((at, user.clone()));
+        }
+        Ok(())
+    }
+
     fn append(&mut self, kind: EventKind, session: &Session) {
         let maxlen = self.settings.event_stream_maxlen as usize;
         let now = self.now;
@@ -610,6 +631,9 @@ impl Op<'_> {
         // Room first, so a full store refuses before anything is written.
         self.make_room_for_session()?;
         self.make_room_for_user(&user)?;
+        if let Some(rate) = new.rate {
+            self.take_rate_cell(&user, rate)?;
+        }
         self.expire_overdue(&user, self.settings.max_evictions_per_call);
 
         let holders = self.live_holders(&user);
@@ -1261,6 +1285,7 @@ mod tests {
             request_id: None,
             limit: 1,
             policy: OverLimitPolicy::RejectNew,
+            rate: None,
         }
     }
 

@@ -138,6 +138,65 @@ pub struct NewSession {
     /// The user's seat limit, from the entitlement.
     pub limit: u32,
     pub policy: OverLimitPolicy,
+    /// How fast the user may create sessions; `None`: no limit.
+    pub rate: Option<RateLimit>,
+}
+
+/// A generic cell rate algorithm (GCRA) limit: `burst` creates at once, then one per
+/// `interval`. The store keeps one theoretical arrival time per user, checked and moved
+/// in the same atomic step as the create, by the store's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// The emission interval: a sustained rate of one per this.
+    pub interval: Duration,
+    /// At least 1.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// How far ahead of now the arrival time may run: `interval × (burst − 1)`.
+    pub fn tolerance(&self) -> Duration {
+        self.interval * self.burst.saturating_sub(1)
+    }
+
+    /// A limit written `N/s`, `N/m` or `N/h` (N from 1 to 1,000,000), with `burst` (1 to
+    /// 1,000); `off` for none.
+    pub fn parse(rate: &str, burst: u32) -> Result<Option<RateLimit>, String> {
+        if rate == "off" {
+            return Ok(None);
+        }
+        let bad = || format!("{rate:?} is not N/s, N/m, N/h or off");
+        let (count, per) = rate.split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let period = match per.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        if !(1..=1_000_000).contains(&count) {
+            return Err(format!("{rate:?}: the count must be 1 to 1000000"));
+        }
+        if !(1..=1000).contains(&burst) {
+            return Err(format!("a burst of {burst}: must be 1 to 1000"));
+        }
+        Ok(Some(RateLimit {
+            interval: period / count,
+            burst,
+        }))
+    }
+
+    /// The GCRA step at `now_ms` with the stored arrival time `tat_ms` (0 when none):
+    /// the new arrival time to store, or how long until a create would be admitted.
+    pub fn admit(&self, tat_ms: u64, now_ms: u64) -> Result<u64, Duration> {
+        let tat = tat_ms.max(now_ms);
+        let ahead = tat - now_ms;
+        let tolerance = self.tolerance().as_millis() as u64;
+        if ahead > tolerance {
+            return Err(Duration::from_millis(ahead - tolerance));
+        }
+        Ok(tat + self.interval.as_millis() as u64)
+    }
 }
 
 impl NewSession {
@@ -478,6 +537,10 @@ pub enum StoreError {
     StaleGeneration,
     #[error("concurrency limit reached")]
     LimitReached { limit: u32, holders: Vec<Session> },
+    /// The user created sessions faster than its rate limit; a create would be admitted
+    /// after `retry_after`. Nothing was written.
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
     #[error("request_id reused for a different request")]
     RequestIdReused,
     #[error("store unreachable: {0}")]
@@ -509,6 +572,7 @@ impl StoreError {
                 holders: holders.iter().map(Session::to_seat_holder).collect(),
             },
             StoreError::RequestIdReused => Error::RequestIdReused,
+            StoreError::RateLimited { retry_after } => Error::RateLimited { retry_after },
             StoreError::Unavailable(cause) => Error::Unavailable(cause),
             StoreError::Full(cause) => Error::StoreFull(cause),
             StoreError::Corrupt(cause) | StoreError::Refused(cause) => Error::Internal(cause),
@@ -773,5 +837,51 @@ mod tests {
             preview(&holders[..1], &phone, 2, OverLimitPolicy::RejectNew),
             Preview::FreeSeat
         );
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn gcra_admits_a_burst_then_one_per_interval() {
+        let rate = RateLimit {
+            interval: Duration::from_secs(2),
+            burst: 3,
+        };
+        let mut tat = 0;
+        for _ in 0..3 {
+            tat = rate.admit(tat, 10_000).unwrap();
+        }
+        assert_eq!(rate.admit(tat, 10_000), Err(Duration::from_secs(2)));
+        assert_eq!(rate.admit(tat, 11_500), Err(Duration::from_millis(500)));
+        let tat = rate.admit(tat, 12_000).unwrap();
+        assert_eq!(rate.admit(tat, 12_000), Err(Duration::from_secs(2)));
+        // Long idle: the full burst again, never more.
+        let mut tat = tat;
+        for _ in 0..3 {
+            tat = rate.admit(tat, 100_000).unwrap();
+        }
+        assert!(rate.admit(tat, 100_000).is_err());
+    }
+
+    #[test]
+    fn rates_are_parsed_or_named() {
+        let rate = RateLimit::parse("30/m", 10).unwrap().unwrap();
+        assert_eq!(rate.interval, Duration::from_secs(2));
+        assert_eq!(rate.tolerance(), Duration::from_secs(18));
+        assert_eq!(RateLimit::parse("off", 10).unwrap(), None);
+        assert_eq!(
+            RateLimit::parse("5/s", 1).unwrap().unwrap().interval,
+            Duration::from_millis(200)
+        );
+        for bad in ["30", "30/d", "0/m", "x/m", "-1/s"] {
+            assert!(
+                RateLimit::parse(bad, 10).unwrap_err().contains(bad),
+                "{bad}"
+            );
+        }
+        assert!(RateLimit::parse("1/s", 0).is_err());
     }
 }

@@ -11,8 +11,9 @@ use usher::deadline::Deadline;
 use usher::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId};
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
-    Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, OverLimitPolicy, Preview,
-    ProgressCursor, ProgressKey, ProgressWrite, StoreError, Swept, partition_of,
+    Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, NewSession, OverLimitPolicy,
+    Preview, ProgressCursor, ProgressKey, ProgressWrite, RateLimit, StoreError, Swept,
+    partition_of,
 };
 
 use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
@@ -87,6 +88,65 @@ pub async fn the_limit_rejects_and_writes_nothing(kind: Kind) {
     assert_eq!(b.dump(), dump_before, "a rejected create writes nothing");
     assert_eq!(b.session(&third_name).await, None);
     assert_eq!(b.holders(&user).await.len(), 2);
+}
+
+/// The create rate limit (GCRA): a burst, then one per interval, by the store's clock;
+/// a refused create writes nothing; a replayed request is not a new create; a limit
+/// refusal still counts as an attempt.
+pub async fn creates_over_the_rate_are_refused_and_write_nothing(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let rate = RateLimit {
+        interval: Duration::from_millis(700),
+        burst: 2,
+    };
+    let limited = |device: &str, limit: u32| NewSession {
+        rate: Some(rate),
+        ..new_session(&user, device, limit, RejectNew)
+    };
+    let mut remembered = limited("a", 10);
+    remembered.request_id = Some(usher::ids::RequestId::parse("r", "req-rate").unwrap());
+    b.try_create(remembered.clone()).await.unwrap();
+    b.try_create(limited("b", 10)).await.unwrap();
+    let dump = b.dump();
+    let events = b.events_of(&user).await.len();
+    let retry_after = match b.try_create(limited("c", 10)).await {
+        Err(StoreError::RateLimited { retry_after }) => retry_after,
+        other => panic!("expected RateLimited, got {other:?}"),
+    };
+    assert!(
+        retry_after > Duration::ZERO && retry_after <= rate.interval,
+        "{retry_after:?}"
+    );
+    assert_eq!(b.dump(), dump, "a refused create writes nothing");
+    assert_eq!(b.events_of(&user).await.len(), events);
+    let mut retry = remembered.clone();
+    retry.name.session = usher::ids::SessionId::generate();
+    assert!(
+        b.try_create(retry).await.unwrap().replayed,
+        "a replay is not limited"
+    );
+    // Without a limit of its own, a create is never refused for the rate.
+    b.try_create(new_session(&user, "d", 10, RejectNew))
+        .await
+        .unwrap();
+
+    b.advance(retry_after + Duration::from_millis(20)).await;
+    b.try_create(limited("c", 10)).await.unwrap();
+    assert!(matches!(
+        b.try_create(limited("e", 10)).await,
+        Err(StoreError::RateLimited { .. })
+    ));
+    // A create refused by the seat limit took its cell too.
+    b.advance(rate.interval + Duration::from_millis(20)).await;
+    assert!(matches!(
+        b.try_create(limited("f", 1)).await,
+        Err(StoreError::LimitReached { .. })
+    ));
+    assert!(matches!(
+        b.try_create(limited("g", 10)).await,
+        Err(StoreError::RateLimited { .. })
+    ));
 }
 
 pub async fn stop_oldest_evicts_the_least_recently_started(kind: Kind) {
@@ -1469,6 +1529,7 @@ macro_rules! conformance_suite {
                 stamp!($kind;
                     create_grants_a_seat_and_appends_started,
                     the_limit_rejects_and_writes_nothing,
+                    creates_over_the_rate_are_refused_and_write_nothing,
                     stop_oldest_evicts_the_least_recently_started,
                     the_same_device_replaces_its_own_session,
                     a_repeated_request_id_returns_the_first_answer,

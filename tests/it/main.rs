@@ -14,6 +14,7 @@ mod otlp;
 mod progress;
 mod python;
 mod race;
+mod rate;
 mod redis_only;
 mod relay;
 mod security;

@@ -40,7 +40,7 @@ fn a_python_client_generated_by_protoc_calls_every_method() {
     if !python_grpc_available() {
         return;
     }
-    let usher = Usher::start(&["--default-seat-limit", "100"]);
+    let usher = Usher::start(&["--default-seat-limit", "100", "--create-rate", "off"]);
     let root = env!("CARGO_MANIFEST_DIR");
     let output = Command::new("python3")
         .arg(format!("{root}/tests/python/client.py"))

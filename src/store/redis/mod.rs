@@ -331,6 +331,9 @@ fn refusal(code: ReplyCode, reply: Vec<Value>) -> Result<(ReplyCode, Vec<Value>)
         ReplyCode::RequestIdReused => Err(StoreError::RequestIdReused),
         ReplyCode::RecordsNeeded => Err(StoreError::Corrupt("records still needed".into())),
         ReplyCode::ProfileNeeded => Err(StoreError::Corrupt("a profile still needed".into())),
+        ReplyCode::RateLimited => Err(StoreError::RateLimited {
+            retry_after: Duration::from_millis(int_at(&reply, 1)?.max(0) as u64),
+        }),
     }
 }
 
@@ -1120,6 +1123,10 @@ impl Store for RedisStore {
             new.client.region.clone(),
             self.core.settings.max_evictions_per_call.to_string(),
             ms(GENERATION_IDLE_TTL),
+            new.rate
+                .map_or_else(|| "0".to_owned(), |rate| ms(rate.interval)),
+            new.rate
+                .map_or_else(|| "0".to_owned(), |rate| ms(rate.tolerance())),
         ]);
         let (code, reply) = self
             .core

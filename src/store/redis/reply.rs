@@ -39,6 +39,9 @@ pub(super) enum ReplyCode {
     /// -7: a device call needs its session's profile (the id follows) to write its
     /// progress; it wrote nothing.
     ProfileNeeded,
+    /// -8: over the create rate limit; the milliseconds until a create is admitted
+    /// follow; nothing was written.
+    RateLimited,
 }
 
 impl TryFrom<i64> for ReplyCode {
@@ -55,6 +58,7 @@ impl TryFrom<i64> for ReplyCode {
             -5 => ReplyCode::RequestIdReused,
             -6 => ReplyCode::RecordsNeeded,
             -7 => ReplyCode::ProfileNeeded,
+            -8 => ReplyCode::RateLimited,
             other => return Err(corrupt(format!("unknown script reply code {other}"))),
         })
     }

@@ -252,6 +252,7 @@ pub fn new_session(user: &UserId, device: &str, limit: u32, policy: OverLimitPol
         request_id: None,
         limit,
         policy,
+        rate: None,
     }
 }
 
@@ -343,6 +344,8 @@ pub fn test_config(policy: OverLimitPolicy) -> Config {
     config.limits.drain_delay = Duration::ZERO;
     config.limits.shutdown_timeout = Duration::from_secs(2);
     config.sweep_interval = Duration::from_millis(100);
+    // Tests create many sessions per user at once; the rate limit's own tests set it.
+    config.create_rate = None;
     config
 }
 

@@ -31,14 +31,18 @@
 -- ARGV[19]  client region
 -- ARGV[20]  at most this many overdue holders are expired here
 -- ARGV[21]  how long the user hash (its generation counter) is kept after this grant, ms
+-- ARGV[22]  the create rate limit's emission interval, ms; 0 for no limit
+-- ARGV[23]  the rate limit's tolerance, ms: interval x (burst - 1)
 --
 -- Returns
 --   {0, record, replaced session id, ...}  created
 --   {1, record, replaced session id, ...}  the remembered answer to this request_id
 --   {-3, limit, holder record, ...}        limit reached (REJECT_NEW): nothing but
---                                          overdue holders' expiry was written
+--                                          overdue holders' expiry and the rate cell
+--                                          were written
 --   {-5}                                   request_id reused for a different request
 --   {-6, session id, ...}                  run again with these records in KEYS
+--   {-8, retry after, ms}                  over the create rate: nothing was written
 
 local user, sid, limit, policy = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local timeout_ms, request_id = tonumber(ARGV[8]), ARGV[9]
@@ -66,6 +70,24 @@ if remembered[1] then
       reply[#reply + 1] = replaced
     end
     return reply
+  end
+end
+
+-- The rate limit (GCRA): the theoretical arrival time in the user hash's 'r' may run at
+-- most the tolerance ahead of now; each admitted attempt moves it one interval on.
+local interval = tonumber(ARGV[22])
+if interval > 0 then
+  local tolerance = tonumber(ARGV[23])
+  local tat = math.max(tonumber(redis.call('HGET', KEYS[1], RATE) or '0'), now)
+  if tat - now > tolerance then
+    return {-8, int(tat - now - tolerance)}
+  end
+  redis.call('HSET', KEYS[1], RATE, int(tat + interval))
+  -- The hash lives at least as long as its cell matters (one made here has no TTL yet;
+  -- a grant below sets the longer generation TTL).
+  local horizon = tat + interval - now + 1000
+  if redis.call('PTTL', KEYS[1]) < horizon then
+    redis.call('PEXPIRE', KEYS[1], int(horizon))
   end
 end
 

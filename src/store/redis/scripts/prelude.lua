@@ -70,6 +70,8 @@ local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
 
 -- The user hash's field that holds the generation counter; every other field is a seat.
 local GENERATION = 'g'
+-- The user hash's create rate cell (createSession): not a seat.
+local RATE = 'r'
 
 -- The sweep's escape from the KEYS rule; see its header.
 local function allow_undeclared()
@@ -115,7 +117,7 @@ local function seats_of(user)
   local flat = redis.call('HGETALL', user_key(user))
   local seats = {}
   for i = 1, #flat, 2 do
-    if flat[i] ~= GENERATION then
+    if flat[i] ~= GENERATION and flat[i] ~= RATE then
       seats[flat[i]] = tonumber(flat[i + 1])
     end
   end
