@@ -107,8 +107,8 @@ pub enum Error {
         limit: u32,
         holders: Vec<proto::SeatHolder>,
     },
-    /// The user started sessions faster than the create rate limit allows.
-    #[error("too many new sessions; retry in {} ms", retry_after.as_millis())]
+    /// Over a rate limit: a user's creates, or a service's requests.
+    #[error("rate limited; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
     #[error("playback not allowed")]
     Denied(Denial),

@@ -183,6 +183,12 @@ pub fn entitlement_recheck(outcome: &'static str) {
     metrics::counter!("usher_entitlement_rechecks_total", "outcome" => outcome).increment(1);
 }
 
+/// A service's request refused for its credential's rate limit.
+pub fn service_rate_limited(service: &str) {
+    metrics::counter!("usher_service_rate_limited_total", "service" => service.to_owned())
+        .increment(1);
+}
+
 pub fn stop_propagation(path: &'static str, seconds: f64) {
     metrics::histogram!("usher_stop_propagation_seconds", "path" => path).record(seconds);
 }

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 use crate::files::{FileError, read_toml};
+use crate::store::RateLimit;
 use crate::token::{PlaybackClaims, TokenError, Tokens};
 
 /// How a method is reached.
@@ -144,14 +145,48 @@ fn pattern_allows(pattern: &str, method: &str) -> bool {
     }
 }
 
-/// A named caller with the methods its roles allow.
+/// A named caller with the methods its roles allow, and its request rate limit.
 #[derive(Debug)]
 pub struct Principal {
     pub name: String,
     methods: Vec<String>,
+    rate: Option<LocalRate>,
+}
+
+/// A service's request rate limit in this process: a GCRA over the monotonic clock in
+/// microseconds, its arrival time moved by compare-and-swap (no lock on the call path).
+#[derive(Debug)]
+struct LocalRate {
+    limit: RateLimit,
+    epoch: std::time::Instant,
+    tat_us: std::sync::atomic::AtomicU64,
+}
+
+impl LocalRate {
+    fn admit(&self) -> Result<(), std::time::Duration> {
+        use std::sync::atomic::Ordering;
+        let micro = std::time::Duration::from_micros(1);
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let mut tat = self.tat_us.load(Ordering::Relaxed);
+        loop {
+            let next = self.limit.admit_in(tat, now, micro)?;
+            match self
+                .tat_us
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
 }
 
 impl Principal {
+    /// Takes one request of the principal's rate; how long to wait when over it.
+    fn admit(&self) -> Result<(), std::time::Duration> {
+        self.rate.as_ref().map_or(Ok(()), LocalRate::admit)
+    }
+
     pub fn may_call(&self, method: &str) -> bool {
         self.methods.iter().any(|p| pattern_allows(p, method))
     }
@@ -211,6 +246,10 @@ pub struct ServiceKey {
     /// …or its SHA-256, hex, so the file holds no secret.
     pub key_sha256: Option<String>,
     pub roles: Vec<String>,
+    /// Requests per second this service may make to this instance; absent: no limit.
+    pub requests_per_second: Option<u32>,
+    /// Requests it may make at once before the rate applies (default: one second's).
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +258,9 @@ pub struct ClientCertificate {
     /// The certificate's subject common name or a DNS subject alternative name.
     pub subject: String,
     pub roles: Vec<String>,
+    /// As for a service key.
+    pub requests_per_second: Option<u32>,
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +314,32 @@ pub enum CredentialsError {
     BadKey { name: String, problem: &'static str },
     #[error("service {name}: the same key twice")]
     DuplicateKey { name: String },
+    #[error("{name}: requests_per_second and burst must be 1 to 1000000")]
+    BadRate { name: String },
+}
+
+/// The request rate limit of a credential: `per_second`, and `burst` at once (default
+/// one second's worth).
+fn request_rate(
+    name: &str,
+    per_second: u32,
+    burst: Option<u32>,
+) -> Result<LocalRate, CredentialsError> {
+    let burst = burst.unwrap_or(per_second);
+    let range = 1..=1_000_000;
+    if !range.contains(&per_second) || !range.contains(&burst) {
+        return Err(CredentialsError::BadRate {
+            name: name.to_owned(),
+        });
+    }
+    Ok(LocalRate {
+        limit: RateLimit {
+            interval: std::time::Duration::from_secs(1) / per_second,
+            burst,
+        },
+        epoch: std::time::Instant::now(),
+        tat_us: std::sync::atomic::AtomicU64::new(0),
+    })
 }
 
 impl Credentials {
@@ -296,28 +364,36 @@ impl Credentials {
             }
             roles.insert(name, definition.methods);
         }
-        let principal =
-            |name: &str, role_names: &[String]| -> Result<Arc<Principal>, CredentialsError> {
-                if role_names.is_empty() {
-                    return Err(CredentialsError::NoRoles {
-                        name: name.to_owned(),
-                    });
-                }
-                let mut methods = Vec::new();
-                for role in role_names {
-                    let allowed = roles
-                        .get(role)
-                        .ok_or_else(|| CredentialsError::UnknownRole {
-                            name: name.to_owned(),
-                            role: role.clone(),
-                        })?;
-                    methods.extend(allowed.iter().cloned());
-                }
-                Ok(Arc::new(Principal {
+        let principal = |name: &str,
+                         role_names: &[String],
+                         per_second: Option<u32>,
+                         burst: Option<u32>|
+         -> Result<Arc<Principal>, CredentialsError> {
+            if role_names.is_empty() {
+                return Err(CredentialsError::NoRoles {
                     name: name.to_owned(),
-                    methods,
-                }))
+                });
+            }
+            let mut methods = Vec::new();
+            for role in role_names {
+                let allowed = roles
+                    .get(role)
+                    .ok_or_else(|| CredentialsError::UnknownRole {
+                        name: name.to_owned(),
+                        role: role.clone(),
+                    })?;
+                methods.extend(allowed.iter().cloned());
+            }
+            let rate = match per_second {
+                Some(per_second) => Some(request_rate(name, per_second, burst)?),
+                None => None,
             };
+            Ok(Arc::new(Principal {
+                name: name.to_owned(),
+                methods,
+                rate,
+            }))
+        };
         let mut credentials = Credentials::default();
         for service in file.service {
             let bad_key = |problem| CredentialsError::BadKey {
@@ -337,13 +413,23 @@ impl Credentials {
                     .ok_or_else(|| bad_key("key_sha256 is not 64 hex digits"))?,
                 _ => return Err(bad_key("give key or key_sha256")),
             };
-            let principal = principal(&service.name, &service.roles)?;
+            let principal = principal(
+                &service.name,
+                &service.roles,
+                service.requests_per_second,
+                service.burst,
+            )?;
             if credentials.keys.insert(digest, principal).is_some() {
                 return Err(CredentialsError::DuplicateKey { name: service.name });
             }
         }
         for certificate in file.client_certificate {
-            let principal = principal(&certificate.subject, &certificate.roles)?;
+            let principal = principal(
+                &certificate.subject,
+                &certificate.roles,
+                certificate.requests_per_second,
+                certificate.burst,
+            )?;
             credentials.subjects.insert(certificate.subject, principal);
         }
         Ok(credentials)
@@ -367,6 +453,17 @@ impl Credentials {
 pub struct Refusal {
     pub error: Error,
     pub cause: &'static str,
+}
+
+/// One request of a service's rate, or RATE_LIMITED with when to retry.
+fn admit(principal: &Principal) -> Result<(), Refusal> {
+    principal.admit().map_err(|retry_after| {
+        crate::observe::service_rate_limited(&principal.name);
+        Refusal {
+            error: Error::RateLimited { retry_after },
+            cause: "service over its request rate",
+        }
+    })
 }
 
 fn unauthenticated(cause: &'static str) -> Refusal {
@@ -468,6 +565,7 @@ impl Authenticator {
     ) -> Result<Caller, Refusal> {
         let principal = self.principal(bearer, subjects)?;
         if principal.may_act_for_devices(method) {
+            admit(&principal)?;
             return Ok(Caller::Service(principal));
         }
         Err(Refusal {
@@ -514,6 +612,7 @@ impl Authenticator {
                 cause: "role does not allow the method",
             });
         }
+        admit(&principal)?;
         Ok(Caller::Service(principal))
     }
 }

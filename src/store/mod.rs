@@ -159,8 +159,8 @@ impl RateLimit {
         self.interval * self.burst.saturating_sub(1)
     }
 
-    /// A limit written `N/s`, `N/m` or `N/h` (N from 1 to 1,000,000), with `burst` (1 to
-    /// 1,000); `off` for none.
+    /// A limit written `N/s`, `N/m` or `N/h` (at most 1000/s, so the interval is whole
+    /// milliseconds), with `burst` (1 to 1,000); `off` for none.
     pub fn parse(rate: &str, burst: u32) -> Result<Option<RateLimit>, String> {
         if rate == "off" {
             return Ok(None);
@@ -174,8 +174,8 @@ impl RateLimit {
             "h" => Duration::from_secs(3600),
             _ => return Err(bad()),
         };
-        if !(1..=1_000_000).contains(&count) {
-            return Err(format!("{rate:?}: the count must be 1 to 1000000"));
+        if count == 0 || period / count < Duration::from_millis(1) {
+            return Err(format!("{rate:?}: at least 1, and at most 1000/s"));
         }
         if !(1..=1000).contains(&burst) {
             return Err(format!("a burst of {burst}: must be 1 to 1000"));
@@ -189,13 +189,20 @@ impl RateLimit {
     /// The GCRA step at `now_ms` with the stored arrival time `tat_ms` (0 when none):
     /// the new arrival time to store, or how long until a create would be admitted.
     pub fn admit(&self, tat_ms: u64, now_ms: u64) -> Result<u64, Duration> {
-        let tat = tat_ms.max(now_ms);
-        let ahead = tat - now_ms;
-        let tolerance = self.tolerance().as_millis() as u64;
+        self.admit_in(tat_ms, now_ms, Duration::from_millis(1))
+    }
+
+    /// [`RateLimit::admit`] with times counted in `unit`s.
+    pub fn admit_in(&self, tat: u64, now: u64, unit: Duration) -> Result<u64, Duration> {
+        let units = |d: Duration| (d.as_nanos() / unit.as_nanos()) as u64;
+        let tat = tat.max(now);
+        let ahead = tat - now;
+        let tolerance = units(self.tolerance());
         if ahead > tolerance {
-            return Err(Duration::from_millis(ahead - tolerance));
+            let late = (ahead - tolerance).saturating_mul(unit.as_nanos() as u64);
+            return Err(Duration::from_nanos(late));
         }
-        Ok(tat + self.interval.as_millis() as u64)
+        Ok(tat + units(self.interval))
     }
 }
 

@@ -114,3 +114,71 @@ async fn a_plan_sets_its_own_rate() {
     assert!(retry_delay(&refused) > Duration::from_secs(3500));
     server.running.shutdown().await.unwrap();
 }
+
+const CHATTY_KEY: &str = "chatty-service-key-0123456789abcdef0123";
+const QUIET_KEY: &str = "quiet-service-key-0123456789abcdef012345";
+
+/// A credential's request rate, per instance: past its burst a service is refused with
+/// RATE_LIMITED and when to retry; another service is not affected.
+#[tokio::test]
+async fn a_service_over_its_request_rate_is_refused_and_others_are_not() {
+    let text = format!(
+        r#"
+        [[service]]
+        name = "chatty"
+        key = "{CHATTY_KEY}"
+        roles = ["support"]
+        requests_per_second = 4
+        burst = 3
+        [[service]]
+        name = "quiet"
+        key = "{QUIET_KEY}"
+        roles = ["support"]
+        "#
+    );
+    let file: usher::auth::CredentialsFile = toml::from_str(&text).unwrap();
+    let mut config = test_config(OverLimitPolicy::RejectNew);
+    config.insecure_dev = false;
+    let store = Arc::new(MemoryStore::new(test_settings()));
+    let mut parts = crate::support::components(store, Arc::new(StaticPolicy::open(2).unwrap()));
+    parts.credentials = usher::auth::Credentials::from_file(file).unwrap();
+    let server = crate::support::serve_components(&config, parts).await;
+    let ask = |key: &'static str| {
+        let mut client = server.concurrency.clone();
+        async move {
+            let mut request = tonic::Request::new(usher::proto::GetConcurrencyRequest {
+                name: "users/someone/concurrency".into(),
+            });
+            let bearer = format!("Bearer {key}").parse().unwrap();
+            request.metadata_mut().insert("authorization", bearer);
+            client.get_concurrency(request).await
+        }
+    };
+    for _ in 0..3 {
+        ask(CHATTY_KEY).await.unwrap();
+    }
+    let refused = ask(CHATTY_KEY).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "RATE_LIMITED");
+    let delay = retry_delay(&refused);
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(250),
+        "{delay:?}"
+    );
+    for _ in 0..10 {
+        ask(QUIET_KEY).await.unwrap();
+    }
+    tokio::time::sleep(delay).await;
+    ask(CHATTY_KEY).await.unwrap();
+    server.running.shutdown().await.unwrap();
+}
+
+#[test]
+fn credential_rates_are_checked() {
+    let file: usher::auth::CredentialsFile = toml::from_str(&format!(
+        "[[service]]\nname = \"zero\"\nkey = \"{QUIET_KEY}\"\nroles = [\"support\"]\nrequests_per_second = 0"
+    ))
+    .unwrap();
+    let refused = usher::auth::Credentials::from_file(file).unwrap_err();
+    assert!(refused.to_string().contains("zero"), "{refused}");
+}
