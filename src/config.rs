@@ -573,6 +573,25 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
 
+    /// HTTP/2 streams a client may open and reset before they are served; past it the
+    /// connection is closed (the rapid-reset attack, CVE-2023-44487).
+    #[arg(long, env = "USHER_HTTP2_MAX_PENDING_RESETS", default_value_t = 20)]
+    pub http2_max_pending_resets: usize,
+
+    /// HTTP/2 streams usher may reset for a client's protocol errors before it closes
+    /// the connection.
+    #[arg(long, env = "USHER_HTTP2_MAX_ERROR_RESETS", default_value_t = 1024)]
+    pub http2_max_error_resets: usize,
+
+    /// The largest HTTP/2 header list accepted, bytes; a larger one (or a CONTINUATION
+    /// flood) closes the connection.
+    #[arg(
+        long,
+        env = "USHER_HTTP2_MAX_HEADER_LIST_SIZE",
+        default_value_t = 16384
+    )]
+    pub http2_max_header_list_size: u32,
+
     /// HTTP/2 keepalive ping interval.
     #[arg(long, env = "USHER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub keepalive_interval: Duration,
@@ -756,6 +775,9 @@ pub struct ServerLimits {
     pub max_health_watches_per_connection: usize,
     pub max_message_size: usize,
     pub max_concurrent_streams: u32,
+    pub http2_max_pending_resets: usize,
+    pub http2_max_error_resets: usize,
+    pub http2_max_header_list_size: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub drain_delay: Duration,
@@ -1161,6 +1183,9 @@ impl ServeArgs {
                 max_health_watches_per_connection: self.max_health_watches_per_connection,
                 max_message_size: self.max_message_size,
                 max_concurrent_streams: self.max_concurrent_streams,
+                http2_max_pending_resets: self.http2_max_pending_resets,
+                http2_max_error_resets: self.http2_max_error_resets,
+                http2_max_header_list_size: self.http2_max_header_list_size,
                 keepalive_interval: self.keepalive_interval,
                 keepalive_timeout: self.keepalive_timeout,
                 drain_delay: self.drain_delay,

@@ -198,6 +198,9 @@ pub(super) fn serve(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_max_pending_accept_reset_streams(Some(limits.http2_max_pending_resets))
+        .http2_max_local_error_reset_streams(Some(limits.http2_max_error_resets))
+        .http2_max_header_list_size(limits.http2_max_header_list_size)
         .layer(layers::StatusDetailsLayer)
         .layer(layers::ConnectionLayer::new(
             limits.max_health_watches,

@@ -7,6 +7,7 @@ mod e2e;
 mod entitlement;
 mod events;
 mod grpcurl;
+mod h2_abuse;
 mod hardening;
 mod http;
 mod manifest;
