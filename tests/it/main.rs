@@ -10,6 +10,7 @@ mod grpcurl;
 mod h2_abuse;
 mod hardening;
 mod http;
+mod linearizability;
 mod manifest;
 mod otlp;
 mod progress;

@@ -16,7 +16,7 @@ use crate::support::{
 };
 
 const CREATES: usize = 200;
-const LIMIT: u32 = 3;
+pub(crate) const LIMIT: u32 = 3;
 
 /// Fires the creates across `servers` at once; returns (admitted, limit-refused).
 async fn race(servers: &[TestServer], user: &str) -> (usize, usize) {
@@ -41,15 +41,16 @@ async fn race(servers: &[TestServer], user: &str) -> (usize, usize) {
     (admitted, refused)
 }
 
-async fn redis_instances(
+pub(crate) async fn redis_instances(
     target: RedisTarget,
     prefix: &str,
     count: usize,
+    settings: usher::store::StoreSettings,
 ) -> Vec<(TestServer, Arc<dyn Store>)> {
     let mut servers = Vec::new();
     for _ in 0..count {
         let store: Arc<dyn Store> = Arc::new(
-            RedisStore::connect(redis_options(target.clone(), prefix), test_settings())
+            RedisStore::connect(redis_options(target.clone(), prefix), settings.clone())
                 .await
                 .unwrap(),
         );
@@ -61,7 +62,7 @@ async fn redis_instances(
 
 async fn race_on_redis(target: RedisTarget, ports: Vec<u16>) {
     let prefix = unique_prefix();
-    let instances = redis_instances(target, &prefix, 4).await;
+    let instances = redis_instances(target, &prefix, 4, test_settings()).await;
     let user = fresh_user();
     let (servers, stores): (Vec<_>, Vec<_>) = instances.into_iter().unzip();
     let (admitted, refused) = race(&servers, user.as_str()).await;
