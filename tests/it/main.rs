@@ -20,5 +20,6 @@ mod rate;
 mod redis_only;
 mod relay;
 mod security;
+mod storm;
 mod streaming;
 mod support;
