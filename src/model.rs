@@ -159,6 +159,13 @@ pub struct ClientInfo {
     pub region: String,
 }
 
+impl ClientInfo {
+    /// The viewer's region, when the create gave one.
+    pub fn region(&self) -> Option<&str> {
+        (!self.region.is_empty()).then_some(self.region.as_str())
+    }
+}
+
 /// Why a session ended. Stored by these names (`as_str`), never by the wire numbers,
 /// so a proto change never rewrites stored data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -529,7 +529,7 @@ impl Sessions {
         request: CreateSession,
         deadline: Deadline,
     ) -> Result<Started, Error> {
-        let region = (!request.client.region.is_empty()).then_some(request.client.region.as_str());
+        let region = request.client.region();
         let entitlement = self
             .entitlements
             .check(EntitlementQuery {
@@ -634,14 +634,13 @@ impl Sessions {
 
     /// Asks the entitlement again for a live session, as at its start.
     pub async fn recheck_entitlement(&self, session: &Session, deadline: Deadline) -> Rechecked {
-        let region = &session.client.region;
         let answer = self
             .entitlements
             .check(EntitlementQuery {
                 user: &session.name.user,
                 profile: Some(&session.profile),
                 content: Some(&session.content),
-                region: (!region.is_empty()).then_some(region.as_str()),
+                region: session.client.region(),
                 device: Some(session.device.kind),
                 deadline,
             })

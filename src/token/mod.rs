@@ -262,7 +262,7 @@ impl Tokens {
             jti: uuid::Uuid::new_v4().to_string(),
             res: rules.max_resolution,
             drm: rules.drm.clone(),
-            reg: (!session.client.region.is_empty()).then(|| session.client.region.clone()),
+            reg: session.client.region().map(str::to_owned),
         };
         let token = self
             .ring
