@@ -298,8 +298,9 @@ pub struct ServeArgs {
     #[arg(long, env = "USHER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// `memory` (embedded, nothing to install), `redis://host:port`, or
-    /// `redis-cluster://host1:port1,host2:port2`.
+    /// `memory` (embedded, nothing to install), `redis://host:port`,
+    /// `redis-sentinel://host:port?sentinelServiceName=NAME` (the primary Sentinel names,
+    /// followed through failovers), or `redis-cluster://host1:port1,host2:port2`.
     #[arg(long, env = "USHER_STORE", default_value = "memory")]
     pub store: String,
 
@@ -815,7 +816,8 @@ fn parse_host_port(value: &str) -> Result<(String, u16), ConfigError> {
     Ok((host.to_owned(), port))
 }
 
-/// `memory`, `redis://…`, `rediss://…` or `redis-cluster://h1:p1,h2:p2`.
+/// `memory`, `redis://…`, `rediss://…`, `redis-sentinel://…`, `rediss-sentinel://…` or
+/// `redis-cluster://h1:p1,h2:p2`.
 pub fn parse_store(
     value: &str,
     key_prefix: &str,
@@ -841,6 +843,15 @@ pub fn parse_store(
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(options(RedisTarget::Cluster { nodes }));
     }
+    if value.starts_with("redis-sentinel://") || value.starts_with("rediss-sentinel://") {
+        // fred reads the URL: the sentinels (the host and every `node=`), the primary's
+        // name (`sentinelServiceName`), credentials and database.
+        fred::types::config::Config::from_url(value)
+            .map_err(|e| ConfigError::new("--store", format!("{value:?}: {}", e.details())))?;
+        return Ok(options(RedisTarget::Sentinel {
+            url: value.to_owned(),
+        }));
+    }
     if value.starts_with("redis://") || value.starts_with("rediss://") {
         return Ok(options(RedisTarget::Single {
             url: value.to_owned(),
@@ -849,7 +860,9 @@ pub fn parse_store(
     Err(ConfigError::new(
         "--store",
         format!(
-            "{value:?}: expected memory, redis://host:port or redis-cluster://host:port,host:port"
+            "{value:?}: expected memory, redis://host:port, \
+             redis-sentinel://host:port?sentinelServiceName=NAME or \
+             redis-cluster://host:port,host:port"
         ),
     ))
 }
@@ -1361,6 +1374,18 @@ mod tests {
                 nodes: vec![("127.0.0.1".into(), 7000), ("::1".into(), 7001)]
             }
         );
+        let sentinel = serve(&[
+            "--store",
+            "redis-sentinel://127.0.0.1:26379?sentinelServiceName=seats&node=127.0.0.1:26380",
+        ])
+        .unwrap();
+        let StoreConfig::Redis(options) = sentinel.store else {
+            panic!("not redis")
+        };
+        assert!(matches!(options.target, RedisTarget::Sentinel { .. }));
+        // Without the primary's name there is nothing to ask the sentinels for.
+        let error = serve(&["--store", "redis-sentinel://127.0.0.1:26379"]).unwrap_err();
+        assert!(error.contains("--store"), "{error}");
         assert!(
             serve(&["--store", "postgres://x"])
                 .unwrap_err()

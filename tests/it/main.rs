@@ -6,6 +6,7 @@ mod conformance;
 mod e2e;
 mod entitlement;
 mod events;
+mod failover;
 mod grpcurl;
 mod h2_abuse;
 mod hardening;

@@ -74,6 +74,9 @@ pub const MIN_REDIS_MAJOR: u32 = 7;
 pub enum RedisTarget {
     /// One server (or a primary behind a proxy): `redis://host:port`.
     Single { url: String },
+    /// A primary found through Redis Sentinel, and found again after a failover:
+    /// `redis-sentinel://host:port?sentinelServiceName=NAME&node=host:port`.
+    Sentinel { url: String },
     /// A Redis Cluster, found from any of its nodes.
     Cluster { nodes: Vec<(String, u16)> },
 }
@@ -481,7 +484,7 @@ impl RedisStore {
         settings: StoreSettings,
     ) -> Result<Self, StoreError> {
         let config = match &options.target {
-            RedisTarget::Single { url } => {
+            RedisTarget::Single { url } | RedisTarget::Sentinel { url } => {
                 Config::from_url(url).map_err(|e| StoreError::Corrupt(e.to_string()))?
             }
             RedisTarget::Cluster { nodes } => Config {

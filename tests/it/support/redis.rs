@@ -35,6 +35,9 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// A configuration file's text, written into `dir` and read first (Sentinel needs
+    /// a file of its own to rewrite).
+    config: Option<String>,
     watchdog: Option<Child>,
 }
 
@@ -44,14 +47,37 @@ impl RedisServer {
         Self::start_with(&Vec::new)
     }
 
+    /// A replica of the server on `port` (`replicaof`, asynchronous as always).
+    pub fn replica_of(port: u16) -> Self {
+        Self::start_with(&|| vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()])
+    }
+
+    /// A Sentinel watching the primary on `primary_port` as `name`, alone (quorum 1): it
+    /// calls the primary down after `down_after` without answers and fails over.
+    pub fn sentinel(name: &str, primary_port: u16, down_after: Duration) -> Self {
+        let config = format!(
+            "sentinel monitor {name} 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds {name} {}\n\
+             sentinel failover-timeout {name} 10000\n\
+             sentinel parallel-syncs {name} 1\n",
+            down_after.as_millis()
+        );
+        Self::start_configured(&Vec::new, Some(config))
+    }
+
     /// Starts a server with the flags `extra` makes (called again, for new ports, when a
     /// port turns out to be taken).
     fn start_with(extra: &dyn Fn() -> Vec<String>) -> Self {
+        Self::start_configured(extra, None)
+    }
+
+    fn start_configured(extra: &dyn Fn() -> Vec<String>, config: Option<String>) -> Self {
         for _ in 0..5 {
             let mut server = Self {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir"),
                 extra: extra(),
+                config: config.clone(),
                 watchdog: None,
             };
             if server.launch() {
@@ -67,7 +93,14 @@ impl RedisServer {
 
     /// Starts redis-server under its watchdog; false if it exited before answering.
     fn launch(&mut self) -> bool {
-        let mut args = vec![
+        let mut args = Vec::new();
+        if let Some(config) = &self.config {
+            let file = self.dir.path().join("redis.conf");
+            std::fs::write(&file, config).expect("write the config file");
+            args.push(file.display().to_string());
+            args.push("--sentinel".to_owned());
+        }
+        args.extend([
             "--port".to_owned(),
             self.port.to_string(),
             "--bind".to_owned(),
@@ -78,7 +111,7 @@ impl RedisServer {
             "no".to_owned(),
             "--dir".to_owned(),
             self.dir.path().display().to_string(),
-        ];
+        ]);
         args.extend(self.extra.iter().cloned());
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let script = format!(
@@ -197,14 +230,24 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// A Redis Cluster of three masters, no replicas.
+/// A Redis Cluster of three masters, with or without a replica each.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_nodes(3, 0)
+    }
+
+    /// Three masters with one replica each (six nodes).
+    pub fn start_with_replicas() -> Self {
+        Self::start_nodes(6, 1)
+    }
+
+    fn start_nodes(count: usize, replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 RedisServer::start_with(&|| {
                     vec![
@@ -228,7 +271,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .status()
             .expect("redis-cli");
@@ -239,6 +282,22 @@ impl RedisCluster {
                 assert!(
                     started.elapsed() < Duration::from_secs(20),
                     "cluster did not become ready"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for node in &nodes {
+            loop {
+                let replication = redis_cli(node.port, &["info", "replication"]);
+                if !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up")
+                {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "replica {} did not sync",
+                    node.port
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -311,4 +370,99 @@ pub fn dump_with_prefix(ports: &[u16], prefix: &str) -> Vec<(String, String)> {
             (key, dump)
         })
         .collect()
+}
+
+/// A TCP relay in front of a Redis port, for a replica's link to its primary: while held,
+/// nothing the primary sends goes through (the bytes wait in the relay's socket), so the
+/// primary acknowledges writes its replica never gets, as over a lagging network link.
+/// `cut` closes every relayed connection and discards what was held.
+pub struct Relay {
+    pub port: u16,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn to(target: u16) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (held_flag, cut_flag) = (held.clone(), cut.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if cut_flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                // client -> server always flows; server -> client stops while held.
+                let pump = |mut from: TcpStream,
+                            mut to: TcpStream,
+                            gate: Option<Arc<AtomicBool>>| {
+                    let cut = cut_flag.clone();
+                    std::thread::spawn(move || {
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while !cut.load(Ordering::Relaxed) {
+                            if gate.as_ref().is_some_and(|g| g.load(Ordering::Relaxed)) {
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                // Held while the read was waiting: what it brought stays
+                                // here (it was sent after the hold began).
+                                Ok(_)
+                                    if gate.as_ref().is_some_and(|g| g.load(Ordering::Relaxed)) => {
+                                }
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pump(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                pump(server, client, Some(held_flag.clone()));
+            }
+        });
+        Self { port, held, cut }
+    }
+
+    /// Stops relaying what the target sends.
+    pub fn hold(&self) {
+        self.held.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes every connection, dropping what was held, and accepts no more.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+    }
 }
