@@ -21,6 +21,7 @@ mod rate;
 mod redis_only;
 mod relay;
 mod security;
+mod skew;
 mod storm;
 mod streaming;
 mod support;
