@@ -504,12 +504,12 @@ fn parse_command_stats(info: &str) -> CommandStats {
         .collect()
 }
 
-/// The usher being measured.
-struct Target {
-    addr: SocketAddr,
-    pid: Option<u32>,
+/// The usher being measured (or soaked).
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) pid: Option<u32>,
     /// The one bench started, stopped at the end.
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
 }
 
 impl Drop for Target {
@@ -535,13 +535,10 @@ fn loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
-/// The host of a `redis://[user:pass@]host:port[/db]` URL is on loopback.
-fn redis_on_loopback(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"))
-        .unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or_default();
+/// The host of a `scheme://[user:pass@]host:port[/db]` URL is on loopback.
+pub(crate) fn redis_on_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
     let host_port = authority.rsplit('@').next().unwrap_or_default();
     let host = match host_port.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
@@ -554,23 +551,22 @@ fn redis_on_loopback(url: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Starts this binary's `serve` on a free loopback port, keys under `prefix`.
-fn start_usher(store: &str, prefix: &str) -> Result<Target, BenchError> {
+/// Starts this binary's `serve` in development mode on a free loopback port, with
+/// `flags` besides.
+pub(crate) fn start_usher(flags: &[&str]) -> Result<Target, String> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(|e| BenchError::Start(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let exe = std::env::current_exe().map_err(|e| BenchError::Start(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let child = Command::new(exe)
         .args(["serve", "--insecure-dev", "--listen", &addr.to_string()])
-        .args(["--store", store, "--redis-key-prefix", prefix])
-        // Every streamed heartbeat is written, as the raw script it is compared with.
-        .args(["--stream-min-write-interval", "0s"])
+        .args(flags)
         .args(["--drain-delay", "0s", "--log", "warn"])
         .stdout(Stdio::null())
         .spawn()
-        .map_err(|e| BenchError::Start(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     Ok(Target {
         addr,
         pid: Some(child.id()),
@@ -578,8 +574,54 @@ fn start_usher(store: &str, prefix: &str) -> Result<Target, BenchError> {
     })
 }
 
+/// A client of its own for the Redis at `url`, connected.
+pub(crate) async fn redis_client(url: &str) -> Result<fred::clients::Client, fred::error::Error> {
+    let config = fred::types::config::Config::from_url(url)?;
+    let client = fred::types::Builder::from_config(config).build()?;
+    client.init().await?;
+    Ok(client)
+}
+
+/// Every key matching `pattern` (SCAN, a page at a time).
+pub(crate) async fn scan_keys(
+    client: &fred::clients::Client,
+    pattern: &str,
+) -> Result<Vec<String>, fred::error::Error> {
+    let mut found = Vec::new();
+    let mut cursor = "0".to_owned();
+    loop {
+        let (next, keys): (String, Vec<String>) = client
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![
+                    cursor.clone(),
+                    "MATCH".into(),
+                    pattern.to_owned(),
+                    "COUNT".into(),
+                    "1000".into(),
+                ],
+            )
+            .await?;
+        found.extend(keys);
+        if next == "0" {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key under `prefix` (a run's own).
+pub(crate) async fn delete_keys(client: &fred::clients::Client, prefix: &str) {
+    let Ok(keys) = scan_keys(client, &format!("{prefix}:*")).await else {
+        return;
+    };
+    for chunk in keys.chunks(1000) {
+        let _: Result<i64, _> = client.unlink(chunk.to_vec()).await;
+    }
+}
+
 /// A channel to `addr` once its health service answers SERVING (10 s at most).
-async fn connect(addr: SocketAddr) -> Result<Channel, BenchError> {
+pub async fn connect_serving(addr: SocketAddr) -> Result<Channel, BenchError> {
     let started = Instant::now();
     let mut last = String::new();
     while started.elapsed() < Duration::from_secs(10) {
@@ -702,11 +744,7 @@ struct RedisSide {
 impl RedisSide {
     async fn open(url: &str, prefix: String) -> Result<Self, BenchError> {
         let redis = |e: fred::error::Error| BenchError::Redis(e.to_string());
-        let config = fred::types::config::Config::from_url(url).map_err(redis)?;
-        let client = fred::types::Builder::from_config(config)
-            .build()
-            .map_err(redis)?;
-        client.init().await.map_err(redis)?;
+        let client = redis_client(url).await.map_err(redis)?;
         let info: String = client
             .info(Some(fred::types::InfoKind::Server))
             .await
@@ -760,34 +798,6 @@ impl RedisSide {
             .await
             .ok()?;
         info_field(&info, "used_memory")?.parse().ok()
-    }
-
-    /// Deletes every key under `prefix` (this run's own).
-    async fn delete_keys(&self, prefix: &str) {
-        let mut cursor = "0".to_owned();
-        loop {
-            let page: Result<(String, Vec<String>), _> = self
-                .client
-                .custom(
-                    fred::cmd!("SCAN"),
-                    vec![
-                        cursor.clone(),
-                        "MATCH".into(),
-                        format!("{prefix}:*"),
-                        "COUNT".into(),
-                        "1000".into(),
-                    ],
-                )
-                .await;
-            let Ok((next, keys)) = page else { return };
-            if !keys.is_empty() {
-                let _: Result<i64, _> = self.client.unlink(keys).await;
-            }
-            if next == "0" {
-                return;
-            }
-            cursor = next;
-        }
     }
 }
 
@@ -882,13 +892,22 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             pid: args.usher_pid,
             child: None,
         },
-        None => start_usher(&args.store, &format!("usher-{run_id}"))?,
+        // Every streamed heartbeat is written, as the raw script it is compared with.
+        None => start_usher(&[
+            "--store",
+            &args.store,
+            "--redis-key-prefix",
+            &format!("usher-{run_id}"),
+            "--stream-min-write-interval",
+            "0s",
+        ])
+        .map_err(BenchError::Start)?,
     };
     let redis = match &redis_url {
         Some(url) => Some(RedisSide::open(url, format!("usher-{run_id}-raw")).await?),
         None => None,
     };
-    let channel = connect(target.addr).await?;
+    let channel = connect_serving(target.addr).await?;
     let processes = Processes {
         usher: target.pid,
         redis: redis.as_ref().and_then(|r| r.pid),
@@ -1139,9 +1158,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 .raw
                 .push(raw_batches(redis, &processes, &run_id, mode, bounds, args.in_flight).await?);
         }
-        redis.delete_keys(&redis.prefix).await;
+        delete_keys(&redis.client, &redis.prefix).await;
         if target.child.is_some() {
-            redis.delete_keys(&format!("usher-{run_id}")).await;
+            delete_keys(&redis.client, &format!("usher-{run_id}")).await;
         }
     }
     drop(target);

@@ -49,6 +49,10 @@ pub enum Command {
     /// heartbeats, ValidateToken and an empty RPC through usher, and (given the Redis it
     /// uses) the same store scripts driven straight at Redis, with CPU and memory per call.
     Bench(Box<BenchArgs>),
+    /// A long bounded churn (creates, stream heartbeats, stops, expiries, recorded
+    /// histories checked for linearizability) reporting usher's RSS, file descriptors,
+    /// threads and tasks and Redis' keys at the start, the end and after the drain.
+    Soak(Box<SoakArgs>),
 }
 
 /// `usher relay` flags: those of `serve` (the store, the sinks), and `--status`.
@@ -127,6 +131,85 @@ pub struct BenchArgs {
 
     /// Print one JSON document instead of the table.
     #[arg(long, env = "USHER_BENCH_JSON")]
+    pub json: bool,
+}
+
+/// `usher soak` flags.
+#[derive(Clone, Debug, Args)]
+pub struct SoakArgs {
+    /// A running usher to soak. Without it, soak starts its own (this binary's `serve`,
+    /// development mode, on a free loopback port, 4 s heartbeat timeout, 5 s retention)
+    /// on `--store`.
+    #[arg(long, env = "USHER_SOAK_TARGET")]
+    pub target: Option<SocketAddr>,
+
+    /// The process id of the `--target` usher, for its RSS, descriptors and threads.
+    #[arg(long, env = "USHER_SOAK_USHER_PID")]
+    pub usher_pid: Option<u32>,
+
+    /// The store of the usher soak starts: `memory` or `redis://host:port` (its keys
+    /// under a prefix of this run's own, deleted at the end).
+    #[arg(long, env = "USHER_SOAK_STORE", default_value = "memory")]
+    pub store: String,
+
+    /// The Redis the soaked usher uses, to count its keys. Defaults to `--store` when
+    /// that is Redis.
+    #[arg(long, env = "USHER_SOAK_REDIS")]
+    pub redis: Option<String>,
+
+    /// The `--redis-key-prefix` of the `--target` usher.
+    #[arg(long, env = "USHER_SOAK_REDIS_KEY_PREFIX", default_value = "usher")]
+    pub redis_key_prefix: String,
+
+    /// How long the churn runs.
+    #[arg(long, env = "USHER_SOAK_DURATION", default_value = "10m", value_parser = duration)]
+    pub duration: Duration,
+
+    /// Devices playing at once, two per user.
+    #[arg(long, env = "USHER_SOAK_DEVICES", default_value_t = 200)]
+    pub devices: usize,
+
+    /// The seat limit of the usher soak starts.
+    #[arg(long, env = "USHER_SOAK_SEAT_LIMIT", default_value_t = 2)]
+    pub seat_limit: u32,
+
+    /// A play lasts at least this long.
+    #[arg(long, env = "USHER_SOAK_PLAY_MIN", default_value = "2s", value_parser = duration)]
+    pub play_min: Duration,
+
+    /// A play lasts at most this long.
+    #[arg(long, env = "USHER_SOAK_PLAY_MAX", default_value = "20s", value_parser = duration)]
+    pub play_max: Duration,
+
+    /// The share of plays that end with the device vanishing (no stop: the seat
+    /// expires) instead of stopping.
+    #[arg(long, env = "USHER_SOAK_VANISH", default_value_t = 0.25)]
+    pub vanish: f64,
+
+    /// Users whose calls are recorded at once (three clients each) and checked for
+    /// linearizability, 40 calls per client a segment.
+    #[arg(long, env = "USHER_SOAK_HISTORY_USERS", default_value_t = 2)]
+    pub history_users: usize,
+
+    /// How long to wait, before and after the churn, for every seat and record to drain.
+    #[arg(long, env = "USHER_SOAK_DRAIN_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// A JSON line with the figures on standard error this often during the churn.
+    #[arg(long, env = "USHER_SOAK_REPORT_EVERY", default_value = "30s", value_parser = duration)]
+    pub report_every: Duration,
+
+    /// A service key (`Bearer` credential with the admin role) for a `--target` that
+    /// requires credentials; devices use the playback tokens their creates return.
+    #[arg(long, env = "USHER_SOAK_SERVICE_KEY")]
+    pub service_key: Option<String>,
+
+    /// Allow a target or Redis that is not on loopback.
+    #[arg(long, env = "USHER_SOAK_ALLOW_REMOTE")]
+    pub allow_remote: bool,
+
+    /// Print one JSON document instead of the table.
+    #[arg(long, env = "USHER_SOAK_JSON")]
     pub json: bool,
 }
 
@@ -593,6 +676,16 @@ pub struct ServeArgs {
     )]
     pub http2_max_header_list_size: u32,
 
+    /// HTTP/2 PING, SETTINGS and PRIORITY frames a connection may send per second, on
+    /// average (0: no limit); past its budget the connection is closed (PING and
+    /// SETTINGS floods).
+    #[arg(long, env = "USHER_HTTP2_CONTROL_FRAME_RATE", default_value_t = 100)]
+    pub http2_control_frame_rate: u32,
+
+    /// The control frames a connection may send at once before the rate applies.
+    #[arg(long, env = "USHER_HTTP2_CONTROL_FRAME_BURST", default_value_t = 1000)]
+    pub http2_control_frame_burst: u32,
+
     /// HTTP/2 keepalive ping interval.
     #[arg(long, env = "USHER_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub keepalive_interval: Duration,
@@ -772,6 +865,8 @@ pub struct ServerLimits {
     pub request_timeout: Duration,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// HTTP/2 control frames per connection; `None`: no limit.
+    pub http2_control_frames: Option<crate::net::FrameBudget>,
     pub max_health_watches: usize,
     pub max_health_watches_per_connection: usize,
     pub max_message_size: usize,
@@ -1141,6 +1236,12 @@ impl ServeArgs {
                 "must be more than 0",
             ));
         }
+        if self.http2_control_frame_rate > 0 && self.http2_control_frame_burst == 0 {
+            return Err(ConfigError::new(
+                "--http2-control-frame-burst",
+                "must be at least 1 while --http2-control-frame-rate is on",
+            ));
+        }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -1192,6 +1293,12 @@ impl ServeArgs {
                 request_timeout: self.request_timeout,
                 max_connections: self.max_connections,
                 handshake_timeout: self.handshake_timeout,
+                http2_control_frames: (self.http2_control_frame_rate > 0).then_some(
+                    crate::net::FrameBudget {
+                        per_second: self.http2_control_frame_rate,
+                        burst: self.http2_control_frame_burst,
+                    },
+                ),
                 max_health_watches: self.max_health_watches,
                 max_health_watches_per_connection: self.max_health_watches_per_connection,
                 max_message_size: self.max_message_size,
@@ -1253,6 +1360,7 @@ impl Config {
             | Command::Keys(_)
             | Command::Device(_)
             | Command::Bench(_)
+            | Command::Soak(_)
             | Command::Relay(_) => {
                 unreachable!("parsed `usher serve`")
             }
@@ -1276,6 +1384,7 @@ mod tests {
             | Command::Keys(_)
             | Command::Device(_)
             | Command::Bench(_)
+            | Command::Soak(_)
             | Command::Relay(_) => Err("parsed another command".into()),
         }
     }
@@ -1467,6 +1576,7 @@ mod readme {
             command.find_subcommand("health"),
             command.find_subcommand("device"),
             command.find_subcommand("bench"),
+            command.find_subcommand("soak"),
             keys.find_subcommand("generate"),
             keys.find_subcommand("rotate"),
         ];

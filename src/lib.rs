@@ -48,6 +48,8 @@
 //!   TOML files operators write, read in one place.
 //! - [`server`]: assembles services, health, reflection, limits, the sweeper, signals.
 //! - [`bench`]: `usher bench`, the hot paths measured against their ceiling in one run.
+//! - [`soak`]: `usher soak`, a long bounded churn that shows nothing accumulates, and the
+//!   linearizability check of recorded seat histories.
 //!
 //! # Layers
 //!
@@ -55,7 +57,7 @@
 //! has no cycle (`../shared/hooks/module_cycles.py src` checks it):
 //!
 //! ```text
-//! server, config, bench
+//! server, config, bench, soak
 //!   streaming, relay              (the device stream; the relay of the event log)
 //!   session, concurrency, progress, events (operations and their gRPC adapters)
 //!     auth, entitlement           (who calls; may they play)
@@ -86,6 +88,7 @@ pub mod proto;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod soak;
 pub mod store;
 pub mod streaming;
 pub mod telemetry;

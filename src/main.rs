@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::Keys(command) => keys(command),
         Command::Device(args) => device(args).await,
         Command::Bench(args) => bench(*args).await,
+        Command::Soak(args) => soak(*args).await,
         Command::Relay(args) => relay(*args).await,
     }
 }
@@ -34,6 +35,28 @@ async fn bench(args: usher::config::BenchArgs) -> ExitCode {
         Err(error) => {
             eprintln!("usher bench: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn soak(args: usher::config::SoakArgs) -> ExitCode {
+    let json = args.json;
+    match usher::soak::run(args).await {
+        Ok(report) => {
+            if json {
+                println!("{:#}", report.json());
+            } else {
+                print!("{}", report.table());
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("usher soak: {error}");
+            ExitCode::from(2)
         }
     }
 }

@@ -16,6 +16,8 @@
 //! | `usher_sweeper_runs_total` | counter | |
 //! | `usher_sweeper_expired_total` | counter | |
 //! | `usher_streams_open` | gauge | |
+//! | `usher_runtime_tasks` | gauge | | tokio tasks alive (read at each scrape) |
+//! | `usher_connections_closed_total` | counter | `reason`: `over_limit`, `handshake_timeout`, `tls_failed`, `control_frame_flood` |
 //! | `usher_seats_in_use` | gauge | | (every user's, from the store, about every 16 s)
 //! | `usher_stop_propagation_seconds` | histogram | `path` (how the stop reached the stream) |
 //! | `usher_relay_delivered_total` | counter | `group` (the sink's consumer group) |
@@ -50,6 +52,14 @@ pub fn install(listen: Option<std::net::SocketAddr>) -> Option<&'static Promethe
             let recorder = match listen {
                 Some(addr) => {
                     let (recorder, exporter) = builder.with_http_listener(addr).build().ok()?;
+                    // This listener renders without `render`: the task gauge is kept
+                    // fresh here.
+                    tokio::spawn(async move {
+                        loop {
+                            runtime_tasks();
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    });
                     tokio::spawn(async move {
                         if let Err(error) = exporter.await {
                             tracing::error!(?error, "the metrics listener stopped");
@@ -76,8 +86,16 @@ pub fn install(listen: Option<std::net::SocketAddr>) -> Option<&'static Promethe
         .as_ref()
 }
 
+/// The runtime's alive tasks, as a gauge (a task leak shows as growth).
+fn runtime_tasks() {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!("usher_runtime_tasks").set(runtime.metrics().num_alive_tasks() as f64);
+    }
+}
+
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
+    runtime_tasks();
     HANDLE
         .get()
         .and_then(Option::as_ref)
@@ -131,6 +149,11 @@ pub fn sweep(expired: u64) {
 
 pub fn seats_in_use(count: u64) {
     metrics::gauge!("usher_seats_in_use").set(count as f64);
+}
+
+/// A connection the accept loop closed (or refused) for `reason`.
+pub fn connection_closed(reason: &'static str) {
+    metrics::counter!("usher_connections_closed_total", "reason" => reason).increment(1);
 }
 
 pub fn streams_open(delta: f64) {

@@ -8,8 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tonic::transport::server::TlsConnectInfo;
-
 use crate::net::ConnectionInfo;
 
 use super::{Authenticator, Caller};
@@ -57,9 +55,7 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 /// The subject common names and DNS names of the client certificate rustls verified
 /// against the client CA.
 fn certificate_subjects(extensions: &http::Extensions) -> Vec<String> {
-    let Some(certificates) = extensions
-        .get::<TlsConnectInfo<ConnectionInfo>>()
-        .and_then(|info| info.peer_certs())
+    let Some(certificates) = ConnectionInfo::of(extensions).and_then(ConnectionInfo::peer_certs)
     else {
         return Vec::new();
     };

@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::app::App;
-use super::{StartError, layers, read};
+use super::{StartError, layers};
 use crate::auth::layer::AuthLayer;
 use crate::concurrency::grpc::ConcurrencyGrpc;
 use crate::config::Config;
@@ -30,21 +30,6 @@ use crate::proto::token_service_server::TokenServiceServer;
 use crate::session::grpc::SessionGrpc;
 use crate::streaming::grpc::StreamingGrpc;
 use crate::token::grpc::TokenGrpc;
-
-fn tls_config(
-    files: &crate::config::TlsFiles,
-) -> Result<tonic::transport::ServerTlsConfig, StartError> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let mut tls =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
-    if let Some(ca) = &files.client_ca {
-        // Optional: callers without a certificate may still use a bearer key.
-        tls = tls
-            .client_ca_root(Certificate::from_pem(read(ca)?))
-            .client_auth_optional(true);
-    }
-    Ok(tls)
-}
 
 /// Sets the health of the server and of each service.
 async fn set_all(health: &HealthReporter, status: ServingStatus) {
@@ -185,11 +170,8 @@ pub(super) fn serve(
         tracing::info!("closing the listener");
     };
 
-    let mut builder = Server::builder();
-    if let Some(files) = &config.tls {
-        builder = builder.tls_config(tls_config(files)?)?;
-    }
-    let router = builder
+    // TLS, when configured, is terminated by the accept loop (crate::net).
+    let router = Server::builder()
         // HTTP/1.1 too, for the plain HTTP routes (curl, load balancers' probes).
         .accept_http1(true)
         // Every log line inside a call names the call (and the caller's W3C trace).

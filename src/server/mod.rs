@@ -45,6 +45,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("tls: {0}")]
+    TlsConfig(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -141,11 +143,26 @@ pub async fn start(
         ));
     }
     let connections = Arc::new(ConnectionStats::default());
+    let tls = match &config.tls {
+        Some(files) => {
+            let client_ca = files.client_ca.as_deref().map(read).transpose()?;
+            let acceptor = crate::net::tls_acceptor(
+                &read(&files.cert)?,
+                &read(&files.key)?,
+                client_ca.as_deref(),
+            )
+            .map_err(StartError::TlsConfig)?;
+            Some(acceptor)
+        }
+        None => None,
+    };
     let incoming = crate::net::accept(
         listener,
         ConnectionLimits {
             max_connections: config.limits.max_connections,
             handshake_timeout: config.limits.handshake_timeout,
+            control_frames: config.limits.http2_control_frames,
+            tls,
         },
         connections.clone(),
     );

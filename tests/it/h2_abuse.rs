@@ -28,9 +28,14 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn attack(addr: &str, scenario: &str) -> Value {
+    attack_with(addr, scenario, &[])
+}
+
+fn attack_with(addr: &str, scenario: &str, extra: &[&str]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/h2_abuse.py");
     let output = std::process::Command::new("python3")
         .args([script, "--addr", addr, "--scenario", scenario])
+        .args(extra)
         .output()
         .expect("python3");
     assert!(
@@ -46,7 +51,7 @@ async fn abusive_http2_connections_are_closed_while_others_are_served() {
     if !crate::python::python_has("hpack, hyperframe", "h2") {
         return;
     }
-    let usher = Usher::start(&[]);
+    let usher = Usher::start(&["--handshake-timeout", "2s"]);
     let pid = usher.child.id();
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", usher.addr))
         .unwrap()
@@ -91,6 +96,8 @@ async fn abusive_http2_connections_are_closed_while_others_are_served() {
         "idle-streams",
         "ping-flood",
         "settings-flood",
+        "slowloris",
+        "slow-body",
     ] {
         let cpu_before = usher::bench::cpu_seconds(pid).unwrap_or(0.0);
         let addr = usher.addr.clone();
@@ -106,6 +113,25 @@ async fn abusive_http2_connections_are_closed_while_others_are_served() {
             "rapid-reset" | "continuation-flood" | "oversized-headers" => {
                 assert_eq!(outcome["closed"], true, "{scenario}: {outcome}");
                 assert_eq!(outcome["responses"], 0, "{scenario}: {outcome}");
+            }
+            "ping-flood" | "settings-flood" => {
+                // Past --http2-control-frame-burst (1000) the connection is closed: the
+                // flood gets nowhere near its 100,000 frames.
+                assert_eq!(outcome["closed"], true, "{scenario}: {outcome}");
+            }
+            "slowloris" => {
+                // Every dribbling connection is closed at --handshake-timeout (2 s).
+                let sent = &outcome["sent"];
+                assert_eq!(sent["connections"], 200, "{outcome}");
+                assert_eq!(sent["closed_by_server"], 200, "{outcome}");
+                let last = sent["last_closed_after"].as_f64().unwrap();
+                assert!((1.9..4.0).contains(&last), "{outcome}");
+            }
+            "slow-body" => {
+                // The call is ended at --request-timeout (5 s) with an answer.
+                let ended = outcome["sent"]["ended_after"].as_f64().unwrap();
+                assert!(outcome["responses"].as_u64().unwrap() >= 1, "{outcome}");
+                assert!((4.5..7.5).contains(&ended), "{outcome}");
             }
             "idle-streams" => {
                 // At most --max-concurrent-streams (1024) admitted: the rest refused, and
@@ -135,6 +161,51 @@ async fn abusive_http2_connections_are_closed_while_others_are_served() {
         rss_kib(pid) < rss_before + 200 * 1024,
         "RSS grew from {rss_before} to {} KiB",
         rss_kib(pid)
+    );
+    assert!(usher.terminate().success());
+}
+
+/// TLS is terminated by usher's own accept loop, so the control-frame budget reads the
+/// decrypted frames: a PING flood over TLS is closed as one in plaintext is.
+#[test]
+fn a_ping_flood_over_tls_is_closed_too() {
+    if !crate::python::python_has("hpack, hyperframe", "h2") {
+        return;
+    }
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let usher = Usher::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let pid = usher.child.id();
+    let cpu_before = usher::bench::cpu_seconds(pid).unwrap_or(0.0);
+    let outcome = attack_with(&usher.addr, "ping-flood", &["--tls"]);
+    let cpu = usher::bench::cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
+    println!("ping-flood over TLS: {outcome} | usher CPU {cpu:.2} s");
+    assert_eq!(outcome["tls"], true);
+    assert_eq!(outcome["closed"], true, "{outcome}");
+    assert!(
+        outcome["sent"]["frames"].as_u64().unwrap() < 100_000,
+        "{outcome}"
+    );
+    // A well-behaved TLS client is still served: a health check over the same listener.
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["health", "--addr", &usher.addr, "--tls-ca"])
+        .arg(&cert)
+        .args(["--tls-domain", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
     );
     assert!(usher.terminate().success());
 }

@@ -22,6 +22,7 @@ mod redis_only;
 mod relay;
 mod security;
 mod skew;
+mod soak;
 mod storm;
 mod streaming;
 mod support;

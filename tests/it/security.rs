@@ -1086,11 +1086,7 @@ async fn mutual_tls_identifies_callers_by_certificate() {
         key: write("server.key", &server_key),
         client_ca: Some(write("ca.pem", &ca_cert.pem())),
     });
-    let keys = dir.path().join("keys.json");
-    KeySet::generate(KeyAlgorithm::Eddsa)
-        .unwrap()
-        .write(&keys)
-        .unwrap();
+    let keys = crate::support::key_set_file(dir.path());
     let components = Components {
         store: Arc::new(MemoryStore::new(test_settings())),
         entitlements: Arc::new(StaticPolicy::open(2).unwrap()),

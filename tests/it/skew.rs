@@ -15,7 +15,6 @@ use usher::proto;
 use usher::proto::concurrency_service_client::ConcurrencyServiceClient;
 use usher::proto::playback_session_service_client::PlaybackSessionServiceClient;
 use usher::proto::token_service_client::TokenServiceClient;
-use usher::token::keys::{KeyAlgorithm, KeySet};
 
 use crate::grpcurl::Usher;
 use crate::support::redis::RedisServer;
@@ -124,11 +123,7 @@ async fn instances_five_minutes_ahead_and_behind_agree_on_seats_expiry_and_token
     let Some(lib) = libfaketime() else { return };
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys.json");
-    KeySet::generate(KeyAlgorithm::Eddsa)
-        .unwrap()
-        .write(&keys)
-        .unwrap();
+    let keys = crate::support::key_set_file(dir.path());
     let prefix = unique_prefix();
     let timeout = format!("{}s", HEARTBEAT_TIMEOUT.as_secs());
     let flags = [

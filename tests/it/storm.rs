@@ -2,7 +2,7 @@
 //! test's own) are cut at once, and every device reconnects after a random delay within
 //! the spread usher tells devices (`--reconnect-spread`, 10 s here). No seat is lost, no second
 //! session appears, the p99 of a reconnect (open to first ack) is reported, and Redis'
-//! SLOWLOG holds nothing slower than 50 ms (see below for 10 ms).
+//! SLOWLOG holds nothing slower than 50 ms; what took over 10 ms is reported (see below).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,10 +111,12 @@ async fn try_open(channel: Channel, token: &str) -> Result<Opened, tonic::Status
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_loses_no_seat_and_makes_no_second_session() {
     let redis = redis::RedisServer::start();
-    // 50 ms, not the 10 ms this storm stays under when it runs alone: beside the rest of
-    // the suite on two cores, Redis is preempted inside a script now and then (a 64-call
-    // heartbeat batch was logged at 14.6 ms once).
-    redis.cli(&["config", "set", "slowlog-log-slower-than", "50000"]);
+    // Everything over 10 ms is logged and reported; the test fails over 50 ms: run alone
+    // the storm stays under 10 ms, but beside the rest of the suite on two cores Redis is
+    // preempted inside a script now and then (a 64-call heartbeat batch was logged at
+    // 14.6 ms once).
+    redis.cli(&["config", "set", "slowlog-log-slower-than", "10000"]);
+    redis.cli(&["config", "set", "slowlog-max-len", "1024"]);
     let prefix = unique_prefix();
     // Long enough a timeout that only a lost seat, not the test's pace, could end one.
     let settings = usher::store::StoreSettings {
@@ -226,11 +228,28 @@ async fn a_reconnect_storm_loses_no_seat_and_makes_no_second_session() {
         assert_eq!(holder.name, session.name);
         assert_eq!(holder.generation, session.generation);
     }
-    let slow = redis.cli(&["slowlog", "get", "10"]);
-    assert_eq!(
-        redis.cli(&["slowlog", "len"]),
-        "0",
-        "Redis commands over 50 ms: {slow}"
+    // [id, time, microseconds, [command, args...], client, name] per entry.
+    let output = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--json",
+            "slowlog",
+            "get",
+            "1024",
+        ])
+        .output()
+        .expect("redis-cli");
+    let slow: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).expect("JSON");
+    let durations: Vec<u64> = slow.iter().filter_map(|e| e[2].as_u64()).collect();
+    println!(
+        "SLOWLOG: {} commands over 10 ms, the slowest {} µs",
+        durations.len(),
+        durations.iter().max().unwrap_or(&0)
+    );
+    assert!(
+        durations.iter().all(|&us| us <= 50_000),
+        "Redis commands over 50 ms: {slow:?}"
     );
     drop(again);
     server.running.shutdown().await.unwrap();

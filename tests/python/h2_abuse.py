@@ -16,18 +16,24 @@ Scenarios:
   ping-flood          100,000 PINGs, never reading the ACKs
   settings-flood      100,000 SETTINGS, never reading the ACKs
   idle-streams        5,000 streams opened with HEADERS and never finished
+  slowloris           200 connections that send the preface one byte at a time, a byte
+                      every half second each, never reaching a request
+  slow-body           one request whose body arrives a byte every quarter second, never
+                      finished
 """
 
 import argparse
 import json
 import select
 import socket
+import ssl
 import sys
 import time
 
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
@@ -41,10 +47,17 @@ LIMIT_SECONDS = 20
 
 
 class Probe:
-    def __init__(self, addr):
+    def __init__(self, addr, tls=False):
         host, port = addr.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            # The server's own certificate is not what is tested here.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["h2"])
+            self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
         self.buffer = b""
         self.closed = False
         self.goaway = None
@@ -182,6 +195,64 @@ def idle_streams(probe):
     return {"streams": (stream_id - 1) // 2}
 
 
+def slowloris(addr):
+    """Its own sockets: the Probe sends the whole preface at once."""
+    host, port = addr.rsplit(":", 1)
+    sockets = []
+    for _ in range(200):
+        try:
+            sockets.append(socket.create_connection((host, int(port)), timeout=5))
+        except OSError:
+            break
+    opened = len(sockets)
+    started = time.monotonic()
+    closed_after = []
+    sent = 0
+    position = 0
+    while sockets and time.monotonic() - started < LIMIT_SECONDS - 2:
+        for sock in list(sockets):
+            gone = False
+            try:
+                ready, _, _ = select.select([sock], [], [], 0)
+                if ready and not sock.recv(4096):
+                    gone = True
+                elif position < len(PREFACE):
+                    sock.sendall(PREFACE[position : position + 1])
+                    sent += 1
+            except OSError:
+                gone = True
+            if gone:
+                closed_after.append(time.monotonic() - started)
+                sockets.remove(sock)
+                sock.close()
+        position += 1
+        time.sleep(0.5)
+    for sock in sockets:
+        sock.close()
+    return {
+        "connections": opened,
+        "bytes": sent,
+        "closed_by_server": len(closed_after),
+        "last_closed_after": round(max(closed_after, default=0.0), 3),
+    }
+
+
+def slow_body(probe):
+    probe.frame(probe.request_headers(1))
+    sent = 0
+    started = time.monotonic()
+    while not probe.closed and time.monotonic() - started < 12:
+        frame = DataFrame(1)
+        frame.data = b"\x00"
+        if not probe.frame(frame):
+            break
+        sent += 1
+        probe.drain(wait=0.25)
+        if probe.resets or probe.responses:
+            break
+    return {"body_bytes": sent, "ended_after": round(time.monotonic() - started, 3)}
+
+
 SCENARIOS = {
     "rapid-reset": rapid_reset,
     "continuation-flood": continuation_flood,
@@ -189,21 +260,29 @@ SCENARIOS = {
     "ping-flood": lambda p: flood(p, lambda i: PingFrame(0, opaque_data=i.to_bytes(8, "big")), 100_000),
     "settings-flood": lambda p: flood(p, lambda i: SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535}), 100_000),
     "idle-streams": idle_streams,
+    "slow-body": slow_body,
 }
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--addr", required=True)
-    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, "slowloris"]))
+    parser.add_argument("--tls", action="store_true", help="over TLS (ALPN h2)")
     args = parser.parse_args()
     started = time.monotonic()
-    probe = Probe(args.addr)
+    if args.scenario == "slowloris":
+        result = {"scenario": args.scenario, "sent": slowloris(args.addr)}
+        result["seconds"] = round(time.monotonic() - started, 3)
+        print(json.dumps(result), flush=True)
+        return 0
+    probe = Probe(args.addr, tls=args.tls)
     sent = SCENARIOS[args.scenario](probe)
     # What the server did about it, within the bound.
     probe.drain(wait=min(3.0, max(0.0, LIMIT_SECONDS - (time.monotonic() - started))))
     result = {
         "scenario": args.scenario,
+        "tls": args.tls,
         "sent": sent,
         "closed": probe.closed,
         "goaway": probe.goaway,

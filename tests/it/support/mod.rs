@@ -37,6 +37,16 @@ pub enum Kind {
     Cluster,
 }
 
+/// A new Ed25519 token key set written to `dir/keys.json`, for `--token-keys`.
+pub fn key_set_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let keys = dir.join("keys.json");
+    usher::token::keys::KeySet::generate(usher::token::keys::KeyAlgorithm::Eddsa)
+        .unwrap()
+        .write(&keys)
+        .unwrap();
+    keys
+}
+
 /// A key prefix no other test uses.
 pub fn unique_prefix() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
