@@ -161,6 +161,11 @@ pub struct SoakArgs {
     #[arg(long, env = "USHER_SOAK_REDIS_KEY_PREFIX", default_value = "usher")]
     pub redis_key_prefix: String,
 
+    /// Where the `--target` usher serves its metrics, for its task count (default:
+    /// `/metrics` on its own port; give this when it runs with `--metrics-listen`).
+    #[arg(long, env = "USHER_SOAK_METRICS_URL")]
+    pub metrics_url: Option<String>,
+
     /// How long the churn runs.
     #[arg(long, env = "USHER_SOAK_DURATION", default_value = "10m", value_parser = duration)]
     pub duration: Duration,

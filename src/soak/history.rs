@@ -273,7 +273,7 @@ impl History {
 }
 
 /// How one recording client behaves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Recording {
     /// Calls each client makes.
     pub calls: usize,
@@ -283,6 +283,23 @@ pub struct Recording {
     pub pause: Duration,
     /// Each call's deadline.
     pub timeout: Duration,
+    /// A service key (`Bearer`) for a server that requires credentials.
+    pub credential: Option<std::sync::Arc<str>>,
+}
+
+impl Recording {
+    /// `message` as a call of this recording: its deadline, and `token` (a device call
+    /// carries its session's playback token) or else the service credential.
+    fn request<T>(&self, message: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        if let Some(bearer) = token.or(self.credential.as_deref())
+            && let Ok(value) = format!("Bearer {bearer}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
 }
 
 /// xorshift64: choices repeatable from a seed (the recordings', the soak's devices').
@@ -321,7 +338,8 @@ pub async fn record_client(
     began: Instant,
 ) -> Vec<Op> {
     let mut random = Random(seed | 1);
-    let mut mine: Vec<String> = Vec::new();
+    // The sessions it created, with their playback tokens.
+    let mut mine: Vec<(String, String)> = Vec::new();
     let mut history = Vec::new();
     let since = |at: Instant| at.duration_since(began).as_nanos() as u64;
     for i in 0..plan.calls {
@@ -336,12 +354,14 @@ pub async fn record_client(
                 continue;
             }
             if choice < 3 {
-                let session = mine.swap_remove(pick);
-                let mut request = tonic::Request::new(proto::StopSessionRequest {
-                    name: session.clone(),
-                    ..Default::default()
-                });
-                request.set_timeout(plan.timeout);
+                let (session, token) = mine.swap_remove(pick);
+                let request = plan.request(
+                    proto::StopSessionRequest {
+                        name: session.clone(),
+                        ..Default::default()
+                    },
+                    Some(&token),
+                );
                 let ret = match sessions.stop_session(request).await {
                     Ok(_) => Ret::Ok,
                     Err(status) if refused(&status) => Ret::Ended,
@@ -349,16 +369,18 @@ pub async fn record_client(
                 };
                 (Call::Stop { session }, ret)
             } else {
-                let session = mine[pick].clone();
-                let mut request = tonic::Request::new(proto::HeartbeatRequest {
-                    name: session.clone(),
-                    ..Default::default()
-                });
-                request.set_timeout(plan.timeout);
+                let (session, token) = mine[pick].clone();
+                let request = plan.request(
+                    proto::HeartbeatRequest {
+                        name: session.clone(),
+                        ..Default::default()
+                    },
+                    Some(&token),
+                );
                 let ret = match sessions.heartbeat(request).await {
                     Ok(_) => Ret::Ok,
                     Err(status) if refused(&status) => {
-                        mine.retain(|s| s != &session);
+                        mine.retain(|(s, _)| s != &session);
                         Ret::Ended
                     }
                     Err(_) => Ret::Unknown,
@@ -368,12 +390,12 @@ pub async fn record_client(
         } else {
             let device = random.below(u64::from(plan.devices)) as u8;
             let request = crate::bench::create_request(&user, &format!("device-{device}"));
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(plan.timeout);
+            let request = plan.request(request, None);
             let ret = match sessions.create_session(request).await {
                 Ok(answer) => {
-                    let session = answer.into_inner().session.unwrap_or_default().name;
-                    mine.push(session.clone());
+                    let answer = answer.into_inner();
+                    let session = answer.session.unwrap_or_default().name;
+                    mine.push((session.clone(), answer.playback_token));
                     Ret::Created { session }
                 }
                 Err(status) if status.code() == Code::ResourceExhausted => Ret::Limit,
@@ -414,7 +436,7 @@ pub async fn record(
             servers.to_vec(),
             user.to_owned(),
             seed,
-            plan,
+            plan.clone(),
             began,
         ))
     });

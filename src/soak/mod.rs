@@ -22,7 +22,6 @@
 pub mod history;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -348,7 +347,8 @@ impl Keys {
 /// Everything the soak's tasks share.
 struct Soak {
     channel: Channel,
-    addr: SocketAddr,
+    /// Where usher's Prometheus text is (`--metrics-url`, or `/metrics` on its port).
+    metrics_url: String,
     pid: Option<u32>,
     credential: Option<String>,
     users: Vec<String>,
@@ -397,12 +397,7 @@ impl Soak {
     }
 
     async fn snapshot(&self) -> Snapshot {
-        let metrics = match self
-            .http
-            .get(format!("http://{}/metrics", self.addr))
-            .send()
-            .await
-        {
+        let metrics = match self.http.get(&self.metrics_url).send().await {
             Ok(answer) => answer.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
@@ -594,6 +589,7 @@ async fn histories(
         devices: 4,
         pause: Duration::from_millis(300),
         timeout: Duration::from_secs(2),
+        credential: soak.credential.as_deref().map(Arc::from),
     };
     let mut turn = 0usize;
     while Instant::now() < until {
@@ -618,7 +614,7 @@ async fn histories(
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let recorded = history::record(&servers, user, 3, turn as u64, plan, timeout).await;
+        let recorded = history::record(&servers, user, 3, turn as u64, plan.clone(), timeout).await;
         let (admitted, refused, expiries) = recorded.counts();
         found.segments += 1;
         found.calls += recorded.ops.len() as u64;
@@ -723,7 +719,10 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, SoakError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let soak = Arc::new(Soak {
         channel,
-        addr: target.addr,
+        metrics_url: args
+            .metrics_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/metrics", target.addr)),
         pid: target.pid,
         credential: args.service_key.clone(),
         users,
@@ -755,12 +754,13 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, SoakError> {
             timeout = t;
         }
         let name = created.session.map(|s| s.name).unwrap_or_default();
+        // A device call: the session's own playback token.
         let request = soak.authorized(
             proto::StopSessionRequest {
                 name,
                 ..Default::default()
             },
-            None,
+            Some(&created.playback_token),
         );
         PlaybackSessionServiceClient::new(soak.channel.clone())
             .stop_session(request)

@@ -34,11 +34,12 @@ async fn seat_grants_heartbeats_and_expiries_through_three_instances_are_lineari
         devices: 5,
         pause: Duration::from_millis(400),
         timeout: Duration::from_secs(2),
+        credential: None,
     };
     let (mut refused_total, mut expiries_total) = (0, 0);
     for round in 0..3u64 {
         let user = fresh_user().to_string();
-        let recorded = history::record(&clients, &user, 5, round, plan, timeout).await;
+        let recorded = history::record(&clients, &user, 5, round, plan.clone(), timeout).await;
         let (admitted, refused, expiries) = recorded.counts();
         let checked = history::check(&recorded.ops, LIMIT as usize);
         println!(
