@@ -489,12 +489,12 @@ async fn play(
         }
     };
     let until = Instant::now() + length;
-    let mut next_beat = Instant::now();
+    // One heartbeat every interval, whatever arrives between them.
+    let mut next_beat = Instant::now() + interval;
     loop {
         if Instant::now() >= until {
             break;
         }
-        next_beat += interval;
         let wait = tokio::time::sleep_until(next_beat.min(until).into());
         tokio::select! {
             () = wait => {
@@ -502,6 +502,7 @@ async fn play(
                     churn.error("the stream closed".into());
                     return;
                 }
+                next_beat += interval;
             }
             message = answers.message() => match message {
                 Ok(Some(proto::StreamHeartbeatsResponse { kind: Some(Out::Ack(_)) })) => {
