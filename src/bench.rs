@@ -724,12 +724,52 @@ fn stream_heartbeat(ms: u64) -> proto::StreamHeartbeatsRequest {
 }
 
 /// A unique name for this run's users and keys.
-fn run_id() -> String {
+pub(crate) fn run_id(kind: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    format!("bench-{}-{}", std::process::id(), nanos % 1_000_000_000)
+    format!("{kind}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// The flags that say where a load run goes (`usher bench`, `usher soak`), checked: the
+/// usher it starts uses `store` (`memory` or `redis://…`); the Redis it reads is `redis`,
+/// or the store when that is Redis; the target and that Redis must be on loopback unless
+/// `allow_remote`. The Redis URL, or the flag that is wrong and why.
+pub(crate) fn load_targets(
+    target: Option<&SocketAddr>,
+    store: &str,
+    redis: Option<&String>,
+    allow_remote: bool,
+) -> Result<Option<String>, (&'static str, String)> {
+    let redis_url = redis
+        .cloned()
+        .or_else(|| store.starts_with("redis://").then(|| store.to_owned()));
+    if !allow_remote {
+        if let Some(target) = target
+            && !loopback(target)
+        {
+            return Err((
+                "--target",
+                format!("{target} is not on loopback (--allow-remote to send it load anyway)"),
+            ));
+        }
+        if let Some(url) = &redis_url
+            && !redis_on_loopback(url)
+        {
+            return Err((
+                "--redis",
+                "not on loopback (--allow-remote to send it load anyway)".into(),
+            ));
+        }
+    }
+    if store != "memory" && !store.starts_with("redis://") {
+        return Err((
+            "--store",
+            format!("{store:?}: expected memory or redis://host:port"),
+        ));
+    }
+    Ok(redis_url)
 }
 
 /// The Redis usher uses: a client of its own, its process, and the store client the raw
@@ -856,36 +896,14 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     if let Some((name, _)) = counts.iter().find(|(_, count)| *count == 0) {
         return Err(flag(name, "must be more than 0"));
     }
-    let redis_url = args.redis.clone().or_else(|| {
-        args.store
-            .starts_with("redis://")
-            .then(|| args.store.clone())
-    });
-    if !args.allow_remote {
-        if let Some(target) = &args.target
-            && !loopback(target)
-        {
-            return Err(flag(
-                "--target",
-                format!("{target} is not on loopback (--allow-remote to measure it anyway)"),
-            ));
-        }
-        if let Some(url) = &redis_url
-            && !redis_on_loopback(url)
-        {
-            return Err(flag(
-                "--redis",
-                "not on loopback (--allow-remote to measure it anyway)",
-            ));
-        }
-    }
-    if args.store != "memory" && !args.store.starts_with("redis://") {
-        return Err(flag(
-            "--store",
-            format!("{:?}: expected memory or redis://host:port", args.store),
-        ));
-    }
-    let run_id = run_id();
+    let redis_url = load_targets(
+        args.target.as_ref(),
+        &args.store,
+        args.redis.as_ref(),
+        args.allow_remote,
+    )
+    .map_err(|(name, message)| flag(name, message))?;
+    let run_id = run_id("bench");
     let target = match args.target {
         Some(addr) => Target {
             addr,

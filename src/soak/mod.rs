@@ -650,44 +650,14 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, SoakError> {
     if !(0.0..=1.0).contains(&args.vanish) {
         return Err(flag("--vanish", "must be between 0 and 1"));
     }
-    if args.store != "memory" && !args.store.starts_with("redis://") {
-        return Err(flag(
-            "--store",
-            format!("{:?}: expected memory or redis://host:port", args.store),
-        ));
-    }
-    let redis_url = args.redis.clone().or_else(|| {
-        args.store
-            .starts_with("redis://")
-            .then(|| args.store.clone())
-    });
-    if !args.allow_remote {
-        if let Some(target) = &args.target
-            && !target.ip().is_loopback()
-        {
-            return Err(flag(
-                "--target",
-                format!("{target} is not on loopback (--allow-remote to soak it anyway)"),
-            ));
-        }
-        if let Some(url) = &redis_url
-            && !crate::bench::redis_on_loopback(url)
-        {
-            return Err(flag(
-                "--redis",
-                "not on loopback (--allow-remote to soak it anyway)",
-            ));
-        }
-    }
-    let run = format!(
-        "soak-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-            % 1_000_000_000
-    );
+    let redis_url = crate::bench::load_targets(
+        args.target.as_ref(),
+        &args.store,
+        args.redis.as_ref(),
+        args.allow_remote,
+    )
+    .map_err(|(name, message)| flag(name, message))?;
+    let run = crate::bench::run_id("soak");
     let (target, prefix) = match args.target {
         Some(addr) => {
             let target = Target {
