@@ -7,7 +7,10 @@
 //!   session, and beside the user's sessions on two other devices (limit 2, the oldest
 //!   stopped), where the Redis script asks for their records and runs a second time;
 //! - B: Redis memory per active session (used_memory before and after 10,000 sessions,
-//!   with their keys, sweep entries and started events).
+//!   with their keys, sweep entries and started events);
+//! - M: the memory store's live heap per active session (this process' allocations,
+//!   counted, before and after 20,000 sessions), and of it the started events' share
+//!   (the same beside a store whose event logs keep one entry each).
 //!
 //! usher, its clients and redis-server share this machine's cores, so R is a lower bound
 //! of what a shard does on its own core. It reports numbers; it never fails on a timing.
@@ -18,7 +21,9 @@ mod redis;
 #[expect(dead_code, reason = "shared by the benches; this one uses part of it")]
 mod support;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use usher::deadline::Deadline;
@@ -29,7 +34,41 @@ use usher::store::{
     DeviceAction, DeviceCall, HeartbeatEvents, NewSession, OverLimitPolicy, Store, StoreSettings,
 };
 
+/// The system allocator, counting the bytes live: what the memory store holds, apart
+/// from any allocator's slack.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is passed to `System` unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
 const IN_FLIGHT: usize = 64;
+const MEMORY_SESSIONS: usize = 20_000;
 const RUN: Duration = Duration::from_secs(3);
 const SESSIONS: usize = 10_000;
 
@@ -212,6 +251,7 @@ async fn run() {
     println!(
         "redis memory per active session (keys, sweep entry, started event): {per_session:.0} bytes"
     );
+
     println!();
     println!("DESIGN.md's sum with these numbers (30 million streams, one heartbeat per 30 s):");
     println!(
@@ -226,6 +266,50 @@ async fn run() {
     );
 }
 
+/// M: the memory store's live heap per session, with every partition's event log and
+/// beside logs of one entry each (so the difference is the started events').
+async fn memory_store_heap() {
+    let heap_per_session = async |settings: StoreSettings| {
+        let store = MemoryStore::new(settings);
+        let before = LIVE.load(Ordering::Relaxed);
+        for user in 0..MEMORY_SESSIONS {
+            store
+                .create_session(create(user), Deadline::NONE)
+                .await
+                .unwrap();
+        }
+        let per_session = (LIVE.load(Ordering::Relaxed) - before) as f64 / MEMORY_SESSIONS as f64;
+        drop(store);
+        per_session
+    };
+    let with_events = heap_per_session(settings()).await;
+    let without_events = heap_per_session(StoreSettings {
+        event_stream_maxlen: 1,
+        ..settings()
+    })
+    .await;
+    println!(
+        "memory store live heap per active session: {with_events:.0} bytes; without its \
+         started event {without_events:.0} bytes"
+    );
+}
+
+/// Runs the parts named on the command line (`rates`, `memory`), or all.
+async fn run_named() {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |part: &str| named.is_empty() || named.iter().any(|n| n == part);
+    if wanted("rates") {
+        run().await;
+        println!();
+    }
+    if wanted("memory") {
+        memory_store_heap().await;
+    }
+}
+
 fn main() {
-    support::block_on(run());
+    support::block_on(run_named());
 }

@@ -149,8 +149,10 @@ pub struct Report {
     /// Redis `used_memory` growth per session created through usher: its keys and sweep
     /// entry, without its started event when that is known apart.
     pub redis_bytes_per_session: Option<f64>,
-    /// Of the growth, the partitions' event streams' per session (their started events),
-    /// when bench started usher and so knows its keys.
+    /// What one entry of the partitions' event streams costs on average (a session's
+    /// started event), when bench started usher and so knows its keys. An average over
+    /// the logs rather than their growth: a stream fills a preallocated node of about
+    /// 4 KiB before it grows, so a short run's growth says little.
     pub redis_event_bytes_per_session: Option<f64>,
     /// The measured usher's resident memory growth per session it created (its
     /// embedded store's share, when that is where sessions live).
@@ -244,7 +246,8 @@ impl Report {
         ) {
             (Some(bytes), Some(events)) => out.push_str(&format!(
                 "Redis memory per session created: {bytes:.0} bytes (its keys and sweep \
-                 entry), and {events:.0} bytes of its started event\n"
+                 entry), and {events:.0} bytes for its started event (the event logs' \
+                 average entry)\n"
             )),
             (Some(bytes), None) => out.push_str(&format!(
                 "Redis memory per session created (its keys and events): {bytes:.0} bytes\n"
@@ -814,21 +817,30 @@ impl RedisSide {
     }
 
     /// The memory of the event streams of the partitions under `prefix` (MEMORY USAGE,
-    /// every entry counted).
-    async fn events_bytes(&self, prefix: &str) -> Option<u64> {
-        let sizes = (0..StoreSettings::default().partitions).map(|partition| {
-            self.client.custom::<Option<u64>, _>(
+    /// every entry counted) and how many entries they hold.
+    async fn events_bytes(&self, prefix: &str) -> Option<(u64, u64)> {
+        let logs = (0..StoreSettings::default().partitions).map(|partition| async move {
+            let key = format!("{prefix}:{{{partition}}}:events");
+            let bytes = self.client.custom::<Option<u64>, _>(
                 fred::cmd!("MEMORY"),
                 vec![
                     "USAGE".to_owned(),
-                    format!("{prefix}:{{{partition}}}:events"),
+                    key.clone(),
                     "SAMPLES".to_owned(),
                     "0".to_owned(),
                 ],
-            )
+            );
+            let entries = self
+                .client
+                .custom::<u64, _>(fred::cmd!("XLEN"), vec![key.clone()]);
+            let (bytes, entries) = futures::future::try_join(bytes, entries).await?;
+            Ok::<_, fred::error::Error>((bytes.unwrap_or(0), entries))
         });
-        let sizes = futures::future::try_join_all(sizes).await.ok()?;
-        Some(sizes.into_iter().flatten().sum())
+        let logs = futures::future::try_join_all(logs).await.ok()?;
+        Some(
+            logs.into_iter()
+                .fold((0, 0), |(b, e), (bytes, entries)| (b + bytes, e + entries)),
+        )
     }
 
     async fn used_memory(&self) -> Option<u64> {
@@ -1012,36 +1024,54 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             Some(prefix) => redis.events_bytes(prefix).await,
             None => None,
         };
-        let (before, events_before) = match &redis {
-            Some(redis) => (redis.used_memory().await, events(redis).await),
-            None => (None, None),
-        };
-        let resident_before = target.pid.and_then(resident_bytes);
-        let (channel, credential, users) = (channel.clone(), credential.clone(), run_id.clone());
-        let measured = processes
-            .measure(drive("create", mode, bounds, move |i| {
-                let (channel, credential, user) =
-                    (channel.clone(), credential.clone(), format!("{users}-c{i}"));
+        // Creates of users named `<run>-<tag><i>`.
+        let creates = |tag: &'static str| {
+            let (channel, credential, users) =
+                (channel.clone(), credential.clone(), run_id.clone());
+            move |i| {
+                let (channel, credential, user) = (
+                    channel.clone(),
+                    credential.clone(),
+                    format!("{users}-{tag}{i}"),
+                );
                 async move {
                     create(&channel, &user, credential.as_deref())
                         .await
                         .map(|_| ())
                 }
-            }))
+            }
+        };
+        // A warm-up first, not counted: what the first sessions of a partition allocate
+        // once (its log and sweep index, the allocators' first pages) is not memory per
+        // session, and the measured creates meet a store that already holds sessions.
+        let warm_up = Bounds {
+            duration: bounds.duration / 4,
+            max_calls: bounds.max_calls / 4,
+        };
+        drive("create warm-up", mode, warm_up, creates("w")).await;
+        let (before, events_before) = match &redis {
+            Some(redis) => (redis.used_memory().await, events(redis).await),
+            None => (None, None),
+        };
+        let resident_before = target.pid.and_then(resident_bytes);
+        let measured = processes
+            .measure(drive("create", mode, bounds, creates("c")))
             .await;
         if let (Some(redis), Some(before)) = (&redis, before)
             && let Some(after) = redis.used_memory().await
             && measured.calls > 0
         {
             let per_session = |bytes: f64| bytes / measured.calls as f64;
-            let events = match (events_before, events(redis).await) {
-                (Some(before), Some(after)) => Some(after as f64 - before as f64),
-                _ => None,
+            let events_after = events(redis).await;
+            let events_growth = match (events_before, events_after) {
+                (Some((before, _)), Some((after, _))) => after as f64 - before as f64,
+                _ => 0.0,
             };
-            report.redis_bytes_per_session = Some(per_session(
-                after as f64 - before as f64 - events.unwrap_or(0.0),
-            ));
-            report.redis_event_bytes_per_session = events.map(per_session);
+            report.redis_bytes_per_session =
+                Some(per_session(after as f64 - before as f64 - events_growth));
+            report.redis_event_bytes_per_session = events_after
+                .filter(|(_, entries)| *entries > 0)
+                .map(|(bytes, entries)| bytes as f64 / entries as f64);
         }
         if let (Some(before), Some(after)) = (resident_before, target.pid.and_then(resident_bytes))
             && measured.calls > 0
