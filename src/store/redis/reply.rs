@@ -1,7 +1,7 @@
 //! Decoding script replies and stream entries into typed values. Anything that does not
 //! decode is `StoreError::Corrupt`, never a panic.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 
 use fred::types::Value;
 
@@ -72,13 +72,19 @@ pub(super) fn int_at(reply: &[Value], index: usize) -> Result<i64, StoreError> {
 }
 
 pub(super) fn text_at(reply: &[Value], index: usize) -> Result<String, StoreError> {
+    str_at(reply, index).map(Cow::into_owned)
+}
+
+/// The text at `index`, borrowed from the reply where it holds it as text.
+fn str_at(reply: &[Value], index: usize) -> Result<Cow<'_, str>, StoreError> {
     reply
         .get(index)
-        .and_then(Value::as_string)
+        .and_then(Value::as_str)
         .ok_or_else(|| corrupt(format!("expected text at {index}")))
 }
 
-/// A session record given as a flat field/value array at `index`.
+/// A session record given as a flat field/value array at `index`. Its texts are read
+/// where the reply holds them: only what the session keeps is copied.
 pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, StoreError> {
     let Some(Value::Array(flat)) = reply.get(index) else {
         return Err(corrupt(format!("expected a record at {index}")));
@@ -87,13 +93,13 @@ pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, Store
         .chunks(2)
         .map(|pair| match pair {
             [field, value] => Ok((
-                field.as_string().ok_or_else(|| corrupt("record field"))?,
-                value.as_string().unwrap_or_default(),
+                field.as_str().ok_or_else(|| corrupt("record field"))?,
+                value.as_str().unwrap_or_default(),
             )),
             _ => Err(corrupt("odd record")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    decode_session(fields)
+    decode_session(&Fields(fields))
 }
 
 /// A progress entry at `index`: `{content, pos, dur, done, updated_ms, device}`
@@ -135,11 +141,11 @@ pub(super) fn progress_at(
 /// the prelude).
 pub(super) fn beat_at(reply: &[Value], index: usize) -> Result<Beat, StoreError> {
     let number = |offset: usize, what: &str| -> Result<u64, StoreError> {
-        text_at(reply, index + offset)?
+        str_at(reply, index + offset)?
             .parse()
             .map_err(|_| corrupt(format!("{what} is not a number")))
     };
-    let paused = text_at(reply, index + 5)?;
+    let paused = str_at(reply, index + 5)?;
     Ok(Beat {
         state: stored(number(0, "state")?, SessionState::from_code, "state")?,
         deadline_ms: number(1, "deadline")?,
@@ -150,7 +156,7 @@ pub(super) fn beat_at(reply: &[Value], index: usize) -> Result<Beat, StoreError>
             "playback state",
         )?,
         last_heartbeat_ms: number(4, "last heartbeat")?,
-        paused_ms: match paused.as_str() {
+        paused_ms: match paused.as_ref() {
             "" => None,
             text => Some(
                 text.parse()
@@ -160,13 +166,20 @@ pub(super) fn beat_at(reply: &[Value], index: usize) -> Result<Beat, StoreError>
     })
 }
 
-struct Fields(HashMap<String, String>);
+/// A record's or an event's fields by name: a score of them, so a list read in order
+/// (no map to build, no hashing).
+struct Fields<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-impl Fields {
-    fn text(&self, field: &str) -> Result<&str, StoreError> {
+impl Fields<'_> {
+    fn get(&self, field: &str) -> Option<&str> {
         self.0
-            .get(field)
-            .map(String::as_str)
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, value)| value.as_ref())
+    }
+
+    fn text(&self, field: &str) -> Result<&str, StoreError> {
+        self.get(field)
             .ok_or_else(|| corrupt(format!("record without {field}")))
     }
 
@@ -177,7 +190,7 @@ impl Fields {
     }
 
     fn optional_number(&self, field: &str) -> Result<Option<u64>, StoreError> {
-        match self.0.get(field).map(String::as_str) {
+        match self.get(field) {
             None | Some("") => Ok(None),
             Some(_) => self.number(field).map(Some),
         }
@@ -192,12 +205,12 @@ impl Fields {
     }
 
     fn owned(&self, field: &str) -> String {
-        self.0.get(field).cloned().unwrap_or_default()
+        self.get(field).unwrap_or_default().to_owned()
     }
 
     /// An end reason by its stored name; absent or empty is none.
     fn end_reason(&self, field: &str) -> Result<Option<EndReason>, StoreError> {
-        match self.0.get(field).map(String::as_str) {
+        match self.get(field) {
             None | Some("") => Ok(None),
             Some(name) => EndReason::parse(name)
                 .map(Some)
@@ -218,8 +231,7 @@ fn stored<E>(value: u64, from_code: fn(u64) -> Option<E>, what: &str) -> Result<
     from_code(value).ok_or_else(|| corrupt(format!("unknown {what} {value}")))
 }
 
-fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> {
-    let f = Fields(fields.into_iter().collect());
+fn decode_session(f: &Fields<'_>) -> Result<Session, StoreError> {
     Ok(Session {
         name: SessionName {
             user: f.id("u", UserId::parse)?,
@@ -252,7 +264,12 @@ fn decode_session(fields: Vec<(String, String)>) -> Result<Session, StoreError> 
 }
 
 pub(super) fn decode_event(id: String, fields: Vec<(String, String)>) -> Result<Event, StoreError> {
-    let f = Fields(fields.into_iter().collect());
+    let f = Fields(
+        fields
+            .into_iter()
+            .map(|(name, value)| (Cow::Owned(name), Cow::Owned(value)))
+            .collect(),
+    );
     Ok(Event {
         kind: EventKind::parse(f.text("type")?)
             .ok_or_else(|| corrupt(format!("unknown event type in {id}")))?,
