@@ -296,16 +296,11 @@ async fn memory_store_heap() {
 
 /// Runs the parts named on the command line (`rates`, `memory`), or all.
 async fn run_named() {
-    let named: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |part: &str| named.is_empty() || named.iter().any(|n| n == part);
-    if wanted("rates") {
+    if support::wanted("rates") {
         run().await;
         println!();
     }
-    if wanted("memory") {
+    if support::wanted("memory") {
         memory_store_heap().await;
     }
 }

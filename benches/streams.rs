@@ -385,21 +385,16 @@ async fn heartbeat_rates(server: &redis::RedisServer) {
 
 /// Runs the parts named on the command line (`stops`, `heartbeats`, `held`), or all.
 async fn run() {
-    let named: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let wanted = |part: &str| named.is_empty() || named.iter().any(|n| n == part);
     let server = redis::RedisServer::start();
-    if wanted("stops") {
+    if support::wanted("stops") {
         stop_propagation(&server).await;
         println!();
     }
-    if wanted("heartbeats") {
+    if support::wanted("heartbeats") {
         heartbeat_rates(&server).await;
         println!();
     }
-    if wanted("held") {
+    if support::wanted("held") {
         streams_held().await;
     }
 }

@@ -26,6 +26,16 @@ pub fn block_on(run: impl std::future::Future<Output = ()>) {
         .block_on(run);
 }
 
+/// Whether the command line asks for `part`: `cargo bench --bench NAME -- part ...`
+/// runs the parts named, and all of them when none is.
+pub fn wanted(part: &str) -> bool {
+    let mut named = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .peekable();
+    named.peek().is_none() || named.any(|n| n == part)
+}
+
 /// A Redis store on `url` under `prefix`.
 pub async fn redis_store(url: String, prefix: &str, settings: StoreSettings) -> Arc<dyn Store> {
     let options = RedisOptions {
