@@ -19,8 +19,8 @@ use crate::model::PlaybackRules;
 use crate::progress::ResumeRules;
 use crate::proto;
 use crate::store::{
-    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, ProgressKey, RateLimit,
-    Store, StoreError,
+    Beat, Created, DeviceAction, DeviceCall, NewSession, OverLimitPolicy, RateLimit, Store,
+    StoreError,
 };
 use crate::token::ops::Recheck;
 use crate::token::{IssuedToken, Tokens};
@@ -553,18 +553,6 @@ impl Sessions {
             self.check_served(&request.content)?;
         }
         let manifest_type = request.manifest_type;
-        // Read before the seat is taken: a store that cannot answer fails the call whole.
-        let progress_key = ProgressKey {
-            user: request.user.clone(),
-            profile: request.profile.clone(),
-            content: request.content.clone(),
-        };
-        let progress = self
-            .store
-            .get_progress(&progress_key, deadline)
-            .await
-            .map_err(|e| e.into_error(|| request.user.to_string()))?;
-        let resume_position_ms = self.policy.resume.resume_at(progress.as_ref());
         let name = SessionName {
             user: request.user,
             session: SessionId::generate(),
@@ -615,6 +603,8 @@ impl Sessions {
                 state: Some(created.session.state.to_proto()),
             });
         }
+        // The profile's progress in the title, read by the create itself (one store call).
+        let resume_position_ms = self.policy.resume.resume_at(created.progress.as_ref());
         let token = self.tokens.issue(&created.session, &grant.rules)?;
         let manifest = match self.manifests {
             Some(_) => Some(self.sign_manifest(

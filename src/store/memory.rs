@@ -457,6 +457,13 @@ impl Op<'_> {
         self.state.progress.get(&key)
     }
 
+    /// The new session's profile's progress in its title.
+    fn title_progress(&mut self, new: &NewSession) -> Option<Progress> {
+        self.profile_progress(&new.name.user, &new.profile)
+            .and_then(|profile| profile.titles.get(&new.content))
+            .cloned()
+    }
+
     fn write_progress(&mut self, write: ProgressWrite) -> Result<Progress, StoreError> {
         let ProgressWrite {
             key,
@@ -776,10 +783,12 @@ impl Op<'_> {
                 return Err(StoreError::RequestIdReused);
             }
             if let Some(record) = self.state.sessions.get(&remembered.session) {
+                let (session, replaced) = (record.session(), remembered.replaced.clone());
                 return Ok(Created {
-                    session: record.session(),
-                    replaced: remembered.replaced.clone(),
+                    session,
+                    replaced,
                     replayed: true,
+                    progress: self.title_progress(&new),
                 });
             }
         }
@@ -881,6 +890,7 @@ impl Op<'_> {
             session,
             replaced,
             replayed: false,
+            progress: self.title_progress(&new),
         })
     }
 

@@ -221,6 +221,9 @@ pub struct Created {
     pub replaced: Vec<SessionName>,
     /// True when this is the remembered answer to a repeated `request_id`.
     pub replayed: bool,
+    /// The profile's progress in the title, read in the same step (where playback
+    /// resumes), so a create costs the store one call.
+    pub progress: Option<Progress>,
 }
 
 /// What a device does to its session.

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use usher::deadline::Deadline;
-use usher::ids::{ContentId, DeviceId, ProfileId, SessionName, UserId};
+use usher::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
 use usher::session::{EndReason, PlaybackState, SessionState, Termination};
 use usher::store::{
     Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, NewSession, OverLimitPolicy,
@@ -1033,6 +1033,44 @@ fn progress_write(key: &ProgressKey, position_ms: u64, device: &str) -> Progress
     }
 }
 
+/// A create reads the profile's progress in the title in the same step (where playback
+/// resumes): none before a write, the write after it, nothing for another title or
+/// profile, and a repeated request id answers with the progress as it is now.
+pub async fn a_create_reads_the_profiles_progress_in_its_title(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let create = async |new: NewSession| b.store.create_session(new, Deadline::NONE).await.unwrap();
+    let first = create(new_session(&user, "tv", 10, RejectNew)).await;
+    assert_eq!(first.progress, None);
+    let key = progress_key(&user, "profile-1", "title-1");
+    let written = b
+        .store
+        .write_progress(progress_write(&key, 61_500, "tv"), Deadline::NONE)
+        .await
+        .unwrap();
+    let second = create(new_session(&user, "phone", 10, RejectNew)).await;
+    assert_eq!(second.progress, Some(written.clone()));
+    let mut other_title = new_session(&user, "tablet", 10, RejectNew);
+    other_title.content = ContentId::parse("c", "title-2").unwrap();
+    assert_eq!(create(other_title).await.progress, None);
+    let mut other_profile = new_session(&user, "web", 10, RejectNew);
+    other_profile.profile = ProfileId::parse("p", "profile-2").unwrap();
+    assert_eq!(create(other_profile).await.progress, None);
+
+    let mut with_id = new_session(&user, "console", 10, RejectNew);
+    with_id.request_id = Some(RequestId::parse("r", "req-1").unwrap());
+    assert_eq!(create(with_id.clone()).await.progress, Some(written));
+    b.advance(Duration::from_millis(5)).await;
+    let moved = b
+        .store
+        .write_progress(progress_write(&key, 90_000, "console"), Deadline::NONE)
+        .await
+        .unwrap();
+    let again = create(with_id).await;
+    assert!(again.replayed);
+    assert_eq!(again.progress, Some(moved));
+}
+
 pub async fn progress_is_written_read_and_deleted(kind: Kind) {
     let b = open(kind).await;
     let user = fresh_user();
@@ -1561,6 +1599,7 @@ macro_rules! conformance_suite {
                     ending_a_session_notifies_subscribers,
                     the_preview_is_what_a_create_then_does,
                     seats_in_use_counts_every_users_held_seats,
+                    a_create_reads_the_profiles_progress_in_its_title,
                     progress_is_written_read_and_deleted,
                     progress_lists_most_recent_first_in_pages,
                     progress_keeps_the_most_recent_titles_up_to_the_cap,

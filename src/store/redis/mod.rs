@@ -1096,12 +1096,14 @@ impl Store for RedisStore {
             Some(request) => keys.request(user, request),
             None => keys.user(user),
         };
+        let [progress_key, _] = keys.progress(user, &new.profile);
         let key_list = vec![
             keys.user(user),
             keys.session(&new.name.session),
             keys.deadlines(),
             keys.events(),
             request_key,
+            progress_key,
         ];
         let mut args = self.core.common_args(&keys);
         args.extend([
@@ -1142,7 +1144,7 @@ impl Store for RedisStore {
                 deadline,
             )
             .await?;
-        let replaced = (2..reply.len())
+        let replaced = (3..reply.len())
             .map(|i| {
                 let id = text_at(&reply, i)?;
                 SessionId::parse("replaced", &id)
@@ -1153,10 +1155,15 @@ impl Store for RedisStore {
                     .map_err(|_| StoreError::Corrupt(format!("bad session id {id}")))
             })
             .collect::<Result<_, _>>()?;
+        let progress = match reply.get(2) {
+            Some(Value::Array(entry)) if entry.is_empty() => None,
+            _ => Some(progress_at(&reply, 2, user, &new.profile)?),
+        };
         Ok(Created {
             session: session_at(&reply, 1)?,
             replaced,
             replayed: code == ReplyCode::Replayed,
+            progress,
         })
     }
 

@@ -7,7 +7,8 @@
 -- KEYS[4]  <prefix>events             STREAM the partition's event log
 -- KEYS[5]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
 --                                       (any key of the user when there is none)
--- KEYS[6..] <prefix>s:<session>       HASH the records of the sessions seated in KEYS[1]
+-- KEYS[6]  <prefix>prog:<user>/<profile>  HASH the profile's watch progress, read only
+-- KEYS[7..] <prefix>s:<session>       HASH the records of the sessions seated in KEYS[1]
 --                                       and of the remembered session; when one is
 --                                       missing the script writes nothing and replies
 --                                       {-6, id, ...}
@@ -35,8 +36,11 @@
 -- ARGV[23]  the rate limit's tolerance, ms: interval x (burst - 1)
 --
 -- Returns
---   {0, record, replaced session id, ...}  created
---   {1, record, replaced session id, ...}  the remembered answer to this request_id
+--   {0, record, progress, replaced session id, ...}  created; progress is the profile's
+--                                          entry for the title (progress_entry in the
+--                                          prelude), or {} when it has none
+--   {1, record, progress, replaced session id, ...}  the remembered answer to this
+--                                          request_id
 --   {-3, limit, holder record, ...}        limit reached (REJECT_NEW): nothing but
 --                                          overdue holders' expiry and the rate cell
 --                                          were written
@@ -48,6 +52,12 @@ local user, sid, limit, policy = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local timeout_ms, request_id = tonumber(ARGV[8]), ARGV[9]
 local fingerprint, device = ARGV[11], ARGV[14]
 local now = now_ms()
+
+-- Where playback resumes: read here, so a create is one call.
+local function title_progress()
+  local value = redis.call('HGET', KEYS[6], ARGV[13])
+  return value and progress_entry(ARGV[13], value) or {}
+end
 
 local remembered = {}
 if request_id ~= '' then
@@ -65,7 +75,7 @@ end
 if remembered[1] then
   local s = load(remembered[1])
   if s then
-    local reply = {1, flat(s)}
+    local reply = {1, flat(s), title_progress()}
     for replaced in string.gmatch(remembered[3], '[^,]+') do
       reply[#reply + 1] = replaced
     end
@@ -146,7 +156,7 @@ if request_id ~= '' then
   redis.call('PEXPIRE', KEYS[5], ARGV[10])
 end
 
-local reply = {0, flat(s)}
+local reply = {0, flat(s), title_progress()}
 for _, id in ipairs(replaced) do
   reply[#reply + 1] = id
 end
