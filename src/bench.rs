@@ -726,13 +726,23 @@ fn stream_heartbeat(ms: u64) -> proto::StreamHeartbeatsRequest {
     }
 }
 
-/// A unique name for this run's users and keys.
+/// A unique name for this run's users and keys: `kind`'s first letter and 40 bits of
+/// the process id and the clock in base32, 8 characters in all. It is also the key prefix
+/// of an usher the run starts, so that prefix is about as long as a deployment's
+/// (`usher`) and the memory measured per session is not inflated by a long one.
 pub(crate) fn run_id(kind: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    format!("{kind}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+    let mut bits = RandomState::new().hash_one((std::process::id(), nanos));
+    let mut id: String = kind.chars().take(1).collect();
+    for _ in 0..7 {
+        id.push(crate::ids::BASE32[(bits & 31) as usize] as char);
+        bits >>= 5;
+    }
+    id
 }
 
 /// The flags that say where a load run goes (`usher bench`, `usher soak`), checked: the
@@ -927,14 +937,14 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             "--store",
             &args.store,
             "--redis-key-prefix",
-            &format!("usher-{run_id}"),
+            &run_id,
             "--stream-min-write-interval",
             "0s",
         ])
         .map_err(BenchError::Start)?,
     };
     let redis = match &redis_url {
-        Some(url) => Some(RedisSide::open(url, format!("usher-{run_id}-raw")).await?),
+        Some(url) => Some(RedisSide::open(url, format!("{run_id}-raw")).await?),
         None => None,
     };
     let channel = connect_serving(target.addr).await?;
@@ -1019,7 +1029,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     }
     if wanted("create") {
         // The event streams of the usher bench started (its keys are this run's).
-        let usher_prefix = target.child.is_some().then(|| format!("usher-{run_id}"));
+        let usher_prefix = target.child.is_some().then(|| run_id.clone());
         let events = async |redis: &RedisSide| match &usher_prefix {
             Some(prefix) => redis.events_bytes(prefix).await,
             None => None,
@@ -1208,7 +1218,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         }
         delete_keys(&redis.client, &redis.prefix).await;
         if target.child.is_some() {
-            delete_keys(&redis.client, &format!("usher-{run_id}")).await;
+            delete_keys(&redis.client, &run_id).await;
         }
     }
     drop(target);

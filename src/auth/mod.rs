@@ -316,6 +316,10 @@ pub enum CredentialsError {
     DuplicateKey { name: String },
     #[error("{name}: requests_per_second and burst must be 1 to 1000000")]
     BadRate { name: String },
+    /// A caller's name is kept in records (`Session.ended_by`), which hold no control
+    /// characters.
+    #[error("{name:?}: a caller's name must be 1 to 128 characters without control characters")]
+    BadName { name: String },
 }
 
 /// The request rate limit of a credential: `per_second`, and `burst` at once (default
@@ -369,6 +373,11 @@ impl Credentials {
                          per_second: Option<u32>,
                          burst: Option<u32>|
          -> Result<Arc<Principal>, CredentialsError> {
+            if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+                return Err(CredentialsError::BadName {
+                    name: name.to_owned(),
+                });
+            }
             if role_names.is_empty() {
                 return Err(CredentialsError::NoRoles {
                     name: name.to_owned(),
@@ -687,6 +696,18 @@ mod tests {
             .to_string()
             .contains("unknown role")
         );
+        // A caller's name is kept in ended records, which hold no control characters.
+        for name in [r#""""#, r#""ops\u001Fteam""#, r#""ops\nteam""#] {
+            assert!(
+                file(&format!(
+                    "[[service]]\nname={name}\nkey='{}'\nroles=['admin']",
+                    "k".repeat(32)
+                ))
+                .unwrap_err()
+                .contains("control characters"),
+                "{name:?}"
+            );
+        }
         // A key with dots would be read as a playback token and could never work.
         let dotted = file(&format!(
             "[[service]]\nname='a'\nkey='{}.{}.{}'\nroles=['admin']",

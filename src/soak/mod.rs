@@ -667,10 +667,7 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, SoakError> {
             };
             (target, args.redis_key_prefix.clone())
         }
-        None => {
-            let prefix = format!("usher-{run}");
-            (start_usher(&args, &prefix)?, prefix)
-        }
+        None => (start_usher(&args, &run)?, run.clone()),
     };
     let keys = match &redis_url {
         Some(url) => Some(Keys::open(url, prefix).await?),

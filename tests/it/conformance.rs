@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use usher::deadline::Deadline;
 use usher::ids::{ContentId, DeviceId, ProfileId, RequestId, SessionName, UserId};
-use usher::session::{EndReason, PlaybackState, SessionState, Termination};
+use usher::session::{EndReason, PlaybackState, Session, SessionState, Termination};
 use usher::store::{
     Beat, DeviceAction, DeviceCall, EventKind, HeartbeatEvents, NewSession, OverLimitPolicy,
     Preview, ProgressCursor, ProgressKey, ProgressWrite, RateLimit, StoreError, Swept,
     partition_of,
 };
 
-use crate::support::{Backend, Kind, fresh_user, new_session, test_settings};
+use crate::support::{BROWSER_USER_AGENT, Backend, Kind, fresh_user, new_session, test_settings};
 
 use OverLimitPolicy::{RejectNew, StopOldest};
 
@@ -649,6 +649,65 @@ pub async fn terminate_ends_a_session_with_the_reason(kind: Kind) {
     assert_eq!(terminated.reason, Some(EndReason::TerminatedByOperator));
     assert_eq!(terminated.termination, termination);
     assert_eq!(events.len(), 2);
+}
+
+/// Free text of every shape (commas, quotes, `=`, other scripts, a browser's user agent,
+/// none at all) comes back from every call as it went in, and so does an operator's
+/// message, through heartbeats, a pause and the end.
+pub async fn a_record_keeps_every_text_as_given(kind: Kind) {
+    let b = open(kind).await;
+    let user = fresh_user();
+    let mut new = new_session(&user, "3c:22:fb:01:02:03", 1, RejectNew);
+    new.device.name = "Wohnzimmer, 2. Stock = \"TV\" \u{1f4fa} \u{fc}".into();
+    new.client.user_agent = BROWSER_USER_AGENT.into();
+    new.client.ip_address = "2001:db8::1".into();
+    new.client.region = String::new();
+    let as_given = |s: &Session| {
+        assert_eq!(
+            (&s.name, &s.profile, &s.content, &s.device, &s.client),
+            (
+                &new.name,
+                &new.profile,
+                &new.content,
+                &new.device,
+                &new.client
+            )
+        );
+    };
+    let created = b
+        .store
+        .create_session(new.clone(), Deadline::NONE)
+        .await
+        .unwrap()
+        .session;
+    as_given(&created);
+    let name = created.name.clone();
+    let mut beat = heartbeat(&name);
+    beat.position_ms = Some(61_000);
+    beat.duration_ms = Some(5_400_000);
+    as_given(&b.call(beat).await.unwrap());
+    as_given(&b.call(heartbeat(&name)).await.unwrap());
+    let paused = b.call(call(&name, DeviceAction::Pause)).await.unwrap();
+    as_given(&paused);
+    assert_eq!(
+        (paused.state, paused.position_ms),
+        (SessionState::Paused, 61_000)
+    );
+    as_given(&b.session(&name).await.unwrap());
+    as_given(&b.holders(&user).await[0]);
+    let termination = Termination {
+        message: "fraud, case #12 = \"closed\" \u{2713}".into(),
+        by: "support-tool".into(),
+    };
+    let ended = b
+        .store
+        .terminate(&name, &termination, Deadline::NONE)
+        .await
+        .unwrap();
+    as_given(&ended);
+    assert_eq!(ended.termination, termination);
+    assert_eq!(ended.position_ms, 61_000);
+    assert_eq!(b.session(&name).await, Some(ended));
 }
 
 pub async fn a_stale_generation_is_refused(kind: Kind) {
@@ -1600,6 +1659,7 @@ macro_rules! conformance_suite {
                     the_preview_is_what_a_create_then_does,
                     seats_in_use_counts_every_users_held_seats,
                     a_create_reads_the_profiles_progress_in_its_title,
+                    a_record_keeps_every_text_as_given,
                     progress_is_written_read_and_deleted,
                     progress_lists_most_recent_first_in_pages,
                     progress_keeps_the_most_recent_titles_up_to_the_cap,

@@ -16,8 +16,8 @@ use usher::store::{
 
 use crate::e2e::create_request;
 use crate::support::{
-    TestServer, fresh_user, new_session, reason, redis, redis_options, serve, test_settings,
-    unique_prefix,
+    BROWSER_USER_AGENT, TestServer, fresh_user, new_session, reason, redis, redis_options, serve,
+    test_settings, unique_prefix,
 };
 
 async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
@@ -231,6 +231,47 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, [EventKind::Started, EventKind::Evicted]);
+}
+
+/// Key layout 4 (ADR 0002): a record is one string, so a browser's 111-byte user agent
+/// keeps it small (as a hash, one value over 64 bytes left Redis' listpack encoding and
+/// doubled a session's memory). The user hash stays a listpack, and a heartbeat leaves it
+/// as it was: a seat is a name, the deadline is the record's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_user_agent_keeps_a_session_small() {
+    let server = redis::shared_redis();
+    let prefix = unique_prefix();
+    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let user = fresh_user();
+    let mut new = new_session(&user, "tv", 1, OverLimitPolicy::RejectNew);
+    new.client.user_agent = BROWSER_USER_AGENT.into();
+    let created = store
+        .create_session(new, Deadline::NONE)
+        .await
+        .unwrap()
+        .session;
+    let partition = partition_of(&user, test_settings().partitions);
+    let record = format!("{prefix}:{{{partition}}}:s:{}", created.name.session);
+    let seats = format!("{prefix}:{{{partition}}}:u:{user}");
+    assert_eq!(server.cli(&["type", &record]), "string");
+    let bytes: u64 = server.cli(&["memory", "usage", &record]).parse().unwrap();
+    assert!(bytes <= 400, "the record takes {bytes} bytes");
+    assert_eq!(server.cli(&["object", "encoding", &seats]), "listpack");
+    let user_hash = server.cli(&["hgetall", &seats]);
+    let beat = DeviceCall {
+        name: created.name.clone(),
+        generation: Some(created.generation),
+        position_ms: Some(30_000),
+        duration_ms: None,
+        profile: None,
+        action: DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    };
+    let beaten = store.device_call(beat, Deadline::NONE).await.unwrap();
+    assert_eq!(beaten.position_ms, 30_000);
+    assert_eq!(beaten.client.user_agent, BROWSER_USER_AGENT);
+    assert_eq!(server.cli(&["hgetall", &seats]), user_hash);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,10 @@
 //! index, so events are written in the same atomic step as the change they report.
 //!
 //! ```text
-//! <base>:{p}:u:<user>            HASH   `g`: fencing generation counter; every other field
-//!                                       is a seat, session id -> deadline (ms)
+//! <base>:{p}:u:<user>            HASH   `g`: fencing generation counter, `r`: create rate
+//!                                       cell; every other field is a seat, session id -> 1
 //!                                       (TTL: 30 days after the user's last call)
-//! <base>:{p}:s:<session>         HASH   session record (TTL: past deadline + retention)
+//! <base>:{p}:s:<session>         STRING session record (TTL: past deadline + retention)
 //! <base>:{p}:req:<user>/<id>     HASH   remembered answer to a request_id (TTL)
 //! <base>:{p}:prog:<user>/<prof>  HASH   watch progress: content -> "pos,dur,done,updated,device"
 //! <base>:{p}:recent:<user>/<prof> ZSET  content -> last write (ms), capped (TTL: retention)
@@ -23,27 +23,31 @@
 //! <base>:meta                    HASH   partitions and layout, recorded at first start
 //! ```
 //!
-//! Two keys per user and session, sized for Redis' listpack encoding: a user's hash
-//! holds its counter and its few seats; a record holds only the fields that apply (no
-//! empty ones, not the id its key names). The seat and the sweep entry carry the
-//! record's deadline as the two indexes the scripts search by (a user's seats, the
-//! partition's next deadline). A heartbeat writes each of its keys once: a live
-//! session's TTLs move once an hour (`REFRESH_MS` in the prelude), not on every call.
+//! Two keys per user and session: a user's hash, sized for Redis' listpack encoding,
+//! holds its counter and its few seats; a record is one string (not the id its key
+//! names), because a hash with one value over 64 bytes, such as a browser's user agent,
+//! leaves the listpack encoding and costs about twice the memory. A seat is only the
+//! session's name; its deadline is in the record and in the sweep index, the one index
+//! searched by deadline. A heartbeat writes the record and the sweep entry, each once,
+//! and leaves the user hash alone: a live session's TTLs move once an hour
+//! (`REFRESH_MS` in the prelude), not on every call.
 //!
 //! An id comes last in its key (two ids are joined with `/`, which no id contains), so
 //! the `:` that ids may hold never makes two keys collide. [`LAYOUT_VERSION`] names this
 //! layout; an instance refuses to start on keys written with another layout or another
 //! partition count, because it would look for a user's seats in the wrong place.
 //!
-//! Session record fields: `u p c d dt dn ip ua rg` (ids, device and client), `g`
-//! generation, `ct` created ms, and `h`, what device calls change, packed as
-//! `st,dl,hb,pos,ps,pt,he,dr,pw` (`packed` in the prelude): state, deadline ms, last
-//! heartbeat ms, position ms, playback state, pause start ms, last heartbeat event ms,
-//! `p` when the deadline is the pause's cap, last progress write ms (the last four
-//! empty when they do not apply; `pw` absent from records written before it). `du`, the
-//! title's duration in ms, is there once a device call gave it. An ended record adds `et` end ms and `er` end reason (stored name,
-//! `EndReason::as_str`), and a terminated one `em` and `eb`, the operator's message and
-//! name. Replies carry every field by name, unpacked, and add `id`.
+//! Session record fields, in this order, joined by the control character `\x1f`
+//! (`record` in the prelude): `h`, what device calls change, packed as
+//! `st,dl,hb,pos,ps,pt,he,dr,pw` (state, deadline ms, last heartbeat ms, position ms,
+//! playback state, pause start ms, last heartbeat event ms, `p` when the deadline is the
+//! pause's cap, last progress write ms; the last four empty when they do not apply);
+//! `u` user, `g` generation, `ct` created ms, `du` the title's duration in ms (empty
+//! until a device call gives it); then `d c p dt dn ip ua rg` (ids, device and client),
+//! and `et er em eb`, empty until the session ends: end ms, end reason (stored name,
+//! `EndReason::as_str`), and for a terminated one the operator's message and name. A
+//! heartbeat splits only the head, up to `du`; empty fields at the end are left out. Replies carry every field by name,
+//! unpacked, and add `id`.
 
 mod beats;
 mod reply;
@@ -99,7 +103,7 @@ pub struct RedisOptions {
 }
 
 /// The version of the key layout in the module docs, recorded in `<base>:meta`.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The keys of one partition, built in one place.
 struct Keys {

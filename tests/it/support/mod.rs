@@ -240,6 +240,10 @@ pub fn fresh_user() -> UserId {
     user(&format!("u{}", unique_prefix()))
 }
 
+/// A desktop browser's user agent: 111 bytes, as real ones are.
+pub const BROWSER_USER_AGENT: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 \
+     (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+
 /// A create for `user` on `device`, with limit and policy.
 pub fn new_session(user: &UserId, device: &str, limit: u32, policy: OverLimitPolicy) -> NewSession {
     NewSession {

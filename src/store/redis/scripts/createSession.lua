@@ -1,14 +1,14 @@
 -- createSession: admits a new playback session and grants it a seat, atomically.
 --
 -- KEYS[1]  <prefix>u:<user>           HASH the user's fencing generation counter ('g')
---                                       and seats (session id -> deadline, ms)
--- KEYS[2]  <prefix>s:<session>        HASH the new session's record
+--                                       and seats (session id -> '1')
+-- KEYS[2]  <prefix>s:<session>        STRING the new session's record
 -- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline, for the sweeper
 -- KEYS[4]  <prefix>events             STREAM the partition's event log
 -- KEYS[5]  <prefix>req:<user>/<id>  HASH the remembered answer to a request_id
 --                                       (any key of the user when there is none)
 -- KEYS[6]  <prefix>prog:<user>/<profile>  HASH the profile's watch progress, read only
--- KEYS[7..] <prefix>s:<session>       HASH the records of the sessions seated in KEYS[1]
+-- KEYS[7..] <prefix>s:<session>       STRING the records of the sessions seated in KEYS[1]
 --                                       and of the remembered session; when one is
 --                                       missing the script writes nothing and replies
 --                                       {-6, id, ...}
@@ -133,20 +133,17 @@ if own then
 end
 
 local generation = redis.call('HINCRBY', KEYS[1], GENERATION, 1)
--- The record: what never changes, then what device calls change, packed in 'h' (see
--- packed in the prelude); fields that do not apply yet (the end) are absent, and the id
--- is the key's.
+-- The record (see record in the prelude): fields that do not apply yet (the end) are
+-- empty, and the id is the key's.
 local s = {
   u = user, p = ARGV[12], c = ARGV[13], d = device, dt = ARGV[15],
   dn = ARGV[16], ip = ARGV[17], ua = ARGV[18], rg = ARGV[19],
   g = tostring(generation), ct = int(now),
+  st = tostring(ACTIVE), pos = '0', ps = '0', hb = int(now),
 }
-local stored = flat(s)
-s.st, s.pos, s.ps, s.hb = tostring(ACTIVE), '0', '0', int(now)
 next_deadline(s, now, timeout_ms, 0)
-stored[#stored + 1] = 'h'
-stored[#stored + 1] = packed(s)
-redis.call('HSET', KEYS[2], unpack(stored))
+redis.call('SET', KEYS[2], record(s))
+redis.call('HSET', KEYS[1], sid, SEATED)
 s.id = sid
 hold_until_deadline(s, now, true, tonumber(ARGV[21]))
 append_event('playback.started', s, now)

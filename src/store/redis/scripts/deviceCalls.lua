@@ -5,7 +5,7 @@
 -- KEYS[1]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
 -- KEYS[2]  <prefix>events             STREAM the partition's event log
 -- then two per call, in the order of the calls:
---          <prefix>s:<session>        HASH the session's record
+--          <prefix>s:<session>        STRING the session's record
 --          <prefix>u:<user>           HASH the user's generation counter and seats
 --
 -- ARGV[1..3] see the prelude; ARGV[4..] see device_call in the prelude.

@@ -3,7 +3,7 @@
 -- seat_lost). So GetSession, ListSessions, GetConcurrency and the token checks all give
 -- one answer about a session whose deadline has passed.
 --
--- KEYS[1]  <prefix>s:<session>        HASH the session's record
+-- KEYS[1]  <prefix>s:<session>        STRING the session's record
 -- KEYS[2]  <prefix>u:<user>           HASH the user's generation counter and seats
 -- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
 -- KEYS[4]  <prefix>events             STREAM the partition's event log

@@ -28,8 +28,8 @@
 --   -6  records needed: {-6, session id, ...}; nothing was written
 --   -7  profile needed (a device call's answer): {-7, profile id}; the call wrote
 --       nothing, and is to be sent again with that profile's progress keys
--- A record is a flat field/value array of the session hash, with its id (field 'id')
--- added: the hash itself does not repeat the id its key already names.
+-- A record is a flat field/value array of the session's fields (see record), with its id
+-- (field 'id') added: the stored record does not repeat the id its key already names.
 --
 -- Time is redis.call('TIME') only, never the caller's clock.
 
@@ -72,6 +72,8 @@ local PLAYBACK_PLAYING, PLAYBACK_PAUSED = 1, 4
 local GENERATION = 'g'
 -- The user hash's create rate cell (createSession): not a seat.
 local RATE = 'r'
+-- A seat's value: a seat is its field's name, the session id.
+local SEATED = '1'
 
 -- The sweep's escape from the KEYS rule; see its header.
 local function allow_undeclared()
@@ -112,13 +114,14 @@ local function events_key()
   return declared(PREFIX .. 'events')
 end
 
--- The user's seats: session id -> deadline (ms), from the user hash.
+-- The user's seats: session id -> true, from the user hash. A seat is only a name: its
+-- deadline is the record's (and the sweep index's), so a heartbeat leaves the user hash
+-- as it is.
 local function seats_of(user)
-  local flat = redis.call('HGETALL', user_key(user))
   local seats = {}
-  for i = 1, #flat, 2 do
-    if flat[i] ~= GENERATION and flat[i] ~= RATE then
-      seats[flat[i]] = tonumber(flat[i + 1])
+  for _, field in ipairs(redis.call('HKEYS', user_key(user))) do
+    if field ~= GENERATION and field ~= RATE then
+      seats[field] = true
     end
   end
   return seats
@@ -147,14 +150,16 @@ local function notice(s)
   return s.u .. '/' .. s.id
 end
 
--- What every device call changes is one field of the record, 'h':
--- "st,dl,hb,pos,ps,pt,he,dr,pw" (pt, he, dr and pw empty when they do not apply; pw,
--- the last progress write, is absent from records written before it existed), so a
--- heartbeat reads and writes one field, not nine. Scripts see them as fields of s.
+-- What device calls change is packed in the record's first field, 'h':
+-- "st,dl,hb,pos,ps,pt,he,dr,pw" (pt, he, dr and pw, the last progress write, empty when
+-- they do not apply, and left out when no later one follows). Scripts see them as
+-- fields of s.
 local function packed(s)
-  return table.concat({
-    s.st, s.dl, s.hb, s.pos, s.ps, s.pt or '', s.he or '', s.dr or '', s.pw or '',
-  }, ',')
+  local out = {s.st, s.dl, s.hb, s.pos, s.ps, s.pt or '', s.he or '', s.dr or '', s.pw or ''}
+  while out[#out] == '' do
+    out[#out] = nil
+  end
+  return table.concat(out, ',')
 end
 
 -- s with its 'h' unpacked into its fields.
@@ -162,7 +167,7 @@ local function unpacked(s)
   if s.h then
     local pt, he, dr, pw
     s.st, s.dl, s.hb, s.pos, s.ps, pt, he, dr, pw =
-      string.match(s.h, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d*),(%d*),(%a*),?(%d*)$')
+      string.match(s.h, '^(%d+),(%d+),(%d+),(%d+),(%d+),?(%d*),?(%d*),?(%a*),?(%d*)$')
     s.pt = pt ~= '' and pt or nil
     s.he = he ~= '' and he or nil
     s.dr = dr ~= '' and dr or nil
@@ -172,21 +177,81 @@ local function unpacked(s)
   return s
 end
 
--- The session record as a table (its id in s.id), or nil.
-local function load(sid)
-  local flat = redis.call('HGETALL', session_key(sid))
-  if #flat == 0 then
+-- The session record is one string value (key layout 4): its fields in a fixed order,
+-- joined by SEP, which no stored value holds (ids are [A-Za-z0-9._:-], free text
+-- refuses control characters, numbers are digits). A string has no encoding cliff: a hash
+-- with one value over 64 bytes (a browser's user agent) leaves Redis' compact listpack
+-- and costs about twice the memory. The head is what every device call reads and
+-- writes: 'h' (see packed), then u, g, ct and du; the tail, the rest, is split only
+-- when a call needs it (complete). Fields that do not apply (du before a device gives
+-- the duration, the end's et er em eb) are empty.
+local SEP = '\31'
+local HEAD = '^([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(.*)$'
+local TAIL = {'d', 'c', 'p', 'dt', 'dn', 'ip', 'ua', 'rg', 'et', 'er', 'em', 'eb'}
+local OPTIONAL = {du = true, et = true, er = true, em = true, eb = true}
+
+-- s with the fields of its record's tail (s.tail, kept whole until then); returns s.
+local function complete(s)
+  local tail = s.tail
+  if tail then
+    s.tail = nil
+    local from = 1
+    for _, field in ipairs(TAIL) do
+      local to = string.find(tail, SEP, from, true) or #tail + 1
+      local value = string.sub(tail, from, to - 1)
+      if value ~= '' or not OPTIONAL[field] then
+        s[field] = value
+      end
+      from = to + 1
+    end
+  end
+  return s
+end
+
+-- The session record with its head read and its tail kept whole (its id in s.id), or
+-- nil.
+local function read(sid)
+  local value = redis.call('GET', session_key(sid))
+  if not value then
     return nil
   end
-  local s = {id = sid}
-  for i = 1, #flat, 2 do
-    s[flat[i]] = flat[i + 1]
+  local h, u, g, ct, du, tail = string.match(value, HEAD)
+  if not h then
+    error('usher: corrupt session record ' .. sid)
+  end
+  local s = {id = sid, h = h, u = u, g = g, ct = ct, tail = tail}
+  if du ~= '' then
+    s.du = du
   end
   return unpacked(s)
 end
 
+-- The whole session record as a table (its id in s.id), or nil.
+local function load(sid)
+  local s = read(sid)
+  return s and complete(s)
+end
+
+-- s as its stored string; a tail not yet split is written back as it was read. Empty
+-- fields at the end are left out (the device id, never empty, keeps the head whole).
+local function record(s)
+  local out = {packed(s), s.u, s.g, s.ct, s.du or ''}
+  if s.tail then
+    out[#out + 1] = s.tail
+  else
+    for _, field in ipairs(TAIL) do
+      out[#out + 1] = s[field] or ''
+    end
+    while out[#out] == '' do
+      out[#out] = nil
+    end
+  end
+  return table.concat(out, SEP)
+end
+
 -- The record as a reply: every field, the id included.
 local function flat(s)
+  complete(s)
   local out = {}
   for k, v in pairs(s) do
     out[#out + 1] = k
@@ -227,10 +292,9 @@ end
 -- period, appends its event and tells its device's stream to stop. reason is an end
 -- reason's stored name (EndReason::as_str in session/mod.rs).
 local function end_session(s, state, reason, now)
-  local key = session_key(s.id)
+  complete(s)
   s.st, s.et, s.er = tostring(state), int(now), reason
-  redis.call('HSET', key, 'h', packed(s), 'et', s.et, 'er', reason)
-  redis.call('PEXPIRE', key, RETENTION_MS)
+  redis.call('SET', session_key(s.id), record(s), 'PX', RETENTION_MS)
   redis.call('HDEL', user_key(s.u), s.id)
   redis.call('ZREM', deadlines_key(), s.id)
   append_event(END_EVENT[state], s, now)
@@ -258,38 +322,40 @@ local function needs_refresh(s, last, now)
   return math.floor((now - ct) / REFRESH_MS) ~= math.floor((tonumber(last) - ct) / REFRESH_MS)
 end
 
--- Holds the seat until s.dl (already written): the user's seat and the sweep index
--- carry the deadline. With refresh, the record is kept until REFRESH_MS past the
+-- Holds the seat until s.dl (already written in the record): the sweep index carries
+-- the deadline. With refresh, the record is kept until REFRESH_MS past the
 -- deadline plus the retention (so it outlives every deadline set before the next
 -- refresh), and the user hash, with the generation counter, for generation_ttl_ms
 -- (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
 local function hold_until_deadline(s, now, refresh, generation_ttl_ms)
-  local user = user_key(s.u)
-  redis.call('HSET', user, s.id, s.dl)
   redis.call('ZADD', deadlines_key(), s.dl, s.id)
   if refresh then
     redis.call('PEXPIRE', session_key(s.id), tonumber(s.dl) - now + RETENTION_MS + REFRESH_MS)
-    redis.call('PEXPIRE', user, generation_ttl_ms)
+    redis.call('PEXPIRE', user_key(s.u), generation_ttl_ms)
   end
 end
 
--- Expires up to max holders of user whose deadline has passed; seats is seats_of(user)
--- and loses the ones released.
+-- Releases up to max of user's seats that hold no live session: a holder whose
+-- deadline has passed is expired, and a seat whose record is gone or ended (left by a
+-- failover's lost write) is dropped. seats is seats_of(user), every record in KEYS; it
+-- loses the seats released, and the others it looked at carry their records.
 local function expire_overdue(user, seats, now, max)
   local done = 0
-  for sid, deadline in pairs(seats) do
+  for sid in pairs(seats) do
     if done >= max then
       break
     end
-    if deadline <= now then
-      done = done + 1
-      local s = load(sid)
+    local s = load(sid)
+    if s and holds_seat(s) and tonumber(s.dl) > now then
+      seats[sid] = s
+    else
       if s and holds_seat(s) then
         end_session(s, EXPIRED, deadline_reason(s), now)
       else
         redis.call('HDEL', user_key(user), sid)
       end
       seats[sid] = nil
+      done = done + 1
     end
   end
 end
@@ -297,12 +363,13 @@ end
 -- Live holders among seats (seat held, deadline after now), oldest started first.
 local function live_holders(seats, now)
   local holders = {}
-  for sid, deadline in pairs(seats) do
-    if deadline > now then
-      local s = load(sid)
-      if s and holds_seat(s) then
-        holders[#holders + 1] = s
-      end
+  for sid, known in pairs(seats) do
+    local s = known
+    if s == true then
+      s = load(sid)
+    end
+    if s and holds_seat(s) and tonumber(s.dl) > now then
+      holders[#holders + 1] = s
     end
   end
   table.sort(holders, function(a, b)
@@ -384,27 +451,11 @@ end
 --   ('' otherwise): then that profile's progress keys are in KEYS after the call's two.
 local FIRST_CALL, CALL_ARGS = 15, 8
 
--- What a brief heartbeat reads of the record; the rest only when it needs it (to end
--- the session, write an event or progress).
-local BEAT_FIELDS = {'u', 'g', 'ct', 'h', 'du'}
-local EVENT_FIELDS = {'d', 'c', 'p'}
-
--- The fields of sid's record into s (absent ones stay nil).
-local function load_fields(s, fields)
-  local values = redis.call('HMGET', session_key(s.id), unpack(fields))
-  for i, field in ipairs(fields) do
-    if values[i] then
-      s[field] = values[i]
-    end
-  end
-  return s
-end
-
 -- The session of a brief heartbeat when it is plainly live (the case of nearly every
 -- call), read in part; nil otherwise, and live_session decides.
 local function beating_session(user, sid, now)
-  local s = unpacked(load_fields({id = sid}, BEAT_FIELDS))
-  if s.u == user and holds_seat(s) and tonumber(s.dl) > now
+  local s = read(sid)
+  if s and s.u == user and holds_seat(s) and tonumber(s.dl) > now
     and redis.call('HGET', user_key(user), sid) then
     return s
   end
@@ -485,8 +536,7 @@ local function device_call(a, now)
     s.pos = position
   end
   -- The title's duration, kept on the record ('du') once a call gives it.
-  local new_duration = duration ~= '' and duration ~= s.du
-  if new_duration then
+  if duration ~= '' then
     s.du = duration
   end
   local state, playback = tonumber(s.st), nil
@@ -513,9 +563,7 @@ local function device_call(a, now)
   end
   -- Progress first: a call that lacks its profile's keys must leave before any write.
   if progress_due(s, action, position, event == 'playback.paused', now) then
-    if not s.d then
-      load_fields(s, EVENT_FIELDS)
-    end
+    complete(s)
     local hash, recent = progress_keys(s)
     if not hash then
       return {-7, s.p}
@@ -523,9 +571,6 @@ local function device_call(a, now)
     write_session_progress(s, hash, recent, now)
   end
   if action == 'stop' then
-    if not s.d then
-      load_fields(s, EVENT_FIELDS)
-    end
     end_session(s, STOPPED, 'stopped_by_device', now)
     return {0, flat(s)}
   end
@@ -538,16 +583,10 @@ local function device_call(a, now)
     s.st, s.pt = tostring(ACTIVE), nil
   end
   next_deadline(s, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  if new_duration then
-    redis.call('HSET', key, 'h', packed(s), 'du', s.du)
-  else
-    redis.call('HSET', key, 'h', packed(s))
-  end
+  redis.call('SET', key, record(s), 'KEEPTTL')
   hold_until_deadline(s, now, needs_refresh(s, last, now), tonumber(ARGV[8]))
   if event then
-    if not s.d then
-      load_fields(s, EVENT_FIELDS)
-    end
+    complete(s)
     append_event(event, s, now)
   end
   if brief then

@@ -2,7 +2,7 @@
 -- Writes nothing: holders past their deadline are left out, not expired.
 --
 -- KEYS[1]  <prefix>u:<user>         HASH the user's generation counter and seats
--- KEYS[2..] <prefix>s:<session>     HASH the records of the live sessions seated in KEYS[1];
+-- KEYS[2..] <prefix>s:<session>     STRING the records of the sessions seated in KEYS[1];
 --                                     when one is missing the script replies {-6, id, ...}
 --
 -- ARGV[1..3] see the prelude
@@ -12,18 +12,12 @@
 
 local now = now_ms()
 local seats = seats_of(ARGV[4])
-local live = {}
-for sid, deadline in pairs(seats) do
-  if deadline > now then
-    live[sid] = deadline
-  end
-end
-local missing = records_needed(live)
+local missing = records_needed(seats)
 if missing then
   return missing
 end
 local reply = {0, now}
-for _, s in ipairs(live_holders(live, now)) do
+for _, s in ipairs(live_holders(seats, now)) do
   reply[#reply + 1] = flat(s)
 end
 return reply

@@ -1,6 +1,6 @@
 -- terminateSession: an operator or another service ends a live session.
 --
--- KEYS[1]  <prefix>s:<session>        HASH the session's record
+-- KEYS[1]  <prefix>s:<session>        STRING the session's record
 -- KEYS[2]  <prefix>u:<user>           HASH the user's generation counter and seats
 -- KEYS[3]  <prefix>deadlines          ZSET session id -> deadline (ms), for the sweeper
 -- KEYS[4]  <prefix>events             STREAM the partition's event log
@@ -19,6 +19,5 @@ if not s then
   return refused
 end
 s.em, s.eb = ARGV[6], ARGV[7]
-redis.call('HSET', session_key(s.id), 'em', s.em, 'eb', s.eb)
 end_session(s, TERMINATED, 'terminated_by_operator', now)
 return {0, flat(s)}
