@@ -46,8 +46,9 @@
 //! until a device call gives it); then `d c p dt dn ip ua rg` (ids, device and client),
 //! and `et er em eb`, empty until the session ends: end ms, end reason (stored name,
 //! `EndReason::as_str`), and for a terminated one the operator's message and name. A
-//! heartbeat splits only the head, up to `du`; empty fields at the end are left out. Replies carry every field by name,
-//! unpacked, and add `id`.
+//! heartbeat splits only the head, up to `du`; empty fields at the end are left out. A reply
+//! carries a record as one text, its id and the record as stored (`flat` in the prelude),
+//! which `reply.rs` splits: a script never splits a record only to answer with it.
 
 mod beats;
 mod reply;
@@ -1579,6 +1580,7 @@ impl Store for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    use super::reply::{LIVE_FIELDS, RECORD_FIELDS};
     use super::{HeartbeatEvents, OverLimitPolicy, heartbeat_events_arg, policy_arg};
     use crate::model::{EndReason, PlaybackState, SessionState};
 
@@ -1610,6 +1612,33 @@ mod tests {
         for reason in EndReason::ALL {
             assert!(quoted(reason.as_str()), "{reason:?} is never written");
         }
+    }
+
+    /// The prelude writes a record's fields in the order reply.rs reads them.
+    #[test]
+    fn the_prelude_writes_records_in_the_order_replies_are_read() {
+        let prelude = include_str!("scripts/prelude.lua");
+        assert_eq!(RECORD_FIELDS[..6], ["id", "h", "u", "g", "ct", "du"]);
+        let head = "local out = {packed(s), s.u, s.g, s.ct, s.du or ''}";
+        assert!(prelude.contains(head), "{head}");
+        let tail = RECORD_FIELDS[6..]
+            .iter()
+            .map(|name| format!("'{name}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tail = format!("local TAIL = {{{tail}}}");
+        assert!(prelude.contains(&tail), "{tail}");
+        let live = LIVE_FIELDS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match i {
+                0..5 => format!("s.{name}"),
+                _ => format!("s.{name} or ''"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let live = format!("local out = {{{live}}}");
+        assert!(prelude.contains(&live), "{live}");
     }
 
     /// The prelude restates the stored codes of the states; they must be model.rs's.

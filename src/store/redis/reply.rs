@@ -83,22 +83,29 @@ fn str_at(reply: &[Value], index: usize) -> Result<Cow<'_, str>, StoreError> {
         .ok_or_else(|| corrupt(format!("expected text at {index}")))
 }
 
-/// A session record given as a flat field/value array at `index`. Its texts are read
-/// where the reply holds them: only what the session keeps is copied.
+/// A record's fields in the order a reply gives them: the session id, then the record as
+/// stored (`record` in the prelude), whose `h` packs [`LIVE_FIELDS`].
+pub(super) const RECORD_FIELDS: [&str; 18] = [
+    "id", "h", "u", "g", "ct", "du", "d", "c", "p", "dt", "dn", "ip", "ua", "rg", "et", "er", "em",
+    "eb",
+];
+/// What device calls change, packed in a record's `h` (`packed` in the prelude).
+pub(super) const LIVE_FIELDS: [&str; 9] = ["st", "dl", "hb", "pos", "ps", "pt", "he", "dr", "pw"];
+
+/// A session record at `index`: one text, its fields joined by `\x1f` ([`RECORD_FIELDS`];
+/// fields left out at the end are empty). Its texts are read where the reply holds them:
+/// only what the session keeps is copied.
 pub(super) fn session_at(reply: &[Value], index: usize) -> Result<Session, StoreError> {
-    let Some(Value::Array(flat)) = reply.get(index) else {
-        return Err(corrupt(format!("expected a record at {index}")));
-    };
-    let fields = flat
-        .chunks(2)
-        .map(|pair| match pair {
-            [field, value] => Ok((
-                field.as_str().ok_or_else(|| corrupt("record field"))?,
-                value.as_str().unwrap_or_default(),
-            )),
-            _ => Err(corrupt("odd record")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let text = str_at(reply, index)?;
+    let mut fields = Vec::with_capacity(RECORD_FIELDS.len() + LIVE_FIELDS.len());
+    for (&name, value) in RECORD_FIELDS.iter().zip(text.split('\x1f')) {
+        if name == "h" {
+            let live = LIVE_FIELDS.iter().zip(value.split(','));
+            fields.extend(live.map(|(&name, value)| (Cow::Borrowed(name), Cow::Borrowed(value))));
+        } else {
+            fields.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+        }
+    }
     decode_session(&Fields(fields))
 }
 

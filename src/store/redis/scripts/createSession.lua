@@ -142,7 +142,8 @@ local s = {
   st = tostring(ACTIVE), pos = '0', ps = '0', hb = int(now),
 }
 next_deadline(s, now, timeout_ms, 0)
-redis.call('SET', KEYS[2], record(s))
+local stored = record(s)
+redis.call('SET', KEYS[2], stored)
 redis.call('HSET', KEYS[1], sid, SEATED)
 s.id = sid
 hold_until_deadline(s, now, true, tonumber(ARGV[21]))
@@ -153,7 +154,7 @@ if request_id ~= '' then
   redis.call('PEXPIRE', KEYS[5], ARGV[10])
 end
 
-local reply = {0, flat(s), title_progress()}
+local reply = {0, flat(s, stored), title_progress()}
 for _, id in ipairs(replaced) do
   reply[#reply + 1] = id
 end

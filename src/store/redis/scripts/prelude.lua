@@ -28,8 +28,9 @@
 --   -6  records needed: {-6, session id, ...}; nothing was written
 --   -7  profile needed (a device call's answer): {-7, profile id}; the call wrote
 --       nothing, and is to be sent again with that profile's progress keys
--- A record is a flat field/value array of the session's fields (see record), with its id
--- (field 'id') added: the stored record does not repeat the id its key already names.
+-- A record in a reply is one string: the session id, SEP, and the record as stored (see
+-- record), which does not repeat the id its key already names. usher splits it (reply.rs),
+-- so a script never splits a record only to answer with it.
 --
 -- Time is redis.call('TIME') only, never the caller's clock.
 
@@ -249,15 +250,10 @@ local function record(s)
   return table.concat(out, SEP)
 end
 
--- The record as a reply: every field, the id included.
-local function flat(s)
-  complete(s)
-  local out = {}
-  for k, v in pairs(s) do
-    out[#out + 1] = k
-    out[#out + 1] = tostring(v)
-  end
-  return out
+-- The record as a reply: its id and the record as stored (stored, when the caller has
+-- it already, or record(s)).
+local function flat(s, stored)
+  return s.id .. SEP .. (stored or record(s))
 end
 
 local function holds_seat(s)
@@ -583,7 +579,8 @@ local function device_call(a, now)
     s.st, s.pt = tostring(ACTIVE), nil
   end
   next_deadline(s, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  redis.call('SET', key, record(s), 'KEEPTTL')
+  local stored = record(s)
+  redis.call('SET', key, stored, 'KEEPTTL')
   hold_until_deadline(s, now, needs_refresh(s, last, now), tonumber(ARGV[8]))
   if event then
     complete(s)
@@ -592,5 +589,5 @@ local function device_call(a, now)
   if brief then
     return {0, s.st, s.dl, s.pos, s.ps, s.hb, s.pt or ''}
   end
-  return {0, flat(s)}
+  return {0, flat(s, stored)}
 end
