@@ -274,6 +274,55 @@ async fn a_browser_user_agent_keeps_a_session_small() {
     assert_eq!(server.cli(&["hgetall", &seats]), user_hash);
 }
 
+/// A command's calls and its failed and rejected calls, from `INFO commandstats`.
+fn command_stats(server: &redis::RedisServer, command: &str) -> (u64, u64) {
+    let stats = server.cli(&["info", "commandstats"]);
+    let Some(line) = stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+    else {
+        return (0, 0);
+    };
+    let (mut calls, mut refused) = (0, 0);
+    for pair in line.split(',') {
+        match pair.split_once('=') {
+            Some(("calls", n)) => calls = n.trim().parse().unwrap(),
+            Some(("failed_calls" | "rejected_calls", n)) => {
+                refused += n.trim().parse::<u64>().unwrap()
+            }
+            _ => {}
+        }
+    }
+    (calls, refused)
+}
+
+/// Every `resubscribe_interval` the stop-channel subscriber subscribes to every
+/// partition's channel again (what makes it follow a slot that moved to another shard),
+/// and sends nothing that Redis refuses: fred's own `resubscribe_all` sent an empty
+/// SUBSCRIBE first, refused, and never got to the shard channels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_channels_are_subscribed_to_again_on_schedule() {
+    let server = redis::RedisServer::start();
+    let mut options = redis_options(RedisTarget::Single { url: server.url() }, &unique_prefix());
+    options.resubscribe_interval = Duration::from_millis(300);
+    let store = RedisStore::connect(options, test_settings()).await.unwrap();
+    let _feed = store.ended_sessions().await.unwrap();
+    let partitions = u64::from(test_settings().partitions);
+    let (first, _) = command_stats(&server, "ssubscribe");
+    assert!(first >= partitions, "{first} SSUBSCRIBE at start");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (later, refused) = command_stats(&server, "ssubscribe");
+    assert!(
+        later >= first + partitions,
+        "{first} SSUBSCRIBE at start, {later} a second later"
+    );
+    assert_eq!(refused, 0);
+    for command in ["subscribe", "psubscribe"] {
+        assert_eq!(command_stats(&server, command), (0, 0), "{command}");
+    }
+    drop(store);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_key_of_a_user_lives_in_one_cluster_slot() {
     let cluster = redis::shared_cluster();

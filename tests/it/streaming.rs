@@ -387,6 +387,76 @@ async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
     server.running.shutdown().await.unwrap();
 }
 
+/// The fast path survives a reconnection: with the subscriber's connection killed, usher
+/// subscribes to the stop channels again, and a termination reaches a stream that sends
+/// nothing meanwhile through the notice alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnection_the_notice_still_stops_the_stream() {
+    let server_redis = redis::RedisServer::start();
+    let prefix = unique_prefix();
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(
+            redis_options(
+                RedisTarget::Single {
+                    url: server_redis.url(),
+                },
+                &prefix,
+            ),
+            test_settings(),
+        )
+        .await
+        .unwrap(),
+    );
+    let mut server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (name, token) = start(&mut server, "ida", "tv").await;
+    let mut device = open_acked(&server, &token).await;
+    let (session, partition) = partition_of(&name);
+    let channel = format!("{prefix}:{{{partition}}}:stop");
+    let subscribed = || {
+        server_redis
+            .cli(&["pubsub", "shardnumsub", &channel])
+            .ends_with("\n1")
+    };
+    assert!(subscribed());
+    let killed = server_redis.cli(&["client", "kill", "type", "pubsub"]);
+    assert_ne!(killed, "0", "the subscriber's connection was there to kill");
+    let started = Instant::now();
+    while !subscribed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{channel} was not subscribed to again"
+        );
+        // Beats meanwhile, so the session outlives the wait.
+        let _ = device.sender.send(playing(5)).await;
+        assert!(matches!(
+            device.next(Duration::from_secs(2)).await,
+            Out::Ack(_)
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = device.sender.send(playing(5)).await;
+    assert!(matches!(
+        device.next(Duration::from_secs(2)).await,
+        Out::Ack(_)
+    ));
+    let termination = usher::session::Termination {
+        message: "ops".into(),
+        by: "test".into(),
+    };
+    store
+        .terminate(&session, &termination, Deadline::NONE)
+        .await
+        .unwrap();
+    // Within a fraction of the 500 ms heartbeat interval, with no heartbeat sent.
+    let (stop, took) = device.until_stop(Duration::from_millis(400)).await;
+    assert_eq!(
+        stop_reason(&stop),
+        proto::StopReason::Terminated,
+        "{took:?}"
+    );
+    server.running.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_comes_back_to_the_same_session_or_frees_the_seat() {
     let mut server = server_on(memory_store(), &stream_config(OverLimitPolicy::RejectNew)).await;

@@ -345,6 +345,21 @@ fn refusal(code: ReplyCode, reply: Vec<Value>) -> Result<(ReplyCode, Vec<Value>)
     }
 }
 
+/// SSUBSCRIBE again to every shard channel `subscriber` tracks, pipelined. fred's own
+/// `resubscribe_all` (and `manage_subscriptions`, which calls it on reconnection) sends
+/// SUBSCRIBE and PSUBSCRIBE first even with no channel to name, which Redis refuses
+/// ("wrong number of arguments"), so it never reached the shard channels.
+async fn resubscribe(subscriber: &SubscriberClient) -> Result<(), fred::error::Error> {
+    let channels = subscriber.tracked_shard_channels();
+    futures::future::try_join_all(
+        channels
+            .iter()
+            .map(|channel| subscriber.ssubscribe(channel.to_string())),
+    )
+    .await?;
+    Ok(())
+}
+
 /// A stop channel's message, `<user>/<session>`, as a session name.
 fn ended_notice(value: &Value) -> Option<SessionName> {
     let text = value.as_string()?;
@@ -690,8 +705,8 @@ impl RedisStore {
 
     /// Subscribes (SSUBSCRIBE) to every partition's stop channel, on which the scripts
     /// publish `<user>/<session>` of each session they end, and forwards the notices.
-    /// fred re-subscribes after a reconnection; what is published meanwhile is missed,
-    /// which the next device call covers.
+    /// usher subscribes again after a reconnection ([`resubscribe`]); what is published
+    /// meanwhile is missed, which the next device call covers.
     async fn subscribe_stop_channels(&self) -> Result<StopSubscription, StoreError> {
         let timeout = self.core.options.timeout;
         let subscriber = builder(self.config.clone(), timeout)
@@ -721,24 +736,30 @@ impl RedisStore {
                 }
             }
         });
-        // After a reconnect fred subscribes again. A slot that migrates to another shard
+        // Subscribe again after every reconnection. A slot that migrates to another shard
         // ends its shard channel's subscription with an unsolicited SUNSUBSCRIBE, which
         // fred drops: so subscribe again on every topology change fred sees, and every
         // `resubscribe_interval` (SSUBSCRIBE is idempotent; a MOVED sends it to the new
         // owner). Until then the next heartbeat still ends a stream.
-        let _resubscriber = subscriber.manage_subscriptions();
         let keeper = subscriber.clone();
         let every = self.core.options.resubscribe_interval;
         let mut topology = subscriber.cluster_change_rx();
+        let mut reconnections = subscriber.reconnect_rx();
         // The keeper holds a clone of the client: it stops when the store is dropped.
         let (store_alive, mut store_dropped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
             loop {
                 tokio::select! {
                     _ = &mut store_dropped => return,
                     () = tokio::time::sleep(every) => {}
                     changed = topology.recv() => {
-                        if matches!(changed, Err(broadcast::error::RecvError::Closed)) {
+                        if matches!(changed, Err(RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                    reconnected = reconnections.recv() => {
+                        if matches!(reconnected, Err(RecvError::Closed)) {
                             return;
                         }
                     }
@@ -751,7 +772,7 @@ impl RedisStore {
                     if keeper.is_clustered() {
                         keeper.sync_cluster().await?;
                     }
-                    keeper.resubscribe_all().await
+                    resubscribe(&keeper).await
                 };
                 match tokio::time::timeout(timeout * 3, again).await {
                     Ok(Ok(())) => {}
