@@ -328,6 +328,18 @@ async fn a_silent_stream_is_closed_at_its_deadline_without_the_sweeper() {
     a_silent_stream_is_stopped(config).await;
 }
 
+/// A stream server (REJECT_NEW) on a Redis store under `prefix` on `redis`, and the store.
+async fn on_own_redis(redis: &redis::RedisServer, prefix: &str) -> (Arc<dyn Store>, TestServer) {
+    let target = RedisTarget::Single { url: redis.url() };
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(redis_options(target, prefix), test_settings())
+            .await
+            .unwrap(),
+    );
+    let server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    (store, server)
+}
+
 /// The guaranteed path: a session that ends with no notice (a failover lost its seat)
 /// is stopped at the next heartbeat; and with the subscriber's connection killed, a
 /// termination still reaches the stream within a heartbeat interval.
@@ -335,20 +347,7 @@ async fn a_silent_stream_is_closed_at_its_deadline_without_the_sweeper() {
 async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
     let server_redis = redis::RedisServer::start();
     let prefix = unique_prefix();
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(
-            redis_options(
-                RedisTarget::Single {
-                    url: server_redis.url(),
-                },
-                &prefix,
-            ),
-            test_settings(),
-        )
-        .await
-        .unwrap(),
-    );
-    let mut server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (store, mut server) = on_own_redis(&server_redis, &prefix).await;
 
     let (name, token) = start(&mut server, "gus", "tv").await;
     let mut device = open_acked(&server, &token).await;
@@ -394,20 +393,7 @@ async fn without_the_notice_the_next_heartbeat_stops_the_stream() {
 async fn after_a_reconnection_the_notice_still_stops_the_stream() {
     let server_redis = redis::RedisServer::start();
     let prefix = unique_prefix();
-    let store: Arc<dyn Store> = Arc::new(
-        RedisStore::connect(
-            redis_options(
-                RedisTarget::Single {
-                    url: server_redis.url(),
-                },
-                &prefix,
-            ),
-            test_settings(),
-        )
-        .await
-        .unwrap(),
-    );
-    let mut server = server_on(store.clone(), &stream_config(OverLimitPolicy::RejectNew)).await;
+    let (store, mut server) = on_own_redis(&server_redis, &prefix).await;
     let (name, token) = start(&mut server, "ida", "tv").await;
     let mut device = open_acked(&server, &token).await;
     let (session, partition) = partition_of(&name);
