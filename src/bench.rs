@@ -726,8 +726,8 @@ fn stream_heartbeat(ms: u64) -> proto::StreamHeartbeatsRequest {
     }
 }
 
-/// A unique name for this run's users and keys: `kind`'s first letter and 40 bits of
-/// the process id and the clock in base32, 8 characters in all. It is also the key prefix
+/// A unique name for this run's users and keys: `kind`'s first letter and 7 base32
+/// characters of the process id and the clock hashed with a random key, 8 in all. It is also the key prefix
 /// of an usher the run starts, so that prefix is about as long as a deployment's
 /// (`usher`) and the memory measured per session is not inflated by a long one.
 pub(crate) fn run_id(kind: &str) -> String {
