@@ -185,6 +185,27 @@ async fn calls_survive_a_server_that_lost_the_functions() {
     assert_eq!(second.generation, created.generation + 1);
 }
 
+/// A seat whose record is gone (deleted by hand, as the upgrade from key layout 3 does)
+/// holds nothing, whatever its value (layout 3 kept the deadline there): it does not
+/// count against the limit, and the user's next create releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_without_its_record_is_released_at_the_next_create() {
+    let server = redis::shared_redis();
+    let prefix = unique_prefix();
+    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let user = fresh_user();
+    let partition = partition_of(&user, test_settings().partitions);
+    let seats = format!("{prefix}:{{{partition}}}:u:{user}");
+    let old = "01a24f59-3411-70bf-abda-71123e0341ac";
+    assert_eq!(server.cli(&["hset", &seats, old, "99999999999999"]), "1");
+    let read = store.seats(&user, Deadline::NONE).await.unwrap();
+    assert!(read.holders.is_empty());
+    let created = start(store.as_ref(), &user, "tv", 1).await;
+    let fields = server.cli(&["hkeys", &seats]);
+    assert!(!fields.contains(old), "{fields}");
+    assert!(fields.contains(created.name.session.as_str()), "{fields}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
     let server = redis::shared_redis();
