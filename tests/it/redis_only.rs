@@ -725,6 +725,124 @@ async fn scripts_touch_only_the_keys_they_are_given() {
     );
 }
 
+/// On a Redis that is not a Cluster, heartbeats of sessions of different partitions that
+/// arrive together share a script call too: far fewer FCALLs than partitions, each
+/// heartbeat answered as if alone and its event in its own partition's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
+    const PARTITIONS: u32 = 32;
+    let server = redis::RedisServer::start();
+    let settings = usher::store::StoreSettings {
+        partitions: PARTITIONS,
+        ..test_settings()
+    };
+    let store = Arc::new(
+        RedisStore::connect(
+            redis_options(RedisTarget::Single { url: server.url() }, "across"),
+            settings,
+        )
+        .await
+        .unwrap(),
+    );
+    // One session in each partition.
+    let mut sessions: Vec<Option<Session>> = vec![None; PARTITIONS as usize];
+    while sessions.iter().any(Option::is_none) {
+        let user = fresh_user();
+        let slot = &mut sessions[partition_of(&user, PARTITIONS) as usize];
+        if slot.is_none() {
+            *slot = Some(start(store.as_ref(), &user, "tv", 1).await);
+        }
+    }
+    let sessions: Vec<Session> = sessions.into_iter().flatten().collect();
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+    let beats = sessions.iter().enumerate().map(|(i, session)| {
+        let store = store.clone();
+        // The last one holds a generation its session never had.
+        let stale = i == sessions.len() - 1;
+        let call = DeviceCall {
+            name: session.name.clone(),
+            generation: Some(session.generation + if stale { 7 } else { 0 }),
+            position_ms: Some(1_000 + i as u64),
+            duration_ms: None,
+            profile: None,
+            action: DeviceAction::Heartbeat {
+                playback_state: usher::session::PlaybackState::Playing,
+            },
+        };
+        tokio::spawn(async move { store.device_call_brief(call, Deadline::NONE).await })
+    });
+    let answers = futures::future::join_all(beats).await;
+    let (fcalls, refused) = command_stats(&server, "fcall");
+    assert_eq!(refused, 0);
+    assert!(
+        (1..PARTITIONS as u64 / 4).contains(&fcalls),
+        "{fcalls} script calls for heartbeats of {PARTITIONS} partitions"
+    );
+    for (i, (answer, session)) in answers.into_iter().zip(&sessions).enumerate() {
+        let partition = partition_of(&session.name.user, PARTITIONS);
+        let events = server.cli(&[
+            "xrange",
+            &format!("across:{{{partition}}}:events"),
+            "-",
+            "+",
+        ]);
+        let heartbeat = events.contains("playback.heartbeat");
+        if i == sessions.len() - 1 {
+            assert!(
+                matches!(answer.unwrap(), Err(StoreError::StaleGeneration)),
+                "the stale one is refused"
+            );
+            assert!(!heartbeat, "{events}");
+            continue;
+        }
+        assert_eq!(answer.unwrap().unwrap().position_ms, 1_000 + i as u64);
+        let read = store
+            .get_session(&session.name, Deadline::NONE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.position_ms, 1_000 + i as u64);
+        assert!(
+            heartbeat && events.contains(session.name.session.as_str()),
+            "{events}"
+        );
+    }
+
+    // Unary heartbeats (answered with their sessions) share calls the same way.
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+    let live = &sessions[..sessions.len() - 1];
+    let beats = live.iter().enumerate().map(|(i, session)| {
+        let store = store.clone();
+        let call = DeviceCall {
+            name: session.name.clone(),
+            generation: Some(session.generation),
+            position_ms: Some(5_000 + i as u64),
+            duration_ms: None,
+            profile: None,
+            action: DeviceAction::Heartbeat {
+                playback_state: usher::session::PlaybackState::Playing,
+            },
+        };
+        tokio::spawn(async move { store.device_call(call, Deadline::NONE).await })
+    });
+    let answers = futures::future::join_all(beats).await;
+    let (fcalls, _) = command_stats(&server, "fcall");
+    assert!(
+        (1..PARTITIONS as u64 / 4).contains(&fcalls),
+        "{fcalls} script calls for unary heartbeats of {} partitions",
+        live.len()
+    );
+    for (i, (answer, session)) in answers.into_iter().zip(live).enumerate() {
+        let beaten = answer.unwrap().unwrap();
+        assert_eq!(beaten.name, session.name);
+        assert_eq!(beaten.position_ms, 5_000 + i as u64);
+        assert_eq!(
+            (beaten.device, beaten.generation),
+            (session.device.clone(), session.generation)
+        );
+    }
+}
+
 /// Heartbeats of sessions of one partition that arrive while another of the partition's
 /// calls is in flight go to Redis together: fewer FCALLs than heartbeats, each answered
 /// as if alone (a refused one refused, the others done).

@@ -1,12 +1,14 @@
-//! Heartbeats of one partition that arrive together go to Redis as one script call.
+//! Heartbeats that arrive together go to Redis as one script call.
 //!
-//! Each partition has a lane: a queue and a task, made on the partition's first
-//! heartbeat. The task takes what the queue holds (at most [`MAX_BATCH`]), sends it as
-//! one deviceCalls script call and, when it returns, takes what queued meanwhile, until
-//! the queue is empty; then it waits. An idle lane sends a heartbeat at once, alone;
-//! under load the batch grows by itself with the partition's rate and the script's round
-//! trip, so nothing waits for a timer. Calls of one partition go in order, one batch at a
-//! time.
+//! A script call may only touch keys of one hash slot on a Cluster, so there each
+//! partition has a lane; on a Redis that is not a Cluster one lane takes the heartbeats
+//! of every partition, and a heartbeat costs a fraction of a script call and of a socket
+//! write. A lane is a queue and a task, made on its first heartbeat. The task takes what
+//! the queue holds (at most [`MAX_BATCH`]), sends it as one deviceCalls script call and,
+//! when it returns, takes what queued meanwhile, until the queue is empty; then it waits.
+//! An idle lane sends a heartbeat at once, alone; under load the batch grows by itself
+//! with the lane's rate and the script's round trip, so nothing waits for a timer. Calls
+//! of one lane go in order, one batch at a time.
 //!
 //! The task owns the batch, so a caller that gives up (its deadline, its stream closed)
 //! leaves the others' calls unharmed; its heartbeat is still written, which a second
@@ -15,6 +17,8 @@
 use std::sync::{Arc, OnceLock, Weak};
 
 use tokio::sync::{mpsc, oneshot};
+
+use fred::types::Value;
 
 use super::Core;
 use super::reply::beat_at;
@@ -25,35 +29,50 @@ use crate::store::{Beat, DeviceCall, StoreError, partition_of};
 /// shard, so its length is everyone's wait.
 pub(super) const MAX_BATCH: usize = 64;
 
-/// One lane per partition, each made on first use.
+/// The lanes (one per partition, or one for all), each made on first use.
 pub(super) struct Lanes(Box<[OnceLock<mpsc::UnboundedSender<Waiting>>]>);
 
 pub(super) struct Waiting {
     call: DeviceCall,
-    answer: oneshot::Sender<Result<Beat, StoreError>>,
+    /// A stream's heartbeat, answered with what it changed; a unary one is answered
+    /// with its session.
+    brief: bool,
+    answer: oneshot::Sender<Result<Vec<Value>, StoreError>>,
 }
 
 impl Lanes {
-    pub(super) fn new(partitions: u32) -> Self {
-        Self((0..partitions).map(|_| OnceLock::new()).collect())
+    /// A lane per partition, or (`across`) one for every partition.
+    pub(super) fn new(partitions: u32, across: bool) -> Self {
+        let lanes = if across { 1 } else { partitions };
+        Self((0..lanes).map(|_| OnceLock::new()).collect())
+    }
+
+    fn of(&self, partition: u32) -> &OnceLock<mpsc::UnboundedSender<Waiting>> {
+        &self.0[partition as usize % self.0.len()]
     }
 }
 
-/// A heartbeat, sent with whatever else its partition has waiting: what it changed.
+/// A heartbeat, sent with whatever else its lane has waiting: its answer as the
+/// deviceCalls script gave it (`brief`: what it changed).
 pub(super) async fn beat(
     core: &Arc<Core>,
     call: DeviceCall,
+    brief: bool,
     deadline: Deadline,
-) -> Result<Beat, StoreError> {
+) -> Result<Vec<Value>, StoreError> {
     let partition = partition_of(&call.name.user, core.settings.partitions);
-    let lane = core.lanes.0[partition as usize].get_or_init(|| {
+    let lane = core.lanes.of(partition).get_or_init(|| {
         let (sender, queue) = mpsc::unbounded_channel();
         tokio::spawn(send_batches(Arc::downgrade(core), queue));
         sender
     });
     let (answer, answered) = oneshot::channel();
-    lane.send(Waiting { call, answer })
-        .map_err(|_| StoreError::Unavailable("the heartbeat lane has stopped".into()))?;
+    lane.send(Waiting {
+        call,
+        brief,
+        answer,
+    })
+    .map_err(|_| StoreError::Unavailable("the heartbeat lane has stopped".into()))?;
     core.within(
         async {
             answered.await.unwrap_or_else(|_| {
@@ -67,7 +86,8 @@ pub(super) async fn beat(
     .await
 }
 
-/// A lane's task: sends its queue as batches, for as long as the store lives.
+/// A lane's task: sends its queue as batches, for as long as the store lives. A batch
+/// with both kinds of heartbeat is two script calls, sent together.
 async fn send_batches(core: Weak<Core>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -80,27 +100,37 @@ async fn send_batches(core: Weak<Core>, mut queue: mpsc::UnboundedReceiver<Waiti
         let Some(core) = core.upgrade() else {
             return;
         };
-        let (calls, answers): (Vec<DeviceCall>, Vec<_>) = batch
-            .into_iter()
-            .map(|waiting| (waiting.call, waiting.answer))
-            .unzip();
-        // Each caller waits within its own deadline; the batch within the store's.
-        match together(&core, &calls, Deadline::NONE).await {
-            Ok(results) => {
-                for (answer, result) in answers.into_iter().zip(results) {
-                    let _ = answer.send(result);
-                }
+        let (brief, full): (Vec<Waiting>, Vec<Waiting>) =
+            batch.into_iter().partition(|waiting| waiting.brief);
+        futures::join!(send(&core, brief, true), send(&core, full, false));
+    }
+}
+
+/// One script call for `batch` (nothing when it is empty), each answer to its caller.
+async fn send(core: &Core, batch: Vec<Waiting>, brief: bool) {
+    if batch.is_empty() {
+        return;
+    }
+    let (calls, answers): (Vec<DeviceCall>, Vec<_>) = batch
+        .into_iter()
+        .map(|waiting| (waiting.call, waiting.answer))
+        .unzip();
+    // Each caller waits within its own deadline; the batch within the store's.
+    match core.device_calls(&calls, brief, Deadline::NONE).await {
+        Ok(results) => {
+            for (answer, result) in answers.into_iter().zip(results) {
+                let _ = answer.send(result);
             }
-            Err(error) => {
-                for answer in answers {
-                    let _ = answer.send(Err(error.clone()));
-                }
+        }
+        Err(error) => {
+            for answer in answers {
+                let _ = answer.send(Err(error.clone()));
             }
         }
     }
 }
 
-/// Heartbeats of sessions of one partition as one script call: what each changed.
+/// Heartbeats as one script call (of one partition on a Cluster): what each changed.
 pub(super) async fn together(
     core: &Core,
     calls: &[DeviceCall],

@@ -61,7 +61,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::sync::broadcast;
 
-use self::reply::{ReplyCode, decode_event, int_at, progress_at, session_at, text_at};
+use self::reply::{ReplyCode, beat_at, decode_event, int_at, progress_at, session_at, text_at};
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
     GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, ProgressCursor, ProgressKey,
@@ -396,7 +396,8 @@ struct Core {
     settings: StoreSettings,
     options: RedisOptions,
     scripts: Scripts,
-    /// Each partition's heartbeats waiting for the batch in flight to return.
+    /// Heartbeats waiting for the batch in flight to return: each partition's on a
+    /// Cluster, all of them on one Redis.
     lanes: beats::Lanes,
 }
 
@@ -530,7 +531,10 @@ impl RedisStore {
             core: Arc::new(Core {
                 client,
                 retrying,
-                lanes: beats::Lanes::new(settings.partitions),
+                lanes: beats::Lanes::new(
+                    settings.partitions,
+                    !matches!(options.target, RedisTarget::Cluster { .. }),
+                ),
                 settings,
                 options,
                 scripts: Scripts::new(),
@@ -881,8 +885,8 @@ impl Core {
         ]
     }
 
-    /// Runs device calls of sessions of one partition in one script call
-    /// (deviceCalls.lua): each call's answer, in order (a brief heartbeat's is what it
+    /// Runs device calls of sessions of one partition (of any partitions on a Redis that
+    /// is not a Cluster) in one script call (deviceCalls.lua): each call's answer, in order (a brief heartbeat's is what it
     /// changed). A refused call is its error; the others are done all the same. A call
     /// whose progress write needed a profile it was not given (it wrote nothing) is sent
     /// again with it, once.
@@ -933,7 +937,17 @@ impl Core {
             return Ok(Vec::new());
         };
         let keys = self.keys(&first.name.user);
-        let mut key_list = vec![keys.deadlines(), keys.events()];
+        let call_keys: Vec<Keys> = calls
+            .iter()
+            .map(|call| self.keys(&call.name.user))
+            .collect();
+        // Each partition's sweep index and event log, once, in the order of the calls.
+        let mut key_list = Vec::with_capacity(calls.len() * 2 + 2);
+        for (i, keys) in call_keys.iter().enumerate() {
+            if call_keys[..i].iter().all(|seen| seen.prefix != keys.prefix) {
+                key_list.extend([keys.deadlines(), keys.events()]);
+            }
+        }
         let mut args = self.common_args(&keys);
         let resume = &self.settings.resume;
         args.extend([
@@ -949,7 +963,7 @@ impl Core {
             self.settings.progress_cap.to_string(),
             ms(self.settings.progress_retention),
         ]);
-        for call in calls {
+        for (call, keys) in calls.iter().zip(call_keys) {
             key_list.push(keys.session(&call.name.session));
             key_list.push(keys.user(&call.name.user));
             if let Some(profile) = &call.profile {
@@ -971,6 +985,7 @@ impl Core {
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
+                keys.prefix,
             ]);
         }
         // A stop found done by a second run would answer differently: sent once.
@@ -1248,7 +1263,11 @@ impl Store for RedisStore {
         call: DeviceCall,
         deadline: Deadline,
     ) -> Result<Session, StoreError> {
-        let answer = self.core.device_call_alone(call, false, deadline).await?;
+        let answer = if matches!(call.action, DeviceAction::Heartbeat { .. }) {
+            beats::beat(&self.core, call, false, deadline).await?
+        } else {
+            self.core.device_call_alone(call, false, deadline).await?
+        };
         session_at(&answer, 1)
     }
 
@@ -1258,7 +1277,7 @@ impl Store for RedisStore {
         deadline: Deadline,
     ) -> Result<Beat, StoreError> {
         if matches!(call.action, DeviceAction::Heartbeat { .. }) {
-            return beats::beat(&self.core, call, deadline).await;
+            return beat_at(&beats::beat(&self.core, call, true, deadline).await?, 1);
         }
         let answer = self.core.device_call_alone(call, true, deadline).await?;
         session_at(&answer, 1).map(|session| Beat::of(&session))

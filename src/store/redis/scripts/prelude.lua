@@ -439,13 +439,15 @@ end
 --   ARGV[12]  within this of its end (the credits) too, ms
 --   ARGV[13]  at most this many titles per profile (see put_progress)
 --   ARGV[14]  how long a profile's progress is kept after a write, ms
---   then eight per call, from ARGV[15]: action ('heartbeat' | 'pause' | 'resume' |
+--   then nine per call, from ARGV[15]: action ('heartbeat' | 'pause' | 'resume' |
 --   'stop'), user id, session id, the generation the device holds ('0' skips the
 --   check), position in ms ('' keeps the last one), playback state (its stored code,
 --   PlaybackState::code; '0' keeps the last one), the title's duration in ms ('' when
---   the player did not say), and the session's profile id when the caller knows it
---   ('' otherwise): then that profile's progress keys are in KEYS after the call's two.
-local FIRST_CALL, CALL_ARGS = 15, 8
+--   the player did not say), the session's profile id when the caller knows it (''
+--   otherwise: then that profile's progress keys are in KEYS after the call's two), and
+--   the key prefix of the session's partition (as ARGV[1]; on a Redis that is not a
+--   Cluster, calls of several partitions go in one script call).
+local FIRST_CALL, CALL_ARGS = 15, 9
 
 -- The session of a brief heartbeat when it is plainly live (the case of nearly every
 -- call), read in part; nil otherwise, and live_session decides.
@@ -511,6 +513,8 @@ end
 
 -- One device call, the one whose ARGV start at a: its reply.
 local function device_call(a, now)
+  PREFIX = ARGV[a + 8]
+  STOP_CHANNEL = PREFIX .. 'stop'
   local action, user, sid, generation = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local position, reported, duration = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local brief = action == 'heartbeat' and ARGV[9] == 'brief'
