@@ -726,8 +726,9 @@ async fn scripts_touch_only_the_keys_they_are_given() {
 }
 
 /// On a Redis that is not a Cluster, heartbeats of sessions of different partitions that
-/// arrive together share a script call too: far fewer FCALLs than partitions, each
-/// heartbeat answered as if alone and its event in its own partition's log.
+/// arrive together share script calls too (a few lanes take every partition): far fewer
+/// FCALLs than partitions, each heartbeat answered as if alone and its event in its own
+/// partition's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
     const PARTITIONS: u32 = 32;
@@ -775,7 +776,7 @@ async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
     let (fcalls, refused) = command_stats(&server, "fcall");
     assert_eq!(refused, 0);
     assert!(
-        (1..PARTITIONS as u64 / 4).contains(&fcalls),
+        (1..PARTITIONS as u64 / 2).contains(&fcalls),
         "{fcalls} script calls for heartbeats of {PARTITIONS} partitions"
     );
     for (i, (answer, session)) in answers.into_iter().zip(&sessions).enumerate() {
@@ -828,7 +829,7 @@ async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
     let answers = futures::future::join_all(beats).await;
     let (fcalls, _) = command_stats(&server, "fcall");
     assert!(
-        (1..PARTITIONS as u64 / 4).contains(&fcalls),
+        (1..PARTITIONS as u64 / 2).contains(&fcalls),
         "{fcalls} script calls for unary heartbeats of {} partitions",
         live.len()
     );

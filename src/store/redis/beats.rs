@@ -1,9 +1,10 @@
 //! Heartbeats that arrive together go to Redis as one script call.
 //!
 //! A script call may only touch keys of one hash slot on a Cluster, so there each
-//! partition has a lane; on a Redis that is not a Cluster one lane takes the heartbeats
-//! of every partition, and a heartbeat costs a fraction of a script call and of a socket
-//! write. A lane is a queue and a task, made on its first heartbeat. The task takes what
+//! partition has a lane; on a Redis that is not a Cluster [`ONE_REDIS_LANES`] lanes take
+//! the heartbeats of every partition (a partition's lane is its number modulo theirs),
+//! and a heartbeat costs a fraction of a script call and of a socket write. A lane is a
+//! queue and a task, made on its first heartbeat. The task takes what
 //! the queue holds (at most [`MAX_BATCH`]), sends it as one deviceCalls script call and,
 //! when it returns, takes what queued meanwhile, until the queue is empty; then it waits.
 //! An idle lane sends a heartbeat at once, alone; under load the batch grows by itself
@@ -16,9 +17,8 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
-use tokio::sync::{mpsc, oneshot};
-
 use fred::types::Value;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Core;
 use super::reply::beat_at;
@@ -29,7 +29,11 @@ use crate::store::{Beat, DeviceCall, StoreError, partition_of};
 /// shard, so its length is everyone's wait.
 pub(super) const MAX_BATCH: usize = 64;
 
-/// The lanes (one per partition, or one for all), each made on first use.
+/// The lanes on a Redis that is not a Cluster: more than one, so that while a batch
+/// makes its round trip Redis has another to run, and few, so that batches grow.
+pub(super) const ONE_REDIS_LANES: u32 = 4;
+
+/// The lanes (one per partition, or a few for all), each made on first use.
 pub(super) struct Lanes(Box<[OnceLock<mpsc::UnboundedSender<Waiting>>]>);
 
 pub(super) struct Waiting {
@@ -41,9 +45,13 @@ pub(super) struct Waiting {
 }
 
 impl Lanes {
-    /// A lane per partition, or (`across`) one for every partition.
+    /// A lane per partition, or (`across`) [`ONE_REDIS_LANES`] for every partition.
     pub(super) fn new(partitions: u32, across: bool) -> Self {
-        let lanes = if across { 1 } else { partitions };
+        let lanes = if across {
+            ONE_REDIS_LANES.min(partitions)
+        } else {
+            partitions
+        };
         Self((0..lanes).map(|_| OnceLock::new()).collect())
     }
 

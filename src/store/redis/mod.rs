@@ -397,7 +397,7 @@ struct Core {
     options: RedisOptions,
     scripts: Scripts,
     /// Heartbeats waiting for the batch in flight to return: each partition's on a
-    /// Cluster, all of them on one Redis.
+    /// Cluster, a few lanes for all partitions on one Redis.
     lanes: beats::Lanes,
 }
 
@@ -886,10 +886,10 @@ impl Core {
     }
 
     /// Runs device calls of sessions of one partition (of any partitions on a Redis that
-    /// is not a Cluster) in one script call (deviceCalls.lua): each call's answer, in order (a brief heartbeat's is what it
-    /// changed). A refused call is its error; the others are done all the same. A call
-    /// whose progress write needed a profile it was not given (it wrote nothing) is sent
-    /// again with it, once.
+    /// is not a Cluster) in one script call (deviceCalls.lua): each call's answer, in
+    /// order (a brief heartbeat's is what it changed). A refused call is its error; the
+    /// others are done all the same. A call whose progress write needed a profile it was
+    /// not given (it wrote nothing) is sent again with it, once.
     async fn device_calls(
         &self,
         calls: &[DeviceCall],
