@@ -158,6 +158,20 @@ async fn start(store: &dyn Store, user: &UserId, device: &str, limit: u32) -> Se
         .session
 }
 
+/// A heartbeat of `session` at `position` (ms), playing, holding `generation`.
+fn playing_beat(session: &Session, position: u64, generation: u64) -> DeviceCall {
+    DeviceCall {
+        name: session.name.clone(),
+        generation: Some(generation),
+        position_ms: Some(position),
+        duration_ms: None,
+        profile: None,
+        action: DeviceAction::Heartbeat {
+            playback_state: usher::session::PlaybackState::Playing,
+        },
+    }
+}
+
 /// A restarted Redis without persistence, or a node new to a Cluster, lacks the
 /// functions library until a call finds it missing and loads it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,16 +774,8 @@ async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
         let store = store.clone();
         // The last one holds a generation its session never had.
         let stale = i == sessions.len() - 1;
-        let call = DeviceCall {
-            name: session.name.clone(),
-            generation: Some(session.generation + if stale { 7 } else { 0 }),
-            position_ms: Some(1_000 + i as u64),
-            duration_ms: None,
-            profile: None,
-            action: DeviceAction::Heartbeat {
-                playback_state: usher::session::PlaybackState::Playing,
-            },
-        };
+        let generation = session.generation + if stale { 7 } else { 0 };
+        let call = playing_beat(session, 1_000 + i as u64, generation);
         tokio::spawn(async move { store.device_call_brief(call, Deadline::NONE).await })
     });
     let answers = futures::future::join_all(beats).await;
@@ -814,16 +820,7 @@ async fn on_one_redis_heartbeats_of_every_partition_share_a_script_call() {
     let live = &sessions[..sessions.len() - 1];
     let beats = live.iter().enumerate().map(|(i, session)| {
         let store = store.clone();
-        let call = DeviceCall {
-            name: session.name.clone(),
-            generation: Some(session.generation),
-            position_ms: Some(5_000 + i as u64),
-            duration_ms: None,
-            profile: None,
-            action: DeviceAction::Heartbeat {
-                playback_state: usher::session::PlaybackState::Playing,
-            },
-        };
+        let call = playing_beat(session, 5_000 + i as u64, session.generation);
         tokio::spawn(async move { store.device_call(call, Deadline::NONE).await })
     });
     let answers = futures::future::join_all(beats).await;
@@ -869,16 +866,6 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
             names.push(start(store.as_ref(), &user, "tv", 1).await);
         }
     }
-    let beat = |session: &Session, position: u64, generation: u64| DeviceCall {
-        name: session.name.clone(),
-        generation: Some(generation),
-        position_ms: Some(position),
-        duration_ms: None,
-        profile: None,
-        action: DeviceAction::Heartbeat {
-            playback_state: usher::session::PlaybackState::Playing,
-        },
-    };
     assert_eq!(server.cli(&["config", "resetstat"]), "OK");
     let beats = names.iter().enumerate().map(|(i, session)| {
         let store = store.clone();
@@ -888,7 +875,7 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
         } else {
             session.generation
         };
-        let call = beat(session, 1_000 + i as u64, generation);
+        let call = playing_beat(session, 1_000 + i as u64, generation);
         tokio::spawn(async move { store.device_call_brief(call, Deadline::NONE).await })
     });
     let answers = futures::future::join_all(beats).await;
@@ -932,8 +919,8 @@ async fn heartbeats_of_one_partition_that_arrive_together_share_a_script_call() 
         }
     };
     let mixed = [
-        beat(&names[0], 5, names[0].generation),
-        beat(&other, 5, other.generation),
+        playing_beat(&names[0], 5, names[0].generation),
+        playing_beat(&other, 5, other.generation),
     ];
     assert!(matches!(
         store.beat_together(&mixed, Deadline::NONE).await,
