@@ -72,7 +72,7 @@ pub struct RelayArgs {
 pub struct BenchArgs {
     /// A running usher to measure. Without it, bench starts its own (this binary's
     /// `serve`, development mode, on a free loopback port) on `--store`.
-    #[arg(long, env = "USHER_BENCH_TARGET")]
+    #[arg(long, env = "USHER_BENCH_TARGET", value_parser = server_address)]
     pub target: Option<SocketAddr>,
 
     /// The store of the usher bench starts: `memory` or `redis://host:port` (its keys
@@ -140,7 +140,7 @@ pub struct SoakArgs {
     /// A running usher to soak. Without it, soak starts its own (this binary's `serve`,
     /// development mode, on a free loopback port, 4 s heartbeat timeout, 5 s retention)
     /// on `--store`.
-    #[arg(long, env = "USHER_SOAK_TARGET")]
+    #[arg(long, env = "USHER_SOAK_TARGET", value_parser = server_address)]
     pub target: Option<SocketAddr>,
 
     /// The process id of the `--target` usher, for its RSS, descriptors and threads.
@@ -222,7 +222,7 @@ pub struct SoakArgs {
 #[derive(Clone, Debug, Args)]
 pub struct DeviceArgs {
     /// The server.
-    #[arg(long, env = "USHER_DEVICE_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "USHER_DEVICE_ADDR", default_value = "127.0.0.1:50051", value_parser = server_address)]
     pub addr: SocketAddr,
 
     /// The session's playback token (CreateSession's playback_token).
@@ -309,7 +309,7 @@ pub struct KeysRotateArgs {
 #[derive(Clone, Debug, Args)]
 pub struct HealthArgs {
     /// The server to ask.
-    #[arg(long, env = "USHER_HEALTH_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "USHER_HEALTH_ADDR", default_value = "127.0.0.1:50051", value_parser = server_address)]
     pub addr: SocketAddr,
 
     /// The service to ask about; empty for the server as a whole.
@@ -377,6 +377,19 @@ cli_values! {
 
 fn duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|e| format!("{e} (examples: 500ms, 20s, 5m, 24h)"))
+}
+
+/// A server to call: `host:port` (a name is resolved, its first address taken),
+/// `[v6]:port`, with or without `http://`.
+fn server_address(value: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let bare = value.strip_prefix("http://").unwrap_or(value);
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    let hint = "host:port, e.g. 127.0.0.1:50051, localhost:50051 or [::1]:50051";
+    bare.to_socket_addrs()
+        .map_err(|e| format!("{e} ({hint})"))?
+        .next()
+        .ok_or_else(|| format!("{bare} has no address ({hint})"))
 }
 
 /// `usher serve` flags.
@@ -1376,6 +1389,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_to_call_may_be_named_and_may_carry_its_scheme() {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 50051));
+        assert_eq!(server_address("127.0.0.1:50051"), Ok(loopback));
+        assert_eq!(server_address("http://127.0.0.1:50051/"), Ok(loopback));
+        assert!(server_address("localhost:50051").is_ok_and(|addr| addr.ip().is_loopback()));
+        assert_eq!(
+            server_address("[::1]:7"),
+            Ok(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7)))
+        );
+        for bad in ["localhost", "127.0.0.1", "https://127.0.0.1:50051", ""] {
+            let error = server_address(bad).unwrap_err();
+            assert!(error.contains("host:port"), "{bad}: {error}");
+        }
+        let Err(error) = Cli::try_parse_from(["usher", "bench", "--target", "localhost"]) else {
+            panic!("a target without a port is refused");
+        };
+        assert!(error.to_string().contains("--target"), "{error}");
+    }
 
     fn serve(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["usher", "serve"];
