@@ -4,12 +4,12 @@
 //! partition has a lane; on a Redis that is not a Cluster [`ONE_REDIS_LANES`] lanes take
 //! the heartbeats of every partition (a partition's lane is its number modulo theirs),
 //! and a heartbeat costs a fraction of a script call and of a socket write. A lane is a
-//! queue and a task, made on its first heartbeat. The task takes what
-//! the queue holds (at most [`MAX_BATCH`]), sends it as one deviceCalls script call and,
-//! when it returns, takes what queued meanwhile, until the queue is empty; then it waits.
-//! An idle lane sends a heartbeat at once, alone; under load the batch grows by itself
-//! with the lane's rate and the script's round trip, so nothing waits for a timer. Calls
-//! of one lane go in order, one batch at a time.
+//! queue and a task, made on its first heartbeat. The task takes what the queue holds
+//! (at most [`MAX_BATCH`]), sends it as one deviceCalls script call and, when it
+//! returns, takes what queued meanwhile, until the queue is empty; then it waits. An
+//! idle lane sends a heartbeat at once, alone; under load the batch grows by itself with
+//! the lane's rate and the script's round trip, so nothing waits for a timer. Calls of
+//! one lane go in order, one batch at a time.
 //!
 //! The task owns the batch, so a caller that gives up (its deadline, its stream closed)
 //! leaves the others' calls unharmed; its heartbeat is still written, which a second
@@ -31,7 +31,7 @@ pub(super) const MAX_BATCH: usize = 64;
 
 /// The lanes on a Redis that is not a Cluster: more than one, so that while a batch
 /// makes its round trip Redis has another to run, and few, so that batches grow.
-pub(super) const ONE_REDIS_LANES: u32 = 4;
+const ONE_REDIS_LANES: u32 = 4;
 
 /// The lanes (one per partition, or a few for all), each made on first use.
 pub(super) struct Lanes(Box<[OnceLock<mpsc::UnboundedSender<Waiting>>]>);
