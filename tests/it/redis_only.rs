@@ -28,6 +28,14 @@ async fn connect(target: RedisTarget, prefix: &str) -> Arc<dyn Store> {
     )
 }
 
+/// The shared redis-server, a key prefix of this test's own, and a store on it.
+async fn on_shared_redis() -> (&'static redis::RedisServer, String, Arc<dyn Store>) {
+    let server = redis::shared_redis();
+    let prefix = unique_prefix();
+    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    (server, prefix, store)
+}
+
 /// Retries `request` until the store answers again: UNAVAILABLE meanwhile, success
 /// within 10 s. Returns the answer.
 async fn recovers(
@@ -204,9 +212,7 @@ async fn calls_survive_a_server_that_lost_the_functions() {
 /// count against the limit, and the user's next create releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seat_without_its_record_is_released_at_the_next_create() {
-    let server = redis::shared_redis();
-    let prefix = unique_prefix();
-    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let (server, prefix, store) = on_shared_redis().await;
     let user = fresh_user();
     let partition = partition_of(&user, test_settings().partitions);
     let seats = format!("{prefix}:{{{partition}}}:u:{user}");
@@ -222,9 +228,7 @@ async fn a_seat_without_its_record_is_released_at_the_next_create() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
-    let server = redis::shared_redis();
-    let prefix = unique_prefix();
-    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let (server, prefix, store) = on_shared_redis().await;
     let user = fresh_user();
     let created = store
         .create_session(
@@ -274,9 +278,7 @@ async fn a_seat_lost_in_a_failover_ends_its_session_at_the_next_heartbeat() {
 /// as it was: a seat is a name, the deadline is the record's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_user_agent_keeps_a_session_small() {
-    let server = redis::shared_redis();
-    let prefix = unique_prefix();
-    let store = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    let (server, prefix, store) = on_shared_redis().await;
     let user = fresh_user();
     let mut new = new_session(&user, "tv", 1, OverLimitPolicy::RejectNew);
     new.client.user_agent = BROWSER_USER_AGENT.into();
