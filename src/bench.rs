@@ -623,31 +623,46 @@ pub(crate) async fn delete_keys(client: &fred::clients::Client, prefix: &str) {
     }
 }
 
-/// A channel to `addr` once its health service answers SERVING (10 s at most).
+/// A channel to `addr` once its health service answers SERVING (10 s at most); else
+/// what the last attempt met, e.g. "127.0.0.1:50051 is not SERVING after 10 s
+/// (connect: Connection refused (os error 111))".
 pub async fn connect_serving(addr: SocketAddr) -> Result<Channel, BenchError> {
     let started = Instant::now();
     let mut last = String::new();
     while started.elapsed() < Duration::from_secs(10) {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
+        match Channel::from_shared(format!("http://{addr}"))
             .expect("a valid URI")
             .connect()
             .await
         {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-            match health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-            {
-                Ok(answer) if answer.get_ref().status == 1 => return Ok(channel),
-                Ok(answer) => last = format!("status {}", answer.get_ref().status),
-                Err(status) => last = status.message().to_owned(),
+            Ok(channel) => {
+                let mut health =
+                    tonic_health::pb::health_client::HealthClient::new(channel.clone());
+                match health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                {
+                    Ok(answer) if answer.get_ref().status == 1 => return Ok(channel),
+                    Ok(answer) => last = format!("status {}", answer.get_ref().status),
+                    Err(status) => last = status.message().to_owned(),
+                }
             }
+            Err(error) => last = format!("connect: {}", innermost(&error)),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(BenchError::Start(format!(
+    Err(BenchError::Call(format!(
         "{addr} is not SERVING after 10 s ({last})"
     )))
+}
+
+/// The innermost cause of an error: what a transport error wraps ("Connection refused").
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// Adds `authorization: Bearer <credential>` when there is one.
@@ -853,13 +868,17 @@ impl RedisSide {
         )
     }
 
+    /// Redis' memory less its clients' buffers (`mem_clients_normal`): those grow and
+    /// shrink with the connections' traffic, not with what is stored, and in a short
+    /// run their shrinking alone made the growth per session negative.
     async fn used_memory(&self) -> Option<u64> {
         let info: String = self
             .client
             .info(Some(fred::types::InfoKind::Memory))
             .await
             .ok()?;
-        info_field(&info, "used_memory")?.parse().ok()
+        let field = |name| info_field(&info, name)?.parse::<u64>().ok();
+        Some(field("used_memory")?.saturating_sub(field("mem_clients_normal").unwrap_or(0)))
     }
 }
 

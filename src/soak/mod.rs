@@ -675,7 +675,7 @@ pub async fn run(args: SoakArgs) -> Result<SoakReport, SoakError> {
     };
     let channel = crate::bench::connect_serving(target.addr)
         .await
-        .map_err(|e| SoakError::Start(e.to_string()))?;
+        .map_err(|e| SoakError::Call(e.to_string()))?;
     let device_users = args.devices.div_ceil(2);
     let history_users: Vec<String> = (0..args.history_users * 2)
         .map(|i| format!("{run}-h{i}"))

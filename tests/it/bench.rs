@@ -132,3 +132,26 @@ fn bench_refuses_remote_targets_and_unknown_measurements() {
         assert!(stderr.contains(named), "{args:?}: {stderr}");
     }
 }
+
+/// A `--target` with nothing listening is not an usher bench started: it says what the
+/// last attempt met, within its 10 s.
+#[test]
+fn bench_says_why_a_target_does_not_answer() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(env!("CARGO_BIN_EXE_usher"))
+        .args(["bench", "--target", &format!("127.0.0.1:{port}")])
+        .args(["--only", "health"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not SERVING after 10 s (connect: Connection refused")
+            && !stderr.contains("starting usher"),
+        "{stderr}"
+    );
+}

@@ -311,6 +311,134 @@ async fn a_browser_user_agent_keeps_a_session_small() {
     assert_eq!(server.cli(&["hgetall", &seats]), user_hash);
 }
 
+/// A key's remaining time to live in ms, as Redis reports it (-1: none, -2: no key).
+fn pttl(server: &redis::RedisServer, key: &str) -> i64 {
+    server.cli(&["pttl", key]).parse().unwrap()
+}
+
+/// Stops `session` as its device would.
+async fn stop(store: &dyn Store, session: &Session) {
+    let call = DeviceCall {
+        action: DeviceAction::Stop,
+        ..playing_beat(session, 1_000, session.generation)
+    };
+    store.device_call(call, Deadline::NONE).await.unwrap();
+}
+
+/// Key layout 5: nothing live has a TTL (the sweep index ends every live session, so a
+/// TTL would only cost memory and a heartbeat its refresh). A record gets the retention
+/// as its session ends; a user hash gets its idle TTL as its last seat goes, and loses
+/// it at the next grant. A create refused under the rate limit never gives a seated
+/// user's hash the rate cell's short TTL, which would drop its seats with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_live_has_a_ttl_and_what_ends_gets_one() {
+    let (server, prefix, store) = on_shared_redis().await;
+    let user = fresh_user();
+    let partition = partition_of(&user, test_settings().partitions);
+    let key = |kind: &str, id: &str| format!("{prefix}:{{{partition}}}:{kind}:{id}");
+    let user_hash = key("u", user.as_str());
+    let tv = start(store.as_ref(), &user, "tv", 2).await;
+    let phone = start(store.as_ref(), &user, "phone", 2).await;
+    let tv_record = key("s", tv.name.session.as_str());
+    assert_eq!(pttl(server, &tv_record), -1, "a live record");
+    assert_eq!(pttl(server, &user_hash), -1, "a seated user's hash");
+
+    store
+        .device_call(playing_beat(&tv, 5_000, tv.generation), Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(pttl(server, &tv_record), -1, "a record after a heartbeat");
+
+    // Over the rate and over the limit, with a seat held: the rate cell is written, and
+    // the hash keeps no TTL.
+    let mut limited = new_session(&user, "tablet", 2, OverLimitPolicy::RejectNew);
+    limited.rate = Some(usher::store::RateLimit {
+        interval: Duration::from_millis(200),
+        burst: 1,
+    });
+    match store.create_session(limited, Deadline::NONE).await {
+        Err(StoreError::LimitReached { limit: 2, .. }) => {}
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    assert!(
+        server
+            .cli(&["hget", &user_hash, "r"])
+            .parse::<u64>()
+            .is_ok()
+    );
+    assert_eq!(
+        pttl(server, &user_hash),
+        -1,
+        "a refused create on a seated user"
+    );
+
+    let retention = test_settings().ended_retention.as_millis() as i64;
+    stop(store.as_ref(), &tv).await;
+    let kept = pttl(server, &tv_record);
+    assert!(kept > retention - 60_000 && kept <= retention, "{kept}");
+    assert_eq!(pttl(server, &user_hash), -1, "the phone still holds a seat");
+
+    stop(store.as_ref(), &phone).await;
+    let idle = usher::store::GENERATION_IDLE_TTL.as_millis() as i64;
+    let left = pttl(server, &user_hash);
+    assert!(left > idle - 60_000 && left <= idle, "{left}");
+    let counter = server.cli(&["hget", &user_hash, "g"]);
+
+    let again = start(store.as_ref(), &user, "tv", 2).await;
+    assert_eq!(pttl(server, &user_hash), -1, "seated again");
+    assert_eq!(again.generation, counter.parse::<u64>().unwrap() + 1);
+}
+
+/// Layout 4 gave live records and seated users' hashes TTLs; an instance started on it
+/// takes them off, partition by partition, records layout 5 and serves: the live
+/// session goes on, the ended one keeps its retention, an idle user its idle TTL.
+/// Another layout is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_4_deployment_is_upgraded_in_place_at_start() {
+    let (server, prefix, store) = on_shared_redis().await;
+    let playing = fresh_user();
+    let gone = fresh_user();
+    let live = start(store.as_ref(), &playing, "tv", 1).await;
+    let ended = start(store.as_ref(), &gone, "tv", 1).await;
+    stop(store.as_ref(), &ended).await;
+    let key = |user: &UserId, kind: &str, id: &str| {
+        let partition = partition_of(user, test_settings().partitions);
+        format!("{prefix}:{{{partition}}}:{kind}:{id}")
+    };
+    let live_record = key(&playing, "s", live.name.session.as_str());
+    let live_user = key(&playing, "u", playing.as_str());
+    let ended_record = key(&gone, "s", ended.name.session.as_str());
+    let idle_user = key(&gone, "u", gone.as_str());
+    // What layout 4 left: TTLs on the live session's keys.
+    for key in [&live_record, &live_user] {
+        assert_eq!(server.cli(&["pexpire", key, "7200000"]), "1");
+    }
+    let meta = format!("{prefix}:meta");
+    server.cli(&["hset", &meta, "layout", "4"]);
+
+    let upgraded = connect(RedisTarget::Single { url: server.url() }, &prefix).await;
+    assert_eq!(server.cli(&["hget", &meta, "layout"]), "5");
+    assert_eq!(pttl(server, &live_record), -1);
+    assert_eq!(pttl(server, &live_user), -1);
+    assert!(pttl(server, &ended_record) > 0);
+    assert!(pttl(server, &idle_user) > 0);
+    let beaten = upgraded
+        .device_call(playing_beat(&live, 9_000, live.generation), Deadline::NONE)
+        .await
+        .unwrap();
+    assert_eq!(beaten.position_ms, 9_000);
+
+    server.cli(&["hset", &meta, "layout", "3"]);
+    let refused = RedisStore::connect(
+        redis_options(RedisTarget::Single { url: server.url() }, &prefix),
+        test_settings(),
+    )
+    .await
+    .err()
+    .expect("layout 3 is refused");
+    assert!(refused.to_string().contains("layout 3"), "{refused}");
+}
+
 /// A command's calls and its failed and rejected calls, from `INFO commandstats`.
 fn command_stats(server: &redis::RedisServer, command: &str) -> (u64, u64) {
     let stats = server.cli(&["info", "commandstats"]);

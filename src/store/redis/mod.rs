@@ -12,8 +12,9 @@
 //! ```text
 //! <base>:{p}:u:<user>            HASH   `g`: fencing generation counter, `r`: create rate
 //!                                       cell; every other field is a seat, session id -> 1
-//!                                       (TTL: 30 days after the user's last call)
-//! <base>:{p}:s:<session>         STRING session record (TTL: past deadline + retention)
+//!                                       (no TTL while it holds a seat; then 30 days)
+//! <base>:{p}:s:<session>         STRING session record (no TTL while live; ended: the
+//!                                       retention)
 //! <base>:{p}:req:<user>/<id>     HASH   remembered answer to a request_id (TTL)
 //! <base>:{p}:prog:<user>/<prof>  HASH   watch progress: content -> "pos,dur,done,updated,device"
 //! <base>:{p}:recent:<user>/<prof> ZSET  content -> last write (ms), capped (TTL: retention)
@@ -29,8 +30,10 @@
 //! leaves the listpack encoding and costs about twice the memory. A seat is only the
 //! session's name; its deadline is in the record and in the sweep index, the one index
 //! searched by deadline. A heartbeat writes the record and the sweep entry, each once,
-//! and leaves the user hash alone: a live session's TTLs move once an hour
-//! (`REFRESH_MS` in the prelude), not on every call.
+//! and leaves the user hash alone. Nothing live has a TTL: the sweep index ends every
+//! live session, with its event, however late the sweep runs, so a TTL would only cost
+//! each key an entry in Redis' expires table and a heartbeat its refresh. A record gets
+//! the retention as its session ends, and a user hash its idle TTL as its last seat goes.
 //!
 //! An id comes last in its key (two ids are joined with `/`, which no id contains), so
 //! the `:` that ids may hold never makes two keys collide. [`LAYOUT_VERSION`] names this
@@ -64,8 +67,8 @@ use tokio::sync::broadcast;
 use self::reply::{ReplyCode, beat_at, decode_event, int_at, progress_at, session_at, text_at};
 use super::{
     Beat, Created, DeviceAction, DeviceCall, ENDED_FEED_CAPACITY, EndedFeed, Event,
-    GENERATION_IDLE_TTL, HeartbeatEvents, NewSession, OverLimitPolicy, ProgressCursor, ProgressKey,
-    ProgressWrite, RelayLag, Seats, Store, StoreError, StoreSettings, Swept, partition_of,
+    HeartbeatEvents, NewSession, OverLimitPolicy, ProgressCursor, ProgressKey, ProgressWrite,
+    RelayLag, Seats, Store, StoreError, StoreSettings, Swept, partition_of,
 };
 use crate::deadline::Deadline;
 use crate::ids::{ProfileId, RequestId, SessionId, SessionName, UserId};
@@ -104,7 +107,14 @@ pub struct RedisOptions {
 }
 
 /// The version of the key layout in the module docs, recorded in `<base>:meta`.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
+
+/// The layout an instance upgrades in place at start (`upgrade_layout`); any other is
+/// refused.
+const UPGRADES_FROM: &str = "4";
+
+/// Sessions one upgradeLayout call looks at.
+const UPGRADE_SLICE: u32 = 500;
 
 /// The keys of one partition, built in one place.
 struct Keys {
@@ -155,7 +165,7 @@ impl Keys {
 
 /// Every script of `scripts/` but the prelude: its name and text. Each becomes one
 /// function of the library.
-const SCRIPTS: [(&str, &str); 11] = [
+const SCRIPTS: [(&str, &str); 12] = [
     ("createSession", include_str!("scripts/createSession.lua")),
     ("deviceCalls", include_str!("scripts/deviceCalls.lua")),
     (
@@ -170,6 +180,7 @@ const SCRIPTS: [(&str, &str); 11] = [
     ("listProgress", include_str!("scripts/listProgress.lua")),
     ("deleteProgress", include_str!("scripts/deleteProgress.lua")),
     ("relayRead", include_str!("scripts/relayRead.lua")),
+    ("upgradeLayout", include_str!("scripts/upgradeLayout.lua")),
 ];
 
 /// usher's scripts as one Redis Functions library: the prelude, then each script as a
@@ -256,6 +267,7 @@ struct Scripts {
     list_progress: String,
     delete_progress: String,
     relay_read: String,
+    upgrade_layout: String,
 }
 
 impl Scripts {
@@ -273,6 +285,7 @@ impl Scripts {
             list_progress: library.function("listProgress"),
             delete_progress: library.function("deleteProgress"),
             relay_read: library.function("relayRead"),
+            upgrade_layout: library.function("upgradeLayout"),
             library,
         }
     }
@@ -296,7 +309,7 @@ fn policy_arg(policy: OverLimitPolicy) -> &'static str {
     }
 }
 
-/// The heartbeat event mode as the device calls' ARGV[11] names it.
+/// The heartbeat event mode as the device calls' ARGV[6] names it.
 fn heartbeat_events_arg(mode: HeartbeatEvents) -> &'static str {
     match mode {
         HeartbeatEvents::Off => "off",
@@ -685,10 +698,20 @@ impl RedisStore {
             .core
             .bounded(self.core.client.hsetnx(&key, "layout", layout.as_str()))
             .await?;
-        let (recorded_partitions, recorded_layout): (Option<String>, Option<String>) = self
+        let (recorded_partitions, mut recorded_layout): (Option<String>, Option<String>) = self
             .core
             .bounded(self.core.client.hmget(&key, vec!["partitions", "layout"]))
             .await?;
+        if recorded_layout.as_deref() == Some(UPGRADES_FROM)
+            && recorded_partitions.as_deref() == Some(partitions.as_str())
+        {
+            self.upgrade_layout().await?;
+            let _: () = self
+                .core
+                .bounded(self.core.client.hset(&key, ("layout", layout.as_str())))
+                .await?;
+            recorded_layout = Some(layout.clone());
+        }
         if recorded_layout.as_deref() != Some(layout.as_str()) {
             return Err(StoreError::Refused(format!(
                 "{key} records key layout {}, this usher writes layout {layout}: migrate the keys \
@@ -704,6 +727,42 @@ impl RedisStore {
                 recorded_partitions.as_deref().unwrap_or("(none)")
             )));
         }
+        Ok(())
+    }
+
+    /// Moves every partition's keys from key layout [`UPGRADES_FROM`] to this one
+    /// (upgradeLayout.lua): live records and their users' hashes lose their TTLs. Each
+    /// call looks at [`UPGRADE_SLICE`] sessions, so Redis is never held long; running it
+    /// again, or beside another instance doing the same, changes nothing more.
+    async fn upgrade_layout(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        for partition in 0..self.core.settings.partitions {
+            let keys = Keys::new(&self.core.options.key_prefix, partition);
+            let mut from = 0;
+            while from >= 0 {
+                let mut args = self.core.common_args(&keys);
+                args.extend([from.to_string(), UPGRADE_SLICE.to_string()]);
+                let (_, reply) = self
+                    .core
+                    .run(
+                        &self.core.scripts.upgrade_layout,
+                        Resend::Safe,
+                        &keys,
+                        vec![keys.deadlines()],
+                        args,
+                        Deadline::NONE,
+                    )
+                    .await?;
+                from = int_at(&reply, 1)?;
+            }
+        }
+        tracing::info!(
+            from = UPGRADES_FROM,
+            to = LAYOUT_VERSION,
+            partitions = self.core.settings.partitions,
+            took_ms = started.elapsed().as_millis() as u64,
+            "key layout upgraded in place"
+        );
         Ok(())
     }
 
@@ -955,7 +1014,6 @@ impl Core {
             ms(self.settings.max_pause),
             heartbeat_events_arg(self.settings.heartbeat_events).to_owned(),
             ms(self.settings.heartbeat_event_interval),
-            ms(GENERATION_IDLE_TTL),
             if brief { "brief" } else { "" }.to_owned(),
             ms(self.settings.progress_write_interval),
             resume.complete_fraction.to_string(),
@@ -1168,7 +1226,6 @@ impl Store for RedisStore {
             new.client.user_agent.clone(),
             new.client.region.clone(),
             self.core.settings.max_evictions_per_call.to_string(),
-            ms(GENERATION_IDLE_TTL),
             new.rate
                 .map_or_else(|| "0".to_owned(), |rate| ms(rate.interval)),
             new.rate
@@ -1623,6 +1680,7 @@ mod tests {
     use super::reply::{LIVE_FIELDS, RECORD_FIELDS};
     use super::{HeartbeatEvents, OverLimitPolicy, heartbeat_events_arg, policy_arg};
     use crate::model::{EndReason, PlaybackState, SessionState};
+    use crate::store::GENERATION_IDLE_TTL;
 
     /// Every script's text, the prelude first.
     fn all_scripts() -> String {
@@ -1681,7 +1739,8 @@ mod tests {
         assert!(prelude.contains(&live), "{live}");
     }
 
-    /// The prelude restates the stored codes of the states; they must be model.rs's.
+    /// The prelude restates the stored codes of the states and the user hash's idle TTL;
+    /// they must be model.rs's and store/mod.rs's.
     #[test]
     fn the_prelude_uses_the_stored_codes() {
         let prelude = include_str!("scripts/prelude.lua");
@@ -1704,5 +1763,10 @@ mod tests {
             PlaybackState::Paused.code()
         );
         assert!(prelude.contains(&playback), "{playback}");
+        let idle = format!(
+            "local GENERATION_IDLE_TTL_MS = {}",
+            GENERATION_IDLE_TTL.as_millis()
+        );
+        assert!(prelude.contains(&idle), "{idle}");
     }
 }

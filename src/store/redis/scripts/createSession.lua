@@ -31,9 +31,8 @@
 -- ARGV[18]  client user agent
 -- ARGV[19]  client region
 -- ARGV[20]  at most this many overdue holders are expired here
--- ARGV[21]  how long the user hash (its generation counter) is kept after this grant, ms
--- ARGV[22]  the create rate limit's emission interval, ms; 0 for no limit
--- ARGV[23]  the rate limit's tolerance, ms: interval x (burst - 1)
+-- ARGV[21]  the create rate limit's emission interval, ms; 0 for no limit
+-- ARGV[22]  the rate limit's tolerance, ms: interval x (burst - 1)
 --
 -- Returns
 --   {0, record, progress, replaced session id, ...}  created; progress is the profile's
@@ -85,18 +84,18 @@ end
 
 -- The rate limit (GCRA): the theoretical arrival time in the user hash's 'r' may run at
 -- most the tolerance ahead of now; each admitted attempt moves it one interval on.
-local interval = tonumber(ARGV[22])
+local interval = tonumber(ARGV[21])
 if interval > 0 then
-  local tolerance = tonumber(ARGV[23])
+  local tolerance = tonumber(ARGV[22])
   local tat = math.max(tonumber(redis.call('HGET', KEYS[1], RATE) or '0'), now)
   if tat - now > tolerance then
     return {-8, int(tat - now - tolerance)}
   end
   redis.call('HSET', KEYS[1], RATE, int(tat + interval))
-  -- The hash lives at least as long as its cell matters (one made here has no TTL yet;
-  -- a grant below sets the longer generation TTL).
+  -- A hash with no seat lives at least as long as its cell matters (one made here has
+  -- no TTL yet); a hash that holds a seat has no TTL, and keeps none.
   local horizon = tat + interval - now + 1000
-  if redis.call('PTTL', KEYS[1]) < horizon then
+  if next(seats) == nil and redis.call('PTTL', KEYS[1]) < horizon then
     redis.call('PEXPIRE', KEYS[1], int(horizon))
   end
 end
@@ -145,8 +144,10 @@ next_deadline(s, now, timeout_ms, 0)
 local stored = record(s)
 redis.call('SET', KEYS[2], stored)
 redis.call('HSET', KEYS[1], sid, SEATED)
+-- The hash holds a seat now: its idle TTL, if it had one, ends.
+redis.call('PERSIST', KEYS[1])
 s.id = sid
-hold_until_deadline(s, now, true, tonumber(ARGV[21]))
+hold_until_deadline(s)
 append_event('playback.started', s, now)
 
 if request_id ~= '' then

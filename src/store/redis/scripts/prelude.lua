@@ -53,10 +53,13 @@ local function begin(keys, args)
   undeclared_allowed = false
 end
 
--- A live session's record and its user's hash outlive what they must by up to this: a
--- device call moves their TTLs only when it is the first of its session in a new such
--- period since the session started (needs_refresh), so a heartbeat writes each key once.
-local REFRESH_MS = 3600000
+-- How long a user hash that holds no seat is kept (its generation counter and rate cell),
+-- after its last seat is released: GENERATION_IDLE_TTL in store/mod.rs, which a unit test
+-- holds equal. A hash that holds a seat, and a live session's record, have no TTL: the
+-- sweep index ends every live session, with its event, however late the sweep runs, and
+-- a TTL would cost each key an entry in Redis' expires table (about 32 bytes) and a
+-- heartbeat its refresh.
+local GENERATION_IDLE_TTL_MS = 2592000000
 
 -- The stored codes of SessionState and PlaybackState (model.rs, `code()`): the storage
 -- format, not the wire's numbers; a unit test in store/redis/mod.rs holds them equal.
@@ -128,6 +131,14 @@ local function seats_of(user)
   return seats
 end
 
+-- Releases the user's seat sid. A user hash left with no seat starts its idle TTL.
+local function release_seat(user, sid)
+  redis.call('HDEL', user_key(user), sid)
+  if next(seats_of(user)) == nil then
+    redis.call('PEXPIRE', user_key(user), GENERATION_IDLE_TTL_MS)
+  end
+end
+
 -- nil when the records of all seats' sessions (and of extra, when given) are in KEYS;
 -- otherwise the {-6, id, ...} reply that asks for the missing ones.
 local function records_needed(seats, extra)
@@ -178,7 +189,7 @@ local function unpacked(s)
   return s
 end
 
--- The session record is one string value (key layout 4): its fields in a fixed order,
+-- The session record is one string value (since key layout 4): its fields in a fixed order,
 -- joined by SEP, which no stored value holds (ids are [A-Za-z0-9._:-], free text
 -- refuses control characters, numbers are digits). A string has no encoding cliff: a hash
 -- with one value over 64 bytes (a browser's user agent) leaves Redis' compact listpack
@@ -291,7 +302,7 @@ local function end_session(s, state, reason, now)
   complete(s)
   s.st, s.et, s.er = tostring(state), int(now), reason
   redis.call('SET', session_key(s.id), record(s), 'PX', RETENTION_MS)
-  redis.call('HDEL', user_key(s.u), s.id)
+  release_seat(s.u, s.id)
   redis.call('ZREM', deadlines_key(), s.id)
   append_event(END_EVENT[state], s, now)
   redis.call('SPUBLISH', STOP_CHANNEL, notice(s))
@@ -311,24 +322,10 @@ local function next_deadline(s, now, timeout_ms, max_pause_ms)
   s.dl, s.dr = int(deadline), capped
 end
 
--- Whether a device call at now is its session's first in a REFRESH_MS period since the
--- session started (last is the previous call's time): only such a call moves the TTLs.
-local function needs_refresh(s, last, now)
-  local ct = tonumber(s.ct)
-  return math.floor((now - ct) / REFRESH_MS) ~= math.floor((tonumber(last) - ct) / REFRESH_MS)
-end
-
 -- Holds the seat until s.dl (already written in the record): the sweep index carries
--- the deadline. With refresh, the record is kept until REFRESH_MS past the
--- deadline plus the retention (so it outlives every deadline set before the next
--- refresh), and the user hash, with the generation counter, for generation_ttl_ms
--- (GENERATION_IDLE_TTL in store/mod.rs, passed in ARGV).
-local function hold_until_deadline(s, now, refresh, generation_ttl_ms)
+-- the deadline.
+local function hold_until_deadline(s)
   redis.call('ZADD', deadlines_key(), s.dl, s.id)
-  if refresh then
-    redis.call('PEXPIRE', session_key(s.id), tonumber(s.dl) - now + RETENTION_MS + REFRESH_MS)
-    redis.call('PEXPIRE', user_key(s.u), generation_ttl_ms)
-  end
 end
 
 -- Releases up to max of user's seats that hold no live session: a holder whose
@@ -348,7 +345,7 @@ local function expire_overdue(user, seats, now, max)
       if s and holds_seat(s) then
         end_session(s, EXPIRED, deadline_reason(s), now)
       else
-        redis.call('HDEL', user_key(user), sid)
+        release_seat(user, sid)
       end
       seats[sid] = nil
       done = done + 1
@@ -431,15 +428,14 @@ end
 --   ARGV[5]   maximum pause, ms
 --   ARGV[6]   heartbeat events: 'off' | 'sampled' | 'all'
 --   ARGV[7]   sampled heartbeat event interval, ms
---   ARGV[8]   how long the user hash (generation counter) is kept after a call, ms
---   ARGV[9]   'brief': a done heartbeat answers {0, st, dl, pos, ps, hb, pt} (what it
+--   ARGV[8]   'brief': a done heartbeat answers {0, st, dl, pos, ps, hb, pt} (what it
 --             changed, pt '' when playing) instead of {0, record}
---   ARGV[10]  a session's heartbeats write progress at most once per this, ms
---   ARGV[11]  past this fraction of its duration a title is finished
---   ARGV[12]  within this of its end (the credits) too, ms
---   ARGV[13]  at most this many titles per profile (see put_progress)
---   ARGV[14]  how long a profile's progress is kept after a write, ms
---   then nine per call, from ARGV[15]: action ('heartbeat' | 'pause' | 'resume' |
+--   ARGV[9]   a session's heartbeats write progress at most once per this, ms
+--   ARGV[10]  past this fraction of its duration a title is finished
+--   ARGV[11]  within this of its end (the credits) too, ms
+--   ARGV[12]  at most this many titles per profile (see put_progress)
+--   ARGV[13]  how long a profile's progress is kept after a write, ms
+--   then nine per call, from ARGV[14]: action ('heartbeat' | 'pause' | 'resume' |
 --   'stop'), user id, session id, the generation the device holds ('0' skips the
 --   check), position in ms ('' keeps the last one), playback state (its stored code,
 --   PlaybackState::code; '0' keeps the last one), the title's duration in ms ('' when
@@ -447,7 +443,7 @@ end
 --   otherwise: then that profile's progress keys are in KEYS after the call's two), and
 --   the key prefix of the session's partition (as ARGV[1]; on a Redis that is not a
 --   Cluster, calls of several partitions go in one script call).
-local FIRST_CALL, CALL_ARGS = 15, 9
+local FIRST_CALL, CALL_ARGS = 14, 9
 
 -- The session of a brief heartbeat when it is plainly live (the case of nearly every
 -- call), read in part; nil otherwise, and live_session decides.
@@ -470,7 +466,7 @@ local function progress_due(s, action, position, pauses, now)
   if action == 'stop' or pauses then
     return true
   end
-  return position ~= '' and now - tonumber(s.pw or s.ct) >= tonumber(ARGV[10])
+  return position ~= '' and now - tonumber(s.pw or s.ct) >= tonumber(ARGV[9])
 end
 
 -- The progress keys of s's profile, if the call was given them.
@@ -500,11 +496,11 @@ local function write_session_progress(s, hash, recent, now)
   local done = '0'
   if duration ~= '' then
     local pos, dur = tonumber(s.pos), tonumber(duration)
-    if pos >= tonumber(ARGV[11]) * dur or dur - pos <= tonumber(ARGV[12]) then
+    if pos >= tonumber(ARGV[10]) * dur or dur - pos <= tonumber(ARGV[11]) then
       done = '1'
     end
   end
-  put_progress(hash, recent, s.c, s.pos, duration, done, s.d, now, ARGV[13], ARGV[14])
+  put_progress(hash, recent, s.c, s.pos, duration, done, s.d, now, ARGV[12], ARGV[13])
   s.pw = int(now)
   if done == '1' and not was_done then
     append_event('playback.completed', s, now)
@@ -517,7 +513,7 @@ local function device_call(a, now)
   STOP_CHANNEL = PREFIX .. 'stop'
   local action, user, sid, generation = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local position, reported, duration = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  local brief = action == 'heartbeat' and ARGV[9] == 'brief'
+  local brief = action == 'heartbeat' and ARGV[8] == 'brief'
   local s = brief and beating_session(user, sid, now)
   if not s then
     local refused
@@ -530,7 +526,6 @@ local function device_call(a, now)
     return {-4}
   end
   local key = session_key(sid)
-  local last = s.hb
   s.hb = int(now)
   if position ~= '' then
     s.pos = position
@@ -584,8 +579,9 @@ local function device_call(a, now)
   end
   next_deadline(s, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
   local stored = record(s)
-  redis.call('SET', key, stored, 'KEEPTTL')
-  hold_until_deadline(s, now, needs_refresh(s, last, now), tonumber(ARGV[8]))
+  -- Without KEEPTTL: a live record has no TTL.
+  redis.call('SET', key, stored)
+  hold_until_deadline(s)
   if event then
     complete(s)
     append_event(event, s, now)
