@@ -160,18 +160,19 @@ pub struct Report {
 }
 
 impl Report {
-    fn raw_for(&self, name: &str) -> Option<&Measured> {
-        self.raw.iter().find(|m| m.name == name)
+    /// `m`'s rate over its raw ceiling's, when the raw row ran without errors (a raw
+    /// row that failed is no ceiling).
+    fn ratio_to_raw(&self, m: &Measured) -> Option<f64> {
+        let raw_name = raw_name(m.name)?;
+        let raw = self.raw.iter().find(|raw| raw.name == raw_name)?;
+        (raw.errors == 0).then(|| m.rate() / raw.rate().max(1e-9))
     }
 
     pub fn json(&self) -> Value {
         let ratios: serde_json::Map<String, Value> = self
             .through_usher
             .iter()
-            .filter_map(|m| {
-                let raw = self.raw_for(raw_name(m.name)?)?;
-                Some((m.name.to_owned(), json!(m.rate() / raw.rate().max(1e-9))))
-            })
+            .filter_map(|m| Some((m.name.to_owned(), json!(self.ratio_to_raw(m)?))))
             .collect();
         json!({
             "mode": self.mode,
@@ -232,10 +233,7 @@ impl Report {
             line
         };
         for m in &self.through_usher {
-            let ratio = raw_name(m.name)
-                .and_then(|raw| self.raw_for(raw))
-                .map(|raw| m.rate() / raw.rate().max(1e-9));
-            out.push_str(&row(m, ratio));
+            out.push_str(&row(m, self.ratio_to_raw(m)));
         }
         for m in &self.raw {
             out.push_str(&row(m, None));

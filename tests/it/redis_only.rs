@@ -683,6 +683,32 @@ async fn a_cluster_with_one_evicting_primary_is_refused() {
     assert!(refused.to_string().contains(&last.to_string()), "{refused}");
 }
 
+/// A Cluster node named as one Redis (`redis://`) is refused at start: usher would send
+/// it heartbeats of several partitions in one script call, which a Cluster refuses
+/// (CROSSSLOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_named_as_one_redis_is_refused() {
+    let node = redis::RedisServer::start_with(&|| {
+        ["--cluster-enabled", "yes", "--cluster-port"]
+            .map(String::from)
+            .into_iter()
+            .chain([redis::free_port().to_string()])
+            .collect()
+    });
+    let refused = RedisStore::connect(
+        redis_options(RedisTarget::Single { url: node.url() }, "node"),
+        test_settings(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(matches!(refused, StoreError::Refused(_)), "{refused:?}");
+    assert!(
+        refused.to_string().contains("redis-cluster://"),
+        "{refused}"
+    );
+}
+
 /// Instances with different partition counts on one Redis would split users' seats: the
 /// first records its count, and another count refuses to start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -556,6 +556,7 @@ impl RedisStore {
             ended: tokio::sync::OnceCell::new(),
         };
         store.check_version().await?;
+        store.check_not_a_cluster_node().await?;
         store.check_eviction_policy().await?;
         store.check_layout().await?;
         store
@@ -586,6 +587,27 @@ impl RedisStore {
             return Err(StoreError::Corrupt(format!(
                 "Redis {version} is too old: usher needs Redis {MIN_REDIS_MAJOR}.0 or newer"
             )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a Cluster node named as one Redis (`redis://` or through Sentinel): usher
+    /// would send it heartbeats of many partitions in one script call, which a Cluster
+    /// refuses (CROSSSLOT), and could not follow its redirects.
+    async fn check_not_a_cluster_node(&self) -> Result<(), StoreError> {
+        if self.core.client.is_clustered() {
+            return Ok(());
+        }
+        let info: String = self
+            .core
+            .bounded(self.core.client.info(Some(fred::types::InfoKind::Cluster)))
+            .await?;
+        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Err(StoreError::Refused(
+                "this Redis is a Cluster node: name the Cluster with \
+                 --store redis-cluster://host:port[,host:port...]"
+                    .into(),
+            ));
         }
         Ok(())
     }

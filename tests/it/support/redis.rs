@@ -67,7 +67,7 @@ impl RedisServer {
 
     /// Starts a server with the flags `extra` makes (called again, for new ports, when a
     /// port turns out to be taken).
-    fn start_with(extra: &dyn Fn() -> Vec<String>) -> Self {
+    pub fn start_with(extra: &dyn Fn() -> Vec<String>) -> Self {
         Self::start_configured(extra, None)
     }
 
